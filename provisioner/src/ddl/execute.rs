@@ -1,0 +1,529 @@
+//! Runs the planned statements: one transaction per step, `SET LOCAL search_path TO ''`
+//! first (CVE-2018-1058), then one global advisory lock, then check-then-change.
+//!
+//! The lock is global, not per app: concurrent `GRANT CONNECT` on the shared
+//! `pg_database` row fails with "tuple concurrently updated" even for different roles.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Object, Pool, Transaction};
+use tokio_postgres::Row;
+
+use super::plan::{self, Present};
+use super::{AppRecord, Limits, LimitsPatch, PoolLimits, PoolMode, ProvisionError, RoleLimits};
+use crate::names::{AppName, TenantId};
+use crate::secret::Password;
+
+/// `pg_advisory_xact_lock` key serialising every provisioning transaction ("dp_prov").
+const PROVISION_LOCK: i64 = 0x0064_705f_7072_6f76;
+
+/// How long delete and suspend wait for an app's sessions to end.
+const TERMINATE_WAIT: Duration = Duration::from_secs(10);
+
+/// Who asked, for the audit log.
+#[derive(Debug, Clone, Default)]
+pub struct OpContext {
+    pub request_id: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum EnsureOutcome {
+    /// The app did not exist; here is its one-time password.
+    Created {
+        record: AppRecord,
+        password: Password,
+    },
+    /// The app existed; its password is untouched (limits in the request applied).
+    Existing { record: AppRecord },
+}
+
+#[derive(Debug)]
+pub struct RotateOutcome {
+    pub record: AppRecord,
+    pub password: Password,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted,
+    AlreadyGone,
+}
+
+/// The provisioning operations, over a small pool of connections as the provisioner's
+/// own role.
+#[derive(Clone)]
+pub struct Provisioner {
+    pool: Pool,
+    database: String,
+    defaults: Limits,
+}
+
+const RECORD_COLUMNS: &str = "role_name, tenant_id, slug, env, disabled, generation, \
+     pool_size, pool_mode, max_client_conn, connection_limit, statement_timeout_ms, \
+     idle_in_transaction_session_timeout_ms, lock_timeout_ms, \
+     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+     to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+     to_char(rotated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+
+impl Provisioner {
+    /// A provisioner for the database `config` names. Connects lazily: a database that
+    /// is down at start-up makes requests fail with `Unavailable`, not the process.
+    pub fn new(
+        config: tokio_postgres::Config,
+        max_connections: usize,
+        defaults: Limits,
+    ) -> Result<Self, ProvisionError> {
+        let database = config
+            .get_dbname()
+            .or(config.get_user())
+            .unwrap_or("postgres")
+            .to_owned();
+        let manager = deadpool_postgres::Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(max_connections)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| ProvisionError::Unavailable(e.to_string()))?;
+        Ok(Provisioner {
+            pool,
+            database,
+            defaults,
+        })
+    }
+
+    /// The database the apps live in.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Succeeds when the database answers a query.
+    pub async fn ping(&self) -> Result<(), ProvisionError> {
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Creates the app if it does not exist; never touches an existing app's password.
+    /// Limits given for an existing app are applied, so a repeated deploy converges.
+    pub async fn ensure(
+        &self,
+        name: &AppName,
+        patch: &LimitsPatch,
+        ctx: &OpContext,
+    ) -> Result<EnsureOutcome, ProvisionError> {
+        let mut client = self.client().await?;
+        let tx = begin(&mut client).await?;
+        let present = observe(&tx, name).await?;
+        let existing = self.record(&tx, name).await?;
+        let outcome = match (existing, present.role) {
+            (Some(record), true) => {
+                let record = if patch.is_empty() {
+                    record
+                } else {
+                    self.apply_limits(&tx, name, record, patch, ctx).await?
+                };
+                EnsureOutcome::Existing { record }
+            }
+            (None, false) if !present.schema => {
+                let limits = patch
+                    .apply(&self.defaults)
+                    .map_err(ProvisionError::InvalidLimits)?;
+                let password = Password::generate()?;
+                let verifier = password.verifier();
+                for sql in plan::create_app(name, &self.database, &limits.role, &verifier) {
+                    tx.batch_execute(&sql).await?;
+                }
+                let sql = format!(
+                    "INSERT INTO dataplane_auth.credentials (role_name, tenant_id, slug, env, scram_verifier, \
+                     pool_size, pool_mode, max_client_conn, connection_limit, statement_timeout_ms, \
+                     idle_in_transaction_session_timeout_ms, lock_timeout_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING {RECORD_COLUMNS}"
+                );
+                let tenant = tenant_i64(name.tenant());
+                let row = tx
+                    .query_one(
+                        &sql,
+                        &[
+                            &name.ident(),
+                            &tenant,
+                            &name.slug().as_str(),
+                            &name.env().as_str(),
+                            &verifier.as_str(),
+                            &limits.pool.pool_size,
+                            &limits.pool.pool_mode.as_str(),
+                            &limits.pool.max_client_conn,
+                            &limits.role.connection_limit,
+                            &limits.role.statement_timeout_ms,
+                            &limits.role.idle_in_transaction_session_timeout_ms,
+                            &limits.role.lock_timeout_ms,
+                        ],
+                    )
+                    .await?;
+                audit(
+                    &tx,
+                    "create",
+                    name,
+                    ctx,
+                    &serde_json::to_value(limits).unwrap_or_default(),
+                )
+                .await?;
+                EnsureOutcome::Created {
+                    record: self.record_from_row(&row)?,
+                    password,
+                }
+            }
+            (Some(_), false) => {
+                return Err(ProvisionError::Conflict(format!(
+                    "{name} has a credentials row but no role; delete it and ensure again"
+                )));
+            }
+            (None, _) => {
+                return Err(ProvisionError::Conflict(format!(
+                    "a role or schema named {name} exists but is not managed by the provisioner"
+                )));
+            }
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    pub async fn get(&self, name: &AppName) -> Result<AppRecord, ProvisionError> {
+        let client = self.client().await?;
+        let sql =
+            format!("SELECT {RECORD_COLUMNS} FROM dataplane_auth.credentials WHERE role_name = $1");
+        match client.query_opt(&sql, &[&name.ident()]).await? {
+            Some(row) => self.record_from_row(&row),
+            None => Err(ProvisionError::NotFound(name.to_string())),
+        }
+    }
+
+    /// Every app, or a tenant's apps, ordered by role name.
+    pub async fn list(&self, tenant: Option<TenantId>) -> Result<Vec<AppRecord>, ProvisionError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT {RECORD_COLUMNS} FROM dataplane_auth.credentials \
+             WHERE $1::int8 IS NULL OR tenant_id = $1 ORDER BY role_name"
+        );
+        let tenant = tenant.map(tenant_i64);
+        let rows = client.query(&sql, &[&tenant]).await?;
+        rows.iter().map(|r| self.record_from_row(r)).collect()
+    }
+
+    /// A new password; the old one stops working when this commits. The role's
+    /// verifier and the credentials row change in the same transaction.
+    pub async fn rotate(
+        &self,
+        name: &AppName,
+        ctx: &OpContext,
+    ) -> Result<RotateOutcome, ProvisionError> {
+        let mut client = self.client().await?;
+        let tx = begin(&mut client).await?;
+        self.require(&tx, name).await?;
+        let password = Password::generate()?;
+        let verifier = password.verifier();
+        for sql in plan::set_password(name, &verifier) {
+            tx.batch_execute(&sql).await?;
+        }
+        let sql = format!(
+            "UPDATE dataplane_auth.credentials SET scram_verifier = $2, generation = generation + 1, \
+             rotated_at = now(), updated_at = now() WHERE role_name = $1 RETURNING {RECORD_COLUMNS}"
+        );
+        let row = tx
+            .query_one(&sql, &[&name.ident(), &verifier.as_str()])
+            .await?;
+        audit(&tx, "rotate_password", name, ctx, &serde_json::json!({})).await?;
+        let record = self.record_from_row(&row)?;
+        tx.commit().await?;
+        Ok(RotateOutcome { record, password })
+    }
+
+    /// Suspend (`disabled = true`: NOLOGIN, sessions ended) or resume an app.
+    pub async fn set_disabled(
+        &self,
+        name: &AppName,
+        disabled: bool,
+        ctx: &OpContext,
+    ) -> Result<AppRecord, ProvisionError> {
+        let mut client = self.client().await?;
+        let tx = begin(&mut client).await?;
+        let record = self.require(&tx, name).await?;
+        let record = if record.disabled == disabled {
+            record
+        } else {
+            for sql in plan::set_login(name, !disabled) {
+                tx.batch_execute(&sql).await?;
+            }
+            let sql = format!(
+                "UPDATE dataplane_auth.credentials SET disabled = $2, updated_at = now() \
+                 WHERE role_name = $1 RETURNING {RECORD_COLUMNS}"
+            );
+            let row = tx.query_one(&sql, &[&name.ident(), &disabled]).await?;
+            let action = if disabled { "suspend" } else { "resume" };
+            audit(&tx, action, name, ctx, &serde_json::json!({})).await?;
+            self.record_from_row(&row)?
+        };
+        tx.commit().await?;
+        if disabled {
+            // After the commit, so the role cannot log straight back in.
+            terminate_sessions(&client, name).await?;
+        }
+        Ok(record)
+    }
+
+    pub async fn set_limits(
+        &self,
+        name: &AppName,
+        patch: &LimitsPatch,
+        ctx: &OpContext,
+    ) -> Result<AppRecord, ProvisionError> {
+        let mut client = self.client().await?;
+        let tx = begin(&mut client).await?;
+        let record = self.require(&tx, name).await?;
+        let record = self.apply_limits(&tx, name, record, patch, ctx).await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    /// Removes everything of the app, in design.md's order, each step idempotent:
+    /// disable the row and NOLOGIN (committed, so the pooler drops it and nobody logs
+    /// in again), end its sessions, then drop schema, owned objects, role and row.
+    pub async fn delete(
+        &self,
+        name: &AppName,
+        ctx: &OpContext,
+    ) -> Result<DeleteOutcome, ProvisionError> {
+        let mut client = self.client().await?;
+        {
+            let tx = begin(&mut client).await?;
+            let present = observe(&tx, name).await?;
+            let record = self.record(&tx, name).await?;
+            match (&record, present) {
+                (
+                    None,
+                    Present {
+                        role: false,
+                        schema: false,
+                    },
+                ) => return Ok(DeleteOutcome::AlreadyGone),
+                (None, _) => {
+                    return Err(ProvisionError::Conflict(format!(
+                        "a role or schema named {name} exists but is not managed by the provisioner"
+                    )));
+                }
+                (Some(record), _) => {
+                    if !record.disabled {
+                        tx.execute(
+                            "UPDATE dataplane_auth.credentials SET disabled = true, updated_at = now() \
+                             WHERE role_name = $1",
+                            &[&name.ident()],
+                        )
+                        .await?;
+                    }
+                }
+            }
+            if present.role {
+                for sql in plan::set_login(name, false) {
+                    tx.batch_execute(&sql).await?;
+                }
+            }
+            tx.commit().await?;
+        }
+        terminate_sessions(&client, name).await?;
+        let tx = begin(&mut client).await?;
+        let present = observe(&tx, name).await?;
+        for sql in plan::drop_app(name, present) {
+            tx.batch_execute(&sql).await?;
+        }
+        tx.execute(
+            "DELETE FROM dataplane_auth.credentials WHERE role_name = $1",
+            &[&name.ident()],
+        )
+        .await?;
+        audit(&tx, "delete", name, ctx, &serde_json::json!({})).await?;
+        tx.commit().await?;
+        Ok(DeleteOutcome::Deleted)
+    }
+
+    async fn client(&self) -> Result<Object, ProvisionError> {
+        Ok(self.pool.get().await?)
+    }
+
+    async fn record(
+        &self,
+        tx: &Transaction<'_>,
+        name: &AppName,
+    ) -> Result<Option<AppRecord>, ProvisionError> {
+        let sql =
+            format!("SELECT {RECORD_COLUMNS} FROM dataplane_auth.credentials WHERE role_name = $1");
+        tx.query_opt(&sql, &[&name.ident()])
+            .await?
+            .map(|row| self.record_from_row(&row))
+            .transpose()
+    }
+
+    async fn require(
+        &self,
+        tx: &Transaction<'_>,
+        name: &AppName,
+    ) -> Result<AppRecord, ProvisionError> {
+        self.record(tx, name)
+            .await?
+            .ok_or_else(|| ProvisionError::NotFound(name.to_string()))
+    }
+
+    async fn apply_limits(
+        &self,
+        tx: &Transaction<'_>,
+        name: &AppName,
+        record: AppRecord,
+        patch: &LimitsPatch,
+        ctx: &OpContext,
+    ) -> Result<AppRecord, ProvisionError> {
+        let new = patch
+            .apply(&record.limits)
+            .map_err(ProvisionError::InvalidLimits)?;
+        if new == record.limits {
+            return Ok(record);
+        }
+        for sql in plan::change_limits(name, &record.limits.role, &new.role) {
+            tx.batch_execute(&sql).await?;
+        }
+        let sql = format!(
+            "UPDATE dataplane_auth.credentials SET pool_size = $2, pool_mode = $3, max_client_conn = $4, \
+             connection_limit = $5, statement_timeout_ms = $6, idle_in_transaction_session_timeout_ms = $7, \
+             lock_timeout_ms = $8, updated_at = now() WHERE role_name = $1 RETURNING {RECORD_COLUMNS}"
+        );
+        let row = tx
+            .query_one(
+                &sql,
+                &[
+                    &name.ident(),
+                    &new.pool.pool_size,
+                    &new.pool.pool_mode.as_str(),
+                    &new.pool.max_client_conn,
+                    &new.role.connection_limit,
+                    &new.role.statement_timeout_ms,
+                    &new.role.idle_in_transaction_session_timeout_ms,
+                    &new.role.lock_timeout_ms,
+                ],
+            )
+            .await?;
+        audit(
+            tx,
+            "set_limits",
+            name,
+            ctx,
+            &serde_json::to_value(patch).unwrap_or_default(),
+        )
+        .await?;
+        self.record_from_row(&row)
+    }
+
+    fn record_from_row(&self, row: &Row) -> Result<AppRecord, ProvisionError> {
+        let role: String = row.try_get(0)?;
+        let tenant: i64 = row.try_get(1)?;
+        let pool_mode: String = row.try_get(7)?;
+        let pool_mode = PoolMode::parse(&pool_mode).ok_or_else(|| {
+            ProvisionError::Conflict(format!("{role} has an unknown pool_mode {pool_mode:?}"))
+        })?;
+        Ok(AppRecord {
+            schema: role.clone(),
+            role,
+            database: self.database.clone(),
+            tenant_id: u64::try_from(tenant).unwrap_or_default(),
+            slug: row.try_get(2)?,
+            env: row.try_get(3)?,
+            disabled: row.try_get(4)?,
+            generation: row.try_get(5)?,
+            limits: Limits {
+                role: RoleLimits {
+                    connection_limit: row.try_get(9)?,
+                    statement_timeout_ms: row.try_get(10)?,
+                    idle_in_transaction_session_timeout_ms: row.try_get(11)?,
+                    lock_timeout_ms: row.try_get(12)?,
+                },
+                pool: PoolLimits {
+                    pool_size: row.try_get(6)?,
+                    pool_mode,
+                    max_client_conn: row.try_get(8)?,
+                },
+            },
+            created_at: row.try_get(13)?,
+            updated_at: row.try_get(14)?,
+            rotated_at: row.try_get(15)?,
+        })
+    }
+}
+
+fn tenant_i64(t: TenantId) -> i64 {
+    // At most 12 digits, so always in range.
+    i64::try_from(t.get()).unwrap_or(i64::MAX)
+}
+
+async fn begin(client: &mut Object) -> Result<Transaction<'_>, ProvisionError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL search_path TO ''").await?;
+    tx.execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+        &[&PROVISION_LOCK],
+    )
+    .await?;
+    Ok(tx)
+}
+
+async fn observe(tx: &Transaction<'_>, name: &AppName) -> Result<Present, ProvisionError> {
+    let row = tx
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = $1), \
+                    EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = $1)",
+            &[&name.ident()],
+        )
+        .await?;
+    Ok(Present {
+        role: row.try_get(0)?,
+        schema: row.try_get(1)?,
+    })
+}
+
+async fn audit(
+    tx: &Transaction<'_>,
+    action: &str,
+    name: &AppName,
+    ctx: &OpContext,
+    detail: &serde_json::Value,
+) -> Result<(), ProvisionError> {
+    tx.execute(
+        "INSERT INTO dataplane_auth.audit_log (action, role_name, request_id, detail) \
+         VALUES ($1, $2, $3, ($4::text)::jsonb)",
+        &[&action, &name.ident(), &ctx.request_id, &detail.to_string()],
+    )
+    .await?;
+    tracing::info!(action, role = %name, request_id = ctx.request_id.as_deref().unwrap_or(""), "app changed");
+    Ok(())
+}
+
+/// Ends every session of the role and waits for them to go (Postgres ≥ 14 waits in
+/// `pg_terminate_backend(pid, timeout)`).
+async fn terminate_sessions(client: &Object, name: &AppName) -> Result<(), ProvisionError> {
+    let timeout_ms = i64::try_from(TERMINATE_WAIT.as_millis()).unwrap_or(i64::MAX);
+    let rows = client
+        .query(
+            "SELECT pg_catalog.pg_terminate_backend(pid, $2) FROM pg_catalog.pg_stat_activity \
+             WHERE usename = $1 AND pid <> pg_catalog.pg_backend_pid()",
+            &[&name.ident(), &timeout_ms],
+        )
+        .await?;
+    if !rows.is_empty() {
+        tracing::info!(role = %name, sessions = rows.len(), "terminated the app's sessions");
+    }
+    Ok(())
+}

@@ -1,0 +1,24 @@
+//! The provisioner: the control-plane API that creates, rotates, limits and deletes each
+//! app's schema, login role and credentials row on the shared cluster.
+//!
+//! Modules, in the order a request meets them:
+//! - [`http`]: `app()` builds the axum router: bearer-token auth, problem+json errors,
+//!   request ids, metrics, OpenAPI.
+//! - [`names`]: the validated `tk_t<tenant>_p<slug>_<env>` identifiers (reject, never
+//!   truncate).
+//! - [`ddl`]: [`ddl::plan`] turns a request into SQL (pure), [`ddl::execute`] runs it in
+//!   one transaction under the global advisory lock.
+//! - [`secret`]: passwords (returned once, never stored) and SCRAM verifiers.
+//! - [`migrate`]: the versioned migrations in `sql/`.
+//! - [`config`]: the serve settings and their defaults.
+
+pub mod config;
+pub mod ddl;
+pub mod http;
+pub mod metrics;
+pub mod migrate;
+pub mod names;
+pub mod secret;
+
+pub use config::{ApiToken, PublicEndpoint};
+pub use ddl::Provisioner;

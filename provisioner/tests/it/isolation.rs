@@ -1,0 +1,264 @@
+//! The isolation matrix: with real logins, app A can do nothing to app B, nothing
+//! outside its own schema, and neither app nor pooler can read credentials.
+
+use dataplane_tests::unique_tenant_id;
+
+use crate::common::{POOLER_PASSWORD, TestDb, setup, sqlstate};
+
+const DENIED: &str = "42501";
+
+async fn app(t: &TestDb, slug: &str) -> (String, tokio_postgres::Client) {
+    let r = t.ensure(unique_tenant_id(), slug, "prod").await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let role = r.str("role");
+    let client = t.login(&role, &r.str("password")).await.unwrap();
+    (role, client)
+}
+
+#[tokio::test]
+async fn app_a_cannot_touch_app_b_or_anything_shared() {
+    let t = setup().await;
+    let (a_role, a) = app(&t, "alpha").await;
+    let (b_role, b) = app(&t, "beta").await;
+    b.batch_execute("CREATE TABLE secrets (v text); INSERT INTO secrets VALUES ('b-only')")
+        .await
+        .unwrap();
+    a.batch_execute("CREATE TABLE mine (v text)").await.unwrap();
+
+    // Read, write, create in B's schema.
+    assert_eq!(
+        sqlstate(
+            a.query(&format!("SELECT * FROM {b_role}.secrets"), &[])
+                .await
+        ),
+        DENIED
+    );
+    assert_eq!(
+        sqlstate(
+            a.execute(&format!("INSERT INTO {b_role}.secrets VALUES ('x')"), &[])
+                .await
+        ),
+        DENIED
+    );
+    assert_eq!(
+        sqlstate(
+            a.batch_execute(&format!("CREATE TABLE {b_role}.planted (x int)"))
+                .await
+        ),
+        DENIED
+    );
+    assert_eq!(
+        sqlstate(
+            a.batch_execute(&format!("CREATE VIEW {b_role}.v AS SELECT 1"))
+                .await
+        ),
+        DENIED
+    );
+
+    // A cannot open its schema to B: the schema belongs to the provisioner. (GRANT
+    // without the right only warns, so the proof is B's access afterwards.)
+    let _ = a
+        .batch_execute(&format!("GRANT USAGE ON SCHEMA {a_role} TO {b_role}"))
+        .await;
+    a.batch_execute(&format!("GRANT SELECT ON mine TO {b_role}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        sqlstate(b.query(&format!("SELECT * FROM {a_role}.mine"), &[]).await),
+        DENIED
+    );
+    let admin = t.admin().await;
+    let b_can: bool = admin
+        .query_one(
+            "SELECT has_schema_privilege($1, $2, 'USAGE')",
+            &[&b_role, &a_role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!b_can);
+
+    // Nor drop or rename its own schema.
+    assert_eq!(
+        sqlstate(
+            a.batch_execute(&format!("DROP SCHEMA {a_role} CASCADE"))
+                .await
+        ),
+        DENIED
+    );
+    assert_eq!(
+        sqlstate(
+            a.batch_execute(&format!("ALTER SCHEMA {a_role} RENAME TO x"))
+                .await
+        ),
+        DENIED
+    );
+    // Nothing outside it.
+    assert_eq!(
+        sqlstate(a.batch_execute("CREATE SCHEMA planted").await),
+        DENIED
+    );
+    assert_eq!(
+        sqlstate(a.batch_execute("CREATE TEMP TABLE tmp (x int)").await),
+        DENIED
+    );
+    assert_eq!(
+        sqlstate(a.batch_execute("CREATE EXTENSION pgcrypto").await),
+        DENIED
+    );
+    assert_eq!(
+        sqlstate(a.batch_execute("CREATE TABLE public.planted (x int)").await),
+        DENIED
+    );
+    assert_eq!(
+        sqlstate(a.batch_execute(&format!("CREATE ROLE {a_role}_x")).await),
+        DENIED
+    );
+    // No credentials, no lookup, no audit log.
+    assert_eq!(
+        sqlstate(
+            a.query("SELECT * FROM dataplane_auth.credentials", &[])
+                .await
+        ),
+        DENIED
+    );
+    assert_eq!(
+        sqlstate(
+            a.query("SELECT * FROM dataplane_auth.lookup($1)", &[&b_role])
+                .await
+        ),
+        DENIED
+    );
+    assert_eq!(
+        sqlstate(a.query("SELECT * FROM dataplane_auth.audit_log", &[]).await),
+        DENIED
+    );
+    // And B's data is untouched.
+    let v: String = b
+        .query_one("SELECT v FROM secrets", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "b-only");
+}
+
+#[tokio::test]
+async fn the_pooler_role_can_only_look_up() {
+    let t = setup().await;
+    let (a_role, a) = app(&t, "gamma").await;
+    a.batch_execute("CREATE TABLE data (x int)").await.unwrap();
+    let pooler = t.login("dp_pooler", POOLER_PASSWORD).await.unwrap();
+
+    let row = pooler
+        .query_one(
+            "SELECT role_name, scram_verifier, generation, pool_mode, status FROM dataplane_auth.lookup($1)",
+            &[&a_role],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), a_role);
+    assert!(row.get::<_, String>(1).starts_with("SCRAM-SHA-256$4096:"));
+    assert_eq!(row.get::<_, i64>(2), 1);
+    assert_eq!(row.get::<_, String>(3), "transaction");
+    assert_eq!(row.get::<_, String>(4), "ok");
+
+    // One row, no secrets, for anything that is not a live app role.
+    for (name, status) in [
+        ("tk_t1_pnobody_dev", "unknown"),
+        ("dp_pooler", "unknown"),
+        ("postgres", "unknown"),
+    ] {
+        let rows = pooler
+            .query(
+                "SELECT scram_verifier, status FROM dataplane_auth.lookup($1)",
+                &[&name],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].get::<_, Option<String>>(0), None);
+        assert_eq!(rows[0].get::<_, String>(1), status);
+    }
+
+    assert_eq!(
+        sqlstate(
+            pooler
+                .query("SELECT * FROM dataplane_auth.credentials", &[])
+                .await
+        ),
+        DENIED
+    );
+    assert_eq!(
+        sqlstate(
+            pooler
+                .query("SELECT * FROM dataplane_auth.audit_log", &[])
+                .await
+        ),
+        DENIED
+    );
+    assert_eq!(
+        sqlstate(
+            pooler
+                .query(&format!("SELECT * FROM {a_role}.data"), &[])
+                .await
+        ),
+        DENIED
+    );
+    assert_eq!(
+        sqlstate(pooler.batch_execute("CREATE TABLE public.x (x int)").await),
+        DENIED
+    );
+
+    // A suspended app's verifier is withheld, and says why.
+    let tenant = a_role
+        .trim_start_matches("tk_t")
+        .split('_')
+        .next()
+        .unwrap()
+        .to_owned();
+    let s = t
+        .call(
+            "POST",
+            &format!("/v1/apps/{tenant}/gamma/prod/suspend"),
+            None,
+        )
+        .await;
+    assert_eq!(s.status, 200, "{}", s.text);
+    let row = pooler
+        .query_one(
+            "SELECT scram_verifier, status FROM dataplane_auth.lookup($1)",
+            &[&a_role],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0), None);
+    assert_eq!(row.get::<_, String>(1), "disabled");
+}
+
+#[tokio::test]
+async fn the_provisioner_role_is_not_a_superuser() {
+    let t = setup().await;
+    let prov = t
+        .login("dp_provisioner", crate::common::PROVISIONER_PASSWORD)
+        .await
+        .unwrap();
+    let row = prov
+        .query_one(
+            "SELECT rolsuper, rolcreatedb, rolbypassrls FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!row.get::<_, bool>(0) && !row.get::<_, bool>(1) && !row.get::<_, bool>(2));
+    // It can write credentials but not rewrite the lookup function it serves through.
+    assert_eq!(
+        sqlstate(
+            prov.batch_execute(
+                "CREATE OR REPLACE FUNCTION dataplane_auth.lookup(name text) RETURNS SETOF text \
+                 LANGUAGE sql AS 'SELECT 1::text'"
+            )
+            .await
+        ),
+        DENIED
+    );
+}
