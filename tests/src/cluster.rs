@@ -401,15 +401,26 @@ fn stop_pid(pid: u32) {
     let _ = Command::new("kill")
         .args(["-QUIT", &pid.to_string()])
         .status();
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while proc_dir.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
-    if proc_dir.exists() {
+    if alive(pid) {
         let _ = Command::new("kill")
             .args(["-KILL", &pid.to_string()])
             .status();
+    }
+}
+
+/// Whether `pid` still runs. The postmaster is our child and nobody reaps it while we
+/// live, so an exited one lingers as a zombie: that counts as gone.
+fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
     }
 }
 

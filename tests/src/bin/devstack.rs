@@ -1,1 +1,164 @@
-fn main() {}
+//! `devstack`: the whole data-plane on one machine, for trying it out.
+//!
+//! Starts a throwaway PostgreSQL (the test harness's), migrates it, serves the
+//! provisioner API, provisions a demo app and prints a ready `psql` line. Ctrl-C stops
+//! everything and removes the cluster's directory.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use dataplane_tests::{PgCluster, StartOptions};
+use provisioner::config::{ApiToken, PublicEndpoint};
+use provisioner::ddl::{EnsureOutcome, Limits, LimitsPatch, OpContext};
+use provisioner::http::{AppState, app};
+use provisioner::metrics::Metrics;
+use provisioner::names::AppName;
+use provisioner::{Provisioner, migrate};
+
+/// The database all apps share, as on cluster B.
+const DATABASE: &str = "talkide_dataplane";
+
+#[derive(Parser)]
+#[command(
+    about = "Run Postgres + provisioner locally with a demo app (Ctrl-C stops and cleans up)"
+)]
+struct Args {
+    /// Where the provisioner API listens.
+    #[arg(long, env = "PROVISIONER_LISTEN", default_value = "127.0.0.1:8080")]
+    provisioner_listen: SocketAddr,
+    /// The demo app to provision: tenant id, slug, env.
+    #[arg(long, num_args = 3, value_names = ["TENANT", "SLUG", "ENV"], default_values = ["1", "demo", "dev"])]
+    demo: Vec<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+                .add_directive("tokio_postgres=info".parse()?),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    eprintln!("starting a throwaway PostgreSQL …");
+    let cluster = PgCluster::start(StartOptions::default()).context("starting PostgreSQL")?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(run(&cluster, &args));
+    // Dropping the cluster stops it and removes its directory.
+    drop(cluster);
+    eprintln!("stopped; the cluster's directory is gone");
+    result
+}
+
+async fn run(cluster: &PgCluster, args: &Args) -> anyhow::Result<()> {
+    let admin = dataplane_tests::connect(&cluster.superuser_config("postgres")).await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
+        .await?;
+    let mut admin = dataplane_tests::connect(&cluster.superuser_config(DATABASE)).await?;
+    migrate::run(&mut admin, migrate::DEFAULT_PROVISIONER_ROLE).await?;
+    let provisioner_password = random_token()?;
+    admin
+        .execute(
+            &format!(
+                "ALTER ROLE {} PASSWORD {}",
+                migrate::DEFAULT_PROVISIONER_ROLE,
+                postgres_protocol::escape::escape_literal(&provisioner_password)
+            ),
+            &[],
+        )
+        .await?;
+
+    let provisioner = Provisioner::new(
+        cluster.config(
+            migrate::DEFAULT_PROVISIONER_ROLE,
+            &provisioner_password,
+            DATABASE,
+        ),
+        4,
+        Limits::default(),
+    )?;
+    let [tenant, slug, env] = args.demo.as_slice() else {
+        anyhow::bail!("--demo takes three values: TENANT SLUG ENV");
+    };
+    let name = AppName::parse(tenant, slug, env)?;
+    let EnsureOutcome::Created { record, password } = provisioner
+        .ensure(&name, &LimitsPatch::default(), &OpContext::default())
+        .await?
+    else {
+        anyhow::bail!("the demo app already existed in a brand-new cluster");
+    };
+
+    let token = random_token()?;
+    let public = PublicEndpoint {
+        host: cluster.host().to_owned(),
+        port: cluster.port(),
+        sslmode: "disable".into(),
+    };
+    let state = AppState {
+        provisioner,
+        token: Arc::new(ApiToken::new(&token)?),
+        public: Arc::new(public),
+        metrics: Metrics::new()?,
+    };
+    let listener = tokio::net::TcpListener::bind(args.provisioner_listen)
+        .await
+        .with_context(|| format!("binding {}", args.provisioner_listen))?;
+    let api = listener.local_addr()?;
+
+    println!();
+    println!("dataplane dev stack is up (Ctrl-C stops it and deletes everything)");
+    println!();
+    println!(
+        "  postgres     127.0.0.1:{}  database {DATABASE}",
+        cluster.port()
+    );
+    println!("  provisioner  http://{api}   token {token}");
+    println!();
+    println!(
+        "demo app {} (password shown once, as the API does):",
+        record.role
+    );
+    println!(
+        "  psql \"postgresql://{}:{}@{}:{}/{DATABASE}?sslmode=disable\"",
+        record.role,
+        password.expose(),
+        cluster.host(),
+        cluster.port()
+    );
+    println!();
+    println!("provision another:");
+    println!("  curl -s -X PUT -H 'Authorization: Bearer {token}' http://{api}/v1/apps/1/shop/dev");
+    println!();
+
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(stop_signal())
+        .await?;
+    Ok(())
+}
+
+fn random_token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 18];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Ctrl-C in the terminal, or SIGTERM from a supervisor.
+async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
