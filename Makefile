@@ -1,0 +1,27 @@
+# The two commands of the README's quick start, and what CI runs.
+#   make dev   - Postgres + provisioner on this machine, with a demo app and a psql line
+#   make test  - every check and test (what .ci/run runs)
+
+CARGO ?= cargo
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+.PHONY: dev test deps lint
+
+deps:
+	@.ci/install-deps
+
+dev: deps
+	$(CARGO) run --quiet --locked -p dataplane-tests --bin devstack
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+# The summary line totals every test binary's result, so the last line says what ran
+# (cargo's own last line is the doc-tests', usually "0 passed").
+test: deps lint
+	@mkdir -p target
+	$(CARGO) test --workspace --locked 2>&1 | tee target/test.log
+	@awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($$(i+1) ~ /^passed/) p += $$i; if ($$(i+1) ~ /^failed/) f += $$i; if ($$(i+1) ~ /^ignored/) s += $$i } } \
+	     END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, s }' target/test.log
