@@ -1,0 +1,1 @@
+//! SCRAM, verifiers and the verifier cache.

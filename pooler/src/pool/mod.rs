@@ -1,0 +1,1 @@
+//! Per-role pools under one global budget.
