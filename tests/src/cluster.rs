@@ -45,6 +45,8 @@ pub struct StartOptions {
     pub max_connections: u32,
     /// Extra `postgresql.conf` lines.
     pub extra_conf: Vec<String>,
+    /// PEM certificate and key: the server then accepts TLS (`ssl = on`).
+    pub tls: Option<(String, String)>,
 }
 
 impl Default for StartOptions {
@@ -52,6 +54,7 @@ impl Default for StartOptions {
         Self {
             max_connections: 300,
             extra_conf: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -103,6 +106,9 @@ impl PgCluster {
         // From here on, a failure must not leave the directory (or a server) behind.
         cluster.spawn_watchdog()?;
         cluster.initdb(owner)?;
+        if let Some((cert, key)) = &options.tls {
+            cluster.install_tls(owner, cert, key)?;
+        }
         // Another process may grab the free port between our probe and the postmaster's
         // bind; a few attempts make that race harmless.
         let mut last_err = None;
@@ -269,6 +275,41 @@ impl PgCluster {
         Ok(())
     }
 
+    fn install_tls(
+        &self,
+        owner: Option<(u32, u32)>,
+        cert: &str,
+        key: &str,
+    ) -> Result<(), HarnessError> {
+        for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+            let path = self.data_dir().join(name);
+            fs::write(&path, pem).map_err(io(format!("write {name}")))?;
+            // Postgres refuses a key readable by others.
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                .map_err(io("chmod tls file"))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(io("chown tls file"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the server (fast mode: sessions are ended, as in a real restart) and
+    /// starts it again on the same port and data.
+    pub fn restart(&self) -> Result<(), HarnessError> {
+        if let Some(pid) = self.postmaster_pid() {
+            let _ = Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.run_postgres()
+    }
+
     fn write_conf(&self, options: &StartOptions) -> Result<(), HarnessError> {
         // postgresql.auto.conf is read last, so rewriting it wholesale on every attempt
         // (a new port) overrides initdb's postgresql.conf without editing it.
@@ -288,6 +329,9 @@ impl PgCluster {
             sock = self.dir.display(),
             max = options.max_connections,
         );
+        if options.tls.is_some() {
+            conf.push_str("ssl = on\n");
+        }
         for line in &options.extra_conf {
             conf.push_str(line);
             conf.push('\n');

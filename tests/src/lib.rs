@@ -14,6 +14,7 @@
 #![allow(clippy::expect_used, clippy::panic)]
 
 mod cluster;
+pub mod fixtures;
 
 pub use cluster::{HarnessError, PgCluster, StartOptions};
 

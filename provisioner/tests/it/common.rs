@@ -8,16 +8,14 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use dataplane_tests::PgCluster;
 use http_body_util::BodyExt;
+use provisioner::Provisioner;
 use provisioner::config::{ApiToken, PublicEndpoint};
-use provisioner::ddl::Limits;
 use provisioner::http::{AppState, app};
 use provisioner::metrics::Metrics;
-use provisioner::{Provisioner, migrate};
 use tower::ServiceExt;
 
 pub const TOKEN: &str = "test-token-0123456789";
-pub const PROVISIONER_PASSWORD: &str = "dp-provisioner-test-password";
-pub const POOLER_PASSWORD: &str = "dp-pooler-test-password";
+pub use dataplane_tests::fixtures::{POOLER_PASSWORD, PROVISIONER_PASSWORD};
 
 pub struct TestDb {
     pub cluster: &'static PgCluster,
@@ -26,39 +24,13 @@ pub struct TestDb {
     pub metrics: Metrics,
 }
 
-/// Roles are cluster-wide, so migrations of parallel tests' databases take turns.
-static MIGRATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 pub async fn setup() -> TestDb {
-    let cluster = tokio::task::spawn_blocking(PgCluster::shared)
-        .await
-        .unwrap();
-    let db = cluster.fresh_database().await;
-    {
-        let _turn = MIGRATE.lock().await;
-        let mut admin = superuser(cluster, &db).await;
-        migrate::run(&mut admin, migrate::DEFAULT_PROVISIONER_ROLE)
-            .await
-            .unwrap();
-        admin
-            .batch_execute(&format!(
-                "ALTER ROLE dp_provisioner PASSWORD '{PROVISIONER_PASSWORD}'; \
-                 ALTER ROLE dp_pooler PASSWORD '{POOLER_PASSWORD}'"
-            ))
-            .await
-            .unwrap();
-    }
-    let provisioner = Provisioner::new(
-        cluster.config("dp_provisioner", PROVISIONER_PASSWORD, &db),
-        4,
-        Limits::default(),
-    )
-    .unwrap();
+    let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
     let metrics = Metrics::new().unwrap();
-    let router = router_for(provisioner, metrics.clone());
+    let router = router_for(fixture.provisioner(), metrics.clone());
     TestDb {
-        cluster,
-        db,
+        cluster: fixture.cluster,
+        db: fixture.db,
         router,
         metrics,
     }
