@@ -33,9 +33,12 @@ BEGIN
     IF NOT pg_catalog.pg_has_role(prov, 'pg_signal_backend', 'USAGE') THEN
         EXECUTE format('GRANT pg_signal_backend TO %I', prov);
     END IF;
-    -- A non-superuser admin may only hand objects to a role it is a member of.
+    -- A non-superuser admin may only hand objects to a role it is a member of; the
+    -- membership is revoked again at the end, so an admin that is also the provisioner
+    -- (managed Postgres) cannot later rewrite the lookup function through it.
     IF NOT pg_catalog.pg_has_role(current_user, 'dataplane_auth_owner', 'MEMBER') THEN
         EXECUTE format('GRANT dataplane_auth_owner TO %I', current_user);
+        PERFORM pg_catalog.set_config('dataplane.granted_owner', 'yes', true);
     END IF;
 
     -- Nobody but the roles we name may connect; app roles get CONNECT one by one.
@@ -51,6 +54,22 @@ $$;
 
 -- CVE-2018-1058: nobody may plant objects in public for others to resolve.
 REVOKE ALL ON SCHEMA public FROM PUBLIC;
+
+-- App roles reach no other database of the cluster. PUBLIC has CONNECT and TEMP on
+-- every database by default (postgres, template1, ...): an app could log in there and
+-- leave temp tables or large objects that DROP OWNED in this database cannot see,
+-- blocking its own deletion. Where we are not the owner this is only a WARNING, and a
+-- database created later starts open again: README, "Operations".
+DO $$
+DECLARE
+    d record;
+BEGIN
+    FOR d IN SELECT datname FROM pg_catalog.pg_database
+             WHERE datallowconn AND datname <> current_database() LOOP
+        EXECUTE format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', d.datname);
+    END LOOP;
+END
+$$;
 
 CREATE SCHEMA IF NOT EXISTS dataplane_auth AUTHORIZATION dataplane_auth_owner;
 REVOKE ALL ON SCHEMA dataplane_auth FROM PUBLIC;
@@ -184,5 +203,17 @@ BEGIN
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON dataplane_auth.credentials TO %I', prov);
     EXECUTE format('GRANT SELECT, INSERT ON dataplane_auth.audit_log TO %I', prov);
     EXECUTE format('GRANT SELECT ON dataplane_auth.schema_migrations TO %I', prov);
+END
+$$;
+
+DO $$
+BEGIN
+    IF current_setting('dataplane.granted_owner', true) = 'yes' THEN
+        -- The migration runner records each migration here; later migrations grant
+        -- themselves the owner role for their own transaction, as this one did.
+        EXECUTE format('GRANT USAGE ON SCHEMA dataplane_auth TO %I', current_user);
+        EXECUTE format('GRANT SELECT, INSERT ON dataplane_auth.schema_migrations TO %I', current_user);
+        EXECUTE format('REVOKE dataplane_auth_owner FROM %I', current_user);
+    END IF;
 END
 $$;

@@ -10,11 +10,13 @@
 //!   one transaction under the global advisory lock.
 //! - [`secret`]: passwords (returned once, never stored) and SCRAM verifiers.
 //! - [`migrate`]: the versioned migrations in `sql/`.
-//! - [`config`]: the serve settings and their defaults.
+//! - [`config`]: the serve settings and their defaults; [`logging`]: log set-up that
+//!   keeps statements (and so verifiers) out of the logs.
 
 pub mod config;
 pub mod ddl;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod names;

@@ -99,22 +99,8 @@ fn main() -> ExitCode {
     }
 }
 
-const QUIET_SECRETS: &str = "tokio_postgres=info";
-
 fn init_logging(format: LogFormat) {
-    // tokio-postgres logs every statement and its parameters at debug, and those carry
-    // verifiers (ALTER ROLE … PASSWORD, the credentials row): capped at info whatever
-    // RUST_LOG says, because a more specific directive wins over a broad one.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        .add_directive(QUIET_SECRETS.parse().unwrap_or_default());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    provisioner::logging::init(matches!(format, LogFormat::Json));
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {

@@ -59,62 +59,95 @@ pub async fn run(client: &mut Client, provisioner_role: &str) -> Result<Report, 
     }
     let mut report = Report::default();
     for m in MIGRATIONS {
-        let failed = |source| MigrateError::Failed {
-            version: m.version,
-            name: m.name,
-            source,
+        // Roles and grants are cluster-wide but the advisory lock is per database, so
+        // migrating two databases of one cluster at once can collide on CREATE ROLE;
+        // the loser retries and then finds the role there.
+        let mut attempt = 0;
+        let applied = loop {
+            match apply(client, m, provisioner_role).await {
+                Err(MigrateError::Failed { ref source, .. })
+                    if attempt < 5 && is_cluster_race(source) =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+                }
+                other => break other?,
+            }
         };
-        let tx = client.transaction().await.map_err(failed)?;
-        tx.execute(
-            "SELECT pg_catalog.pg_advisory_xact_lock($1)",
-            &[&MIGRATE_LOCK],
+        if applied {
+            tracing::info!(version = m.version, name = m.name, "migration applied");
+            report.applied.push(m.name);
+        } else {
+            report.skipped.push(m.name);
+        }
+    }
+    Ok(report)
+}
+
+fn is_cluster_race(e: &tokio_postgres::Error) -> bool {
+    // duplicate_object, unique_violation (on pg_authid), "tuple concurrently updated".
+    e.code()
+        .is_some_and(|c| matches!(c.code(), "42710" | "23505" | "XX000" | "40001" | "40P01"))
+}
+
+/// Applies one migration in one transaction; `false` if it was applied before.
+async fn apply(
+    client: &mut Client,
+    m: &Migration,
+    provisioner_role: &str,
+) -> Result<bool, MigrateError> {
+    let failed = |source| MigrateError::Failed {
+        version: m.version,
+        name: m.name,
+        source,
+    };
+    let tx = client.transaction().await.map_err(failed)?;
+    tx.execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+        &[&MIGRATE_LOCK],
+    )
+    .await
+    .map_err(failed)?;
+    tx.execute(
+        "SELECT pg_catalog.set_config('dataplane.provisioner_role', $1, true)",
+        &[&provisioner_role],
+    )
+    .await
+    .map_err(failed)?;
+    let row = tx
+        .query_one(
+            "SELECT pg_catalog.to_regclass('dataplane_auth.schema_migrations') IS NOT NULL",
+            &[],
         )
         .await
         .map_err(failed)?;
-        tx.execute(
-            "SELECT pg_catalog.set_config('dataplane.provisioner_role', $1, true)",
-            &[&provisioner_role],
-        )
-        .await
-        .map_err(failed)?;
-        let row = tx
-            .query_one(
-                "SELECT pg_catalog.to_regclass('dataplane_auth.schema_migrations') IS NOT NULL",
-                &[],
+    let tracked: bool = row.try_get(0).map_err(failed)?;
+    if tracked {
+        let applied = tx
+            .query_opt(
+                "SELECT checksum = pg_catalog.md5($2) FROM dataplane_auth.schema_migrations WHERE version = $1",
+                &[&m.version, &m.sql],
             )
             .await
             .map_err(failed)?;
-        let tracked: bool = row.try_get(0).map_err(failed)?;
-        if tracked {
-            let applied = tx
-                .query_opt(
-                    "SELECT checksum = pg_catalog.md5($2) FROM dataplane_auth.schema_migrations WHERE version = $1",
-                    &[&m.version, &m.sql],
-                )
-                .await
-                .map_err(failed)?;
-            if let Some(row) = applied {
-                let same: bool = row.try_get(0).map_err(failed)?;
-                if !same {
-                    return Err(MigrateError::Changed {
-                        version: m.version,
-                        name: m.name,
-                    });
-                }
-                report.skipped.push(m.name);
-                continue;
+        if let Some(row) = applied {
+            let same: bool = row.try_get(0).map_err(failed)?;
+            if !same {
+                return Err(MigrateError::Changed {
+                    version: m.version,
+                    name: m.name,
+                });
             }
+            return Ok(false);
         }
-        tx.batch_execute(m.sql).await.map_err(failed)?;
-        tx.execute(
-            "INSERT INTO dataplane_auth.schema_migrations (version, name, checksum) VALUES ($1, $2, pg_catalog.md5($3))",
-            &[&m.version, &m.name, &m.sql],
-        )
-        .await
-        .map_err(failed)?;
-        tx.commit().await.map_err(failed)?;
-        tracing::info!(version = m.version, name = m.name, "migration applied");
-        report.applied.push(m.name);
     }
-    Ok(report)
+    tx.batch_execute(m.sql).await.map_err(failed)?;
+    tx.execute(
+        "INSERT INTO dataplane_auth.schema_migrations (version, name, checksum) VALUES ($1, $2, pg_catalog.md5($3))",
+        &[&m.version, &m.name, &m.sql],
+    )
+    .await
+    .map_err(failed)?;
+    tx.commit().await.map_err(failed)?;
+    Ok(true)
 }

@@ -369,16 +369,13 @@ impl PgCluster {
                     log: self.server_log(),
                 });
             }
+            // Through our own socket directory: on the TCP port, a cluster of another
+            // process that grabbed the port first would answer "ready" for us.
             let ready = Command::new(self.bindir.join("pg_isready"))
-                .args([
-                    "-q",
-                    "-h",
-                    HOST,
-                    "-p",
-                    &self.port.to_string(),
-                    "-d",
-                    "postgres",
-                ])
+                .arg("-q")
+                .arg("-h")
+                .arg(&self.dir)
+                .args(["-p", &self.port.to_string(), "-d", "postgres"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()

@@ -33,7 +33,7 @@ pub enum EnsureOutcome {
         record: AppRecord,
         password: Password,
     },
-    /// The app existed; its password is untouched (limits in the request applied).
+    /// The app existed and is unchanged.
     Existing { record: AppRecord },
 }
 
@@ -112,9 +112,18 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Creates the app if it does not exist; never touches an existing app's password.
-    /// Limits given for an existing app are applied, so a repeated deploy converges.
+    /// Creates the app if it does not exist, with `patch` over the default limits. An
+    /// existing app is returned unchanged: never its password, nor its limits.
     pub async fn ensure(
+        &self,
+        name: &AppName,
+        patch: &LimitsPatch,
+        ctx: &OpContext,
+    ) -> Result<EnsureOutcome, ProvisionError> {
+        retry(|| self.ensure_once(name, patch, ctx)).await
+    }
+
+    async fn ensure_once(
         &self,
         name: &AppName,
         patch: &LimitsPatch,
@@ -125,14 +134,9 @@ impl Provisioner {
         let present = observe(&tx, name).await?;
         let existing = self.record(&tx, name).await?;
         let outcome = match (existing, present.role) {
-            (Some(record), true) => {
-                let record = if patch.is_empty() {
-                    record
-                } else {
-                    self.apply_limits(&tx, name, record, patch, ctx).await?
-                };
-                EnsureOutcome::Existing { record }
-            }
+            // The issue's rule: an existing app is left exactly as it is (limits change
+            // through PATCH), so concurrent or repeated deploys cannot fight.
+            (Some(record), true) => EnsureOutcome::Existing { record },
             (None, false) if !present.schema => {
                 let limits = patch
                     .apply(&self.defaults)
@@ -225,6 +229,14 @@ impl Provisioner {
         name: &AppName,
         ctx: &OpContext,
     ) -> Result<RotateOutcome, ProvisionError> {
+        retry(|| self.rotate_once(name, ctx)).await
+    }
+
+    async fn rotate_once(
+        &self,
+        name: &AppName,
+        ctx: &OpContext,
+    ) -> Result<RotateOutcome, ProvisionError> {
         let mut client = self.client().await?;
         let tx = begin(&mut client).await?;
         self.require(&tx, name).await?;
@@ -253,6 +265,15 @@ impl Provisioner {
         disabled: bool,
         ctx: &OpContext,
     ) -> Result<AppRecord, ProvisionError> {
+        retry(|| self.set_disabled_once(name, disabled, ctx)).await
+    }
+
+    async fn set_disabled_once(
+        &self,
+        name: &AppName,
+        disabled: bool,
+        ctx: &OpContext,
+    ) -> Result<AppRecord, ProvisionError> {
         let mut client = self.client().await?;
         let tx = begin(&mut client).await?;
         let record = self.require(&tx, name).await?;
@@ -271,15 +292,25 @@ impl Provisioner {
             audit(&tx, action, name, ctx, &serde_json::json!({})).await?;
             self.record_from_row(&row)?
         };
+        let oid = role_oid(&tx, name).await?;
         tx.commit().await?;
         if disabled {
             // After the commit, so the role cannot log straight back in.
-            terminate_sessions(&client, name).await?;
+            terminate_sessions(&client, name, oid).await?;
         }
         Ok(record)
     }
 
     pub async fn set_limits(
+        &self,
+        name: &AppName,
+        patch: &LimitsPatch,
+        ctx: &OpContext,
+    ) -> Result<AppRecord, ProvisionError> {
+        retry(|| self.set_limits_once(name, patch, ctx)).await
+    }
+
+    async fn set_limits_once(
         &self,
         name: &AppName,
         patch: &LimitsPatch,
@@ -301,8 +332,16 @@ impl Provisioner {
         name: &AppName,
         ctx: &OpContext,
     ) -> Result<DeleteOutcome, ProvisionError> {
+        retry(|| self.delete_once(name, ctx)).await
+    }
+
+    async fn delete_once(
+        &self,
+        name: &AppName,
+        ctx: &OpContext,
+    ) -> Result<DeleteOutcome, ProvisionError> {
         let mut client = self.client().await?;
-        {
+        let oid = {
             let tx = begin(&mut client).await?;
             let present = observe(&tx, name).await?;
             let record = self.record(&tx, name).await?;
@@ -335,11 +374,31 @@ impl Provisioner {
                     tx.batch_execute(&sql).await?;
                 }
             }
+            let oid = role_oid(&tx, name).await?;
             tx.commit().await?;
-        }
-        terminate_sessions(&client, name).await?;
+            oid
+        };
+        terminate_sessions(&client, name, oid).await?;
         let tx = begin(&mut client).await?;
         let present = observe(&tx, name).await?;
+        // A resume between the two transactions would let sessions in again.
+        let row = tx
+            .query_opt(
+                "SELECT r.rolcanlogin, c.disabled FROM pg_catalog.pg_roles r \
+                 FULL JOIN dataplane_auth.credentials c ON c.role_name = r.rolname \
+                 WHERE r.rolname = $1 OR c.role_name = $1",
+                &[&name.ident()],
+            )
+            .await?;
+        if let Some(row) = row {
+            let can_login: Option<bool> = row.try_get(0)?;
+            let disabled: Option<bool> = row.try_get(1)?;
+            if can_login == Some(true) || disabled == Some(false) {
+                return Err(ProvisionError::Conflict(format!(
+                    "{name} was resumed while it was being deleted; delete it again"
+                )));
+            }
+        }
         for sql in plan::drop_app(name, present) {
             tx.batch_execute(&sql).await?;
         }
@@ -350,6 +409,9 @@ impl Provisioner {
         .await?;
         audit(&tx, "delete", name, ctx, &serde_json::json!({})).await?;
         tx.commit().await?;
+        // A login that was mid-authentication when we looked has a session now that
+        // outlives DROP ROLE; end it by the role's oid.
+        terminate_sessions(&client, name, oid).await?;
         Ok(DeleteOutcome::Deleted)
     }
 
@@ -464,6 +526,26 @@ impl Provisioner {
     }
 }
 
+/// Runs an idempotent operation again when it lost a race with a concurrent
+/// transaction (each attempt is its own transaction, so a retry starts clean).
+async fn retry<T, F, Fut>(mut op: F) -> Result<T, ProvisionError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ProvisionError>>,
+{
+    let mut attempt = 0u64;
+    loop {
+        match op().await {
+            Err(ProvisionError::Transient(why)) if attempt < 4 => {
+                attempt += 1;
+                tracing::debug!(attempt, %why, "retrying after a concurrent update");
+                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn tenant_i64(t: TenantId) -> i64 {
     // At most 12 digits, so always in range.
     i64::try_from(t.get()).unwrap_or(i64::MAX)
@@ -471,7 +553,10 @@ fn tenant_i64(t: TenantId) -> i64 {
 
 async fn begin(client: &mut Object) -> Result<Transaction<'_>, ProvisionError> {
     let tx = client.transaction().await?;
-    tx.batch_execute("SET LOCAL search_path TO ''").await?;
+    // Bounded waits: one operation stuck behind a lock must not hold the global lock
+    // (and so every other operation) indefinitely.
+    tx.batch_execute("SET LOCAL search_path TO ''; SET LOCAL lock_timeout = '10s'; SET LOCAL statement_timeout = '60s'")
+        .await?;
     tx.execute(
         "SELECT pg_catalog.pg_advisory_xact_lock($1)",
         &[&PROVISION_LOCK],
@@ -511,17 +596,44 @@ async fn audit(
     Ok(())
 }
 
-/// Ends every session of the role and waits for them to go (Postgres ≥ 14 waits in
-/// `pg_terminate_backend(pid, timeout)`).
-async fn terminate_sessions(client: &Object, name: &AppName) -> Result<(), ProvisionError> {
+async fn role_oid(tx: &Transaction<'_>, name: &AppName) -> Result<Option<i64>, ProvisionError> {
+    let row = tx
+        .query_opt(
+            "SELECT oid::int8 FROM pg_catalog.pg_roles WHERE rolname = $1",
+            &[&name.ident()],
+        )
+        .await?;
+    Ok(row.map(|r| r.try_get(0)).transpose()?)
+}
+
+/// Ends every session of the role (by name, and by oid for sessions whose role was
+/// dropped under them) and waits for them to go; Postgres ≥ 14 waits inside
+/// `pg_terminate_backend(pid, timeout)`. A session that outlives the wait is an error:
+/// the caller must not report the app as gone while it still runs.
+async fn terminate_sessions(
+    client: &Object,
+    name: &AppName,
+    oid: Option<i64>,
+) -> Result<(), ProvisionError> {
     let timeout_ms = i64::try_from(TERMINATE_WAIT.as_millis()).unwrap_or(i64::MAX);
     let rows = client
         .query(
-            "SELECT pg_catalog.pg_terminate_backend(pid, $2) FROM pg_catalog.pg_stat_activity \
-             WHERE usename = $1 AND pid <> pg_catalog.pg_backend_pid()",
-            &[&name.ident(), &timeout_ms],
+            "SELECT pg_catalog.pg_terminate_backend(pid, $3) FROM pg_catalog.pg_stat_activity \
+             WHERE (usename = $1 OR usesysid::int8 = $2) AND pid <> pg_catalog.pg_backend_pid()",
+            &[&name.ident(), &oid, &timeout_ms],
         )
         .await?;
+    let mut lingering = 0;
+    for row in &rows {
+        if !row.try_get::<_, bool>(0)? {
+            lingering += 1;
+        }
+    }
+    if lingering > 0 {
+        return Err(ProvisionError::Unavailable(format!(
+            "{lingering} session(s) of {name} did not end within {TERMINATE_WAIT:?}; retry"
+        )));
+    }
     if !rows.is_empty() {
         tracing::info!(role = %name, sessions = rows.len(), "terminated the app's sessions");
     }

@@ -176,7 +176,11 @@ pub enum ProvisionError {
     InvalidLimits(String),
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
-    #[error("database error: {0}")]
+    /// A conflict with a concurrent transaction that a retry resolves (serialization
+    /// failure, deadlock, "tuple concurrently updated" on a shared catalog row).
+    #[error("concurrent update, retry: {0}")]
+    Transient(String),
+    #[error("database error: {}", describe(.0))]
     Database(#[source] tokio_postgres::Error),
     #[error(transparent)]
     Secret(#[from] crate::secret::SecretError),
@@ -184,8 +188,23 @@ pub enum ProvisionError {
 
 impl From<tokio_postgres::Error> for ProvisionError {
     fn from(e: tokio_postgres::Error) -> Self {
+        if e.code().is_some_and(|c| c.code() == "2BP01") {
+            // DROP ROLE: objects in another database still depend on the role.
+            return ProvisionError::Conflict(format!(
+                "the role still owns objects or privileges elsewhere in the cluster: {}",
+                describe(&e)
+            ));
+        }
+        let concurrent = e
+            .code()
+            .is_some_and(|c| matches!(c.code(), "40001" | "40P01"))
+            || (e.code().is_some_and(|c| c.code() == "XX000")
+                && describe(&e).contains("concurrently updated"));
+        if concurrent {
+            return ProvisionError::Transient(describe(&e));
+        }
         if is_unavailable(&e) {
-            ProvisionError::Unavailable(e.to_string())
+            ProvisionError::Unavailable(describe(&e))
         } else {
             ProvisionError::Database(e)
         }
@@ -201,6 +220,18 @@ impl From<deadpool_postgres::PoolError> for ProvisionError {
     }
 }
 
+/// tokio-postgres displays a server error as just "db error"; the server's own
+/// message and detail are what an operator needs.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{}: {} ({detail})", db.code().code(), db.message()),
+            None => format!("{}: {}", db.code().code(), db.message()),
+        },
+        None => e.to_string(),
+    }
+}
+
 /// Errors that mean "the database is not there right now" rather than "this request
 /// is wrong": a lost connection, or a server refusing or shutting down.
 fn is_unavailable(e: &tokio_postgres::Error) -> bool {
@@ -211,8 +242,12 @@ fn is_unavailable(e: &tokio_postgres::Error) -> bool {
         }
         Some(code) => {
             let c = code.code();
-            // 08: connection exception; 53: insufficient resources; 57P0x: shutdown.
-            c.starts_with("08") || c.starts_with("53") || c.starts_with("57P")
+            // 08: connection exception; 53: insufficient resources; 57P0x: shutdown;
+            // and our own lock and statement timeouts.
+            c.starts_with("08")
+                || c.starts_with("53")
+                || c.starts_with("57P")
+                || matches!(c, "55P03" | "57014")
         }
     }
 }

@@ -62,7 +62,7 @@ impl From<ProvisionError> for ApiError {
             ProvisionError::NotFound(name) => ApiError::NotFound(format!("no app named {name}")),
             ProvisionError::Conflict(msg) => ApiError::Conflict(msg),
             ProvisionError::InvalidLimits(msg) => ApiError::InvalidLimits(msg),
-            ProvisionError::Unavailable(msg) => {
+            ProvisionError::Unavailable(msg) | ProvisionError::Transient(msg) => {
                 tracing::warn!(error = %msg, "database unavailable");
                 ApiError::Unavailable
             }
@@ -76,23 +76,66 @@ impl From<ProvisionError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status();
-        let body = serde_json::json!({
-            "type": format!("urn:dataplane:problem:{}", self.code()),
-            "title": status.canonical_reason().unwrap_or("error"),
-            "status": status.as_u16(),
-            "code": self.code(),
-            "detail": self.to_string(),
-        });
-        let mut response = (status, body.to_string()).into_response();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        let mut response = problem(self.status(), self.code(), &self.to_string());
         if matches!(self, ApiError::Unauthorized) {
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
+}
+
+/// An `application/problem+json` response.
+pub fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
+    let body = serde_json::json!({
+        "type": format!("urn:dataplane:problem:{code}"),
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "code": code,
+        "detail": detail,
+    });
+    let mut response = (status, body.to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    response
+}
+
+/// Errors axum produces before a handler runs (an undecodable path, a bad query
+/// string, a wrong method) arrive as plain text; clients get problem+json for every
+/// failure, so those are rewritten here with a code derived from the status.
+pub async fn as_problem(response: Response) -> Response {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
+    }
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::NOT_FOUND => "not_found",
+        _ if status.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let body = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let detail = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error"),
+        t => t,
+    };
+    let mut out = problem(status, code, detail);
+    if let Some(allow) = allow {
+        out.headers_mut().insert(header::ALLOW, allow);
+    }
+    out
 }

@@ -88,7 +88,7 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
     let span =
         tracing::info_span!("request", method = %method, route = %route, request_id = %request_id);
     let started = Instant::now();
-    let mut response = next.run(req).instrument(span.clone()).await;
+    let mut response = error::as_problem(next.run(req).instrument(span.clone()).await).await;
     let elapsed = started.elapsed();
 
     let status = response.status().as_u16().to_string();

@@ -20,8 +20,8 @@ use crate::secret::Password;
 type AppPath = Path<(String, String, String)>;
 
 /// An app as the API shows it: the record, where to connect, and the password only in
-/// the one response that created or rotated it.
-#[derive(Debug, Serialize)]
+/// the one response that created or rotated it. No `Debug`: it may hold the password.
+#[derive(Serialize)]
 pub struct AppView {
     #[serde(flatten)]
     pub record: AppRecord,
@@ -101,7 +101,7 @@ fn counted<T>(
         Err(ProvisionError::NotFound(_)) => "not_found",
         Err(ProvisionError::Conflict(_)) => "conflict",
         Err(ProvisionError::InvalidLimits(_)) => "invalid",
-        Err(ProvisionError::Unavailable(_)) => "unavailable",
+        Err(ProvisionError::Unavailable(_) | ProvisionError::Transient(_)) => "unavailable",
         Err(_) => "error",
     };
     state
@@ -155,7 +155,7 @@ pub struct ListQuery {
     tenant_id: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Serialize)]
 pub struct AppList {
     apps: Vec<AppView>,
 }

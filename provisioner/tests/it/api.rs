@@ -15,8 +15,16 @@ async fn missing_or_wrong_token_is_401_problem_json() {
     let t = setup().await;
     let uri = format!("/v1/apps/{}/shop/dev", unique_tenant_id());
     for token in [None, Some("wrong-token-0123456789"), Some("")] {
-        for method in ["PUT", "GET", "DELETE"] {
-            let r = call(&t.router, method, &uri, token, None).await;
+        for (method, suffix) in [
+            ("PUT", ""),
+            ("GET", ""),
+            ("DELETE", ""),
+            ("PATCH", ""),
+            ("POST", "/rotate-password"),
+            ("POST", "/suspend"),
+            ("POST", "/resume"),
+        ] {
+            let r = call(&t.router, method, &format!("{uri}{suffix}"), token, None).await;
             assert_eq!(r.status, 401, "{method} with {token:?}");
             assert_eq!(r.headers["content-type"], "application/problem+json");
             assert_eq!(r.headers["www-authenticate"], "Bearer");
@@ -162,6 +170,29 @@ async fn unknown_apps_are_404() {
     assert_eq!(r.status, 404);
     let r = t.call("GET", "/no/such/route", None).await;
     assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn errors_axum_makes_are_problem_json_too() {
+    let t = setup().await;
+    for (method, uri, status, code) in [
+        ("POST", "/v1/apps/7/shop/dev", 405, "method_not_allowed"),
+        ("GET", "/v1/apps/7/%FF/dev", 400, "bad_request"),
+        (
+            "GET",
+            "/v1/apps?tenant_id=1&tenant_id=2",
+            400,
+            "bad_request",
+        ),
+    ] {
+        let r = t.call(method, uri, None).await;
+        assert_eq!(r.status, status, "{method} {uri}: {}", r.text);
+        assert_eq!(
+            r.headers["content-type"], "application/problem+json",
+            "{method} {uri}"
+        );
+        assert_eq!(r.json()["code"], code, "{method} {uri}");
+    }
 }
 
 #[tokio::test]

@@ -25,6 +25,13 @@ pub struct TestDb {
 }
 
 pub async fn setup() -> TestDb {
+    // Warnings and errors of the code under test show up in a failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .try_init();
     let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
     let metrics = Metrics::new().unwrap();
     let router = router_for(fixture.provisioner(), metrics.clone());

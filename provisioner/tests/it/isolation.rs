@@ -8,17 +8,22 @@ use crate::common::{POOLER_PASSWORD, TestDb, setup, sqlstate};
 const DENIED: &str = "42501";
 
 async fn app(t: &TestDb, slug: &str) -> (String, tokio_postgres::Client) {
+    let (role, _, client) = app_with_password(t, slug).await;
+    (role, client)
+}
+
+async fn app_with_password(t: &TestDb, slug: &str) -> (String, String, tokio_postgres::Client) {
     let r = t.ensure(unique_tenant_id(), slug, "prod").await;
     assert_eq!(r.status, 201, "{}", r.text);
-    let role = r.str("role");
-    let client = t.login(&role, &r.str("password")).await.unwrap();
-    (role, client)
+    let (role, password) = (r.str("role"), r.str("password"));
+    let client = t.login(&role, &password).await.unwrap();
+    (role, password, client)
 }
 
 #[tokio::test]
 async fn app_a_cannot_touch_app_b_or_anything_shared() {
     let t = setup().await;
-    let (a_role, a) = app(&t, "alpha").await;
+    let (a_role, a_password, a) = app_with_password(&t, "alpha").await;
     let (b_role, b) = app(&t, "beta").await;
     b.batch_execute("CREATE TABLE secrets (v text); INSERT INTO secrets VALUES ('b-only')")
         .await
@@ -132,6 +137,17 @@ async fn app_a_cannot_touch_app_b_or_anything_shared() {
     assert_eq!(
         sqlstate(a.query("SELECT * FROM dataplane_auth.audit_log", &[]).await),
         DENIED
+    );
+    // No other database of the cluster either: a session there could leave temp
+    // tables or large objects that block the app's deletion.
+    let elsewhere = t.cluster.config(&a_role, &a_password, "postgres");
+    let refused = dataplane_tests::connect(&elsewhere).await;
+    assert_eq!(
+        refused
+            .err()
+            .and_then(|e| e.code().map(|c| c.code().to_owned()))
+            .as_deref(),
+        Some(DENIED)
     );
     // And B's data is untouched.
     let v: String = b

@@ -303,16 +303,15 @@ async fn every_change_notifies_the_poolers() {
 
     let tenant = unique_tenant_id();
     let role = t.ensure(tenant, "noisy", "dev").await.str("role");
-    t.call(
-        "POST",
-        &format!("/v1/apps/{tenant}/noisy/dev/rotate-password"),
-        None,
-    )
-    .await;
-    t.call("DELETE", &format!("/v1/apps/{tenant}/noisy/dev"), None)
+    let app = format!("/v1/apps/{tenant}/noisy/dev");
+    t.call("POST", &format!("{app}/rotate-password"), None)
         .await;
-    // create, rotate, delete (disable + row removal): at least three, all for this role.
-    for _ in 0..3 {
+    t.call("POST", &format!("{app}/suspend"), None).await;
+    t.call("POST", &format!("{app}/resume"), None).await;
+    t.call("PATCH", &app, Some(r#"{"pool_size": 3}"#)).await;
+    t.call("DELETE", &app, None).await;
+    // create, rotate, suspend, resume, limits, delete (disable + row removal).
+    for _ in 0..7 {
         let (channel, payload) =
             tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
                 .await

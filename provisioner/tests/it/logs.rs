@@ -29,6 +29,16 @@ fn http(port: u16, method: &str, path: &str, token: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The server process dies with the test, whatever way the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn password_of(body: &str) -> String {
     // Bodies may be chunked; the JSON object is the part between the braces.
     let start = body.find('{').unwrap();
@@ -40,6 +50,15 @@ fn password_of(body: &str) -> String {
 #[tokio::test]
 async fn passwords_never_reach_the_logs() {
     let t = setup().await;
+    // So that the server log would show any password sent to it.
+    t.admin()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET log_statement = 'all'",
+            t.db
+        ))
+        .await
+        .unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -56,7 +75,7 @@ async fn passwords_never_reach_the_logs() {
     let log_path =
         std::env::temp_dir().join(format!("provisioner-logs-test-{}.log", std::process::id()));
     let log_file = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_provisioner"))
+    let mut child = KillOnDrop(Command::new(env!("CARGO_BIN_EXE_provisioner"))
         .args([
             "--log-format",
             "json",
@@ -66,12 +85,16 @@ async fn passwords_never_reach_the_logs() {
         ])
         .env("DATABASE_URL", &url)
         .env("PROVISIONER_API_TOKEN", token)
-        // Everything, including tokio-postgres's and axum's own debug output.
-        .env("RUST_LOG", "trace")
+        // Everything, including tokio-postgres's and axum's own debug output, and the
+        // statement-logging targets asked for by name.
+        .env(
+            "RUST_LOG",
+            "trace,tokio_postgres::query=trace,tokio_postgres::simple_query=trace,tokio_postgres::prepare=trace",
+        )
         .stdout(log_file.try_clone().unwrap())
         .stderr(log_file)
         .spawn()
-        .unwrap();
+        .unwrap());
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "provisioner did not start");
@@ -105,10 +128,10 @@ async fn passwords_never_reach_the_logs() {
 
     // SIGTERM: a graceful stop, which flushes the logs.
     Command::new("kill")
-        .arg(child.id().to_string())
+        .arg(child.0.id().to_string())
         .status()
         .unwrap();
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "graceful exit: {status:?}");
     let logs = std::fs::read_to_string(&log_path).unwrap();
     let _ = std::fs::remove_file(&log_path);

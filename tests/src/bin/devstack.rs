@@ -35,14 +35,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-                .add_directive("tokio_postgres=info".parse()?),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    provisioner::logging::init(false);
 
     eprintln!("starting a throwaway PostgreSQL …");
     let cluster = PgCluster::start(StartOptions::default()).context("starting PostgreSQL")?;
