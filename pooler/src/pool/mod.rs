@@ -1,1 +1,4 @@
 //! Per-role pools under one global budget.
+
+pub mod scheduler;
+mod slab;
