@@ -154,7 +154,7 @@ impl<S: Send + 'static> Pools<S> {
         let started = tokio::time::Instant::now();
         let now = started.into_std();
         let mut out = Vec::new();
-        let (r, waiter) = {
+        let (r, enqueued) = {
             let mut st = self.lock();
             let r = st.role(role, limits, now, &mut out);
             if let Some((server, conn)) = st.sched.take_idle(r, now) {
@@ -163,13 +163,17 @@ impl<S: Send + 'static> Pools<S> {
                 return Ok(Checkout::new(self.clone(), server, conn));
             }
             let (tx, rx) = oneshot::channel();
-            let Ok(id) = st.sched.enqueue(r, tx, now, &mut out) else {
-                return Err(PoolError::Dropped { role: st.name(r) });
-            };
-            (r, waiter::Waiter::new(self.clone(), id, rx))
+            let enqueued = st.sched.enqueue(r, tx, now, &mut out).map(|id| (id, rx));
+            (r, enqueued)
         };
         self.run(out);
-        let mut waiter = waiter;
+        let Ok((id, rx)) = enqueued else {
+            return Err(PoolError::Dropped {
+                role: Arc::from(role),
+            });
+        };
+        // Armed before the first await: from here on, dropping this future dequeues.
+        let mut waiter = waiter::Waiter::new(self.clone(), id, rx);
         match tokio::time::timeout(wait_timeout, waiter.recv()).await {
             Ok(Ok(Ok(checkout))) => Ok(checkout),
             Ok(Ok(Err(source))) => Err(PoolError::Connect {

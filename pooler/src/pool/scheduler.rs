@@ -8,11 +8,14 @@
 //! production, a tag in tests), so a decision hands the async layer exactly the objects
 //! it must act on and the async layer keeps no parallel tables that could drift.
 //!
-//! Two deliberate readings of design.md, both to bound the switching rate:
+//! Deliberate readings of design.md where it leaves room:
 //! * "more than its fair share" on release means more than the share rounded *up* to
 //!   whole slots. With more roles than slots the share is below one, and the literal
 //!   reading would move every released server, a login per transaction: the thrash this
 //!   scheduler exists to avoid. Fractional shares are settled by the quantum rule.
+//! * "Service" for deficit round robin is checked-out time (what a role's clients
+//!   actually used), divided by weight and compared in whole quanta; an idle server
+//!   costs its role nothing because it can be evicted once `min_idle_before_evict` old.
 //! * A failed login is charged to the role's longest-waiting client, which gets the
 //!   error; the others keep waiting and the freed slot goes through the normal fill
 //!   rule. Each failed attempt thus consumes one waiter: an outage fails each queued
@@ -384,8 +387,10 @@ impl<C, W> Scheduler<C, W> {
             .get_mut(r.index())
             .ok_or(SchedulerError::UnknownRole(r))?;
         if role.in_demand {
-            self.demand_weight =
-                self.demand_weight - u64::from(role.config.weight) + u64::from(config.weight);
+            self.demand_weight = self
+                .demand_weight
+                .saturating_sub(u64::from(role.config.weight))
+                + u64::from(config.weight);
         }
         role.config = config;
         // Oldest idle servers first: they are the least likely to be wanted again soon.
