@@ -21,6 +21,8 @@
 //!   rule. Each failed attempt thus consumes one waiter: an outage fails each queued
 //!   client once, after one attempt each, and never spins.
 
+#[cfg(test)]
+mod chaos;
 mod fair;
 #[cfg(test)]
 mod sim;

@@ -111,6 +111,20 @@ impl<T> Slab<T> {
             _ => None,
         }
     }
+
+    /// Every live entry, for consistency checks in tests.
+    #[cfg(test)]
+    pub(crate) fn keys(&self) -> Vec<Key> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e.slot, Slot::Occupied(_)))
+            .map(|(i, e)| Key {
+                idx: u32::try_from(i).unwrap_or(u32::MAX),
+                generation: e.generation,
+            })
+            .collect()
+    }
 }
 
 /// Links of an entry that can sit in one [`List`].
