@@ -6,6 +6,7 @@
 //! its slot: a server nobody vouched for as clean is never handed to the next client.
 
 use std::ops::{Deref, DerefMut};
+use std::time::Duration;
 
 use super::Pools;
 use super::scheduler::ServerId;
@@ -15,6 +16,7 @@ pub struct Checkout<S: Send + 'static> {
     // tells the scheduler the slot is free. Neither happens under the pool's lock.
     conn: S,
     ticket: Ticket<S>,
+    idle_for: Duration,
 }
 
 /// The slot of a checked-out server. Split from the connection so `release` can move
@@ -34,9 +36,10 @@ impl<S: Send + 'static> Drop for Ticket<S> {
 }
 
 impl<S: Send + 'static> Checkout<S> {
-    pub(super) fn new(pools: Pools<S>, server: ServerId, conn: S) -> Self {
+    pub(super) fn new(pools: Pools<S>, server: ServerId, conn: S, idle_for: Duration) -> Self {
         Self {
             conn,
+            idle_for,
             ticket: Ticket {
                 pools,
                 server,
@@ -48,6 +51,13 @@ impl<S: Send + 'static> Checkout<S> {
     /// The scheduler's id of this server (for logs and metrics labels).
     pub fn server_id(&self) -> ServerId {
         self.ticket.server
+    }
+
+    /// How long the server sat idle before this checkout (zero when it came straight
+    /// from another client or a fresh login). design.md, checkout rule 1: a server idle
+    /// past a threshold is health-checked before use; the backend decides how.
+    pub fn idle_for(&self) -> Duration {
+        self.idle_for
     }
 
     /// Returns a clean server (idle, no transaction, nothing pinned) to the pool. The
@@ -71,7 +81,9 @@ impl<S: Send + 'static> Checkout<S> {
     }
 
     fn disarm(self) -> (ServerId, S, Pools<S>) {
-        let Checkout { conn, mut ticket } = self;
+        let Checkout {
+            conn, mut ticket, ..
+        } = self;
         ticket.armed = false;
         (ticket.server, conn, ticket.pools.clone())
     }

@@ -157,10 +157,10 @@ impl<S: Send + 'static> Pools<S> {
         let (r, enqueued) = {
             let mut st = self.lock();
             let r = st.role(role, limits, now, &mut out);
-            if let Some((server, conn)) = st.sched.take_idle(r, now) {
+            if let Some((server, conn, idle_for)) = st.sched.take_idle(r, now) {
                 drop(st);
                 self.run(out);
-                return Ok(Checkout::new(self.clone(), server, conn));
+                return Ok(Checkout::new(self.clone(), server, conn, idle_for));
             }
             let (tx, rx) = oneshot::channel();
             let enqueued = st.sched.enqueue(r, tx, now, &mut out).map(|id| (id, rx));
@@ -305,9 +305,12 @@ impl<S: Send + 'static> Pools<S> {
                         server,
                         conn,
                     } => {
-                        if let Err(Ok(unwanted)) =
-                            waiter.send(Ok(Checkout::new(self.clone(), server, conn)))
-                        {
+                        if let Err(Ok(unwanted)) = waiter.send(Ok(Checkout::new(
+                            self.clone(),
+                            server,
+                            conn,
+                            Duration::ZERO,
+                        ))) {
                             // The waiter gave up between the decision and now: the
                             // server was never used, so it goes back clean.
                             let (server, conn) = unwanted.into_parts();

@@ -31,7 +31,7 @@ mod tests;
 mod types;
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::slab::{Linked, Links, List, Slab};
 pub use types::{
@@ -183,13 +183,14 @@ impl<C, W> Scheduler<C, W> {
         })
     }
 
-    /// Checkout rule 1, the hot path: the role's most recently parked idle server.
+    /// Checkout rule 1, the hot path: the role's most recently parked idle server, with
+    /// how long it sat idle (the caller health-checks one idle past its threshold).
     /// Returns `None` when the role has none; then call [`Scheduler::enqueue`].
-    pub fn take_idle(&mut self, r: RoleId, now: Instant) -> Option<(ServerId, C)> {
+    pub fn take_idle(&mut self, r: RoleId, now: Instant) -> Option<(ServerId, C, Duration)> {
         let s = self.roles.get_mut(r.index())?.idle.pop()?;
         self.idle_lru.remove(&mut self.servers, s.0);
         let server = self.servers.get_mut(s.0)?;
-        let ServerState::Idle { conn, .. } =
+        let ServerState::Idle { conn, since } =
             std::mem::replace(&mut server.state, ServerState::Active { since: now })
         else {
             return None;
@@ -198,7 +199,7 @@ impl<C, W> Scheduler<C, W> {
             role.active += 1;
         }
         self.refresh(r, now);
-        Some((s, conn))
+        Some((s, conn, now.saturating_duration_since(since)))
     }
 
     /// Checkout rules 2–4 for a client that found no idle server: open a server under
@@ -224,7 +225,7 @@ impl<C, W> Scheduler<C, W> {
         }
         self.refresh(r, now);
         // An idle server of this role means the caller skipped rule 1; serve it anyway.
-        if let Some((server, conn)) = self.take_idle(r, now) {
+        if let Some((server, conn, _)) = self.take_idle(r, now) {
             if let Some(payload) = self.cancel(WaiterId(key), now) {
                 out.push(Action::Grant {
                     waiter: payload,

@@ -91,8 +91,10 @@ async fn release_reuses_servers_lifo() {
     assert_eq!((a.id, b.id, &*a.role), (1, 2, "app_a"));
     a.release();
     b.release();
+    sleep(Duration::from_millis(20)).await;
     let again = p.checkout("app_a", LIMITS, WAIT).await.unwrap();
     assert_eq!(again.id, 2, "most recently released first");
+    assert!(again.idle_for() >= Duration::from_millis(20));
     let other = p.checkout("app_a", LIMITS, WAIT).await.unwrap();
     assert_eq!(other.id, 1);
     assert_eq!(fake.connects(), 2);

@@ -128,7 +128,7 @@ impl Chaos {
         match self.rand(100) {
             0..30 => {
                 let r = RoleId(self.rand(roles) as u32);
-                if let Some((server, _)) = self.s.take_idle(r, now) {
+                if let Some((server, _, _)) = self.s.take_idle(r, now) {
                     self.busy.push(server);
                 } else {
                     self.next_tag += 1;

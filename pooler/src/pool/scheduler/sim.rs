@@ -160,7 +160,7 @@ impl Sim {
                     self.clients[c].since_us = t;
                     let role = self.clients[c].role;
                     match self.sched.take_idle(role, now) {
-                        Some((server, ())) => self.start_tx(c, server),
+                        Some((server, (), _)) => self.start_tx(c, server),
                         None => {
                             self.sched.enqueue(role, c, now, &mut out).unwrap();
                         }

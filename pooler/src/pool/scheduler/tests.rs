@@ -83,8 +83,14 @@ fn rule1_idle_servers_are_reused_lifo() {
     let s2 = checkout_new(&mut s, a, 2, t(0));
     assert!(release(&mut s, s1, t(1)).is_empty());
     assert!(release(&mut s, s2, t(2)).is_empty());
-    assert_eq!(s.take_idle(a, t(3)).map(|x| x.0), Some(s2));
-    assert_eq!(s.take_idle(a, t(3)).map(|x| x.0), Some(s1));
+    assert_eq!(
+        s.take_idle(a, t(3)).map(|x| (x.0, x.2)),
+        Some((s2, Duration::from_millis(1)))
+    );
+    assert_eq!(
+        s.take_idle(a, t(3)).map(|x| (x.0, x.2)),
+        Some((s1, Duration::from_millis(2)))
+    );
     assert_eq!(s.take_idle(a, t(3)), None);
     assert_eq!(s.counters().opens, 2);
 }
