@@ -213,6 +213,20 @@ impl<S: Send + 'static> Pools<S> {
         self.run(out);
     }
 
+    /// A role's credentials row changed (NOTIFY): applies new limits without waiting for
+    /// its next checkout. Unknown roles are ignored; their first checkout brings limits.
+    pub fn set_role_limits(&self, role: &str, limits: RoleLimits) {
+        let mut out = Vec::new();
+        {
+            let mut st = self.lock();
+            if let Some(&r) = st.by_name.get(role) {
+                // Cannot fail: `r` came from this scheduler.
+                let _ = st.sched.set_role_config(r, limits.into(), now(), &mut out);
+            }
+        }
+        self.run(out);
+    }
+
     /// Reload: swaps the global configuration (a lowered budget closes idle servers now
     /// and busy ones on release).
     pub fn set_config(&self, config: PoolConfig) {
@@ -238,10 +252,8 @@ impl<S: Send + 'static> Pools<S> {
         let roles = st
             .names
             .iter()
-            .enumerate()
-            .filter_map(|(i, name)| {
+            .filter_map(|name| {
                 let r = st.by_name.get(name)?;
-                debug_assert_eq!(r.index(), i);
                 let s = st.sched.role_stats(*r)?;
                 Some(RolePoolStats {
                     role: Arc::clone(name),

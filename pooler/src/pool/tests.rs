@@ -309,5 +309,15 @@ async fn set_config_lowers_the_budget() {
     });
     assert_eq!(fake.closed(), 1);
     assert_eq!(p.stats().max_server_connections, 1);
-    drop(b);
+    b.release();
+    // A NOTIFY-driven limit change closes the idle server over the new pool_size.
+    p.set_role_limits(
+        "app_a",
+        RoleLimits {
+            pool_size: 0,
+            weight: 1,
+        },
+    );
+    assert_eq!(fake.closed(), 2);
+    assert_eq!(p.stats().role("app_a").unwrap().pool_size, 0);
 }
