@@ -321,3 +321,74 @@ async fn set_config_lowers_the_budget() {
     assert_eq!(fake.closed(), 2);
     assert_eq!(p.stats().role("app_a").unwrap().pool_size, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_churn_leaks_no_slot_and_no_connection() {
+    let fake = Arc::new(Fake::default());
+    let config = PoolConfig {
+        max_server_connections: 4,
+        switch_quantum: Duration::from_millis(20),
+        min_idle_before_evict: Duration::from_millis(50),
+        maintenance_interval: Duration::from_millis(10),
+        ..PoolConfig::default()
+    };
+    let p = Pools::new(config, Arc::clone(&fake) as Arc<dyn Connector<Conn>>);
+    let served = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..32u64 {
+        let (p, served) = (p.clone(), Arc::clone(&served));
+        tasks.push(tokio::spawn(async move {
+            let mut rng = (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let mut next = move |n: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % n
+            };
+            let role = format!("app_{}", t % 8);
+            for _ in 0..150 {
+                let wait = Duration::from_millis(next(20));
+                let Ok(c) = p.checkout(&role, LIMITS, wait).await else {
+                    continue;
+                };
+                served.fetch_add(1, Ordering::Relaxed);
+                if next(2) == 0 {
+                    tokio::task::yield_now().await;
+                } else {
+                    sleep(Duration::from_millis(1)).await;
+                }
+                match next(10) {
+                    0 => c.discard(),
+                    1 | 2 => drop(c),
+                    _ => c.release(),
+                }
+            }
+        }));
+    }
+    // Some clients vanish mid-wait.
+    for t in tasks.iter().step_by(5) {
+        sleep(Duration::from_millis(50)).await;
+        t.abort();
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    sleep(Duration::from_millis(100)).await; // logins in flight finish
+    let s = p.stats();
+    let idle: u32 = s.roles.iter().map(|r| r.idle).sum();
+    for r in &s.roles {
+        assert_eq!((r.active, r.opening, r.waiting), (0, 0, 0), "{r:?}");
+    }
+    assert_eq!(s.servers_in_use, idle);
+    assert_eq!(
+        fake.connects() - fake.closed(),
+        u64::from(idle),
+        "leaked connections"
+    );
+    println!(
+        "churn: {} checkouts served, {:?}, {} idle at the end",
+        served.load(Ordering::Relaxed),
+        s.counters,
+        idle
+    );
+}
