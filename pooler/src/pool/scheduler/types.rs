@@ -64,9 +64,11 @@ impl Default for SchedulerConfig {
 /// Per-role limits (from the credentials row).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RoleConfig {
-    /// Most servers this role may hold.
+    /// Most servers this role may hold (keep it at or under the role's CONNECTION
+    /// LIMIT). 0 means the role is never served. Default 20.
     pub pool_size: u32,
     /// Relative share of the budget among roles with demand; 0 is treated as 1.
+    /// Default 1.
     pub weight: u32,
 }
 
