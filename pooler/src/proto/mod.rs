@@ -26,3 +26,6 @@ pub mod startup;
 mod wire;
 
 pub use error::SqlState;
+
+#[cfg(test)]
+mod tests;
