@@ -27,7 +27,7 @@
 
 use std::ops::ControlFlow;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use thiserror::Error;
 
 use super::error::SqlState;
@@ -216,8 +216,8 @@ pub fn split(buf: &mut BytesMut, side: Side) -> Result<Option<(u8, Bytes)>, Fram
         return Ok(None);
     }
     let mut msg = buf.split_to(header.len);
-    let body = msg.split_off(HEADER_LEN).freeze();
-    Ok(Some((header.tag, body)))
+    msg.advance(HEADER_LEN);
+    Ok(Some((header.tag, msg.freeze())))
 }
 
 /// One complete message found by [`scan`], borrowed from the scanned buffer.
