@@ -1,0 +1,160 @@
+//! SQLSTATE codes the pooler reports, the errors of encoding and decoding message bodies,
+//! and the one-call helpers that write an ErrorResponse.
+//!
+//! Codes are from the PostgreSQL docs, Appendix A "PostgreSQL Error Codes".
+
+use bytes::BytesMut;
+use thiserror::Error;
+
+use super::backend::{self, Diagnostic, Severity};
+
+/// A five-character SQLSTATE. Only the constants below exist, so a code is always valid
+/// on the wire (five ASCII characters, no NUL).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SqlState(&'static str);
+
+impl SqlState {
+    /// 28P01 invalid_password: a failed SCRAM proof, and (on purpose) an unknown role.
+    pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
+    /// 28000 invalid_authorization_specification: e.g. no user in the startup packet.
+    pub const INVALID_AUTHORIZATION_SPECIFICATION: SqlState = SqlState("28000");
+    /// 08P01 protocol_violation: malformed or oversized messages.
+    pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
+    /// 08006 connection_failure: the pooler could not reach or log in to a server.
+    pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
+    /// 53300 too_many_connections: client limit, or pool wait timeout.
+    pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
+    /// 57P01 admin_shutdown: the pooler is shutting down.
+    pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
+    /// 3D000 invalid_catalog_name: unknown database.
+    pub const INVALID_CATALOG_NAME: SqlState = SqlState("3D000");
+    /// 0A000 feature_not_supported: e.g. an unsupported protocol version.
+    pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
+    /// 57014 query_canceled.
+    pub const QUERY_CANCELED: SqlState = SqlState("57014");
+    /// XX000 internal_error: the pooler's own fault.
+    pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
+
+    /// The five-character code.
+    pub const fn code(self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::fmt::Debug for SqlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SqlState({})", self.0)
+    }
+}
+
+impl std::fmt::Display for SqlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// A message could not be written. The buffer is left as it was before the call.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum EncodeError {
+    /// Strings in the protocol are C strings ("Message Data Types": String), so a NUL
+    /// inside one would end it early and desynchronise the reader.
+    #[error("{what} contains a NUL byte")]
+    InteriorNul { what: &'static str },
+    /// The length word is an Int32 that counts itself ("Message Formats").
+    #[error("{what} is too long to encode ({len} bytes)")]
+    TooLong { what: &'static str, len: usize },
+}
+
+/// A message body could not be decoded. Always the peer's fault: 08P01.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("{what}: message is truncated")]
+    Truncated { what: &'static str },
+    #[error("{what}: string is not NUL-terminated")]
+    MissingNul { what: &'static str },
+    #[error("{what}: unexpected bytes after the end of the message")]
+    TrailingBytes { what: &'static str },
+    #[error("{what}: text is not valid UTF-8")]
+    NotUtf8 { what: &'static str },
+    #[error("{what}: {reason}")]
+    Invalid {
+        what: &'static str,
+        reason: &'static str,
+    },
+    #[error("{what}: {len} bytes is more than the maximum of {max}")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+}
+
+impl ParseError {
+    /// Every decoding error is a protocol violation.
+    pub fn sqlstate(&self) -> SqlState {
+        SqlState::PROTOCOL_VIOLATION
+    }
+}
+
+/// Appends an ErrorResponse with severity FATAL: what the pooler sends right before it
+/// closes a client connection (authentication failures, protocol violations, shutdown).
+///
+/// Never fails: an error report must always be deliverable, so interior NULs are
+/// dropped and the text is capped (see [`backend::error_response`]).
+pub fn write_fatal(buf: &mut BytesMut, code: SqlState, message: &str) {
+    backend::error_response(buf, &Diagnostic::new(Severity::Fatal, code, message));
+}
+
+/// Appends an ErrorResponse with severity ERROR: the session goes on (the client gets
+/// ReadyForQuery next).
+pub fn write_error(buf: &mut BytesMut, code: SqlState, message: &str) {
+    backend::error_response(buf, &Diagnostic::new(Severity::Error, code, message));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_five_ascii_characters() {
+        for code in [
+            SqlState::INVALID_PASSWORD,
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            SqlState::PROTOCOL_VIOLATION,
+            SqlState::CONNECTION_FAILURE,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::INVALID_CATALOG_NAME,
+            SqlState::FEATURE_NOT_SUPPORTED,
+            SqlState::QUERY_CANCELED,
+            SqlState::INTERNAL_ERROR,
+        ] {
+            assert_eq!(code.code().len(), 5);
+            assert!(
+                code.code()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+            );
+        }
+    }
+
+    #[test]
+    fn write_fatal_round_trips() {
+        let mut buf = BytesMut::new();
+        write_fatal(
+            &mut buf,
+            SqlState::INVALID_PASSWORD,
+            "password authentication failed",
+        );
+        let Some((tag, body)) =
+            crate::proto::frame::split(&mut buf, crate::proto::frame::Side::Backend).unwrap()
+        else {
+            panic!("incomplete")
+        };
+        assert_eq!(tag, b'E');
+        let e = backend::parse_error_response(&body).unwrap();
+        assert_eq!(e.severity, "FATAL");
+        assert_eq!(e.code, "28P01");
+        assert_eq!(e.message, "password authentication failed");
+    }
+}
