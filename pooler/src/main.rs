@@ -1,6 +1,203 @@
-//! `pooler` binary: not built yet (see the crate docs).
+//! `pooler`: parses flags (each also from the environment), loads the configuration,
+//! and runs until SIGTERM or Ctrl-C.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("pooler: not implemented yet; see shared/design.md");
-    std::process::ExitCode::FAILURE
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use pooler::config::{Config, Secret, TlsMode};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "PostgreSQL pooler: SCRAM pass-through, per-role transaction pools under one budget"
+)]
+struct Cli {
+    /// TOML configuration file; every key is optional (see pooler/src/config.rs for
+    /// each key's meaning and default). Flags below override it.
+    #[arg(long, env = "POOLER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Client port (transaction pooling). Default 0.0.0.0:5432.
+    #[arg(long, env = "POOLER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Second client port whose clients always get session pooling. Default: none.
+    #[arg(long, env = "POOLER_SESSION_LISTEN")]
+    session_listen: Option<SocketAddr>,
+    /// HTTP /healthz and /readyz. Default 0.0.0.0:9930.
+    #[arg(long, env = "POOLER_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// postgres://dp_pooler@host:port/dbname: the cluster, its apps' database, and the
+    /// login that runs the auth lookup. Its password comes from POOLER_AUTH_PASSWORD.
+    #[arg(long, env = "POOLER_UPSTREAM_URL", hide_env_values = true)]
+    upstream_url: Option<String>,
+    /// Password of the auth lookup login.
+    #[arg(
+        long = "auth-password",
+        env = "POOLER_AUTH_PASSWORD",
+        hide_env_values = true,
+        hide = true
+    )]
+    auth_password: Option<String>,
+    /// Server connections for all roles together. Default 40.
+    #[arg(long, env = "POOLER_MAX_SERVER_CONNECTIONS")]
+    max_server_connections: Option<usize>,
+    /// Server connections per role unless its credentials row says otherwise. Default 5.
+    #[arg(long, env = "POOLER_DEFAULT_POOL_SIZE")]
+    default_pool_size: Option<usize>,
+    /// Clients accepted at once. Default 10000.
+    #[arg(long, env = "POOLER_MAX_CLIENT_CONN")]
+    max_client_conn: Option<usize>,
+    /// PEM certificate chain offered to clients.
+    #[arg(long, env = "POOLER_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "POOLER_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Client TLS: disable, allow (default) or require.
+    #[arg(long, env = "POOLER_CLIENT_TLS", value_parser = parse_mode)]
+    client_tls: Option<TlsMode>,
+    /// TLS to Postgres: disable (default), require or verify-full.
+    #[arg(long, env = "POOLER_SERVER_TLS", value_parser = parse_mode)]
+    server_tls: Option<TlsMode>,
+    /// CA bundle for --server-tls verify-full.
+    #[arg(long, env = "POOLER_SERVER_TLS_CA")]
+    server_tls_ca: Option<PathBuf>,
+    /// How long SIGTERM waits for running transactions. Default 30 s.
+    #[arg(long, env = "POOLER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    shutdown_grace_secs: u64,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_mode(s: &str) -> Result<TlsMode, String> {
+    match s {
+        "disable" => Ok(TlsMode::Disable),
+        "allow" => Ok(TlsMode::Allow),
+        "require" => Ok(TlsMode::Require),
+        "verify-full" => Ok(TlsMode::VerifyFull),
+        other => Err(format!(
+            "{other:?}: expected disable, allow, require or verify-full"
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // tokio-postgres logs statements and parameters at debug; keep them out.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive("tokio_postgres=info".parse().unwrap_or_default());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pooler: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("pooler: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Config> {
+    let mut c = match &cli.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = cli.listen {
+        c.listen = v;
+    }
+    if cli.session_listen.is_some() {
+        c.session_listen = cli.session_listen;
+    }
+    if let Some(v) = cli.admin_listen {
+        c.admin_listen = v;
+    }
+    if let Some(url) = &cli.upstream_url {
+        let pg = tokio_postgres::Config::from_str(url).context("parsing --upstream-url")?;
+        match pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => c.upstream.host = h.clone(),
+            Some(_) => bail!("--upstream-url: only TCP hosts are supported"),
+            None => {}
+        }
+        if let Some(p) = pg.get_ports().first() {
+            c.upstream.port = *p;
+        }
+        if let Some(u) = pg.get_user() {
+            c.upstream.auth_user = u.to_owned();
+        }
+        if let Some(d) = pg.get_dbname() {
+            c.upstream.dbname = d.to_owned();
+        }
+        if let Some(p) = pg.get_password() {
+            c.upstream.auth_password = Some(Secret::new(String::from_utf8_lossy(p)));
+        }
+    }
+    if let Some(p) = &cli.auth_password {
+        c.upstream.auth_password = Some(Secret::new(p.clone()));
+    }
+    if let Some(v) = cli.max_server_connections {
+        c.max_server_connections = v;
+    }
+    if let Some(v) = cli.default_pool_size {
+        c.default_pool_size = v;
+    }
+    if let Some(v) = cli.max_client_conn {
+        c.max_client_conn = v;
+    }
+    if cli.tls_cert.is_some() {
+        c.client_tls.cert_file = cli.tls_cert.clone();
+    }
+    if cli.tls_key.is_some() {
+        c.client_tls.key_file = cli.tls_key.clone();
+    }
+    if let Some(m) = cli.client_tls {
+        c.client_tls.mode = m;
+    }
+    if let Some(m) = cli.server_tls {
+        c.server_tls.mode = m;
+    }
+    if cli.server_tls_ca.is_some() {
+        c.server_tls.ca_file = cli.server_tls_ca.clone();
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = load(&cli)?;
+    let running = pooler::start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    running
+        .shutdown(Duration::from_secs(cli.shutdown_grace_secs))
+        .await;
+    Ok(())
 }

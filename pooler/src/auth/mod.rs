@@ -4,9 +4,14 @@
 //!   unknown roles;
 //! - [`scram`]: the pure SCRAM exchanges, server side (recovering the ClientKey) and
 //!   client side (logging in to PostgreSQL with it);
+//! - [`cache`]: verifiers from `dataplane_auth.lookup()`, cached, single-flight, and
+//!   dropped on `NOTIFY dataplane_auth`;
+//! - [`limiter`]: failed-login throttling per role and per address;
 //! - [`random_nonce`]: the one place randomness enters, kept out of the state machines.
 
+pub mod cache;
 mod crypto;
+pub mod limiter;
 pub mod scram;
 pub mod verifier;
 

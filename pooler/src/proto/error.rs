@@ -30,6 +30,8 @@ impl SqlState {
     pub const INVALID_CATALOG_NAME: SqlState = SqlState("3D000");
     /// 0A000 feature_not_supported: e.g. an unsupported protocol version.
     pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
+    /// 57P03 cannot_connect_now: the pooler cannot reach Postgres (lookup, login).
+    pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
     /// 57014 query_canceled.
     pub const QUERY_CANCELED: SqlState = SqlState("57014");
     /// XX000 internal_error: the pooler's own fault.

@@ -1,0 +1,375 @@
+//! The configuration: one serde tree, every key with its default here and nowhere else,
+//! validated once at load. The TOML file is optional; flags and `POOLER_*` environment
+//! variables override it (main.rs).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// How TLS is used on one side of the pooler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// Never: clients asking for TLS get `N` and continue in plaintext.
+    Disable,
+    /// Clients may use TLS (needs a certificate); plaintext is accepted too.
+    Allow,
+    /// TLS or nothing: plaintext clients are refused with a clear error.
+    Require,
+    /// Server side only: TLS, and the server's certificate must chain to `ca_file` and
+    /// name the host.
+    VerifyFull,
+}
+
+/// A secret string from the configuration: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The whole configuration. Every field's doc states its default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where app pods connect (transaction pooling unless the app's row says session).
+    /// Default `0.0.0.0:5432`.
+    pub listen: SocketAddr,
+    /// A second port whose clients always get session pooling (pg_dump, migrations
+    /// with advisory locks, LISTEN). Default: none.
+    pub session_listen: Option<SocketAddr>,
+    /// HTTP `/healthz`, `/readyz`. Default `0.0.0.0:9930`.
+    pub admin_listen: SocketAddr,
+    /// Clients accepted at once over all ports; past it new clients get 53300.
+    /// Default 10000.
+    pub max_client_conn: usize,
+    /// Server connections for all roles together: this replica's share of the cluster's
+    /// budget. Default 40.
+    pub max_server_connections: usize,
+    /// Server connections per role when its credentials row names none. Default 5.
+    pub default_pool_size: usize,
+    /// How long a client waits for a server before 53300. Default 30 s.
+    pub query_wait_timeout_ms: u64,
+    /// Startup + authentication must finish within this. Default 15 s.
+    pub client_login_timeout_ms: u64,
+    /// Opening (TCP, TLS, login) one server connection. Default 5 s.
+    pub server_connect_timeout_ms: u64,
+    /// An idle server is closed after this. Default 600 s.
+    pub server_idle_timeout_ms: u64,
+    /// A server is closed when released after this age. Default 3600 s.
+    pub server_lifetime_ms: u64,
+    /// An idle server is health-checked before reuse after this. Default 30 s.
+    pub server_check_delay_ms: u64,
+    /// A server idle less than this is never taken from its role for another: it is
+    /// probably between two transactions of a busy client. Default 1000 ms.
+    pub min_idle_before_evict_ms: u64,
+    /// How long a role may keep a slot while another role waits with none. Lower is
+    /// fairer but costs more server logins (each about 1-2 ms of Postgres CPU).
+    /// Default 500 ms.
+    pub switch_quantum_ms: u64,
+    /// Cached verifiers are re-read after this even without a NOTIFY. Default 60 s.
+    pub auth_cache_ttl_ms: u64,
+    /// Failed logins allowed per role per minute before further attempts are refused
+    /// outright. Default 20.
+    pub auth_failures_per_role_per_minute: u32,
+    /// Failed logins allowed per client address per minute. Default 50.
+    pub auth_failures_per_address_per_minute: u32,
+    /// Connections (as `dp_pooler`) used for `dataplane_auth.lookup`. Default 2.
+    pub auth_pool_size: usize,
+    pub upstream: Upstream,
+    pub client_tls: ClientTls,
+    pub server_tls: ServerTls,
+}
+
+/// The Postgres cluster behind the pooler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Upstream {
+    /// Default `127.0.0.1`.
+    pub host: String,
+    /// Default 5432.
+    pub port: u16,
+    /// The one database all apps share; clients asking for another get 3D000.
+    /// Default `talkide_dataplane`.
+    pub dbname: String,
+    /// The login that may only run `dataplane_auth.lookup`. Default `dp_pooler`.
+    pub auth_user: String,
+    /// Its password; set it through `POOLER_AUTH_PASSWORD`, not in the file.
+    /// Never serialised back out.
+    #[serde(skip_serializing)]
+    pub auth_password: Option<Secret>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientTls {
+    /// `disable`, `allow` or `require`. Default `allow` (TLS when a certificate is
+    /// configured, else `disable` behaviour).
+    pub mode: TlsMode,
+    /// PEM certificate chain. Default: none.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key. Default: none.
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerTls {
+    /// `disable`, `require` (encrypt, don't verify) or `verify-full`. Default `disable`.
+    pub mode: TlsMode,
+    /// PEM CA bundle for `verify-full`. Default: none.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5432)),
+            session_listen: None,
+            admin_listen: SocketAddr::from(([0, 0, 0, 0], 9930)),
+            max_client_conn: 10_000,
+            max_server_connections: 40,
+            default_pool_size: 5,
+            query_wait_timeout_ms: 30_000,
+            client_login_timeout_ms: 15_000,
+            server_connect_timeout_ms: 5_000,
+            server_idle_timeout_ms: 600_000,
+            server_lifetime_ms: 3_600_000,
+            server_check_delay_ms: 30_000,
+            min_idle_before_evict_ms: 1_000,
+            switch_quantum_ms: 500,
+            auth_cache_ttl_ms: 60_000,
+            auth_failures_per_role_per_minute: 20,
+            auth_failures_per_address_per_minute: 50,
+            auth_pool_size: 2,
+            upstream: Upstream::default(),
+            client_tls: ClientTls::default(),
+            server_tls: ServerTls::default(),
+        }
+    }
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            dbname: "talkide_dataplane".into(),
+            auth_user: "dp_pooler".into(),
+            auth_password: None,
+        }
+    }
+}
+
+impl Default for ClientTls {
+    fn default() -> Self {
+        ClientTls {
+            mode: TlsMode::Allow,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+impl Default for ServerTls {
+    fn default() -> Self {
+        ServerTls {
+            mode: TlsMode::Disable,
+            ca_file: None,
+        }
+    }
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+impl Config {
+    /// Reads a TOML file (every key optional) and validates it.
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            source: Box::new(e),
+        })
+    }
+
+    /// Checks what serde cannot: ranges, and combinations that cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.max_server_connections == 0 {
+            return bad("max_server_connections must be at least 1".into());
+        }
+        if self.default_pool_size == 0 {
+            return bad("default_pool_size must be at least 1".into());
+        }
+        if self.max_client_conn == 0 {
+            return bad("max_client_conn must be at least 1".into());
+        }
+        if self.auth_pool_size == 0 {
+            return bad("auth_pool_size must be at least 1".into());
+        }
+        if self.upstream.dbname.is_empty() || self.upstream.auth_user.is_empty() {
+            return bad("upstream.dbname and upstream.auth_user must be set".into());
+        }
+        for (name, v) in [
+            ("query_wait_timeout_ms", self.query_wait_timeout_ms),
+            ("client_login_timeout_ms", self.client_login_timeout_ms),
+            ("server_connect_timeout_ms", self.server_connect_timeout_ms),
+            ("switch_quantum_ms", self.switch_quantum_ms),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be greater than 0"));
+            }
+        }
+        let c = &self.client_tls;
+        match c.mode {
+            TlsMode::VerifyFull => {
+                return bad(
+                    "client_tls.mode cannot be verify-full (that is a server-side mode)".into(),
+                );
+            }
+            TlsMode::Require if c.cert_file.is_none() || c.key_file.is_none() => {
+                return bad(
+                    "client_tls.mode = require needs client_tls.cert_file and client_tls.key_file"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        if c.cert_file.is_some() != c.key_file.is_some() {
+            return bad("client_tls.cert_file and client_tls.key_file go together".into());
+        }
+        let s = &self.server_tls;
+        match s.mode {
+            TlsMode::Allow => {
+                return bad("server_tls.mode is disable, require or verify-full".into());
+            }
+            TlsMode::VerifyFull if s.ca_file.is_none() => {
+                return bad("server_tls.mode = verify-full needs server_tls.ca_file".into());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub fn query_wait_timeout(&self) -> Duration {
+        ms(self.query_wait_timeout_ms)
+    }
+    pub fn client_login_timeout(&self) -> Duration {
+        ms(self.client_login_timeout_ms)
+    }
+    pub fn server_connect_timeout(&self) -> Duration {
+        ms(self.server_connect_timeout_ms)
+    }
+    pub fn server_idle_timeout(&self) -> Duration {
+        ms(self.server_idle_timeout_ms)
+    }
+    pub fn server_lifetime(&self) -> Duration {
+        ms(self.server_lifetime_ms)
+    }
+    pub fn server_check_delay(&self) -> Duration {
+        ms(self.server_check_delay_ms)
+    }
+    pub fn min_idle_before_evict(&self) -> Duration {
+        ms(self.min_idle_before_evict_ms)
+    }
+    pub fn switch_quantum(&self) -> Duration {
+        ms(self.switch_quantum_ms)
+    }
+    pub fn auth_cache_ttl(&self) -> Duration {
+        ms(self.auth_cache_ttl_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_a_file_overrides_them() {
+        Config::default().validate().unwrap();
+        let c = Config::from_toml(
+            "listen = '127.0.0.1:6432'\nmax_server_connections = 10\n[upstream]\nport = 5433\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.listen.port(), 6432);
+        assert_eq!(c.max_server_connections, 10);
+        assert_eq!(c.upstream.port, 5433);
+        assert_eq!(c.upstream.dbname, "talkide_dataplane");
+        assert_eq!(c.default_pool_size, 5);
+    }
+
+    #[test]
+    fn rejects_what_cannot_work() {
+        assert!(
+            Config::from_toml("max_server_conections = 3").is_err(),
+            "typos are errors"
+        );
+        let mut c = Config::default();
+        c.client_tls.mode = TlsMode::Require;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.server_tls.mode = TlsMode::VerifyFull;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.max_server_connections = 0;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_auth_password_is_never_written_back() {
+        let mut c = Config::default();
+        c.upstream.auth_password = Some(Secret::new("hunter2hunter2"));
+        let text = toml::to_string(&c).unwrap();
+        assert!(!text.contains("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

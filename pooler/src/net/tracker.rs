@@ -1,0 +1,63 @@
+//! Counts live client tasks so shutdown can wait for them to finish.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+#[derive(Clone, Default)]
+pub struct Tracker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    live: std::sync::atomic::AtomicUsize,
+    idle: Notify,
+}
+
+struct Guard(Arc<Inner>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .live
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Tracker {
+    pub fn spawn<F>(&self, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.inner
+            .live
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let guard = Guard(self.inner.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            fut.await;
+        });
+    }
+
+    pub fn live(&self) -> usize {
+        self.inner.live.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once no tracked task is running.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.inner.idle.notified();
+            if self.live() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}

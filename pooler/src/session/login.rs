@@ -1,0 +1,284 @@
+//! Authentication: SCRAM-SHA-256 against the verifier from `dataplane_auth.lookup`,
+//! which also recovers the ClientKey the pooler logs into Postgres with.
+//!
+//! Unknown, disabled and expired roles run the same exchange against a mock verifier,
+//! so every failure is the same 28P01 at the same step: no role enumeration.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+
+use super::cancel::CancelHandle;
+use super::params::{ClientParams, ServerParams};
+use super::{Listener, SessionError, fatal};
+use crate::auth::cache::{PoolMode, RoleAuth, Status};
+use crate::auth::scram::{ScramError, ServerExchange};
+use crate::auth::verifier;
+use crate::backend::LoginKeys;
+use crate::net::stream::Stream;
+use crate::proto::SqlState;
+use crate::proto::backend::{self as msg, TransactionStatus};
+use crate::proto::frame::{self, Side};
+use crate::proto::frontend;
+use crate::shared::{RoleShared, Shared};
+
+/// A logged-in client, ready to relay.
+pub struct Session {
+    pub stream: Stream,
+    pub role: Arc<RoleShared>,
+    pub auth: Arc<RoleAuth>,
+    pub params: ClientParams,
+    pub mode: PoolMode,
+    pub cancel: CancelHandle,
+    /// Client bytes read past the login messages.
+    pub buf: BytesMut,
+}
+
+const MECHANISM: &str = "SCRAM-SHA-256";
+
+pub async fn login(
+    mut stream: Stream,
+    peer: SocketAddr,
+    shared: &Shared,
+    startup: Vec<(String, String)>,
+    mut buf: BytesMut,
+    listener: Listener,
+    deadline: tokio::time::Instant,
+) -> Result<Session, SessionError> {
+    let get = |k: &str| {
+        startup
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let Some(user) = get("user").map(str::to_owned) else {
+        return fatal(
+            &mut stream,
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            "no user name in the startup packet".into(),
+        )
+        .await;
+    };
+    let database = get("database").unwrap_or(&user).to_owned();
+    if database != shared.config.upstream.dbname {
+        return fatal(
+            &mut stream,
+            SqlState::INVALID_CATALOG_NAME,
+            format!("database \"{database}\" does not exist"),
+        )
+        .await;
+    }
+    if shared.limiter.throttled(&user, peer.ip(), Instant::now()) {
+        return fatal(
+            &mut stream,
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            "too many failed login attempts; try again in a minute".into(),
+        )
+        .await;
+    }
+    let auth = match shared.cache.get(&user).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "verifier lookup failed");
+            return fatal(
+                &mut stream,
+                SqlState::CANNOT_CONNECT_NOW,
+                "the pooler cannot reach the database to authenticate; try again shortly".into(),
+            )
+            .await;
+        }
+    };
+    let secret = match &auth.secret {
+        Some(s) => (**s).clone(),
+        None => verifier::ScramSecret::mock(&user, &shared.mock_secret),
+    };
+
+    let mut out = BytesMut::with_capacity(512);
+    encoded(msg::authentication_sasl(&mut out, &[MECHANISM]))?;
+    stream.write_all(&out).await?;
+    out.clear();
+
+    let nonce = match crate::auth::random_nonce() {
+        Ok(n) => n,
+        Err(e) => {
+            return fatal(
+                &mut stream,
+                SqlState::CONNECTION_FAILURE,
+                format!("no randomness: {e}"),
+            )
+            .await;
+        }
+    };
+    let mut exchange = match ServerExchange::new(secret, &nonce) {
+        Ok(x) => x,
+        Err(e) => return fatal(&mut stream, SqlState::INTERNAL_ERROR, e.to_string()).await,
+    };
+    let first = read_sasl(&mut stream, &mut buf, deadline).await?;
+    let first = match frontend::parse_sasl_initial_response(&first) {
+        Ok(frontend::SaslInitialResponse {
+            mechanism,
+            data: Some(data),
+        }) if mechanism == MECHANISM => data.to_vec(),
+        Ok(frontend::SaslInitialResponse { mechanism, .. }) => {
+            return fatal(
+                &mut stream,
+                SqlState::PROTOCOL_VIOLATION,
+                format!("SASL mechanism {mechanism:?} is not offered; use {MECHANISM}"),
+            )
+            .await;
+        }
+        Err(e) => return fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
+    };
+    let server_first = match exchange.client_first(&first) {
+        Ok(m) => m,
+        Err(e) => return fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
+    };
+    encoded(msg::authentication_sasl_continue(&mut out, &server_first))?;
+    stream.write_all(&out).await?;
+    out.clear();
+
+    let last = read_sasl(&mut stream, &mut buf, deadline).await?;
+    let last = match frontend::parse_sasl_response(&last) {
+        Ok(data) => data.to_vec(),
+        Err(e) => return fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
+    };
+    let (server_final, client_key) = match exchange.client_final(&last) {
+        Ok(v) if auth.status == Status::Ok => v,
+        Ok(_) | Err(ScramError::InvalidProof) => {
+            shared.limiter.failed(&user, peer.ip(), Instant::now());
+            tracing::info!(role = %user, reason = auth.status.as_str(), "authentication failed");
+            // The message PostgreSQL itself sends (auth.c), whatever the reason.
+            return fatal(
+                &mut stream,
+                SqlState::INVALID_PASSWORD,
+                format!("password authentication failed for user \"{user}\""),
+            )
+            .await;
+        }
+        Err(e) => return fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
+    };
+
+    let role = shared.roles.get_or_insert(&user);
+    if role.in_mismatch_backoff(Instant::now()) {
+        return fatal(
+            &mut stream,
+            SqlState::CANNOT_CONNECT_NOW,
+            format!(
+                "the pooler cannot log in as \"{user}\": the verifier in dataplane_auth.credentials differs from the \
+                 server's; rotate the app's password to repair it"
+            ),
+        )
+        .await;
+    }
+    if let Some(secret) = &auth.secret {
+        role.set_keys(LoginKeys {
+            role: role.name.clone(),
+            client_key: Arc::new(client_key),
+            secret: secret.clone(),
+            generation: auth.generation,
+        });
+    }
+    encoded(msg::authentication_sasl_final(&mut out, &server_final))?;
+    msg::authentication_ok(&mut out);
+
+    let params = ClientParams::from_startup(&startup);
+    let server_params = match role.params() {
+        Some(p) => p,
+        None => match warm_up(shared, &role, &auth).await {
+            Ok(p) => p,
+            Err((code, message)) => {
+                stream.write_all(&out).await?;
+                return fatal(&mut stream, code, message).await;
+            }
+        },
+    };
+    for (name, value) in server_params.announce(&params) {
+        // A value the protocol cannot carry (a NUL) is not announced.
+        let _ = msg::parameter_status(&mut out, name, value.as_bytes());
+    }
+    let cancel = match shared.cancels.register() {
+        Ok(c) => c,
+        Err(e) => {
+            return fatal(
+                &mut stream,
+                SqlState::CONNECTION_FAILURE,
+                format!("no randomness: {e}"),
+            )
+            .await;
+        }
+    };
+    msg::backend_key_data(&mut out, cancel.key.pid, cancel.key.secret);
+    msg::ready_for_query(&mut out, TransactionStatus::Idle);
+    stream.write_all(&out).await?;
+
+    let mode = if listener == Listener::Session {
+        PoolMode::Session
+    } else {
+        auth.pool_mode
+    };
+    tracing::info!(role = %user, mode = ?mode, tls = stream.is_tls(), "client logged in");
+    Ok(Session {
+        stream,
+        role,
+        auth,
+        params,
+        mode,
+        cancel,
+        buf,
+    })
+}
+
+/// The first client of a role since start-up: open (and return) a server to learn the
+/// parameters Postgres reports for the role. Later clients log in without Postgres.
+async fn warm_up(
+    shared: &Shared,
+    role: &RoleShared,
+    auth: &RoleAuth,
+) -> Result<Arc<ServerParams>, (SqlState, String)> {
+    let server = super::relay::checkout(shared, role, auth).await?;
+    let params = ServerParams::from_login(&server.params);
+    role.set_params(params);
+    server.release();
+    role.params().ok_or((
+        SqlState::CONNECTION_FAILURE,
+        "server parameters unavailable".into(),
+    ))
+}
+
+/// Reads one SASL message ('p') from the client.
+async fn read_sasl(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, SessionError> {
+    loop {
+        match frame::split(buf, Side::Frontend) {
+            Ok(Some((b'p', body))) => return Ok(body),
+            Ok(Some((tag, _))) => {
+                return fatal(
+                    stream,
+                    SqlState::PROTOCOL_VIOLATION,
+                    format!(
+                        "expected a SASL response, got message type {:?}",
+                        char::from(tag)
+                    ),
+                )
+                .await;
+            }
+            Ok(None) => super::read_within(stream, buf, deadline).await?,
+            Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
+        }
+    }
+}
+
+/// Our own messages are small and NUL-free; failing to encode one is a bug, reported
+/// to the client as such rather than a panic.
+fn encoded(r: Result<(), crate::proto::error::EncodeError>) -> Result<(), SessionError> {
+    r.map_err(|e| SessionError::Reported {
+        code: SqlState::INTERNAL_ERROR,
+        message: format!("encoding a message: {e}"),
+    })
+}

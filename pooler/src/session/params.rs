@@ -1,0 +1,212 @@
+//! Session parameters that follow a client from server to server.
+//!
+//! A client states parameters at startup (client_encoding, DateStyle, TimeZone,
+//! application_name, extra_float_digits, …) and may change reported ones later (the
+//! server tells us with ParameterStatus). A server keeps whatever the previous client
+//! left. On checkout the pooler sends one `SET`/`RESET` batch for the differences, so
+//! every client sees its own values and nobody else's — and pays a round trip only
+//! when something differs.
+
+use std::collections::BTreeMap;
+
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+
+/// Startup keys that are not session parameters.
+const NOT_PARAMS: &[&str] = &["user", "database", "options", "replication"];
+
+/// What a client wants its session to look like.
+#[derive(Debug, Default, Clone)]
+pub struct ClientParams {
+    wants: BTreeMap<String, String>,
+}
+
+impl ClientParams {
+    pub fn from_startup(params: &[(String, String)]) -> Self {
+        let wants = params
+            .iter()
+            .filter(|(k, _)| !NOT_PARAMS.contains(&k.as_str()) && !k.starts_with("_pq_."))
+            .map(|(k, v)| (canonical(k), v.clone()))
+            .collect();
+        ClientParams { wants }
+    }
+
+    /// The client changed a reported parameter (ParameterStatus while linked).
+    pub fn record(&mut self, name: &str, value: &str) {
+        self.wants.insert(canonical(name), value.to_owned());
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.wants.get(&canonical(name)).map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.wants.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+/// What one server's session currently has.
+#[derive(Debug, Default, Clone)]
+pub struct ServerParams {
+    /// Reported values as of login: the role's defaults.
+    defaults: BTreeMap<String, String>,
+    /// Reported values now, plus unreported ones we set.
+    current: BTreeMap<String, String>,
+}
+
+impl ServerParams {
+    pub fn from_login(reported: &[(String, String)]) -> Self {
+        let defaults: BTreeMap<_, _> = reported
+            .iter()
+            .map(|(k, v)| (canonical(k), v.clone()))
+            .collect();
+        ServerParams {
+            current: defaults.clone(),
+            defaults,
+        }
+    }
+
+    /// A ParameterStatus from this server.
+    pub fn record(&mut self, name: &str, value: &str) {
+        self.current.insert(canonical(name), value.to_owned());
+    }
+
+    /// The SQL that makes this server's session what `client` wants, or `None` when it
+    /// already is. `RESET` undoes what an earlier client changed and this one did not ask for.
+    pub fn sync_sql(&self, client: &ClientParams) -> Option<String> {
+        let mut sql = String::new();
+        for (name, value) in &client.wants {
+            if self.current.get(name) != Some(value) {
+                sql.push_str(&format!(
+                    "SET {} TO {};",
+                    escape_identifier(name),
+                    escape_literal(value)
+                ));
+            }
+        }
+        for (name, value) in &self.current {
+            if client.wants.contains_key(name) {
+                continue;
+            }
+            if self.defaults.get(name) != Some(value) {
+                sql.push_str(&format!("RESET {};", escape_identifier(name)));
+            }
+        }
+        (!sql.is_empty()).then_some(sql)
+    }
+
+    /// After `sync_sql` ran: unreported values we set are now current; reset ones are
+    /// back to their defaults (reported ones also arrive as ParameterStatus).
+    pub fn synced(&mut self, client: &ClientParams) {
+        let stale: Vec<String> = self
+            .current
+            .keys()
+            .filter(|k| !client.wants.contains_key(*k))
+            .cloned()
+            .collect();
+        for name in stale {
+            match self.defaults.get(&name) {
+                Some(d) => {
+                    let d = d.clone();
+                    self.current.insert(name, d);
+                }
+                None => {
+                    self.current.remove(&name);
+                }
+            }
+        }
+        for (name, value) in &client.wants {
+            self.current.insert(name.clone(), value.clone());
+        }
+    }
+
+    /// The values a newly logged-in client should be told (ParameterStatus), with the
+    /// client's own wishes applied.
+    pub fn announce<'a>(
+        &'a self,
+        client: &'a ClientParams,
+    ) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        self.defaults
+            .iter()
+            .map(move |(k, v)| (k.as_str(), client.get(k).unwrap_or(v.as_str())))
+    }
+}
+
+/// Parameter names are case-insensitive in Postgres, but reported with their canonical
+/// spelling (`DateStyle`, `TimeZone`); keep that spelling for the ones it reports.
+fn canonical(name: &str) -> String {
+    const REPORTED: &[&str] = &[
+        "application_name",
+        "client_encoding",
+        "DateStyle",
+        "default_transaction_read_only",
+        "in_hot_standby",
+        "integer_datetimes",
+        "IntervalStyle",
+        "is_superuser",
+        "server_encoding",
+        "server_version",
+        "session_authorization",
+        "standard_conforming_strings",
+        "TimeZone",
+    ];
+    REPORTED
+        .iter()
+        .find(|r| r.eq_ignore_ascii_case(name))
+        .map(|r| (*r).to_owned())
+        .unwrap_or_else(|| name.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn only_differences_are_sent() {
+        let server =
+            ServerParams::from_login(&pairs(&[("TimeZone", "UTC"), ("client_encoding", "UTF8")]));
+        let same = ClientParams::from_startup(&pairs(&[("user", "u"), ("timezone", "UTC")]));
+        assert_eq!(server.sync_sql(&same), None);
+        let other = ClientParams::from_startup(&pairs(&[
+            ("TimeZone", "Europe/Paris"),
+            ("extra_float_digits", "2"),
+        ]));
+        assert_eq!(
+            server.sync_sql(&other).unwrap(),
+            "SET \"TimeZone\" TO 'Europe/Paris';SET \"extra_float_digits\" TO '2';"
+        );
+    }
+
+    #[test]
+    fn what_a_previous_client_left_is_reset() {
+        let mut server = ServerParams::from_login(&pairs(&[("TimeZone", "UTC")]));
+        let first = ClientParams::from_startup(&pairs(&[
+            ("TimeZone", "Asia/Tokyo"),
+            ("extra_float_digits", "3"),
+        ]));
+        server.synced(&first);
+        let plain = ClientParams::default();
+        assert_eq!(
+            server.sync_sql(&plain).unwrap(),
+            "RESET \"TimeZone\";RESET \"extra_float_digits\";"
+        );
+        server.synced(&plain);
+        assert_eq!(server.sync_sql(&plain), None);
+    }
+
+    #[test]
+    fn values_are_quoted() {
+        let server = ServerParams::default();
+        let evil =
+            ClientParams::from_startup(&pairs(&[("application_name", "x'; DROP TABLE t; --")]));
+        assert_eq!(
+            server.sync_sql(&evil).unwrap(),
+            "SET \"application_name\" TO 'x''; DROP TABLE t; --';"
+        );
+    }
+}

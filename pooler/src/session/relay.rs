@@ -1,0 +1,316 @@
+//! The pooling loop. The client holds no server while idle; its first message checks
+//! one out of the role's pool; bytes are relayed unchanged (only tags, ReadyForQuery
+//! status and ParameterStatus are looked at); the server goes back when Postgres says
+//! the session is idle (`Z` with `I`), every request has had its reply, the client has
+//! not sent half of a message or an unsynced extended-protocol batch, and everything
+//! has been written to the client.
+
+use std::ops::ControlFlow;
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::message::backend::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::cursor::Cursor;
+use super::login::Session;
+use super::{SessionError, fatal};
+use crate::auth::cache::{PoolMode, RoleAuth};
+use crate::backend::ServerConn;
+use crate::pool::{Checkout, PoolError, RoleLimits};
+use crate::proto::SqlState;
+use crate::proto::frame::Side;
+use crate::shared::{RoleShared, Shared};
+
+/// Initial read buffer; grows only while a message we must see whole is larger.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// How a linked stretch ended.
+enum Linked {
+    /// The server is idle and clean: give it back.
+    Done,
+    /// The client left (Terminate or EOF); `clean` if its server can be reused.
+    ClientLeft { clean: bool },
+}
+
+pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
+    let mut revoked = s.role.revocations();
+    revoked.borrow_and_update();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        // Idle: no server. Wait for a whole message header from the client.
+        while s.buf.len() < 5 {
+            if s.buf.capacity() - s.buf.len() < 5 {
+                s.buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                n = s.stream.read_buf(&mut s.buf) => {
+                    if n? == 0 {
+                        return Ok(());
+                    }
+                }
+                _ = revoked.changed() => return revoked_error(&mut s).await,
+                _ = shutdown.changed() => {
+                    return fatal(&mut s.stream, SqlState::ADMIN_SHUTDOWN, "the pooler is shutting down".into()).await;
+                }
+            }
+        }
+        if s.buf[0] == b'X' {
+            return Ok(());
+        }
+        let mut server = match checkout(shared, &s.role, &s.auth).await {
+            Ok(server) => server,
+            Err((code, message)) => return fatal(&mut s.stream, code, message).await,
+        };
+        s.cancel.slot.link(server.key);
+        let outcome = link(&mut s, &mut server, &mut revoked).await;
+        s.cancel.slot.unlink();
+        match outcome {
+            Ok(Linked::Done) => server.release(),
+            Ok(Linked::ClientLeft { clean }) => {
+                if clean {
+                    server.release();
+                } else {
+                    // Mid-transaction: never hand it on; closing rolls it back.
+                    server.discard();
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                server.discard();
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Checks a server out of the role's pool, mapping failures to what the client is told.
+pub(super) async fn checkout(
+    shared: &Shared,
+    role: &RoleShared,
+    auth: &RoleAuth,
+) -> Result<Checkout<ServerConn>, (SqlState, String)> {
+    let pool_size = auth.pool_size.unwrap_or(shared.config.default_pool_size);
+    let limits = RoleLimits {
+        pool_size: u32::try_from(pool_size).unwrap_or(u32::MAX),
+        weight: 1,
+    };
+    let wait = shared.config.query_wait_timeout();
+    match shared.pools.checkout(&role.name, limits, wait).await {
+        Ok(server) => Ok(server),
+        Err(e @ PoolError::WaitTimeout { .. }) => {
+            Err((SqlState::TOO_MANY_CONNECTIONS, e.to_string()))
+        }
+        Err(e) => {
+            tracing::warn!(role = %role.name, error = %e, "no server connection");
+            Err((SqlState::CANNOT_CONNECT_NOW, e.to_string()))
+        }
+    }
+}
+
+/// Relays between the client and its server until the server can be released (in
+/// transaction mode) or the client leaves.
+async fn link(
+    s: &mut Session,
+    server: &mut ServerConn,
+    revoked: &mut tokio::sync::watch::Receiver<u64>,
+) -> Result<Linked, SessionError> {
+    sync_params(s, server).await?;
+    let mut client_cursor = Cursor::default();
+    let mut server_cursor = Cursor::default();
+    let mut sbuf = std::mem::take(&mut server.buf);
+    // Requests whose ReadyForQuery has not come yet: one per Query, Sync, FunctionCall.
+    let mut outstanding = 0usize;
+    // Extended-protocol messages sent since the last Sync.
+    let mut unsynced = false;
+    let mut status = b'I';
+    let session_mode = s.mode == PoolMode::Session;
+    loop {
+        if !s.buf.is_empty() {
+            let mut terminate = false;
+            let n = client_cursor
+                .advance(
+                    &s.buf,
+                    Side::Frontend,
+                    |_| false,
+                    |tag, _| {
+                        match tag {
+                            b'X' => {
+                                terminate = true;
+                                return ControlFlow::Break(());
+                            }
+                            b'Q' | b'F' => outstanding += 1,
+                            b'S' => {
+                                outstanding += 1;
+                                unsynced = false;
+                            }
+                            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => unsynced = true,
+                            _ => {}
+                        }
+                        ControlFlow::Continue(())
+                    },
+                )
+                .map_err(|e| SessionError::Reported {
+                    code: SqlState::PROTOCOL_VIOLATION,
+                    message: e.to_string(),
+                });
+            let n = match n {
+                Ok(n) => n,
+                Err(SessionError::Reported { code, message }) => {
+                    return fatal(&mut s.stream, code, message).await;
+                }
+                Err(e) => return Err(e),
+            };
+            if n > 0 {
+                if let Err(e) = server.stream.write_all(&s.buf[..n]).await {
+                    return server_lost(s, e.to_string()).await;
+                }
+                s.buf.advance(n);
+            }
+            if terminate {
+                let clean = outstanding == 0 && status == b'I' && !unsynced && sbuf.is_empty();
+                return Ok(Linked::ClientLeft { clean });
+            }
+        }
+        let idle = outstanding == 0
+            && status == b'I'
+            && !unsynced
+            && client_cursor.at_boundary()
+            && server_cursor.at_boundary()
+            && sbuf.is_empty();
+        if idle && !session_mode {
+            return Ok(Linked::Done);
+        }
+        if s.buf.capacity() - s.buf.len() < 1024 {
+            s.buf.reserve(READ_CHUNK);
+        }
+        if sbuf.capacity() - sbuf.len() < 1024 {
+            sbuf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            n = s.stream.read_buf(&mut s.buf) => {
+                if n? == 0 {
+                    return Ok(Linked::ClientLeft { clean: idle });
+                }
+            }
+            n = server.stream.read_buf(&mut sbuf) => {
+                let n = match n {
+                    Ok(n) => n,
+                    Err(e) => return server_lost(s, e.to_string()).await,
+                };
+                if n == 0 {
+                    return server_lost(s, "the server closed the connection".into()).await;
+                }
+                let walked = server_cursor.advance(
+                    &sbuf,
+                    Side::Backend,
+                    |tag| tag == b'Z' || tag == b'S',
+                    |tag, body| {
+                        match tag {
+                            b'Z' => {
+                                outstanding = outstanding.saturating_sub(1);
+                                status = body.first().copied().unwrap_or(b'I');
+                            }
+                            b'S' => {
+                                if let Some((name, value)) = parameter_status(body) {
+                                    server.state.record(name, value);
+                                    s.params.record(name, value);
+                                }
+                            }
+                            _ => {}
+                        }
+                        ControlFlow::Continue(())
+                    },
+                );
+                let n = match walked {
+                    Ok(n) => n,
+                    Err(e) => return server_lost(s, format!("malformed message from the server: {e}")).await,
+                };
+                if n > 0 {
+                    s.stream.write_all(&sbuf[..n]).await?;
+                    sbuf.advance(n);
+                }
+            }
+            _ = revoked.changed() => return revoked_error(s).await,
+        }
+    }
+}
+
+/// Makes the server's session parameters what this client expects, before its first
+/// message. One round trip, and only when something differs.
+async fn sync_params(s: &mut Session, server: &mut ServerConn) -> Result<(), SessionError> {
+    let Some(sql) = server.state.sync_sql(&s.params) else {
+        return Ok(());
+    };
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::query(&sql, &mut out)?;
+    if let Err(e) = server.stream.write_all(&out).await {
+        return server_lost(s, e.to_string()).await;
+    }
+    loop {
+        let msg = match Message::parse(&mut server.buf) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                match server.stream.read_buf(&mut server.buf).await {
+                    Ok(0) => {
+                        return server_lost(s, "the server closed the connection".into()).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => return server_lost(s, e.to_string()).await,
+                }
+                continue;
+            }
+            Err(e) => return server_lost(s, e.to_string()).await,
+        };
+        match msg {
+            Message::ParameterStatus(body) => {
+                if let (Ok(n), Ok(v)) = (body.name(), body.value()) {
+                    server.state.record(n, v);
+                }
+            }
+            Message::ErrorResponse(body) => {
+                // A startup parameter the server rejects (a bogus TimeZone): Postgres
+                // would have refused the connection, so do the same.
+                let e = crate::backend::server_error(&mut body.fields());
+                return fatal(
+                    &mut s.stream,
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    format!("invalid startup parameter: {e}"),
+                )
+                .await;
+            }
+            Message::ReadyForQuery(_) => break,
+            _ => {}
+        }
+    }
+    server.state.synced(&s.params);
+    Ok(())
+}
+
+fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
+    let mut parts = body.split(|b| *b == 0);
+    let name = std::str::from_utf8(parts.next()?).ok()?;
+    let value = std::str::from_utf8(parts.next()?).ok()?;
+    Some((name, value))
+}
+
+async fn server_lost<T>(s: &mut Session, why: String) -> Result<T, SessionError> {
+    tracing::warn!(role = %s.role.name, why = %why, "server connection lost");
+    fatal(
+        &mut s.stream,
+        SqlState::ADMIN_SHUTDOWN,
+        format!("the server connection was lost ({why}); an open transaction was rolled back"),
+    )
+    .await
+}
+
+async fn revoked_error<T>(s: &mut Session) -> Result<T, SessionError> {
+    fatal(
+        &mut s.stream,
+        SqlState::ADMIN_SHUTDOWN,
+        format!(
+            "terminating connection: role \"{}\" was suspended or deleted",
+            s.role.name
+        ),
+    )
+    .await
+}

@@ -1,0 +1,212 @@
+//! Start-up and shutdown: build the shared state from a [`Config`], bind the
+//! listeners, spawn the background tasks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::admin::{self, AdminState};
+use crate::auth::cache::VerifierCache;
+use crate::auth::limiter::AuthLimiter;
+use crate::backend::{PassThrough, Target};
+use crate::config::{Config, ConfigError, TlsMode};
+use crate::net::{self, Tracker, tls};
+use crate::pool::{PoolConfig, Pools};
+use crate::session::Listener;
+use crate::session::cancel::CancelMap;
+use crate::shared::{self, Roles, Shared};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the operating system's random source failed: {0}")]
+    Random(getrandom::Error),
+}
+
+/// A started pooler.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub session_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    draining: Arc<AtomicBool>,
+    tasks: Tracker,
+    pub shared: Arc<Shared>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Validates the configuration, binds every listener and starts serving.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    config.validate()?;
+    let config = Arc::new(config);
+    let client_tls = match (
+        &config.client_tls.cert_file,
+        &config.client_tls.key_file,
+        config.client_tls.mode,
+    ) {
+        (_, _, TlsMode::Disable) => None,
+        (Some(cert), Some(key), _) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
+            cert, key,
+        )?)),
+        _ => None,
+    };
+    let server_tls =
+        tls::client_config(config.server_tls.mode, config.server_tls.ca_file.as_deref())?;
+    let target = Target {
+        host: config.upstream.host.clone(),
+        port: config.upstream.port,
+        dbname: config.upstream.dbname.clone(),
+        tls: server_tls,
+        connect_timeout: config.server_connect_timeout(),
+    };
+    let cache = VerifierCache::new(
+        config.upstream.clone(),
+        config.auth_cache_ttl(),
+        config.auth_pool_size,
+    );
+    let roles = Arc::new(Roles::default());
+    let connector = Arc::new(PassThrough {
+        roles: roles.clone(),
+        target: target.clone(),
+    });
+    let pools = Pools::new(pool_config(&config), connector);
+    let mut mock_secret = [0u8; 32];
+    getrandom::fill(&mut mock_secret).map_err(StartError::Random)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let main = bind(config.listen).await?;
+    let session = match config.session_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let admin_listener = bind(config.admin_listen).await?;
+    let addr = main.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let session_addr = session.as_ref().and_then(|l| l.local_addr().ok());
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
+
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        cache: cache.clone(),
+        roles: roles.clone(),
+        pools: pools.clone(),
+        cancels: Arc::new(CancelMap::default()),
+        limiter: AuthLimiter::new(
+            config.auth_failures_per_role_per_minute,
+            config.auth_failures_per_address_per_minute,
+        ),
+        target,
+        mock_secret,
+        client_tls,
+        clients: Arc::new(Semaphore::new(config.max_client_conn)),
+        shutdown: shutdown_rx.clone(),
+    });
+
+    tokio::spawn(cache.clone().run_listener(shutdown_rx.clone()));
+    tokio::spawn(shared::apply_changes(cache.clone(), roles, pools));
+    let tasks = Tracker::default();
+    tokio::spawn(net::accept_loop(
+        main,
+        Listener::Main,
+        shared.clone(),
+        shutdown_rx.clone(),
+        tasks.clone(),
+    ));
+    if let Some(l) = session {
+        tokio::spawn(net::accept_loop(
+            l,
+            Listener::Session,
+            shared.clone(),
+            shutdown_rx.clone(),
+            tasks.clone(),
+        ));
+    }
+    let draining = Arc::new(AtomicBool::new(false));
+    let admin_app = admin::app(AdminState {
+        cache,
+        draining: draining.clone(),
+    });
+    let mut admin_shutdown = shutdown_rx;
+    tokio::spawn(async move {
+        let serve = axum::serve(admin_listener, admin_app).with_graceful_shutdown(async move {
+            let _ = admin_shutdown.changed().await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+    tracing::info!(%addr, ?session_addr, %admin_addr, "pooler serving");
+    Ok(Running {
+        addr,
+        session_addr,
+        admin_addr,
+        shutdown: shutdown_tx,
+        draining,
+        tasks,
+        shared,
+    })
+}
+
+/// The pool's settings, from the configuration's.
+pub(crate) fn pool_config(c: &Config) -> PoolConfig {
+    PoolConfig {
+        max_server_connections: u32::try_from(c.max_server_connections).unwrap_or(u32::MAX),
+        min_idle_before_evict: c.min_idle_before_evict(),
+        switch_quantum: c.switch_quantum(),
+        server_idle_timeout: c.server_idle_timeout(),
+        server_lifetime: c.server_lifetime(),
+        connect_timeout: c.server_connect_timeout(),
+        ..PoolConfig::default()
+    }
+}
+
+impl Running {
+    /// Stops accepting, tells idle clients to leave (57P01) as they finish their
+    /// transactions, and waits up to `grace` for them.
+    pub async fn shutdown(self, grace: Duration) {
+        self.draining.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        let live = self.tasks.live();
+        if live > 0 {
+            tracing::info!(
+                clients = live,
+                grace_ms = grace.as_millis() as u64,
+                "draining clients"
+            );
+        }
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                clients = self.tasks.live(),
+                "grace period over; closing the remaining clients"
+            );
+        }
+    }
+}

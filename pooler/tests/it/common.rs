@@ -1,0 +1,178 @@
+//! Each test gets a migrated database on the binary's shared cluster (or its own
+//! cluster), apps from the provisioner library, and its own pooler.
+
+use std::time::Duration;
+
+use dataplane_tests::fixtures::{MigratedDb, POOLER_PASSWORD};
+use dataplane_tests::unique_tenant_id;
+use pooler::Running;
+use pooler::config::{Config, Secret};
+use provisioner::Provisioner;
+use provisioner::ddl::{EnsureOutcome, LimitsPatch, OpContext};
+use provisioner::names::AppName;
+
+pub struct Env {
+    pub fixture: MigratedDb,
+    pub provisioner: Provisioner,
+    pub pooler: Running,
+}
+
+/// A pooler configured for tests: loopback, short timeouts.
+pub fn config_for(fixture: &MigratedDb) -> Config {
+    let mut c = Config::default();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.admin_listen = "127.0.0.1:0".parse().unwrap();
+    c.upstream.host = fixture.cluster.host().to_owned();
+    c.upstream.port = fixture.cluster.port();
+    c.upstream.dbname = fixture.db.clone();
+    c.upstream.auth_password = Some(Secret::new(POOLER_PASSWORD));
+    c.query_wait_timeout_ms = 10_000;
+    c
+}
+
+pub async fn env(tweak: impl FnOnce(&mut Config)) -> Env {
+    let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
+    env_on(fixture, tweak).await
+}
+
+pub async fn env_on(fixture: MigratedDb, tweak: impl FnOnce(&mut Config)) -> Env {
+    // The pooler's warnings and errors show up in a failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .try_init();
+    let mut config = config_for(&fixture);
+    tweak(&mut config);
+    let pooler = start_on_own_runtime(config).await;
+    wait_ready(&pooler).await;
+    Env {
+        provisioner: fixture.provisioner(),
+        fixture,
+        pooler,
+    }
+}
+
+/// Starts the pooler on a runtime of its own, as in production: the test's clients
+/// (SCRAM logins cost CPU) then cannot starve it, and it cannot starve them.
+async fn start_on_own_runtime(config: Config) -> Running {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let running = pooler::start(config).await.unwrap();
+            let _ = tx.send(running);
+            // Serve until the test process ends.
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.await.unwrap()
+}
+
+/// Until the pooler's LISTEN connection is up: before that, a revocation could be missed.
+pub async fn wait_ready(pooler: &Running) {
+    for _ in 0..200 {
+        if pooler.shared.cache.is_listening() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the pooler never became ready");
+}
+
+pub struct App {
+    pub role: String,
+    pub password: String,
+    pub tenant: u64,
+    pub slug: String,
+}
+
+impl Env {
+    /// A new app through the provisioner library (never hand-written SQL).
+    pub async fn app(&self, limits: LimitsPatch) -> App {
+        let tenant = unique_tenant_id();
+        let name = AppName::parse(&tenant.to_string(), "app", "dev").unwrap();
+        match self
+            .provisioner
+            .ensure(&name, &limits, &OpContext::default())
+            .await
+            .unwrap()
+        {
+            EnsureOutcome::Created { record, password } => App {
+                role: record.role,
+                password: password.expose().to_owned(),
+                tenant,
+                slug: "app".into(),
+            },
+            EnsureOutcome::Existing { .. } => panic!("app existed"),
+        }
+    }
+
+    pub async fn app_with_pool(&self, pool_size: i32) -> App {
+        self.app(LimitsPatch {
+            pool_size: Some(pool_size),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub fn name(&self, app: &App) -> AppName {
+        AppName::parse(&app.tenant.to_string(), &app.slug, "dev").unwrap()
+    }
+
+    /// tokio-postgres config for the pooler.
+    pub fn config(&self, user: &str, password: &str) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host("127.0.0.1")
+            .port(self.pooler.addr.port())
+            .user(user)
+            .password(password)
+            .dbname(&self.fixture.db)
+            .connect_timeout(Duration::from_secs(10));
+        c
+    }
+
+    pub async fn connect(&self, app: &App) -> tokio_postgres::Client {
+        dataplane_tests::connect(&self.config(&app.role, &app.password))
+            .await
+            .unwrap()
+    }
+
+    pub async fn try_connect(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        dataplane_tests::connect(&self.config(user, password)).await
+    }
+
+    /// Server connections Postgres has for a role right now.
+    pub async fn backends(&self, role: &str) -> i64 {
+        let admin = self.fixture.admin().await;
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_owned())
+        .unwrap_or_else(|| format!("no code: {e}"))
+}
+
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}

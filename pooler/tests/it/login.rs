@@ -1,0 +1,149 @@
+//! Logging in: SCRAM against the provisioner's verifier, identical failures, throttling,
+//! and a warm pool that logs clients in without Postgres.
+
+use tokio::process::Command;
+
+use crate::common::{env, message, sqlstate};
+
+#[tokio::test]
+async fn tokio_postgres_and_psql_log_in_and_reach_their_schema() {
+    let e = env(|_| {}).await;
+    let app = e.app(Default::default()).await;
+    let client = e.connect(&app).await;
+    let row = client
+        .query_one("SELECT current_user::text, current_schema()::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), app.role);
+    assert_eq!(row.get::<_, String>(1), app.role);
+    client
+        .batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (42)")
+        .await
+        .unwrap();
+
+    // psql runs in tokio's process API: the pooler lives on this test's runtime, and
+    // a blocking wait here would stop it from answering.
+    let bindir = e.fixture.cluster.bindir().to_owned();
+    let out = Command::new(bindir.join("psql"))
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &e.pooler.addr.port().to_string(),
+        ])
+        .args([
+            "-U",
+            &app.role,
+            "-d",
+            &e.fixture.db,
+            "-c",
+            "SELECT x FROM t",
+        ])
+        .env("PGPASSWORD", &app.password)
+        .env("PGSSLMODE", "disable")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+}
+
+#[tokio::test]
+async fn wrong_password_unknown_and_suspended_roles_fail_identically() {
+    let e = env(|_| {}).await;
+    let app = e.app(Default::default()).await;
+    let suspended = e.app(Default::default()).await;
+    e.provisioner
+        .set_disabled(&e.name(&suspended), true, &Default::default())
+        .await
+        .unwrap();
+
+    let cases = [
+        (app.role.clone(), "not-the-password".to_owned()),
+        ("tk_t999999_pnobody_dev".to_owned(), "whatever".to_owned()),
+        ("dp_pooler".to_owned(), "dp-pooler-test-password".to_owned()),
+        (suspended.role.clone(), suspended.password.clone()),
+    ];
+    for (user, password) in cases {
+        let err = e
+            .try_connect(&user, &password)
+            .await
+            .err()
+            .expect("login must fail");
+        assert_eq!(sqlstate(&err), "28P01", "{user}: {err}");
+        assert_eq!(
+            message(&err),
+            format!("password authentication failed for user \"{user}\"")
+        );
+    }
+    // The right password still works.
+    e.connect(&app).await;
+}
+
+#[tokio::test]
+async fn a_hundred_wrong_attempts_from_one_address_are_throttled() {
+    let e = env(|_| {}).await;
+    let app = e.app(Default::default()).await;
+    let mut throttled = 0;
+    for i in 0..100 {
+        let err = e
+            .try_connect(&format!("tk_t{i}_pguess_dev"), "guess")
+            .await
+            .err()
+            .unwrap();
+        if message(&err).contains("too many failed login attempts") {
+            throttled += 1;
+        }
+    }
+    assert!(
+        throttled >= 50,
+        "only {throttled} of 100 attempts were throttled"
+    );
+    // While throttled, even the right password from this address is refused.
+    let err = e.try_connect(&app.role, &app.password).await.err().unwrap();
+    assert!(
+        message(&err).contains("too many failed login attempts"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_warm_pool_logs_clients_in_without_a_new_server() {
+    let e = env(|_| {}).await;
+    let app = e.app(Default::default()).await;
+    let first = e.connect(&app).await;
+    first.simple_query("SELECT 1").await.unwrap();
+    let before = e.backends(&app.role).await;
+    assert_eq!(before, 1);
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(e.connect(&app).await);
+    }
+    assert_eq!(
+        e.backends(&app.role).await,
+        before,
+        "logins alone opened servers"
+    );
+    // And they all work, on that one server, one transaction at a time.
+    for c in &clients {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    assert_eq!(e.backends(&app.role).await, 1);
+}
+
+#[tokio::test]
+async fn an_unknown_database_is_3d000() {
+    let e = env(|_| {}).await;
+    let app = e.app(Default::default()).await;
+    let mut config = e.config(&app.role, &app.password);
+    config.dbname("postgres");
+    let err = dataplane_tests::connect(&config).await.err().unwrap();
+    assert_eq!(sqlstate(&err), "3D000");
+}

@@ -1,0 +1,13 @@
+//! Pooler integration tests: a real PostgreSQL, apps made by the real provisioner,
+//! real clients (tokio-postgres, psql) through an in-process pooler.
+
+// Test code: a failed unwrap is a failed test with its message, which is what we want.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+mod login;
+mod pooling;
+mod protocol;
+mod restart;
+mod revocation;
+mod tls;
