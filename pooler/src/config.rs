@@ -359,8 +359,10 @@ mod tests {
         let mut c = Config::default();
         c.server_tls.mode = TlsMode::VerifyFull;
         assert!(c.validate().is_err());
-        let mut c = Config::default();
-        c.max_server_connections = 0;
+        let c = Config {
+            max_server_connections: 0,
+            ..Config::default()
+        };
         assert!(c.validate().is_err());
     }
 

@@ -19,14 +19,16 @@ pub struct Env {
 
 /// A pooler configured for tests: loopback, short timeouts.
 pub fn config_for(fixture: &MigratedDb) -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.admin_listen = "127.0.0.1:0".parse().unwrap();
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        query_wait_timeout_ms: 10_000,
+        ..Config::default()
+    };
     c.upstream.host = fixture.cluster.host().to_owned();
     c.upstream.port = fixture.cluster.port();
     c.upstream.dbname = fixture.db.clone();
     c.upstream.auth_password = Some(Secret::new(POOLER_PASSWORD));
-    c.query_wait_timeout_ms = 10_000;
     c
 }
 

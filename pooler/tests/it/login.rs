@@ -75,8 +75,7 @@ async fn wrong_password_unknown_and_suspended_roles_fail_identically() {
         let err = e
             .try_connect(&user, &password)
             .await
-            .err()
-            .expect("login must fail");
+            .expect_err("login must fail");
         assert_eq!(sqlstate(&err), "28P01", "{user}: {err}");
         assert_eq!(
             message(&err),

@@ -623,15 +623,34 @@ async fn terminate_sessions(
             &[&name.ident(), &oid, &timeout_ms],
         )
         .await?;
-    let mut lingering = 0;
-    for row in &rows {
-        if !row.try_get::<_, bool>(0)? {
-            lingering += 1;
-        }
-    }
+    let lingering = rows
+        .iter()
+        .filter(|r| !r.try_get::<_, bool>(0).unwrap_or(false))
+        .count();
     if lingering > 0 {
+        // Say what they are doing, for the operator who has to look.
+        let detail = client
+            .query(
+                "SELECT pid, coalesce(state, ''), coalesce(wait_event_type || ':' || wait_event, ''), \
+                        left(coalesce(query, ''), 60) FROM pg_catalog.pg_stat_activity \
+                 WHERE (usename = $1 OR usesysid::int8 = $2) AND pid <> pg_catalog.pg_backend_pid()",
+                &[&name.ident(), &oid],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                format!(
+                    "pid {} {} {} {:?}",
+                    r.get::<_, i32>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, String>(3)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
         return Err(ProvisionError::Unavailable(format!(
-            "{lingering} session(s) of {name} did not end within {TERMINATE_WAIT:?}; retry"
+            "{lingering} session(s) of {name} did not end within {TERMINATE_WAIT:?} ({detail}); retry"
         )));
     }
     if !rows.is_empty() {
