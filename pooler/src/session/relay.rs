@@ -67,11 +67,21 @@ pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
         match outcome {
             Ok(Linked::Done) => server.release(),
             Ok(Linked::ClientLeft { clean }) => {
-                if clean {
-                    server.release();
-                } else {
+                if !clean {
                     // Mid-transaction: never hand it on; closing rolls it back.
                     server.discard();
+                } else if s.mode == PoolMode::Session {
+                    // A whole session's state (SET, LISTEN, prepared statements,
+                    // advisory locks) goes with its client.
+                    match reset(&mut server).await {
+                        Ok(()) => server.release(),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "resetting a session server failed");
+                            server.discard();
+                        }
+                    }
+                } else {
+                    server.release();
                 }
                 return Ok(());
             }
@@ -95,13 +105,35 @@ pub(super) async fn checkout(
         weight: 1,
     };
     let wait = shared.config.query_wait_timeout();
-    match shared.pools.checkout(&role.name, limits, wait).await {
+    // A server idle for long may have been closed under us (Postgres restarted, an
+    // idle timeout, a network drop): check it first, and take another if it is gone.
+    for _ in 0..3 {
+        match shared.pools.checkout(&role.name, limits, wait).await {
+            Ok(mut server) if server.idle_for() > shared.config.server_check_delay() => {
+                match check(&mut server).await {
+                    Ok(()) => return Ok(server),
+                    Err(e) => {
+                        tracing::info!(role = %role.name, error = %e, "an idle server failed its health check");
+                        server.discard();
+                    }
+                }
+            }
+            other => return checkout_result(other),
+        }
+    }
+    checkout_result(shared.pools.checkout(&role.name, limits, wait).await)
+}
+
+fn checkout_result(
+    result: Result<Checkout<ServerConn>, PoolError>,
+) -> Result<Checkout<ServerConn>, (SqlState, String)> {
+    match result {
         Ok(server) => Ok(server),
         Err(e @ PoolError::WaitTimeout { .. }) => {
             Err((SqlState::TOO_MANY_CONNECTIONS, e.to_string()))
         }
         Err(e) => {
-            tracing::warn!(role = %role.name, error = %e, "no server connection");
+            tracing::warn!(error = %e, "no server connection");
             Err((SqlState::CANNOT_CONNECT_NOW, e.to_string()))
         }
     }
@@ -233,6 +265,46 @@ async fn link(
             _ = revoked.changed() => return revoked_error(s).await,
         }
     }
+}
+
+/// Runs one simple query on an idle server and reads its reply up to ReadyForQuery,
+/// which must say idle. Used for health checks and session resets.
+async fn simple(server: &mut ServerConn, sql: &str) -> Result<(), std::io::Error> {
+    let bad = |what: &str| std::io::Error::other(what.to_owned());
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::query(sql, &mut out)?;
+    server.stream.write_all(&out).await?;
+    loop {
+        match Message::parse(&mut server.buf).map_err(|e| bad(&e.to_string()))? {
+            Some(Message::ReadyForQuery(body)) if body.status() == b'I' => return Ok(()),
+            Some(Message::ReadyForQuery(_)) => return Err(bad("server not idle after a reset")),
+            Some(Message::ErrorResponse(_)) => return Err(bad("the server reported an error")),
+            Some(Message::ParameterStatus(body)) => {
+                if let (Ok(n), Ok(v)) = (body.name(), body.value()) {
+                    server.state.record(n, v);
+                }
+            }
+            Some(_) => {}
+            None => {
+                if server.stream.read_buf(&mut server.buf).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        }
+    }
+}
+
+/// An empty query: the cheapest round trip that proves the server is alive.
+async fn check(server: &mut ServerConn) -> Result<(), std::io::Error> {
+    simple(server, "").await
+}
+
+/// Back to a fresh session: `DISCARD ALL` drops temp tables, prepared statements,
+/// LISTENs, advisory locks and session settings (the role's defaults come back).
+async fn reset(server: &mut ServerConn) -> Result<(), std::io::Error> {
+    simple(server, "DISCARD ALL").await?;
+    server.state = crate::session::params::ServerParams::from_login(&server.params);
+    Ok(())
 }
 
 /// Makes the server's session parameters what this client expects, before its first

@@ -129,9 +129,14 @@ impl Env {
 
     /// tokio-postgres config for the pooler.
     pub fn config(&self, user: &str, password: &str) -> tokio_postgres::Config {
+        self.config_on_port(user, password, self.pooler.addr.port())
+    }
+
+    /// The same, for another of the pooler's ports (the session port).
+    pub fn config_on_port(&self, user: &str, password: &str, port: u16) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         c.host("127.0.0.1")
-            .port(self.pooler.addr.port())
+            .port(port)
             .user(user)
             .password(password)
             .dbname(&self.fixture.db)

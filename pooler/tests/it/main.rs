@@ -10,4 +10,5 @@ mod pooling;
 mod protocol;
 mod restart;
 mod revocation;
+mod session_mode;
 mod tls;
