@@ -79,6 +79,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     let cache = VerifierCache::new(
         config.upstream.clone(),
+        target.tls.clone(),
         config.auth_cache_ttl(),
         config.auth_pool_size,
     );

@@ -90,6 +90,8 @@ struct Slot {
 
 pub struct VerifierCache {
     upstream: Upstream,
+    /// TLS to Postgres for the lookup and LISTEN connections, as for servers.
+    tls: Option<Arc<rustls::ClientConfig>>,
     ttl: Duration,
     slots: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
     conns: Vec<tokio::sync::Mutex<Option<tokio_postgres::Client>>>,
@@ -102,10 +104,16 @@ const LOOKUP_SQL: &str = "SELECT role_name, scram_verifier, generation, pool_siz
                           FROM dataplane_auth.lookup($1)";
 
 impl VerifierCache {
-    pub fn new(upstream: Upstream, ttl: Duration, connections: usize) -> Arc<Self> {
+    pub fn new(
+        upstream: Upstream,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        ttl: Duration,
+        connections: usize,
+    ) -> Arc<Self> {
         let (changes, _) = broadcast::channel(1024);
         Arc::new(VerifierCache {
             upstream,
+            tls,
             ttl,
             slots: Mutex::new(HashMap::new()),
             conns: (0..connections.max(1))
@@ -189,17 +197,31 @@ impl VerifierCache {
     }
 
     async fn connect(&self) -> Result<tokio_postgres::Client, LookupError> {
-        let (client, connection) = self
-            .pg_config()
-            .connect(tokio_postgres::NoTls)
+        let (client, _) = self
+            .open(None)
             .await
-            .map_err(|e| LookupError::Unavailable(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "auth lookup connection ended");
-            }
-        });
+            .map_err(LookupError::Unavailable)?;
         Ok(client)
+    }
+
+    /// Opens a connection as the auth user and drives it on a task; notifications go
+    /// to `notify` when given.
+    async fn open(
+        &self,
+        notify: Option<tokio::sync::mpsc::UnboundedSender<Result<String, String>>>,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), String> {
+        let config = self.pg_config();
+        match &self.tls {
+            None => {
+                let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+                Ok((client, tokio::spawn(drive(connection, notify))))
+            }
+            Some(tls) => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                let (client, connection) = config.connect(tls).await.map_err(|e| e.to_string())?;
+                Ok((client, tokio::spawn(drive(connection, notify))))
+            }
+        }
     }
 
     fn pg_config(&self) -> tokio_postgres::Config {
@@ -241,32 +263,9 @@ impl VerifierCache {
         }
     }
 
-    async fn listen_once(
-        &self,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), String> {
-        let (client, mut connection) = self
-            .pg_config()
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn listen_once(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> Result<(), String> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let driver = tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(msg) = messages.next().await {
-                match msg {
-                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                        let _ = tx.send(Ok(n.payload().to_owned()));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = tx.send(Err(e.to_string()));
-                        return;
-                    }
-                }
-            }
-            let _ = tx.send(Err("connection closed".into()));
-        });
+        let (client, driver) = self.open(Some(tx)).await?;
         let result = async {
             client
                 .batch_execute("LISTEN dataplane_auth")
@@ -312,6 +311,36 @@ impl VerifierCache {
                 generation: after.generation,
             });
         }
+    }
+}
+
+/// Drives a connection until it ends, passing notifications on.
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    notify: Option<tokio::sync::mpsc::UnboundedSender<Result<String, String>>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(msg) = messages.next().await {
+        match msg {
+            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                if let Some(tx) = &notify {
+                    let _ = tx.send(Ok(n.payload().to_owned()));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if let Some(tx) = &notify {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+                return;
+            }
+        }
+    }
+    if let Some(tx) = &notify {
+        let _ = tx.send(Err("connection closed".into()));
     }
 }
 

@@ -138,6 +138,18 @@ async fn the_pooler_reaches_postgres_over_tls() {
         .unwrap()
         .get(0);
     assert!(ssl, "the pooler's server connection is not encrypted");
+    // Its auth lookup and LISTEN connections too.
+    let admin = e.fixture.admin().await;
+    let row = admin
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
+             JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'dp_pooler'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (all, encrypted): (i64, i64) = (row.get(0), row.get(1));
+    assert!(all >= 1 && all == encrypted, "{encrypted} of {all} auth connections are encrypted");
     drop(client);
     cluster.stop();
 }
