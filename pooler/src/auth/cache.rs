@@ -197,10 +197,7 @@ impl VerifierCache {
     }
 
     async fn connect(&self) -> Result<tokio_postgres::Client, LookupError> {
-        let (client, _) = self
-            .open(None)
-            .await
-            .map_err(LookupError::Unavailable)?;
+        let (client, _) = self.open(None).await.map_err(LookupError::Unavailable)?;
         Ok(client)
     }
 
@@ -213,7 +210,10 @@ impl VerifierCache {
         let config = self.pg_config();
         match &self.tls {
             None => {
-                let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+                let (client, connection) = config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 Ok((client, tokio::spawn(drive(connection, notify))))
             }
             Some(tls) => {
@@ -263,7 +263,10 @@ impl VerifierCache {
         }
     }
 
-    async fn listen_once(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> Result<(), String> {
+    async fn listen_once(
+        &self,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), String> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let (client, driver) = self.open(Some(tx)).await?;
         let result = async {

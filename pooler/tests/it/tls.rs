@@ -149,7 +149,10 @@ async fn the_pooler_reaches_postgres_over_tls() {
         .await
         .unwrap();
     let (all, encrypted): (i64, i64) = (row.get(0), row.get(1));
-    assert!(all >= 1 && all == encrypted, "{encrypted} of {all} auth connections are encrypted");
+    assert!(
+        all >= 1 && all == encrypted,
+        "{encrypted} of {all} auth connections are encrypted"
+    );
     drop(client);
     cluster.stop();
 }

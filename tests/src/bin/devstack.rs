@@ -1,7 +1,8 @@
 //! `devstack`: the whole data-plane on one machine, for trying it out.
 //!
 //! Starts a throwaway PostgreSQL (the test harness's), migrates it, serves the
-//! provisioner API, provisions a demo app and prints a ready `psql` line. Ctrl-C stops
+//! provisioner API and the pooler, provisions a demo app and prints a ready `psql`
+//! line that goes through the pooler. Ctrl-C stops
 //! everything and removes the cluster's directory.
 
 use std::net::SocketAddr;
@@ -28,6 +29,15 @@ struct Args {
     /// Where the provisioner API listens.
     #[arg(long, env = "PROVISIONER_LISTEN", default_value = "127.0.0.1:8080")]
     provisioner_listen: SocketAddr,
+    /// Where the pooler listens for apps (transaction pooling).
+    #[arg(long, default_value = "127.0.0.1:6432")]
+    pooler_listen: SocketAddr,
+    /// The pooler's session-pooling port.
+    #[arg(long, default_value = "127.0.0.1:6433")]
+    pooler_session_listen: SocketAddr,
+    /// The pooler's /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:9930")]
+    pooler_admin_listen: SocketAddr,
     /// The demo app to provision: tenant id, slug, env.
     #[arg(long, num_args = 3, value_names = ["TENANT", "SLUG", "ENV"], default_values = ["1", "demo", "dev"])]
     demo: Vec<String>,
@@ -55,16 +65,27 @@ async fn run(cluster: &PgCluster, args: &Args) -> anyhow::Result<()> {
     let mut admin = dataplane_tests::connect(&cluster.superuser_config(DATABASE)).await?;
     migrate::run(&mut admin, migrate::DEFAULT_PROVISIONER_ROLE).await?;
     let provisioner_password = random_token()?;
+    let pooler_password = random_token()?;
     admin
-        .execute(
-            &format!(
-                "ALTER ROLE {} PASSWORD {}",
-                migrate::DEFAULT_PROVISIONER_ROLE,
-                postgres_protocol::escape::escape_literal(&provisioner_password)
-            ),
-            &[],
-        )
+        .batch_execute(&format!(
+            "ALTER ROLE {} PASSWORD {}; ALTER ROLE dp_pooler PASSWORD {}",
+            migrate::DEFAULT_PROVISIONER_ROLE,
+            postgres_protocol::escape::escape_literal(&provisioner_password),
+            postgres_protocol::escape::escape_literal(&pooler_password),
+        ))
         .await?;
+
+    let mut config = pooler::config::Config {
+        listen: args.pooler_listen,
+        session_listen: Some(args.pooler_session_listen),
+        admin_listen: args.pooler_admin_listen,
+        ..Default::default()
+    };
+    config.upstream.host = cluster.host().to_owned();
+    config.upstream.port = cluster.port();
+    config.upstream.dbname = DATABASE.to_owned();
+    config.upstream.auth_password = Some(pooler::config::Secret::new(pooler_password));
+    let pooler = pooler::start(config).await.context("starting the pooler")?;
 
     let provisioner = Provisioner::new(
         cluster.config(
@@ -88,8 +109,8 @@ async fn run(cluster: &PgCluster, args: &Args) -> anyhow::Result<()> {
 
     let token = random_token()?;
     let public = PublicEndpoint {
-        host: cluster.host().to_owned(),
-        port: cluster.port(),
+        host: pooler.addr.ip().to_string(),
+        port: pooler.addr.port(),
         sslmode: "disable".into(),
     };
     let state = AppState {
@@ -106,22 +127,23 @@ async fn run(cluster: &PgCluster, args: &Args) -> anyhow::Result<()> {
     println!();
     println!("dataplane dev stack is up (Ctrl-C stops it and deletes everything)");
     println!();
+    println!("  postgres     {}", cluster.superuser_url(DATABASE));
     println!(
-        "  postgres     127.0.0.1:{}  database {DATABASE}",
-        cluster.port()
+        "  pooler       {} (transaction), {} (session), http://{}/readyz",
+        pooler.addr, args.pooler_session_listen, pooler.admin_addr
     );
     println!("  provisioner  http://{api}   token {token}");
     println!();
     println!(
-        "demo app {} (password shown once, as the API does):",
+        "demo app {} through the pooler (password shown once, as the API does):",
         record.role
     );
     println!(
         "  psql \"postgresql://{}:{}@{}:{}/{DATABASE}?sslmode=disable\"",
         record.role,
         password.expose(),
-        cluster.host(),
-        cluster.port()
+        pooler.addr.ip(),
+        pooler.addr.port()
     );
     println!();
     println!("provision another:");
@@ -131,6 +153,7 @@ async fn run(cluster: &PgCluster, args: &Args) -> anyhow::Result<()> {
     axum::serve(listener, app(state))
         .with_graceful_shutdown(stop_signal())
         .await?;
+    pooler.shutdown(std::time::Duration::from_secs(5)).await;
     Ok(())
 }
 
