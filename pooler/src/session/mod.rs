@@ -6,6 +6,7 @@ mod cursor;
 mod login;
 pub mod params;
 mod relay;
+mod tracker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

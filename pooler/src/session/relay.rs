@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cursor::Cursor;
 use super::login::Session;
+use super::tracker::{MAX_PENDING, Tracker};
 use super::{SessionError, fatal};
 use crate::auth::cache::{PoolMode, RoleAuth};
 use crate::backend::ServerConn;
@@ -61,7 +62,6 @@ pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
             Ok(server) => server,
             Err((code, message)) => return fatal(&mut s.stream, code, message).await,
         };
-        s.cancel.slot.link(server.key);
         let outcome = link(&mut s, &mut server, &mut revoked).await;
         s.cancel.slot.unlink();
         match outcome {
@@ -141,71 +141,85 @@ fn checkout_result(
 
 /// Relays between the client and its server until the server can be released (in
 /// transaction mode) or the client leaves.
+///
+/// Writes to either side go on while the other side is read: a client pipelining more
+/// than the sockets buffer while Postgres answers as much would otherwise deadlock
+/// (each side blocked writing to the other).
 async fn link(
     s: &mut Session,
     server: &mut ServerConn,
     revoked: &mut tokio::sync::watch::Receiver<u64>,
 ) -> Result<Linked, SessionError> {
     sync_params(s, server).await?;
+    // After the pooler's own SETs: a cancel now reaches the client's query only.
+    s.cancel.slot.link(server.key);
     let mut client_cursor = Cursor::default();
     let mut server_cursor = Cursor::default();
     let mut sbuf = std::mem::take(&mut server.buf);
-    // Requests whose ReadyForQuery has not come yet: one per Query, Sync, FunctionCall.
-    let mut outstanding = 0usize;
-    // Extended-protocol messages sent since the last Sync.
-    let mut unsynced = false;
-    let mut status = b'I';
+    let mut tracker = Tracker::default();
     let session_mode = s.mode == PoolMode::Session;
     loop {
         if !s.buf.is_empty() {
-            let mut terminate = false;
-            let n = client_cursor
-                .advance(
-                    &s.buf,
-                    Side::Frontend,
-                    |_| false,
-                    |tag, _| {
-                        match tag {
-                            b'X' => {
-                                terminate = true;
-                                return ControlFlow::Break(());
-                            }
-                            b'Q' | b'F' => outstanding += 1,
-                            b'S' => {
-                                outstanding += 1;
-                                unsynced = false;
-                            }
-                            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => unsynced = true,
-                            _ => {}
-                        }
-                        ControlFlow::Continue(())
-                    },
-                )
-                .map_err(|e| SessionError::Reported {
-                    code: SqlState::PROTOCOL_VIOLATION,
-                    message: e.to_string(),
-                });
-            let n = match n {
+            let mut too_many = false;
+            let walked = client_cursor.advance(
+                &s.buf,
+                Side::Frontend,
+                |_| false,
+                |tag, _| {
+                    tracker.client(tag).unwrap_or_else(|_| {
+                        too_many = true;
+                        ControlFlow::Break(())
+                    })
+                },
+            );
+            let n = match walked {
                 Ok(n) => n,
-                Err(SessionError::Reported { code, message }) => {
-                    return fatal(&mut s.stream, code, message).await;
+                Err(e) => {
+                    return fatal(&mut s.stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await;
                 }
-                Err(e) => return Err(e),
             };
-            if n > 0 {
-                if let Err(e) = server.stream.write_all(&s.buf[..n]).await {
-                    return server_lost(s, e.to_string()).await;
-                }
-                s.buf.advance(n);
+            if too_many {
+                let message = format!(
+                    "more than {MAX_PENDING} pipelined requests without reading their replies"
+                );
+                return fatal(&mut s.stream, SqlState::PROTOCOL_VIOLATION, message).await;
             }
-            if terminate {
-                let clean = outstanding == 0 && status == b'I' && !unsynced && sbuf.is_empty();
+            // Forward s.buf[..n] while draining the server into the client.
+            let mut written = 0;
+            while written < n {
+                let (mut from_server, mut to_server) = tokio::io::split(&mut server.stream);
+                if sbuf.capacity() - sbuf.len() < 1024 {
+                    sbuf.reserve(READ_CHUNK);
+                }
+                tokio::select! {
+                    w = to_server.write(&s.buf[written..n]) => match w {
+                        Ok(0) => return server_lost(s, "the server stopped reading".into()).await,
+                        Ok(w) => written += w,
+                        Err(e) => return server_lost(s, e.to_string()).await,
+                    },
+                    r = from_server.read_buf(&mut sbuf) => {
+                        drop((from_server, to_server));
+                        match r {
+                            Ok(0) => return server_lost(s, "the server closed the connection".into()).await,
+                            Ok(_) => {}
+                            Err(e) => return server_lost(s, e.to_string()).await,
+                        }
+                        let to_client = match scan_server(&mut server_cursor, &mut tracker, &sbuf, server, s) {
+                            Ok(k) => k,
+                            Err(e) => return server_lost(s, e).await,
+                        };
+                        s.stream.write_all(&sbuf[..to_client]).await?;
+                        sbuf.advance(to_client);
+                    }
+                }
+            }
+            s.buf.advance(n);
+            if tracker.terminated() {
+                let clean = tracker.idle() && sbuf.is_empty() && server_cursor.at_boundary();
                 return Ok(Linked::ClientLeft { clean });
             }
         }
-        let idle = outstanding == 0
-            && status == b'I'
-            && !unsynced
+        let idle = tracker.idle()
             && client_cursor.at_boundary()
             && server_cursor.at_boundary()
             && sbuf.is_empty();
@@ -225,46 +239,53 @@ async fn link(
                 }
             }
             n = server.stream.read_buf(&mut sbuf) => {
-                let n = match n {
-                    Ok(n) => n,
+                match n {
+                    Ok(0) => return server_lost(s, "the server closed the connection".into()).await,
+                    Ok(_) => {}
                     Err(e) => return server_lost(s, e.to_string()).await,
-                };
-                if n == 0 {
-                    return server_lost(s, "the server closed the connection".into()).await;
                 }
-                let walked = server_cursor.advance(
-                    &sbuf,
-                    Side::Backend,
-                    |tag| tag == b'Z' || tag == b'S',
-                    |tag, body| {
-                        match tag {
-                            b'Z' => {
-                                outstanding = outstanding.saturating_sub(1);
-                                status = body.first().copied().unwrap_or(b'I');
-                            }
-                            b'S' => {
-                                if let Some((name, value)) = parameter_status(body) {
-                                    server.state.record(name, value);
-                                    s.params.record(name, value);
-                                }
-                            }
-                            _ => {}
-                        }
-                        ControlFlow::Continue(())
-                    },
-                );
-                let n = match walked {
-                    Ok(n) => n,
-                    Err(e) => return server_lost(s, format!("malformed message from the server: {e}")).await,
+                let to_client = match scan_server(&mut server_cursor, &mut tracker, &sbuf, server, s) {
+                    Ok(k) => k,
+                    Err(e) => return server_lost(s, e).await,
                 };
-                if n > 0 {
-                    s.stream.write_all(&sbuf[..n]).await?;
-                    sbuf.advance(n);
+                if to_client > 0 {
+                    s.stream.write_all(&sbuf[..to_client]).await?;
+                    sbuf.advance(to_client);
                 }
             }
             _ = revoked.changed() => return revoked_error(s).await,
         }
     }
+}
+
+/// Walks the server's bytes: ReadyForQuery and copy starts feed the tracker,
+/// ParameterStatus updates both sides' parameters. Returns how many bytes may go to
+/// the client now.
+fn scan_server(
+    cursor: &mut Cursor,
+    tracker: &mut Tracker,
+    sbuf: &[u8],
+    server: &mut ServerConn,
+    s: &mut Session,
+) -> Result<usize, String> {
+    cursor
+        .advance(
+            sbuf,
+            Side::Backend,
+            |tag| tag == b'Z' || tag == b'S',
+            |tag, body| {
+                if tag == b'S' {
+                    if let Some((name, value)) = parameter_status(body) {
+                        server.state.record(name, value);
+                        s.params.record(name, value);
+                    }
+                } else {
+                    tracker.server(tag, body);
+                }
+                ControlFlow::Continue(())
+            },
+        )
+        .map_err(|e| format!("malformed message from the server: {e}"))
 }
 
 /// Runs one simple query on an idle server and reads its reply up to ReadyForQuery,

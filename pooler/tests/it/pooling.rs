@@ -225,3 +225,56 @@ async fn pg_cancel_through_the_pooler() {
     assert_eq!(code.as_deref(), Some("57014"));
     assert!(took < Duration::from_secs(5), "cancel took {took:?}");
 }
+
+#[tokio::test]
+async fn an_extended_protocol_copy_gives_its_server_back() {
+    use futures_util::{SinkExt, pin_mut};
+    let e = env(|c| c.query_wait_timeout_ms = 3_000).await;
+    let app = e.app_with_pool(1).await;
+    let client = e.connect(&app).await;
+    client
+        .batch_execute("CREATE TABLE t (x int)")
+        .await
+        .unwrap();
+    // tokio-postgres sends Bind, Execute, Sync, CopyData, CopyDone, Sync: Postgres
+    // ignores the first Sync, so only one ReadyForQuery comes back.
+    let sink = client.copy_in("COPY t FROM STDIN").await.unwrap();
+    pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"1\n2\n"))
+        .await
+        .unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 2);
+    // pool_size 1: another client only gets a server if the copy gave it back.
+    let other = e.connect(&app).await;
+    let rows = other.simple_query("SELECT count(*) FROM t").await.unwrap();
+    assert!(
+        matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("2"))
+    );
+}
+
+#[tokio::test]
+async fn a_pipeline_larger_than_the_socket_buffers_does_not_deadlock() {
+    let e = env(|_| {}).await;
+    let app = e.app(Default::default()).await;
+    let client = e.connect(&app).await;
+    // 300 queries of 100 kB each way, all written before any reply is read: more than
+    // the sockets between client, pooler and server can hold in either direction.
+    let big = "x".repeat(100_000);
+    let results = join_all((0..300).map(|_| {
+        let client = &client;
+        let big = big.as_str();
+        async move {
+            client
+                .query_typed(
+                    "SELECT $1::text",
+                    &[(&big, tokio_postgres::types::Type::TEXT)],
+                )
+                .await
+                .map(|rows| rows[0].get::<_, String>(0).len())
+        }
+    }));
+    let results = tokio::time::timeout(Duration::from_secs(120), results)
+        .await
+        .expect("the pipeline deadlocked");
+    assert!(results.into_iter().all(|r| r.unwrap() == 100_000));
+}
