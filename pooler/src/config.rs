@@ -109,6 +109,11 @@ pub struct Config {
     pub auth_failures_per_address_per_minute: u32,
     /// Connections (as `dp_pooler`) used for `dataplane_auth.lookup`. Default 2.
     pub auth_pool_size: usize,
+    /// Keys the mock verifiers of unknown roles. Give every replica the same value
+    /// (through `POOLER_AUTH_MOCK_SECRET`) so an unknown role's salt is as stable as a
+    /// real one's across restarts and replicas. Default: random per process.
+    #[serde(skip_serializing)]
+    pub auth_mock_secret: Option<Secret>,
     pub upstream: Upstream,
     pub client_tls: ClientTls,
     pub server_tls: ServerTls,
@@ -175,6 +180,7 @@ impl Default for Config {
             auth_failures_per_role_per_minute: 20,
             auth_failures_per_address_per_minute: 50,
             auth_pool_size: 2,
+            auth_mock_secret: None,
             upstream: Upstream::default(),
             client_tls: ClientTls::default(),
             server_tls: ServerTls::default(),

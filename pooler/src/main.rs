@@ -42,6 +42,14 @@ struct Cli {
         hide = true
     )]
     auth_password: Option<String>,
+    /// Keys unknown roles' mock verifiers; the same on every replica.
+    #[arg(
+        long = "auth-mock-secret",
+        env = "POOLER_AUTH_MOCK_SECRET",
+        hide_env_values = true,
+        hide = true
+    )]
+    auth_mock_secret: Option<String>,
     /// Server connections for all roles together. Default 40.
     #[arg(long, env = "POOLER_MAX_SERVER_CONNECTIONS")]
     max_server_connections: Option<usize>,
@@ -158,6 +166,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(p) = &cli.auth_password {
         c.upstream.auth_password = Some(Secret::new(p.clone()));
+    }
+    if let Some(m) = &cli.auth_mock_secret {
+        c.auth_mock_secret = Some(Secret::new(m.clone()));
     }
     if let Some(v) = cli.max_server_connections {
         c.max_server_connections = v;

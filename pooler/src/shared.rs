@@ -38,6 +38,8 @@ pub struct Shared {
 pub struct RoleShared {
     pub name: Arc<str>,
     keys: Mutex<Option<Arc<LoginKeys>>>,
+    /// Keys of older generations (before a rotation) are refused.
+    min_generation: std::sync::atomic::AtomicI64,
     params: Mutex<Option<Arc<ServerParams>>>,
     revoked: watch::Sender<u64>,
     mismatch_until: Mutex<Option<Instant>>,
@@ -48,6 +50,7 @@ impl RoleShared {
         RoleShared {
             name,
             keys: Mutex::new(None),
+            min_generation: std::sync::atomic::AtomicI64::new(0),
             params: Mutex::new(None),
             revoked: watch::Sender::new(0),
             mismatch_until: Mutex::new(None),
@@ -59,23 +62,39 @@ impl RoleShared {
         self.keys.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Keeps the keys of a login, unless newer ones (a later generation) are held.
-    pub fn set_keys(&self, keys: LoginKeys) {
+    /// Keeps the keys of a login, unless newer ones (a later generation) are held, the
+    /// login's generation was rotated away, or the role was revoked since `seen`
+    /// (the revocation counter the login observed). `false`: the keys are stale.
+    pub fn set_keys(&self, keys: LoginKeys, seen: u64) -> bool {
+        use std::sync::atomic::Ordering;
         let mut slot = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if *self.revoked.borrow() != seen
+            || keys.generation < self.min_generation.load(Ordering::Acquire)
+        {
+            return false;
+        }
         if slot
             .as_ref()
             .is_none_or(|k| k.generation <= keys.generation)
         {
             *slot = Some(Arc::new(keys));
         }
+        true
     }
 
-    /// Drops keys older than `generation` (after a rotation).
-    pub fn drop_keys_before(&self, generation: i64) {
+    /// A rotation to `generation`: older keys are void, and a verifier mismatch seen
+    /// with them is no reason to keep refusing.
+    pub fn rotated(&self, generation: i64) {
+        use std::sync::atomic::Ordering;
+        self.min_generation.fetch_max(generation, Ordering::AcqRel);
         let mut slot = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_some_and(|k| k.generation < generation) {
             *slot = None;
         }
+        *self
+            .mismatch_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// ParameterStatus values a server of this role reported at login.
@@ -122,9 +141,20 @@ impl RoleShared {
 #[derive(Default)]
 pub struct Roles {
     map: Mutex<HashMap<Arc<str>, Arc<RoleShared>>>,
+    /// Bumped by every revocation or rotation of any role: a login that spans a bump
+    /// re-checks its role before it is let in.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Roles {
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     pub fn get_or_insert(&self, role: &str) -> Arc<RoleShared> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = map.get(role) {
@@ -153,20 +183,59 @@ pub async fn apply_changes(cache: Arc<VerifierCache>, roles: Arc<Roles>, pools: 
     loop {
         match changes.recv().await {
             Ok(Change::Revoked(role)) => {
+                roles.bump();
                 if let Some(r) = roles.get(&role) {
                     r.revoke();
                 }
                 pools.close_role(&role);
             }
             Ok(Change::Rotated { role, generation }) => {
+                roles.bump();
                 if let Some(r) = roles.get(&role) {
-                    r.drop_keys_before(generation);
+                    r.rotated(generation);
                 }
             }
+            Ok(Change::Resync) => resync(&cache, &roles, &pools).await,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "credential changes arrived faster than applied");
+                tracing::warn!(
+                    missed = n,
+                    "credential changes arrived faster than applied; re-checking every role"
+                );
+                resync(&cache, &roles, &pools).await;
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Looks every known role up again and revokes those that may no longer log in: for
+/// when notifications may have been lost.
+async fn resync(cache: &VerifierCache, roles: &Roles, pools: &Pools<ServerConn>) {
+    let names: Vec<Arc<str>> = roles
+        .map
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys()
+        .cloned()
+        .collect();
+    for name in names {
+        cache.invalidate(&name);
+        match cache.get(&name).await {
+            Ok(auth) if auth.status != crate::auth::cache::Status::Ok => {
+                roles.bump();
+                if let Some(r) = roles.get(&name) {
+                    r.revoke();
+                }
+                pools.close_role(&name);
+            }
+            Ok(auth) => {
+                if let Some(r) = roles.get(&name) {
+                    r.rotated(auth.generation);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(role = %name, error = %e, "re-checking a role failed");
+            }
         }
     }
 }

@@ -87,10 +87,20 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let connector = Arc::new(PassThrough {
         roles: roles.clone(),
         target: target.clone(),
+        backoff: Default::default(),
     });
     let pools = Pools::new(pool_config(&config), connector);
-    let mut mock_secret = [0u8; 32];
-    getrandom::fill(&mut mock_secret).map_err(StartError::Random)?;
+    let mock_secret: [u8; 32] = match &config.auth_mock_secret {
+        Some(secret) => {
+            use sha2::Digest;
+            sha2::Sha256::digest(secret.expose().as_bytes()).into()
+        }
+        None => {
+            let mut random = [0u8; 32];
+            getrandom::fill(&mut random).map_err(StartError::Random)?;
+            random
+        }
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let main = bind(config.listen).await?;

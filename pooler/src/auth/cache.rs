@@ -81,6 +81,9 @@ pub enum Change {
     Revoked(Arc<str>),
     /// The verifier changed (rotation): keys of older generations are void.
     Rotated { role: Arc<str>, generation: i64 },
+    /// Notifications may have been missed (the LISTEN connection was re-established):
+    /// every role with clients must be checked again.
+    Resync,
 }
 
 struct Slot {
@@ -99,6 +102,9 @@ pub struct VerifierCache {
     changes: broadcast::Sender<Change>,
     listening: AtomicBool,
 }
+
+/// Cached lookups kept at most (one per role name seen within the TTL).
+const MAX_SLOTS: usize = 100_000;
 
 const LOOKUP_SQL: &str = "SELECT role_name, scram_verifier, generation, pool_size, pool_mode, max_client_conn, status \
                           FROM dataplane_auth.lookup($1)";
@@ -143,6 +149,15 @@ impl VerifierCache {
             match slots.get(role) {
                 Some(s) if s.created.elapsed() < self.ttl => s.clone(),
                 _ => {
+                    // Names come from clients: past a bound, forget expired entries so a
+                    // spray of made-up names cannot grow the map without limit.
+                    if slots.len() >= MAX_SLOTS {
+                        let ttl = self.ttl;
+                        slots.retain(|_, s| s.created.elapsed() < ttl);
+                        if slots.len() >= MAX_SLOTS {
+                            slots.clear();
+                        }
+                    }
                     let s = Arc::new(Slot {
                         cell: OnceCell::new(),
                         created: Instant::now(),
@@ -232,6 +247,8 @@ impl VerifierCache {
             .dbname(&u.dbname)
             .user(&u.auth_user)
             .application_name("dataplane-pooler-auth")
+            // A lookup that hangs must not hold logins hostage.
+            .options("-c statement_timeout=5000")
             .connect_timeout(Duration::from_secs(5));
         if let Some(p) = &u.auth_password {
             c.password(p.expose());
@@ -276,6 +293,7 @@ impl VerifierCache {
                 .map_err(|e| e.to_string())?;
             // Anything cached may have changed while we were not listening.
             self.invalidate_all();
+            let _ = self.changes.send(Change::Resync);
             self.listening.store(true, Ordering::Relaxed);
             tracing::info!("listening for credential changes");
             loop {

@@ -14,7 +14,42 @@ use crate::shared::Roles;
 pub struct PassThrough {
     pub roles: Arc<Roles>,
     pub target: Target,
+    /// While Postgres is unreachable, new logins fail at once until the backoff has
+    /// passed, instead of every waiting client hammering a restarting server.
+    pub backoff: Arc<std::sync::Mutex<Backoff>>,
 }
+
+#[derive(Debug, Default)]
+pub struct Backoff {
+    until: Option<Instant>,
+    delay: std::time::Duration,
+}
+
+impl Backoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn failed(&mut self, now: Instant) {
+        self.delay = if self.delay.is_zero() {
+            Self::FIRST
+        } else {
+            (self.delay * 2).min(Self::MAX)
+        };
+        self.until = Some(now + self.delay);
+    }
+
+    fn succeeded(&mut self) {
+        *self = Backoff::default();
+    }
+
+    fn waiting(&self, now: Instant) -> Option<std::time::Duration> {
+        self.until.filter(|u| *u > now).map(|u| u - now)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("Postgres was unreachable moments ago; the next attempt is in {0:?}")]
+struct BackingOff(std::time::Duration);
 
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -26,18 +61,36 @@ impl Connector<ServerConn> for PassThrough {
     fn connect(&self, role: &str) -> BoxFuture<'static, Result<ServerConn, ConnectError>> {
         let roles = self.roles.clone();
         let target = self.target.clone();
+        let backoff = self.backoff.clone();
         let role = role.to_owned();
         Box::pin(async move {
+            let waiting = backoff
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .waiting(Instant::now());
+            if let Some(left) = waiting {
+                return Err(ConnectError::new(BackingOff(left)));
+            }
             let shared = roles.get_or_insert(&role);
             let keys = shared
                 .keys()
                 .ok_or_else(|| ConnectError::new(NoKeys(role.clone())))?;
             match target.connect(&keys).await {
                 Ok(server) => {
+                    backoff
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .succeeded();
                     shared.set_params(ServerParams::from_login(&server.params));
                     Ok(server)
                 }
                 Err(e) => {
+                    if e.is_unavailable() {
+                        backoff
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .failed(Instant::now());
+                    }
                     if let BackendError::VerifierMismatch { .. } = &e {
                         // Say exactly what is wrong, once per backoff, and stop trying.
                         tracing::error!(role = %role, error = %e, "SCRAM pass-through impossible");

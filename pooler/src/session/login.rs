@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use super::cancel::CancelHandle;
 use super::params::{ClientParams, ServerParams};
 use super::{Listener, SessionError, fatal};
-use crate::auth::cache::{PoolMode, RoleAuth, Status};
+use crate::auth::cache::{LookupError, PoolMode, RoleAuth, Status};
 use crate::auth::scram::{ScramError, ServerExchange};
 use crate::auth::verifier;
 use crate::backend::LoginKeys;
@@ -33,6 +33,9 @@ pub struct Session {
     pub params: ClientParams,
     pub mode: PoolMode,
     pub cancel: CancelHandle,
+    /// Fires when the role is revoked; subscribed during login, so a revocation that
+    /// lands while the client authenticates is not missed.
+    pub revoked: tokio::sync::watch::Receiver<u64>,
     /// Client bytes read past the login messages.
     pub buf: BytesMut,
 }
@@ -79,7 +82,11 @@ pub async fn login(
         )
         .await;
     }
-    let auth = match shared.cache.get(&user).await {
+    let epoch = shared.roles.epoch();
+    let lookup = tokio::time::timeout_at(deadline, shared.cache.get(&user)).await;
+    let auth = match lookup
+        .unwrap_or_else(|_| Err(LookupError::Unavailable("lookup timed out".into())))
+    {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(error = %e, "verifier lookup failed");
@@ -161,7 +168,38 @@ pub async fn login(
         Err(e) => return fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
     };
 
+    // Only authenticated names get per-role state, so clients cannot grow it at will.
     let role = shared.roles.get_or_insert(&user);
+    let revoked = role.revocations();
+    let seen = *revoked.borrow();
+    // A revocation or rotation while this client authenticated: is it still welcome?
+    let current = shared.roles.epoch() == epoch
+        || match shared.cache.get(&user).await {
+            Ok(now) => now.status == Status::Ok && now.generation == auth.generation,
+            Err(_) => false,
+        };
+    let keys_kept = current
+        && match &auth.secret {
+            Some(secret) => role.set_keys(
+                LoginKeys {
+                    role: role.name.clone(),
+                    client_key: Arc::new(client_key),
+                    secret: secret.clone(),
+                    generation: auth.generation,
+                },
+                seen,
+            ),
+            None => false,
+        };
+    if !keys_kept {
+        tracing::info!(role = %user, "credentials changed during login");
+        return fatal(
+            &mut stream,
+            SqlState::INVALID_PASSWORD,
+            format!("password authentication failed for user \"{user}\""),
+        )
+        .await;
+    }
     if role.in_mismatch_backoff(Instant::now()) {
         return fatal(
             &mut stream,
@@ -172,14 +210,6 @@ pub async fn login(
             ),
         )
         .await;
-    }
-    if let Some(secret) = &auth.secret {
-        role.set_keys(LoginKeys {
-            role: role.name.clone(),
-            client_key: Arc::new(client_key),
-            secret: secret.clone(),
-            generation: auth.generation,
-        });
     }
     encoded(msg::authentication_sasl_final(&mut out, &server_final))?;
     msg::authentication_ok(&mut out);
@@ -227,6 +257,7 @@ pub async fn login(
         params,
         mode,
         cancel,
+        revoked,
         buf,
     })
 }

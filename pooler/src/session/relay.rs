@@ -34,8 +34,7 @@ enum Linked {
 }
 
 pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
-    let mut revoked = s.role.revocations();
-    revoked.borrow_and_update();
+    let mut revoked = s.revoked.clone();
     let mut shutdown = shared.shutdown.clone();
     loop {
         // Idle: no server. Wait for a whole message header from the client.
@@ -108,18 +107,23 @@ pub(super) async fn checkout(
     // A server idle for long may have been closed under us (Postgres restarted, an
     // idle timeout, a network drop): check it first, and take another if it is gone.
     for _ in 0..3 {
-        match shared.pools.checkout(&role.name, limits, wait).await {
-            Ok(mut server) if server.idle_for() > shared.config.server_check_delay() => {
-                match check(&mut server).await {
-                    Ok(()) => return Ok(server),
-                    Err(e) => {
-                        tracing::info!(role = %role.name, error = %e, "an idle server failed its health check");
-                        server.discard();
-                    }
-                }
-            }
-            other => return checkout_result(other),
+        let mut server = match shared.pools.checkout(&role.name, limits, wait).await {
+            Ok(server) => server,
+            Err(e) => return checkout_result(Err(e)),
+        };
+        if stale(&mut server) {
+            tracing::info!(role = %role.name, "an idle server closed or spoke unasked; replacing it");
+            server.discard();
+            continue;
         }
+        if server.idle_for() > shared.config.server_check_delay() {
+            if let Err(e) = check(&mut server).await {
+                tracing::info!(role = %role.name, error = %e, "an idle server failed its health check");
+                server.discard();
+                continue;
+            }
+        }
+        return Ok(server);
     }
     checkout_result(shared.pools.checkout(&role.name, limits, wait).await)
 }
@@ -315,15 +319,56 @@ async fn simple(server: &mut ServerConn, sql: &str) -> Result<(), std::io::Error
     }
 }
 
+/// How long a health check or a reset may take before the server is given up.
+const SERVER_ROUND_TRIP: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn bounded(server: &mut ServerConn, sql: &str) -> Result<(), std::io::Error> {
+    tokio::time::timeout(SERVER_ROUND_TRIP, simple(server, sql))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
 /// An empty query: the cheapest round trip that proves the server is alive.
 async fn check(server: &mut ServerConn) -> Result<(), std::io::Error> {
-    simple(server, "").await
+    bounded(server, "").await
+}
+
+/// Whether an idle server has something to say before anyone asked: a FATAL (idle
+/// session timeout, an administrator's terminate, a restart) or end of file means it is
+/// gone; notices and notifications would reach the wrong client, so they are dropped.
+/// Only plaintext sockets can be peeked without blocking; TLS servers are covered by
+/// the health check of servers idle past `server_check_delay`.
+fn stale(server: &mut ServerConn) -> bool {
+    let crate::net::stream::Stream::Plain(tcp) = &server.stream else {
+        return false;
+    };
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tcp.try_read(&mut chunk) {
+            Ok(0) => return true,
+            Ok(n) => server.buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return true,
+        }
+    }
+    loop {
+        match Message::parse(&mut server.buf) {
+            Ok(Some(Message::ErrorResponse(_))) | Err(_) => return true,
+            Ok(Some(Message::ParameterStatus(body))) => {
+                if let (Ok(n), Ok(v)) = (body.name(), body.value()) {
+                    server.state.record(n, v);
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => return !server.buf.is_empty(),
+        }
+    }
 }
 
 /// Back to a fresh session: `DISCARD ALL` drops temp tables, prepared statements,
 /// LISTENs, advisory locks and session settings (the role's defaults come back).
 async fn reset(server: &mut ServerConn) -> Result<(), std::io::Error> {
-    simple(server, "DISCARD ALL").await?;
+    bounded(server, "DISCARD ALL").await?;
     server.state = crate::session::params::ServerParams::from_login(&server.params);
     Ok(())
 }

@@ -278,3 +278,25 @@ async fn a_pipeline_larger_than_the_socket_buffers_does_not_deadlock() {
         .expect("the pipeline deadlocked");
     assert!(results.into_iter().all(|r| r.unwrap() == 100_000));
 }
+
+#[tokio::test]
+async fn a_server_terminated_while_idle_is_replaced_not_handed_out() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(1).await;
+    let client = e.connect(&app).await;
+    client.simple_query("SELECT 1").await.unwrap();
+    // An administrator (or idle_session_timeout) ends the idle server.
+    let admin = e.fixture.admin().await;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = $1",
+            &[&app.role],
+        )
+        .await
+        .unwrap();
+    // The next transaction gets a fresh server, not the dead one's FATAL.
+    let rows = client.simple_query("SELECT 2").await.unwrap();
+    assert!(
+        matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("2"))
+    );
+}
