@@ -38,6 +38,8 @@ pub struct Shared {
 pub struct RoleShared {
     pub name: Arc<str>,
     keys: Mutex<Option<Arc<LoginKeys>>>,
+    /// Clients of this role connected now (its credentials row may cap them).
+    clients: std::sync::atomic::AtomicUsize,
     /// Keys of older generations (before a rotation) are refused.
     min_generation: std::sync::atomic::AtomicI64,
     params: Mutex<Option<Arc<ServerParams>>>,
@@ -51,6 +53,7 @@ impl RoleShared {
             name,
             keys: Mutex::new(None),
             min_generation: std::sync::atomic::AtomicI64::new(0),
+            clients: std::sync::atomic::AtomicUsize::new(0),
             params: Mutex::new(None),
             revoked: watch::Sender::new(0),
             mismatch_until: Mutex::new(None),
@@ -97,6 +100,17 @@ impl RoleShared {
             .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// Takes one of the role's client slots, or `None` when `max` are taken.
+    pub fn admit(self: &Arc<Self>, max: Option<usize>) -> Option<ClientSlot> {
+        use std::sync::atomic::Ordering;
+        let before = self.clients.fetch_add(1, Ordering::AcqRel);
+        if max.is_some_and(|m| before >= m) {
+            self.clients.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ClientSlot(self.clone()))
+    }
+
     /// ParameterStatus values a server of this role reported at login.
     pub fn params(&self) -> Option<Arc<ServerParams>> {
         self.params
@@ -135,6 +149,17 @@ impl RoleShared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some_and(|until| now < until)
+    }
+}
+
+/// One connected client of a role; gives its slot back when dropped.
+pub struct ClientSlot(Arc<RoleShared>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0
+            .clients
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

@@ -34,6 +34,18 @@ impl<K: Hash + Eq + Clone> Window<K> {
     }
 }
 
+/// The unit a client controls: one IPv4 address, or an IPv6 /64 (a host gets a
+/// whole /64 and could otherwise rotate through it).
+fn source(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+    }
+}
+
 pub struct AuthLimiter {
     per_role: u32,
     per_address: u32,
@@ -67,7 +79,7 @@ impl AuthLimiter {
                 .addresses
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .over(&addr, self.per_address, now)
+                .over(&source(addr), self.per_address, now)
     }
 
     pub fn failed(&self, role: &str, addr: IpAddr, now: Instant) {
@@ -78,7 +90,7 @@ impl AuthLimiter {
         self.addresses
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .fail(&addr, now);
+            .fail(&source(addr), now);
     }
 }
 

@@ -23,7 +23,7 @@ use crate::proto::SqlState;
 use crate::proto::backend::{self as msg, TransactionStatus};
 use crate::proto::frame::{self, Side};
 use crate::proto::frontend;
-use crate::shared::{RoleShared, Shared};
+use crate::shared::{ClientSlot, RoleShared, Shared};
 
 /// A logged-in client, ready to relay.
 pub struct Session {
@@ -36,6 +36,8 @@ pub struct Session {
     /// Fires when the role is revoked; subscribed during login, so a revocation that
     /// lands while the client authenticates is not missed.
     pub revoked: tokio::sync::watch::Receiver<u64>,
+    /// This client's place under the app's max_client_conn.
+    pub _slot: ClientSlot,
     /// Client bytes read past the login messages.
     pub buf: BytesMut,
 }
@@ -200,6 +202,15 @@ pub async fn login(
         )
         .await;
     }
+    let Some(slot) = role.admit(auth.max_client_conn) else {
+        let max = auth.max_client_conn.unwrap_or_default();
+        return fatal(
+            &mut stream,
+            SqlState::TOO_MANY_CONNECTIONS,
+            format!("too many connections for app \"{user}\" (its max_client_conn is {max})"),
+        )
+        .await;
+    };
     if role.in_mismatch_backoff(Instant::now()) {
         return fatal(
             &mut stream,
@@ -258,6 +269,7 @@ pub async fn login(
         mode,
         cancel,
         revoked,
+        _slot: slot,
         buf,
     })
 }

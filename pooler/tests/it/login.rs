@@ -146,3 +146,34 @@ async fn an_unknown_database_is_3d000() {
     let err = dataplane_tests::connect(&config).await.err().unwrap();
     assert_eq!(sqlstate(&err), "3D000");
 }
+
+#[tokio::test]
+async fn an_apps_max_client_conn_is_enforced() {
+    let e = env(|_| {}).await;
+    let app = e
+        .app(provisioner::ddl::LimitsPatch {
+            max_client_conn: Some(2),
+            ..Default::default()
+        })
+        .await;
+    let first = e.connect(&app).await;
+    let second = e.connect(&app).await;
+    let err = e
+        .try_connect(&app.role, &app.password)
+        .await
+        .expect_err("a third client");
+    assert_eq!(sqlstate(&err), "53300");
+    assert!(message(&err).contains("max_client_conn"), "{err}");
+    drop(first);
+    // The slot comes back when a client leaves.
+    let mut admitted = false;
+    for _ in 0..50 {
+        if e.try_connect(&app.role, &app.password).await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(admitted);
+    drop(second);
+}
