@@ -177,3 +177,51 @@ async fn an_apps_max_client_conn_is_enforced() {
     assert!(admitted);
     drop(second);
 }
+
+#[tokio::test]
+async fn a_verifier_that_disagrees_with_pg_authid_is_reported_exactly() {
+    let e = env(|_| {}).await;
+    let app = e.app(Default::default()).await;
+    // The app changes its own password behind the provisioner's back (Postgres lets
+    // every role do that): pg_authid now has another salt than the credentials row.
+    let direct = dataplane_tests::connect(&e.fixture.cluster.config(
+        &app.role,
+        &app.password,
+        &e.fixture.db,
+    ))
+    .await
+    .unwrap();
+    direct
+        .batch_execute("ALTER ROLE CURRENT_USER PASSWORD 'changed-behind-our-back'")
+        .await
+        .unwrap();
+    let err = e
+        .try_connect(&app.role, &app.password)
+        .await
+        .expect_err("pass-through must fail");
+    assert_eq!(sqlstate(&err), "57P03", "{err}");
+    assert!(message(&err).contains("differ"), "{}", message(&err));
+    // Later clients are refused at once (backoff), with what to do about it.
+    let err = e
+        .try_connect(&app.role, &app.password)
+        .await
+        .expect_err("still broken");
+    assert!(message(&err).contains("rotate"), "{}", message(&err));
+    // Rotating through the provisioner repairs it.
+    let rotated = e
+        .provisioner
+        .rotate(&e.name(&app), &Default::default())
+        .await
+        .unwrap();
+    let mut repaired = false;
+    for _ in 0..50 {
+        if let Ok(c) = e.try_connect(&app.role, rotated.password.expose()).await {
+            repaired = c.simple_query("SELECT 1").await.is_ok();
+            if repaired {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(repaired, "rotation did not repair pass-through");
+}
