@@ -107,6 +107,9 @@ pub struct Config {
     pub auth_failures_per_role_per_minute: u32,
     /// Failed logins allowed per client address per minute. Default 50.
     pub auth_failures_per_address_per_minute: u32,
+    /// Named prepared statements kept per server connection (least recently used
+    /// are closed past it). Default 200.
+    pub max_prepared_statements: usize,
     /// Connections (as `dp_pooler`) used for `dataplane_auth.lookup`. Default 2.
     pub auth_pool_size: usize,
     /// Keys the mock verifiers of unknown roles. Give every replica the same value
@@ -181,6 +184,7 @@ impl Default for Config {
             auth_failures_per_address_per_minute: 50,
             auth_pool_size: 2,
             auth_mock_secret: None,
+            max_prepared_statements: 200,
             upstream: Upstream::default(),
             client_tls: ClientTls::default(),
             server_tls: ServerTls::default(),

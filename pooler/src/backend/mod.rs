@@ -85,6 +85,8 @@ pub struct ServerConn {
     pub params: Vec<(String, String)>,
     /// The session's parameters now, as the relay has changed them.
     pub state: ServerParams,
+    /// The pooler-named prepared statements this server holds.
+    pub statements: crate::session::prepared::ServerStatements,
     pub generation: i64,
     pub created: Instant,
     /// Bytes read past the last message the login consumed (normally none).
@@ -223,6 +225,7 @@ impl Target {
             role: keys.role.clone(),
             key,
             state: ServerParams::from_login(&params),
+            statements: Default::default(),
             params,
             generation: keys.generation,
             created: Instant::now(),

@@ -20,7 +20,7 @@ pub struct Cursor {
 const HEADER: usize = 5;
 
 impl Cursor {
-    /// Walks `buf` from its start. Calls `on_message(tag, body)` for each message whose
+    /// Walks `buf` from its start. Calls `on_message(tag, offset, body)` for each message whose
     /// header is here: `body` is the whole body for messages `needs_body` selects
     /// (waiting for them to be complete), and whatever of it is in `buf` for the rest.
     /// Returns how many bytes may be forwarded now; the rest (a partial header or an
@@ -31,7 +31,7 @@ impl Cursor {
         buf: &[u8],
         side: Side,
         needs_body: impl Fn(u8) -> bool,
-        mut on_message: impl FnMut(u8, &[u8]) -> ControlFlow<()>,
+        mut on_message: impl FnMut(u8, usize, &[u8]) -> ControlFlow<()>,
     ) -> Result<usize, FrameError> {
         let mut pos = 0;
         loop {
@@ -52,7 +52,7 @@ impl Cursor {
                 return Ok(pos);
             }
             let body_end = header.len.min(rest.len());
-            if on_message(header.tag, &rest[HEADER.min(body_end)..body_end]).is_break() {
+            if on_message(header.tag, pos, &rest[HEADER.min(body_end)..body_end]).is_break() {
                 return Ok(pos);
             }
             if complete {

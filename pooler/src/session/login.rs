@@ -38,6 +38,8 @@ pub struct Session {
     pub revoked: tokio::sync::watch::Receiver<u64>,
     /// This client's place under the app's max_client_conn.
     pub _slot: ClientSlot,
+    /// The client's named prepared statements.
+    pub statements: super::prepared::ClientStatements,
     /// Client bytes read past the login messages.
     pub buf: BytesMut,
 }
@@ -270,6 +272,7 @@ pub async fn login(
         cancel,
         revoked,
         _slot: slot,
+        statements: Default::default(),
         buf,
     })
 }

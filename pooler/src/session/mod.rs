@@ -5,6 +5,7 @@ pub mod cancel;
 mod cursor;
 mod login;
 pub mod params;
+pub mod prepared;
 mod relay;
 mod tracker;
 

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cursor::Cursor;
 use super::login::Session;
+use super::prepared::{Replies, Rewriter};
 use super::tracker::{MAX_PENDING, Tracker};
 use super::{SessionError, fatal};
 use crate::auth::cache::{PoolMode, RoleAuth};
@@ -61,7 +62,13 @@ pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
             Ok(server) => server,
             Err((code, message)) => return fatal(&mut s.stream, code, message).await,
         };
-        let outcome = link(&mut s, &mut server, &mut revoked).await;
+        let outcome = link(
+            &mut s,
+            &mut server,
+            &mut revoked,
+            shared.config.max_prepared_statements,
+        )
+        .await;
         s.cancel.slot.unlink();
         match outcome {
             Ok(Linked::Done) => server.release(),
@@ -153,6 +160,7 @@ async fn link(
     s: &mut Session,
     server: &mut ServerConn,
     revoked: &mut tokio::sync::watch::Receiver<u64>,
+    max_prepared: usize,
 ) -> Result<Linked, SessionError> {
     sync_params(s, server).await?;
     // After the pooler's own SETs: a cancel now reaches the client's query only.
@@ -161,23 +169,65 @@ async fn link(
     let mut server_cursor = Cursor::default();
     let mut sbuf = std::mem::take(&mut server.buf);
     let mut tracker = Tracker::default();
+    let mut replies = Replies::default();
+    // Reused across batches: no allocation per relayed message once warm.
+    let mut edits: Vec<(usize, usize, usize, usize)> = Vec::new();
+    let mut scratch = BytesMut::new();
+    let mut rewritten = BytesMut::new();
+    let mut dropped: Vec<(usize, usize)> = Vec::new();
     let session_mode = s.mode == PoolMode::Session;
     loop {
         if !s.buf.is_empty() {
             let mut too_many = false;
+            let mut malformed = false;
+            // Named statements are renamed and prepared where needed (prepared.rs):
+            // whole messages that change are collected as edits.
+            edits.clear();
+            let mut rewriter = Rewriter {
+                client: &mut s.statements,
+                server: &mut server.statements,
+                replies: &mut replies,
+                max_per_server: max_prepared,
+            };
             let walked = client_cursor.advance(
                 &s.buf,
                 Side::Frontend,
-                |_| false,
-                |tag, _| {
-                    tracker.client(tag).unwrap_or_else(|_| {
-                        too_many = true;
-                        ControlFlow::Break(())
-                    })
+                Rewriter::needs_body,
+                |tag, at, body| {
+                    match tracker.client(tag) {
+                        Ok(ControlFlow::Break(())) => return ControlFlow::Break(()),
+                        Ok(ControlFlow::Continue(())) => {}
+                        Err(_) => {
+                            too_many = true;
+                            return ControlFlow::Break(());
+                        }
+                    }
+                    if Rewriter::needs_body(tag) {
+                        let raw = &s.buf[at..at + 5 + body.len()];
+                        let start = scratch.len();
+                        if rewriter.message(tag, raw, &mut scratch).is_err() {
+                            malformed = true;
+                            return ControlFlow::Break(());
+                        }
+                        if &scratch[start..] != raw {
+                            edits.push((at, raw.len(), start, scratch.len()));
+                        } else {
+                            scratch.truncate(start);
+                        }
+                    }
+                    ControlFlow::Continue(())
                 },
             );
             let n = match walked {
-                Ok(n) => n,
+                Ok(n) if !malformed => n,
+                Ok(_) => {
+                    return fatal(
+                        &mut s.stream,
+                        SqlState::PROTOCOL_VIOLATION,
+                        "malformed extended-protocol message".into(),
+                    )
+                    .await;
+                }
                 Err(e) => {
                     return fatal(&mut s.stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await;
                 }
@@ -188,15 +238,30 @@ async fn link(
                 );
                 return fatal(&mut s.stream, SqlState::PROTOCOL_VIOLATION, message).await;
             }
-            // Forward s.buf[..n] while draining the server into the client.
+            // What goes to the server: the client's bytes, or with edits applied.
+            let outgoing: &[u8] = if edits.is_empty() {
+                &s.buf[..n]
+            } else {
+                rewritten.clear();
+                let mut from = 0;
+                for &(at, len, start, end) in &edits {
+                    rewritten.extend_from_slice(&s.buf[from..at]);
+                    rewritten.extend_from_slice(&scratch[start..end]);
+                    from = at + len;
+                }
+                rewritten.extend_from_slice(&s.buf[from..n]);
+                &rewritten
+            };
+            // Forward it while draining the server into the client.
             let mut written = 0;
-            while written < n {
+            let total = outgoing.len();
+            while written < total {
                 let (mut from_server, mut to_server) = tokio::io::split(&mut server.stream);
                 if sbuf.capacity() - sbuf.len() < 1024 {
                     sbuf.reserve(READ_CHUNK);
                 }
                 tokio::select! {
-                    w = to_server.write(&s.buf[written..n]) => match w {
+                    w = to_server.write(&outgoing[written..]) => match w {
                         Ok(0) => return server_lost(s, "the server stopped reading".into()).await,
                         Ok(w) => written += w,
                         Err(e) => return server_lost(s, e.to_string()).await,
@@ -208,22 +273,26 @@ async fn link(
                             Ok(_) => {}
                             Err(e) => return server_lost(s, e.to_string()).await,
                         }
-                        let to_client = match scan_server(&mut server_cursor, &mut tracker, &sbuf, server, s) {
+                        let to_client = match scan_server(&mut server_cursor, &mut tracker, &mut replies, &mut dropped, &sbuf, server, &mut s.params) {
                             Ok(k) => k,
                             Err(e) => return server_lost(s, e).await,
                         };
-                        s.stream.write_all(&sbuf[..to_client]).await?;
+                        write_skipping(&mut s.stream, &sbuf[..to_client], &dropped).await?;
                         sbuf.advance(to_client);
                     }
                 }
             }
             s.buf.advance(n);
+            scratch.clear();
             if tracker.terminated() {
                 let clean = tracker.idle() && sbuf.is_empty() && server_cursor.at_boundary();
                 return Ok(Linked::ClientLeft { clean });
             }
         }
+        // Half a client message waiting for the rest (a Parse to rewrite is held until
+        // whole) keeps the server too.
         let idle = tracker.idle()
+            && s.buf.is_empty()
             && client_cursor.at_boundary()
             && server_cursor.at_boundary()
             && sbuf.is_empty();
@@ -248,12 +317,12 @@ async fn link(
                     Ok(_) => {}
                     Err(e) => return server_lost(s, e.to_string()).await,
                 }
-                let to_client = match scan_server(&mut server_cursor, &mut tracker, &sbuf, server, s) {
+                let to_client = match scan_server(&mut server_cursor, &mut tracker, &mut replies, &mut dropped, &sbuf, server, &mut s.params) {
                     Ok(k) => k,
                     Err(e) => return server_lost(s, e).await,
                 };
                 if to_client > 0 {
-                    s.stream.write_all(&sbuf[..to_client]).await?;
+                    write_skipping(&mut s.stream, &sbuf[..to_client], &dropped).await?;
                     sbuf.advance(to_client);
                 }
             }
@@ -268,28 +337,57 @@ async fn link(
 fn scan_server(
     cursor: &mut Cursor,
     tracker: &mut Tracker,
+    replies: &mut Replies,
+    dropped: &mut Vec<(usize, usize)>,
     sbuf: &[u8],
     server: &mut ServerConn,
-    s: &mut Session,
+    params: &mut crate::session::params::ClientParams,
 ) -> Result<usize, String> {
+    dropped.clear();
     cursor
         .advance(
             sbuf,
             Side::Backend,
-            |tag| tag == b'Z' || tag == b'S',
-            |tag, body| {
-                if tag == b'S' {
-                    if let Some((name, value)) = parameter_status(body) {
-                        server.state.record(name, value);
-                        s.params.record(name, value);
+            |tag| matches!(tag, b'Z' | b'S' | b'1' | b'3'),
+            |tag, at, body| {
+                match tag {
+                    b'S' => {
+                        if let Some((name, value)) = parameter_status(body) {
+                            server.state.record(name, value);
+                            params.record(name, value);
+                        }
                     }
-                } else {
-                    tracker.server(tag, body);
+                    _ => {
+                        tracker.server(tag, body);
+                        if replies.server(tag) {
+                            // The reply to a Parse or Close the pooler added.
+                            dropped.push((at, 5 + body.len()));
+                        }
+                    }
                 }
                 ControlFlow::Continue(())
             },
         )
         .map_err(|e| format!("malformed message from the server: {e}"))
+}
+
+/// Writes `bytes` to the client but for the `skip` ranges (replies it did not ask for).
+async fn write_skipping(
+    stream: &mut crate::net::stream::Stream,
+    bytes: &[u8],
+    skip: &[(usize, usize)],
+) -> std::io::Result<()> {
+    let mut from = 0;
+    for &(at, len) in skip {
+        if at > from {
+            stream.write_all(&bytes[from..at]).await?;
+        }
+        from = at + len;
+    }
+    if from < bytes.len() {
+        stream.write_all(&bytes[from..]).await?;
+    }
+    Ok(())
 }
 
 /// Runs one simple query on an idle server and reads its reply up to ReadyForQuery,
@@ -369,6 +467,7 @@ fn stale(server: &mut ServerConn) -> bool {
 /// LISTENs, advisory locks and session settings (the role's defaults come back).
 async fn reset(server: &mut ServerConn) -> Result<(), std::io::Error> {
     bounded(server, "DISCARD ALL").await?;
+    server.statements.clear();
     server.state = crate::session::params::ServerParams::from_login(&server.params);
     Ok(())
 }

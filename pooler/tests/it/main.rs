@@ -7,6 +7,7 @@
 mod common;
 mod login;
 mod pooling;
+mod prepared;
 mod protocol;
 mod restart;
 mod revocation;
