@@ -3,6 +3,7 @@
 
 pub mod execute;
 pub mod plan;
+mod tx;
 
 use serde::{Deserialize, Serialize};
 
