@@ -133,7 +133,7 @@ impl Replies {
         }
     }
 
-    fn expect(&mut self, r: Reply) {
+    fn will_reply(&mut self, r: Reply) {
         self.queue.push_back(r);
     }
 
@@ -194,7 +194,7 @@ impl Rewriter<'_> {
             b'P' => {
                 let (name, rest) = cstr(body).ok_or(Malformed)?;
                 if name.is_empty() {
-                    self.replies.expect(Reply::Parse { drop: false });
+                    self.replies.will_reply(Reply::Parse { drop: false });
                     out.extend_from_slice(raw);
                     return Ok(());
                 }
@@ -211,7 +211,7 @@ impl Rewriter<'_> {
                     self.close(&global, out);
                 }
                 self.evict(&global, out);
-                self.replies.expect(Reply::Parse { drop: false });
+                self.replies.will_reply(Reply::Parse { drop: false });
                 out.extend_from_slice(&stmt.parse);
                 self.server.touch(&global);
                 self.client
@@ -231,7 +231,7 @@ impl Rewriter<'_> {
                 let (name, _) = cstr(rest).ok_or(Malformed)?;
                 if kind != b'S' || name.is_empty() {
                     if tag == b'C' {
-                        self.replies.expect(Reply::Close { drop: false });
+                        self.replies.will_reply(Reply::Close { drop: false });
                     }
                     out.extend_from_slice(raw);
                     return Ok(());
@@ -247,12 +247,12 @@ impl Rewriter<'_> {
                     // The client still gets its CloseComplete: from a harmless Close
                     // of the name it gave.
                     self.client.by_name.remove(name);
-                    self.replies.expect(Reply::Close { drop: false });
+                    self.replies.will_reply(Reply::Close { drop: false });
                     out.extend_from_slice(raw);
                 }
             }
             b'S' => {
-                self.replies.expect(Reply::Sync);
+                self.replies.will_reply(Reply::Sync);
                 out.extend_from_slice(raw);
             }
             b'Q' => {
@@ -284,7 +284,7 @@ impl Rewriter<'_> {
         let stmt = self.client.by_name.get(name)?.clone();
         if !self.server.has(&stmt.global) {
             self.evict(&stmt.global, out);
-            self.replies.expect(Reply::Parse { drop: true });
+            self.replies.will_reply(Reply::Parse { drop: true });
             out.extend_from_slice(&stmt.parse);
         }
         self.server.touch(&stmt.global);
@@ -293,7 +293,7 @@ impl Rewriter<'_> {
 
     fn close(&mut self, global: &[u8], out: &mut BytesMut) {
         message(out, b'C', &[b"S", global, b"\0"]);
-        self.replies.expect(Reply::Close { drop: true });
+        self.replies.will_reply(Reply::Close { drop: true });
         self.server.forget(global);
     }
 
@@ -396,9 +396,9 @@ mod tests {
     #[test]
     fn an_error_skips_the_replies_of_the_batch() {
         let mut replies = Replies::default();
-        replies.expect(Reply::Parse { drop: true });
-        replies.expect(Reply::Sync);
-        replies.expect(Reply::Parse { drop: false });
+        replies.will_reply(Reply::Parse { drop: true });
+        replies.will_reply(Reply::Sync);
+        replies.will_reply(Reply::Parse { drop: false });
         assert!(!replies.server(b'E'));
         assert!(!replies.server(b'Z'));
         assert!(

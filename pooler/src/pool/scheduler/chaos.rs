@@ -1,3 +1,4 @@
+// Test-only: declared under #[cfg(test)] in scheduler.rs.
 //! Randomized operations (checkouts, releases, discards, cancels, failed logins,
 //! revocations, pool_size changes, ticks) with the scheduler's invariants checked after
 //! every step, then a drain that proves no waiter is left stuck.
