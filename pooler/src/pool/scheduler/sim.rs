@@ -1,3 +1,4 @@
+// Test-only: declared under #[cfg(test)] in scheduler.rs.
 //! Deterministic simulation of the scheduler: a fake clock, an event queue, closed-loop
 //! clients (transaction, think, repeat) and logins that take time. No tokio, no real
 //! time; a fixed-seed generator jitters durations so clients do not run in lockstep.
