@@ -1,4 +1,4 @@
-//! Log set-up for the binaries: `RUST_LOG` picks the level, but never lets through
+//! Process set-up shared by the binaries. Logs: `RUST_LOG` picks the level, but never lets through
 //! tokio-postgres's debug events, which print statements and bind parameters and so
 //! would carry SCRAM verifiers (`ALTER ROLE … PASSWORD`, the credentials row).
 
@@ -22,5 +22,22 @@ pub fn init(json: bool) {
         tracing_subscriber::registry()
             .with(layer.with_filter(level).with_filter(no_statements))
             .init();
+    }
+}
+
+/// Ctrl-C in a terminal or SIGTERM from a supervisor (Kubernetes): when to stop
+/// accepting and finish the requests in flight.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
     }
 }

@@ -268,10 +268,8 @@ async fn link(
                     },
                     r = from_server.read_buf(&mut sbuf) => {
                         drop((from_server, to_server));
-                        match r {
-                            Ok(0) => return server_lost(s, "the server closed the connection".into()).await,
-                            Ok(_) => {}
-                            Err(e) => return server_lost(s, e.to_string()).await,
+                        if let Some(why) = server_gone(r) {
+                            return server_lost(s, why).await;
                         }
                         let to_client = match scan_server(&mut server_cursor, &mut tracker, &mut replies, &mut dropped, &sbuf, server, &mut s.params) {
                             Ok(k) => k,
@@ -312,10 +310,8 @@ async fn link(
                 }
             }
             n = server.stream.read_buf(&mut sbuf) => {
-                match n {
-                    Ok(0) => return server_lost(s, "the server closed the connection".into()).await,
-                    Ok(_) => {}
-                    Err(e) => return server_lost(s, e.to_string()).await,
+                if let Some(why) = server_gone(n) {
+                    return server_lost(s, why).await;
                 }
                 let to_client = match scan_server(&mut server_cursor, &mut tracker, &mut replies, &mut dropped, &sbuf, server, &mut s.params) {
                     Ok(k) => k,
@@ -369,6 +365,15 @@ fn scan_server(
             },
         )
         .map_err(|e| format!("malformed message from the server: {e}"))
+}
+
+/// Why a read from the server ended the link, if it did.
+fn server_gone(read: std::io::Result<usize>) -> Option<String> {
+    match read {
+        Ok(0) => Some("the server closed the connection".into()),
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    }
 }
 
 /// Writes `bytes` to the client but for the `skip` ranges (replies it did not ask for).

@@ -151,7 +151,7 @@ async fn run(cluster: &PgCluster, args: &Args) -> anyhow::Result<()> {
     println!();
 
     axum::serve(listener, app(state))
-        .with_graceful_shutdown(stop_signal())
+        .with_graceful_shutdown(provisioner::logging::shutdown_signal())
         .await?;
     pooler.shutdown(std::time::Duration::from_secs(5)).await;
     Ok(())
@@ -161,20 +161,4 @@ fn random_token() -> anyhow::Result<String> {
     let mut bytes = [0u8; 18];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Ctrl-C in the terminal, or SIGTERM from a supervisor.
-async fn stop_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
 }
