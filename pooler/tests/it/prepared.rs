@@ -64,7 +64,7 @@ async fn pgbench(mode: &str, clients: u32, tx: u32) {
         "-c",
         &clients.to_string(),
         "-j",
-        "2",
+        &clients.to_string(),
         "-t",
         &tx.to_string(),
         "-n",
@@ -96,7 +96,7 @@ async fn pgbench(mode: &str, clients: u32, tx: u32) {
 
 #[tokio::test]
 async fn pgbench_extended_through_the_pooler() {
-    pgbench("extended", 8, 50).await;
+    pgbench("extended", 20, 30).await;
 }
 
 #[tokio::test]
@@ -104,13 +104,15 @@ async fn pgbench_prepared_through_the_pooler_two_clients() {
     pgbench("prepared", 2, 20).await;
 }
 
-/// Known bug, for the driver-compatibility issue: with 8 pgbench clients (8 threads)
-/// on 2 servers, `-M prepared` runs into query_wait_timeout: servers stay checked out
-/// longer than the transactions need. Not explained yet.
+/// `-M prepared` at 20 clients on 2 servers. One pgbench thread per client: pgbench
+/// prepares each command synchronously (PQprepare) on first use, even inside a
+/// transaction, so a thread that serves several clients blocks in one client's prepare
+/// (waiting for a server) while another of its clients sits idle in a transaction
+/// holding one. With fewer servers than clients that deadlocks until query_wait_timeout
+/// behind any transaction pooler, PgBouncer included; it is pgbench's, not ours.
 #[tokio::test]
-#[ignore = "known bug: pgbench -M prepared with 8 clients on pool_size 2 hits query_wait_timeout"]
-async fn pgbench_prepared_through_the_pooler_eight_clients() {
-    pgbench("prepared", 8, 50).await;
+async fn pgbench_prepared_through_the_pooler_twenty_clients() {
+    pgbench("prepared", 20, 30).await;
 }
 
 #[tokio::test]
