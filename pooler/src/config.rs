@@ -110,6 +110,11 @@ pub struct Config {
     /// Named prepared statements kept per server connection (least recently used
     /// are closed past it). Default 200.
     pub max_prepared_statements: usize,
+    /// Clients of one role that may be pinned to a server at once by session state
+    /// (LISTEN, temp tables, advisory locks, SQL PREPARE, SET ROLE, untracked SET).
+    /// Unset: half the role's pool size, at least 1. Past it the client gets an error
+    /// that points to session mode.
+    pub max_pinned_per_role: Option<usize>,
     /// Connections (as `dp_pooler`) used for `dataplane_auth.lookup`. Default 2.
     pub auth_pool_size: usize,
     /// Keys the mock verifiers of unknown roles. Give every replica the same value
@@ -185,6 +190,7 @@ impl Default for Config {
             auth_pool_size: 2,
             auth_mock_secret: None,
             max_prepared_statements: 200,
+            max_pinned_per_role: None,
             upstream: Upstream::default(),
             client_tls: ClientTls::default(),
             server_tls: ServerTls::default(),
@@ -307,6 +313,12 @@ impl Config {
             _ => {}
         }
         Ok(())
+    }
+
+    /// The pin bound for a role with this pool size.
+    pub fn max_pinned(&self, pool_size: usize) -> usize {
+        self.max_pinned_per_role
+            .unwrap_or_else(|| (pool_size / 2).max(1))
     }
 
     pub fn query_wait_timeout(&self) -> Duration {

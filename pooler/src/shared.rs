@@ -45,6 +45,21 @@ pub struct RoleShared {
     params: Mutex<Option<Arc<ServerParams>>>,
     revoked: watch::Sender<u64>,
     mismatch_until: Mutex<Option<Instant>>,
+    /// Clients pinned to a server by session state now.
+    pinned: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A pinned client's place under `max_pinned_per_role`; given back on drop.
+#[derive(Debug)]
+pub struct PinSlot {
+    pinned: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for PinSlot {
+    fn drop(&mut self) {
+        self.pinned
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl RoleShared {
@@ -57,7 +72,26 @@ impl RoleShared {
             params: Mutex::new(None),
             revoked: watch::Sender::new(0),
             mismatch_until: Mutex::new(None),
+            pinned: Arc::default(),
         }
+    }
+
+    /// A pin slot, if fewer than `max` clients of the role are pinned.
+    pub fn try_pin(&self, max: usize) -> Option<PinSlot> {
+        use std::sync::atomic::Ordering;
+        self.pinned
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| PinSlot {
+                pinned: self.pinned.clone(),
+            })
+    }
+
+    /// Clients pinned now.
+    pub fn pinned(&self) -> usize {
+        self.pinned.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The pass-through keys of the role's latest successful client login.

@@ -24,6 +24,7 @@ impl SqlState {
     pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
     /// 53300 too_many_connections: client limit, or pool wait timeout.
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
+    pub const CONFIGURATION_LIMIT_EXCEEDED: SqlState = SqlState("53400");
     /// 57P01 admin_shutdown: the pooler is shutting down.
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
     /// 3D000 invalid_catalog_name: unknown database.

@@ -40,6 +40,10 @@ pub struct Session {
     pub _slot: ClientSlot,
     /// The client's named prepared statements.
     pub statements: super::prepared::ClientStatements,
+    /// Held while the client has session state on its server (state.rs).
+    pub pin: Option<crate::shared::PinSlot>,
+    /// What the client's messages since the last settle may have changed.
+    pub pending: super::state::Effect,
     /// Client bytes read past the login messages.
     pub buf: BytesMut,
 }
@@ -273,6 +277,8 @@ pub async fn login(
         revoked,
         _slot: slot,
         statements: Default::default(),
+        pin: None,
+        pending: Default::default(),
         buf,
     })
 }

@@ -7,7 +7,9 @@ mod login;
 pub mod params;
 pub mod prepared;
 mod relay;
+mod state;
 mod tracker;
+mod upkeep;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

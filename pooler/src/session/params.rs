@@ -18,6 +18,8 @@ const NOT_PARAMS: &[&str] = &["user", "database", "options", "replication"];
 #[derive(Debug, Default, Clone)]
 pub struct ClientParams {
     wants: BTreeMap<String, String>,
+    /// What the startup packet asked for: what `RESET ALL` returns to.
+    startup: BTreeMap<String, String>,
 }
 
 impl ClientParams {
@@ -26,8 +28,16 @@ impl ClientParams {
             .iter()
             .filter(|(k, _)| !NOT_PARAMS.contains(&k.as_str()) && !k.starts_with("_pq_."))
             .map(|(k, v)| (canonical(k), v.clone()))
-            .collect();
-        ClientParams { wants }
+            .collect::<BTreeMap<_, _>>();
+        ClientParams {
+            startup: wants.clone(),
+            wants,
+        }
+    }
+
+    /// After the client's `RESET ALL` or `DISCARD ALL`.
+    pub fn reset_to_startup(&mut self) {
+        self.wants = self.startup.clone();
     }
 
     /// The client changed a reported parameter (ParameterStatus while linked).
@@ -73,16 +83,23 @@ impl ServerParams {
     /// The SQL that makes this server's session what `client` wants, or `None` when it
     /// already is. `RESET` undoes what an earlier client changed and this one did not ask for.
     pub fn sync_sql(&self, client: &ClientParams) -> Option<String> {
-        let mut sql = String::new();
+        // set_config, not SET: it takes the value as the startup packet gives it, so a
+        // list (`search_path = a, b`) stays a list rather than one quoted name.
+        let mut sets = Vec::new();
         for (name, value) in &client.wants {
             if self.current.get(name) != Some(value) {
-                sql.push_str(&format!(
-                    "SET {} TO {};",
-                    escape_identifier(name),
+                sets.push(format!(
+                    "pg_catalog.set_config({}, {}, false)",
+                    escape_literal(name),
                     escape_literal(value)
                 ));
             }
         }
+        let mut sql = if sets.is_empty() {
+            String::new()
+        } else {
+            format!("SELECT {};", sets.join(", "))
+        };
         for (name, value) in &self.current {
             if client.wants.contains_key(name) {
                 continue;
@@ -178,7 +195,8 @@ mod tests {
         ]));
         assert_eq!(
             server.sync_sql(&other).unwrap(),
-            "SET \"TimeZone\" TO 'Europe/Paris';SET \"extra_float_digits\" TO '2';"
+            "SELECT pg_catalog.set_config('TimeZone', 'Europe/Paris', false), \
+             pg_catalog.set_config('extra_float_digits', '2', false);"
         );
     }
 
@@ -206,7 +224,7 @@ mod tests {
             ClientParams::from_startup(&pairs(&[("application_name", "x'; DROP TABLE t; --")]));
         assert_eq!(
             server.sync_sql(&evil).unwrap(),
-            "SET \"application_name\" TO 'x''; DROP TABLE t; --';"
+            "SELECT pg_catalog.set_config('application_name', 'x''; DROP TABLE t; --', false);"
         );
     }
 }

@@ -8,13 +8,14 @@
 use std::ops::ControlFlow;
 
 use bytes::{Buf, BytesMut};
-use postgres_protocol::message::backend::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cursor::Cursor;
 use super::login::Session;
-use super::prepared::{Replies, Rewriter};
+use super::prepared::{Action, Replies, Rewriter, renamed_error};
+use super::state::Effect;
 use super::tracker::{MAX_PENDING, Tracker};
+use super::upkeep::{check, reset, settle, stale, sync_params};
 use super::{SessionError, fatal};
 use crate::auth::cache::{PoolMode, RoleAuth};
 use crate::backend::ServerConn;
@@ -32,6 +33,8 @@ enum Linked {
     Done,
     /// The client left (Terminate or EOF); `clean` if its server can be reused.
     ClientLeft { clean: bool },
+    /// Idle, but its session parameters are not known: close it, the client goes on.
+    Unknown,
 }
 
 pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
@@ -62,21 +65,24 @@ pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
             Ok(server) => server,
             Err((code, message)) => return fatal(&mut s.stream, code, message).await,
         };
+        let max_pinned = shared.config.max_pinned(pool_size(shared, &s.auth));
         let outcome = link(
             &mut s,
             &mut server,
             &mut revoked,
             shared.config.max_prepared_statements,
+            max_pinned,
         )
         .await;
         s.cancel.slot.unlink();
         match outcome {
             Ok(Linked::Done) => server.release(),
+            Ok(Linked::Unknown) => server.discard(),
             Ok(Linked::ClientLeft { clean }) => {
                 if !clean {
                     // Mid-transaction: never hand it on; closing rolls it back.
                     server.discard();
-                } else if s.mode == PoolMode::Session {
+                } else if s.mode == PoolMode::Session || s.pin.is_some() {
                     // A whole session's state (SET, LISTEN, prepared statements,
                     // advisory locks) goes with its client.
                     match reset(&mut server).await {
@@ -105,9 +111,8 @@ pub(super) async fn checkout(
     role: &RoleShared,
     auth: &RoleAuth,
 ) -> Result<Checkout<ServerConn>, (SqlState, String)> {
-    let pool_size = auth.pool_size.unwrap_or(shared.config.default_pool_size);
     let limits = RoleLimits {
-        pool_size: u32::try_from(pool_size).unwrap_or(u32::MAX),
+        pool_size: u32::try_from(pool_size(shared, auth)).unwrap_or(u32::MAX),
         weight: 1,
     };
     let wait = shared.config.query_wait_timeout();
@@ -133,6 +138,46 @@ pub(super) async fn checkout(
         return Ok(server);
     }
     checkout_result(shared.pools.checkout(&role.name, limits, wait).await)
+}
+
+fn pool_size(shared: &Shared, auth: &RoleAuth) -> usize {
+    auth.pool_size.unwrap_or(shared.config.default_pool_size)
+}
+
+/// Notes what the client's last messages may have done to its session; pins it to
+/// its server (within the role's bound) when they may have made state that cannot
+/// follow it. Runs before those messages are forwarded, so a refused pin leaves
+/// nothing behind.
+async fn take_effect(
+    s: &mut Session,
+    effect: Effect,
+    max_pinned: usize,
+) -> Result<(), SessionError> {
+    if effect.pin && s.pin.is_none() {
+        match s.role.try_pin(max_pinned) {
+            Some(slot) => s.pin = Some(slot),
+            None => {
+                let message = format!(
+                    "too many clients of role \"{}\" hold session state (max_pinned_per_role = {max_pinned}); \
+                     LISTEN, temporary tables, session advisory locks, SQL PREPARE, SET ROLE and \
+                     SET of untracked parameters need session mode: connect to the session port \
+                     or set the app's pool_mode to session",
+                    s.role.name
+                );
+                return fatal(
+                    &mut s.stream,
+                    SqlState::CONFIGURATION_LIMIT_EXCEEDED,
+                    message,
+                )
+                .await;
+            }
+        }
+    }
+    s.pending.merge(Effect {
+        pin: false,
+        ..effect
+    });
+    Ok(())
 }
 
 fn checkout_result(
@@ -161,20 +206,18 @@ async fn link(
     server: &mut ServerConn,
     revoked: &mut tokio::sync::watch::Receiver<u64>,
     max_prepared: usize,
+    max_pinned: usize,
 ) -> Result<Linked, SessionError> {
     sync_params(s, server).await?;
     // After the pooler's own SETs: a cancel now reaches the client's query only.
     s.cancel.slot.link(server.key);
     let mut client_cursor = Cursor::default();
-    let mut server_cursor = Cursor::default();
     let mut sbuf = std::mem::take(&mut server.buf);
-    let mut tracker = Tracker::default();
-    let mut replies = Replies::default();
+    let mut scan = ServerScan::default();
     // Reused across batches: no allocation per relayed message once warm.
     let mut edits: Vec<(usize, usize, usize, usize)> = Vec::new();
     let mut scratch = BytesMut::new();
     let mut rewritten = BytesMut::new();
-    let mut dropped: Vec<(usize, usize)> = Vec::new();
     let session_mode = s.mode == PoolMode::Session;
     loop {
         if !s.buf.is_empty() {
@@ -186,15 +229,16 @@ async fn link(
             let mut rewriter = Rewriter {
                 client: &mut s.statements,
                 server: &mut server.statements,
-                replies: &mut replies,
+                replies: &mut scan.replies,
                 max_per_server: max_prepared,
+                effect: Effect::default(),
             };
             let walked = client_cursor.advance(
                 &s.buf,
                 Side::Frontend,
                 Rewriter::needs_body,
                 |tag, at, body| {
-                    match tracker.client(tag) {
+                    match scan.tracker.client(tag) {
                         Ok(ControlFlow::Break(())) => return ControlFlow::Break(()),
                         Ok(ControlFlow::Continue(())) => {}
                         Err(_) => {
@@ -238,6 +282,10 @@ async fn link(
                 );
                 return fatal(&mut s.stream, SqlState::PROTOCOL_VIOLATION, message).await;
             }
+            let effect = rewriter.effect;
+            if !effect.is_none() && !session_mode {
+                take_effect(s, effect, max_pinned).await?;
+            }
             // What goes to the server: the client's bytes, or with edits applied.
             let outgoing: &[u8] = if edits.is_empty() {
                 &s.buf[..n]
@@ -271,31 +319,36 @@ async fn link(
                         if let Some(why) = server_gone(r) {
                             return server_lost(s, why).await;
                         }
-                        let to_client = match scan_server(&mut server_cursor, &mut tracker, &mut replies, &mut dropped, &sbuf, server, &mut s.params) {
+                        let to_client = match scan.server(&sbuf, server, &mut s.params, &mut s.statements) {
                             Ok(k) => k,
                             Err(e) => return server_lost(s, e).await,
                         };
-                        write_skipping(&mut s.stream, &sbuf[..to_client], &dropped).await?;
+                        write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
                         sbuf.advance(to_client);
                     }
                 }
             }
             s.buf.advance(n);
             scratch.clear();
-            if tracker.terminated() {
-                let clean = tracker.idle() && sbuf.is_empty() && server_cursor.at_boundary();
+            if scan.tracker.terminated() {
+                let clean = scan.tracker.idle() && sbuf.is_empty() && scan.cursor.at_boundary();
                 return Ok(Linked::ClientLeft { clean });
             }
         }
         // Half a client message waiting for the rest (a Parse to rewrite is held until
         // whole) keeps the server too.
-        let idle = tracker.idle()
+        let idle = scan.tracker.idle()
             && s.buf.is_empty()
             && client_cursor.at_boundary()
-            && server_cursor.at_boundary()
+            && scan.cursor.at_boundary()
             && sbuf.is_empty();
         if idle && !session_mode {
-            return Ok(Linked::Done);
+            if !s.pending.is_none() && !settle(s, server).await? {
+                return Ok(Linked::Unknown);
+            }
+            if s.pin.is_none() {
+                return Ok(Linked::Done);
+            }
         }
         if s.buf.capacity() - s.buf.len() < 1024 {
             s.buf.reserve(READ_CHUNK);
@@ -313,12 +366,12 @@ async fn link(
                 if let Some(why) = server_gone(n) {
                     return server_lost(s, why).await;
                 }
-                let to_client = match scan_server(&mut server_cursor, &mut tracker, &mut replies, &mut dropped, &sbuf, server, &mut s.params) {
+                let to_client = match scan.server(&sbuf, server, &mut s.params, &mut s.statements) {
                     Ok(k) => k,
                     Err(e) => return server_lost(s, e).await,
                 };
                 if to_client > 0 {
-                    write_skipping(&mut s.stream, &sbuf[..to_client], &dropped).await?;
+                    write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
                     sbuf.advance(to_client);
                 }
             }
@@ -327,44 +380,80 @@ async fn link(
     }
 }
 
-/// Walks the server's bytes: ReadyForQuery and copy starts feed the tracker,
-/// ParameterStatus updates both sides' parameters. Returns how many bytes may go to
-/// the client now.
-fn scan_server(
-    cursor: &mut Cursor,
-    tracker: &mut Tracker,
-    replies: &mut Replies,
-    dropped: &mut Vec<(usize, usize)>,
-    sbuf: &[u8],
-    server: &mut ServerConn,
-    params: &mut crate::session::params::ClientParams,
-) -> Result<usize, String> {
-    dropped.clear();
-    cursor
-        .advance(
-            sbuf,
-            Side::Backend,
-            |tag| matches!(tag, b'Z' | b'S' | b'1' | b'3'),
-            |tag, at, body| {
-                match tag {
-                    b'S' => {
-                        if let Some((name, value)) = parameter_status(body) {
-                            server.state.record(name, value);
-                            params.record(name, value);
+/// What the relay knows about the server's side of a linked stretch.
+#[derive(Default)]
+struct ServerScan {
+    cursor: Cursor,
+    tracker: Tracker,
+    replies: Replies,
+    /// Changes to the bytes last scanned, for the client.
+    edits: Vec<Edit>,
+}
+
+impl ServerScan {
+    /// Walks the server's bytes: ReadyForQuery and copy starts feed the tracker,
+    /// ParameterStatus updates both sides' parameters, replies to what the pooler
+    /// added are dropped. Returns how many bytes may go to the client now.
+    fn server(
+        &mut self,
+        sbuf: &[u8],
+        server: &mut ServerConn,
+        params: &mut crate::session::params::ClientParams,
+        statements: &mut crate::session::prepared::ClientStatements,
+    ) -> Result<usize, String> {
+        let ServerScan {
+            cursor,
+            tracker,
+            replies,
+            edits,
+        } = self;
+        edits.clear();
+        cursor
+            .advance(
+                sbuf,
+                Side::Backend,
+                |tag| matches!(tag, b'Z' | b'S' | b'1' | b'3') || Replies::needs_body(tag),
+                |tag, at, body| {
+                    match tag {
+                        b'S' => {
+                            if let Some((name, value)) = parameter_status(body) {
+                                server.state.record(name, value);
+                                params.record(name, value);
+                            }
+                        }
+                        _ => {
+                            tracker.server(tag, body);
+                            let len = 5 + body.len();
+                            match replies.server(tag, body, statements, &mut server.statements) {
+                                Action::Pass => {}
+                                Action::Drop => edits.push(Edit {
+                                    at,
+                                    len,
+                                    with: None,
+                                }),
+                                Action::Rename { from, to } => {
+                                    let with = renamed_error(&sbuf[at..at + len], &from, &to);
+                                    edits.push(Edit {
+                                        at,
+                                        len,
+                                        with: Some(with),
+                                    });
+                                }
+                            }
                         }
                     }
-                    _ => {
-                        tracker.server(tag, body);
-                        if replies.server(tag) {
-                            // The reply to a Parse or Close the pooler added.
-                            dropped.push((at, 5 + body.len()));
-                        }
-                    }
-                }
-                ControlFlow::Continue(())
-            },
-        )
-        .map_err(|e| format!("malformed message from the server: {e}"))
+                    ControlFlow::Continue(())
+                },
+            )
+            .map_err(|e| format!("malformed message from the server: {e}"))
+    }
+}
+
+/// A server message the client gets changed: dropped (`with: None`) or replaced.
+struct Edit {
+    at: usize,
+    len: usize,
+    with: Option<Vec<u8>>,
 }
 
 /// Why a read from the server ended the link, if it did.
@@ -376,155 +465,25 @@ fn server_gone(read: std::io::Result<usize>) -> Option<String> {
     }
 }
 
-/// Writes `bytes` to the client but for the `skip` ranges (replies it did not ask for).
+/// Writes `bytes` to the client with `edits` applied.
 async fn write_skipping(
     stream: &mut crate::net::stream::Stream,
     bytes: &[u8],
-    skip: &[(usize, usize)],
+    edits: &[Edit],
 ) -> std::io::Result<()> {
     let mut from = 0;
-    for &(at, len) in skip {
-        if at > from {
-            stream.write_all(&bytes[from..at]).await?;
+    for edit in edits {
+        if edit.at > from {
+            stream.write_all(&bytes[from..edit.at]).await?;
         }
-        from = at + len;
+        if let Some(with) = &edit.with {
+            stream.write_all(with).await?;
+        }
+        from = edit.at + edit.len;
     }
     if from < bytes.len() {
         stream.write_all(&bytes[from..]).await?;
     }
-    Ok(())
-}
-
-/// Runs one simple query on an idle server and reads its reply up to ReadyForQuery,
-/// which must say idle. Used for health checks and session resets.
-async fn simple(server: &mut ServerConn, sql: &str) -> Result<(), std::io::Error> {
-    let bad = |what: &str| std::io::Error::other(what.to_owned());
-    let mut out = BytesMut::new();
-    postgres_protocol::message::frontend::query(sql, &mut out)?;
-    server.stream.write_all(&out).await?;
-    loop {
-        match Message::parse(&mut server.buf).map_err(|e| bad(&e.to_string()))? {
-            Some(Message::ReadyForQuery(body)) if body.status() == b'I' => return Ok(()),
-            Some(Message::ReadyForQuery(_)) => return Err(bad("server not idle after a reset")),
-            Some(Message::ErrorResponse(_)) => return Err(bad("the server reported an error")),
-            Some(Message::ParameterStatus(body)) => {
-                if let (Ok(n), Ok(v)) = (body.name(), body.value()) {
-                    server.state.record(n, v);
-                }
-            }
-            Some(_) => {}
-            None => {
-                if server.stream.read_buf(&mut server.buf).await? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-            }
-        }
-    }
-}
-
-/// How long a health check or a reset may take before the server is given up.
-const SERVER_ROUND_TRIP: std::time::Duration = std::time::Duration::from_secs(5);
-
-async fn bounded(server: &mut ServerConn, sql: &str) -> Result<(), std::io::Error> {
-    tokio::time::timeout(SERVER_ROUND_TRIP, simple(server, sql))
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-}
-
-/// An empty query: the cheapest round trip that proves the server is alive.
-async fn check(server: &mut ServerConn) -> Result<(), std::io::Error> {
-    bounded(server, "").await
-}
-
-/// Whether an idle server has something to say before anyone asked: a FATAL (idle
-/// session timeout, an administrator's terminate, a restart) or end of file means it is
-/// gone; notices and notifications would reach the wrong client, so they are dropped.
-/// Only plaintext sockets can be peeked without blocking; TLS servers are covered by
-/// the health check of servers idle past `server_check_delay`.
-fn stale(server: &mut ServerConn) -> bool {
-    let crate::net::stream::Stream::Plain(tcp) = &server.stream else {
-        return false;
-    };
-    let mut chunk = [0u8; 4096];
-    loop {
-        match tcp.try_read(&mut chunk) {
-            Ok(0) => return true,
-            Ok(n) => server.buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(_) => return true,
-        }
-    }
-    loop {
-        match Message::parse(&mut server.buf) {
-            Ok(Some(Message::ErrorResponse(_))) | Err(_) => return true,
-            Ok(Some(Message::ParameterStatus(body))) => {
-                if let (Ok(n), Ok(v)) = (body.name(), body.value()) {
-                    server.state.record(n, v);
-                }
-            }
-            Ok(Some(_)) => {}
-            Ok(None) => return !server.buf.is_empty(),
-        }
-    }
-}
-
-/// Back to a fresh session: `DISCARD ALL` drops temp tables, prepared statements,
-/// LISTENs, advisory locks and session settings (the role's defaults come back).
-async fn reset(server: &mut ServerConn) -> Result<(), std::io::Error> {
-    bounded(server, "DISCARD ALL").await?;
-    server.statements.clear();
-    server.state = crate::session::params::ServerParams::from_login(&server.params);
-    Ok(())
-}
-
-/// Makes the server's session parameters what this client expects, before its first
-/// message. One round trip, and only when something differs.
-async fn sync_params(s: &mut Session, server: &mut ServerConn) -> Result<(), SessionError> {
-    let Some(sql) = server.state.sync_sql(&s.params) else {
-        return Ok(());
-    };
-    let mut out = BytesMut::new();
-    postgres_protocol::message::frontend::query(&sql, &mut out)?;
-    if let Err(e) = server.stream.write_all(&out).await {
-        return server_lost(s, e.to_string()).await;
-    }
-    loop {
-        let msg = match Message::parse(&mut server.buf) {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                match server.stream.read_buf(&mut server.buf).await {
-                    Ok(0) => {
-                        return server_lost(s, "the server closed the connection".into()).await;
-                    }
-                    Ok(_) => {}
-                    Err(e) => return server_lost(s, e.to_string()).await,
-                }
-                continue;
-            }
-            Err(e) => return server_lost(s, e.to_string()).await,
-        };
-        match msg {
-            Message::ParameterStatus(body) => {
-                if let (Ok(n), Ok(v)) = (body.name(), body.value()) {
-                    server.state.record(n, v);
-                }
-            }
-            Message::ErrorResponse(body) => {
-                // A startup parameter the server rejects (a bogus TimeZone): Postgres
-                // would have refused the connection, so do the same.
-                let e = crate::backend::server_error(&mut body.fields());
-                return fatal(
-                    &mut s.stream,
-                    SqlState::FEATURE_NOT_SUPPORTED,
-                    format!("invalid startup parameter: {e}"),
-                )
-                .await;
-            }
-            Message::ReadyForQuery(_) => break,
-            _ => {}
-        }
-    }
-    server.state.synced(&s.params);
     Ok(())
 }
 
@@ -535,7 +494,7 @@ fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
     Some((name, value))
 }
 
-async fn server_lost<T>(s: &mut Session, why: String) -> Result<T, SessionError> {
+pub(super) async fn server_lost<T>(s: &mut Session, why: String) -> Result<T, SessionError> {
     tracing::warn!(role = %s.role.name, why = %why, "server connection lost");
     fatal(
         &mut s.stream,

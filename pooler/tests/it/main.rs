@@ -12,4 +12,5 @@ mod protocol;
 mod restart;
 mod revocation;
 mod session_mode;
+mod state;
 mod tls;

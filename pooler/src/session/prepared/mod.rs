@@ -9,10 +9,17 @@
 //! pooler adds have replies the client never asked for; [`Replies`] knows which
 //! ParseComplete and CloseComplete to drop. Unnamed statements pass through untouched.
 
-use std::collections::{HashMap, VecDeque};
+mod replies;
+
+use std::collections::HashMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
+
+use replies::Reply;
+pub use replies::{Action, Replies, renamed_error};
+
+use super::state::{self, Effect};
 
 /// A Parse, Bind, Describe or Close whose names are not NUL-terminated.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,12 +33,20 @@ pub struct Statement {
     pub global: Bytes,
     /// A whole Parse message naming `global`.
     pub parse: Bytes,
+    /// What executing it may do to the session (state.rs).
+    effect: Effect,
 }
 
 /// One client's statements, by the names it gave them.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     by_name: HashMap<Bytes, Statement>,
+}
+
+impl ClientStatements {
+    fn clear(&mut self) {
+        self.by_name.clear();
+    }
 }
 
 /// The statements one server holds, least recently used first out.
@@ -73,76 +88,6 @@ impl ServerStatements {
     }
 }
 
-/// What the server will answer, for the messages that matter here: Parse and Close
-/// (each one reply, unless an error skips them), and Sync.
-#[derive(Debug, Default)]
-pub struct Replies {
-    queue: VecDeque<Reply>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reply {
-    /// ParseComplete (`1`); `drop`: the pooler sent that Parse, not the client.
-    Parse {
-        drop: bool,
-    },
-    /// CloseComplete (`3`).
-    Close {
-        drop: bool,
-    },
-    Sync,
-}
-
-impl Replies {
-    /// Whether a server message must be kept from the client.
-    pub fn server(&mut self, tag: u8) -> bool {
-        match tag {
-            b'1' => self.pop(|r| matches!(r, Reply::Parse { .. })),
-            b'3' => self.pop(|r| matches!(r, Reply::Close { .. })),
-            // An error skips the rest of the batch up to its Sync: those replies never
-            // come.
-            b'E' => {
-                while let Some(r) = self.queue.front() {
-                    if *r == Reply::Sync {
-                        break;
-                    }
-                    self.queue.pop_front();
-                }
-                false
-            }
-            b'Z' => {
-                while let Some(r) = self.queue.pop_front() {
-                    if r == Reply::Sync {
-                        break;
-                    }
-                }
-                false
-            }
-            _ => false,
-        }
-    }
-
-    fn pop(&mut self, is: impl Fn(&Reply) -> bool) -> bool {
-        match self.queue.front() {
-            Some(r) if is(r) => {
-                let drop = matches!(r, Reply::Parse { drop: true } | Reply::Close { drop: true });
-                self.queue.pop_front();
-                drop
-            }
-            _ => false,
-        }
-    }
-
-    fn will_reply(&mut self, r: Reply) {
-        self.queue.push_back(r);
-    }
-
-    /// The server's replies are all in (a ReadyForQuery with nothing pending).
-    pub fn clear(&mut self) {
-        self.queue.clear();
-    }
-}
-
 /// Splits a NUL-terminated string off the front of `body`.
 fn cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let end = body.iter().position(|b| *b == 0)?;
@@ -178,12 +123,14 @@ pub struct Rewriter<'a> {
     pub server: &'a mut ServerStatements,
     pub replies: &'a mut Replies,
     pub max_per_server: usize,
+    /// What the messages seen so far may do to the session.
+    pub effect: Effect,
 }
 
 impl Rewriter<'_> {
     /// Whether a whole client message must be looked at (its body is needed).
     pub fn needs_body(tag: u8) -> bool {
-        matches!(tag, b'P' | b'B' | b'D' | b'C' | b'S' | b'Q')
+        matches!(tag, b'P' | b'B' | b'D' | b'C' | b'S' | b'Q' | b'F')
     }
 
     /// Appends to `out` what the server should get for one whole client message
@@ -191,109 +138,156 @@ impl Rewriter<'_> {
     pub fn message(&mut self, tag: u8, raw: &[u8], out: &mut BytesMut) -> Result<(), Malformed> {
         let body = raw.get(5..).ok_or(Malformed)?;
         match tag {
-            b'P' => {
-                let (name, rest) = cstr(body).ok_or(Malformed)?;
-                if name.is_empty() {
-                    self.replies.will_reply(Reply::Parse { drop: false });
-                    out.extend_from_slice(raw);
-                    return Ok(());
-                }
-                let global = global_name(rest);
-                let mut parse = BytesMut::new();
-                message(&mut parse, b'P', &[&global, b"\0", rest]);
-                let stmt = Statement {
-                    global: global.clone(),
-                    parse: parse.freeze(),
-                };
-                // Already on this server (another client, or this one before): close it
-                // first, so the client's Parse gets its ParseComplete as from Postgres.
-                if self.server.has(&global) {
-                    self.close(&global, out);
-                }
-                self.evict(&global, out);
-                self.replies.will_reply(Reply::Parse { drop: false });
-                out.extend_from_slice(&stmt.parse);
-                self.server.touch(&global);
-                self.client
-                    .by_name
-                    .insert(Bytes::copy_from_slice(name), stmt);
-            }
+            b'P' => self.parse(raw, body, out)?,
             b'B' => {
                 let (portal, rest) = cstr(body).ok_or(Malformed)?;
                 let (name, rest) = cstr(rest).ok_or(Malformed)?;
                 match self.ensure(name, out) {
-                    Some(global) => message(out, b'B', &[portal, b"\0", &global, b"\0", rest]),
+                    Some(stmt) => {
+                        self.effect.merge(stmt.effect);
+                        message(out, b'B', &[portal, b"\0", &stmt.global, b"\0", rest]);
+                    }
                     None => out.extend_from_slice(raw),
                 }
             }
-            b'D' | b'C' => {
+            b'D' => {
                 let (&kind, rest) = body.split_first().ok_or(Malformed)?;
                 let (name, _) = cstr(rest).ok_or(Malformed)?;
-                if kind != b'S' || name.is_empty() {
-                    if tag == b'C' {
-                        self.replies.will_reply(Reply::Close { drop: false });
-                    }
-                    out.extend_from_slice(raw);
-                    return Ok(());
-                }
-                if tag == b'D' {
-                    match self.ensure(name, out) {
-                        Some(global) => message(out, b'D', &[b"S", &global, b"\0"]),
-                        None => out.extend_from_slice(raw),
-                    }
-                } else {
-                    // The client is done with its name; the server's statement may
-                    // serve other clients and stays (the LRU bound closes it later).
-                    // The client still gets its CloseComplete: from a harmless Close
-                    // of the name it gave.
-                    self.client.by_name.remove(name);
-                    self.replies.will_reply(Reply::Close { drop: false });
-                    out.extend_from_slice(raw);
+                match self.ensure(if kind == b'S' { name } else { b"" }, out) {
+                    Some(stmt) => message(out, b'D', &[b"S", &stmt.global, b"\0"]),
+                    None => out.extend_from_slice(raw),
                 }
             }
-            b'S' => {
-                self.replies.will_reply(Reply::Sync);
+            b'C' => {
+                let (&kind, rest) = body.split_first().ok_or(Malformed)?;
+                let (name, _) = cstr(rest).ok_or(Malformed)?;
+                // The client is done with its name; the server's statement may serve
+                // other clients and stays (the LRU bound closes it later). The client
+                // still gets its CloseComplete: from a harmless Close of the name it
+                // gave, which the server does not have.
+                let had = if kind == b'S' && !name.is_empty() {
+                    self.client.by_name.remove_entry(name)
+                } else {
+                    None
+                };
+                self.replies.push(Reply::Close {
+                    drop: false,
+                    server: None,
+                    client: had,
+                });
+                out.extend_from_slice(raw);
+            }
+            b'S' | b'F' => {
+                self.replies.push(Reply::End { undo: None });
                 out.extend_from_slice(raw);
             }
             b'Q' => {
-                // DEALLOCATE ALL / DISCARD ALL drop every statement on the server.
                 let text = cstr(body).map(|(q, _)| q).unwrap_or(body);
-                let head: Vec<u8> = text
-                    .iter()
-                    .skip_while(|b| b.is_ascii_whitespace())
-                    .take(10)
-                    .map(u8::to_ascii_uppercase)
-                    .collect();
-                if head.starts_with(b"DISCARD") || head.starts_with(b"DEALLOCATE") {
-                    self.server.clear();
+                self.effect.merge(state::classify(text));
+                let undo = self.deallocate(text, out);
+                if undo.is_none() {
+                    out.extend_from_slice(raw);
                 }
-                out.extend_from_slice(raw);
+                self.replies.push(Reply::End { undo });
             }
             _ => out.extend_from_slice(raw),
         }
         Ok(())
     }
 
-    /// The server name for a client's statement, preparing it on this server first if
-    /// needed; `None` for an unnamed or unknown statement (passed through as is: the
-    /// server then says what PostgreSQL says).
-    fn ensure(&mut self, name: &[u8], out: &mut BytesMut) -> Option<Bytes> {
+    fn parse(&mut self, raw: &[u8], body: &[u8], out: &mut BytesMut) -> Result<(), Malformed> {
+        let (name, rest) = cstr(body).ok_or(Malformed)?;
+        let (query, _) = cstr(rest).ok_or(Malformed)?;
+        let effect = state::classify(query);
+        self.effect.merge(effect);
+        if name.is_empty() {
+            self.replies.push(Reply::Parse {
+                drop: false,
+                global: Bytes::new(),
+                client: None,
+            });
+            out.extend_from_slice(raw);
+            return Ok(());
+        }
+        if let Some(existing) = self.ensure(name, out) {
+            // The client reuses a name without closing it. Parsing the existing
+            // server name again makes Postgres refuse it exactly as it would refuse
+            // the client's (42P05, and the rest of the batch skipped); only the name
+            // in the message is the client's.
+            message(out, b'P', &[&existing.global, b"\0", rest]);
+            self.replies.push(Reply::Duplicate {
+                client: Bytes::copy_from_slice(name),
+                global: existing.global,
+            });
+            return Ok(());
+        }
+        let global = global_name(rest);
+        let mut parse = BytesMut::new();
+        message(&mut parse, b'P', &[&global, b"\0", rest]);
+        let stmt = Statement {
+            global: global.clone(),
+            parse: parse.freeze(),
+            effect,
+        };
+        // Already on this server (another client, or this one before): close it
+        // first, so the client's Parse gets its ParseComplete as from Postgres.
+        if self.server.has(&global) {
+            self.close(&global, out);
+        }
+        self.evict(&global, out);
+        let name = Bytes::copy_from_slice(name);
+        self.replies.push(Reply::Parse {
+            drop: false,
+            global: global.clone(),
+            client: Some(name.clone()),
+        });
+        out.extend_from_slice(&stmt.parse);
+        self.server.touch(&global);
+        self.client.by_name.insert(name, stmt);
+        Ok(())
+    }
+
+    /// `DEALLOCATE [PREPARE] name` of one of the client's protocol-level statements
+    /// (psycopg evicts its statements so): rewritten to the server's name. Returns
+    /// what a failure must restore; `None` when the Query is not that and passes as is.
+    fn deallocate(&mut self, text: &[u8], out: &mut BytesMut) -> Option<(Bytes, Statement)> {
+        let name = deallocated_name(text)?;
+        self.client.by_name.get(name.as_slice())?;
+        let stmt = self.ensure(&name, out)?;
+        let name = self.client.by_name.remove_entry(name.as_slice())?.0;
+        self.server.forget(&stmt.global);
+        message(out, b'Q', &[b"DEALLOCATE ", &stmt.global, b"\0"]);
+        Some((name, stmt))
+    }
+
+    /// The client's statement `name`, prepared on this server first if needed; `None`
+    /// for an unnamed or unknown statement (passed through as is: the server then says
+    /// what PostgreSQL says).
+    fn ensure(&mut self, name: &[u8], out: &mut BytesMut) -> Option<Statement> {
         if name.is_empty() {
             return None;
         }
         let stmt = self.client.by_name.get(name)?.clone();
         if !self.server.has(&stmt.global) {
             self.evict(&stmt.global, out);
-            self.replies.will_reply(Reply::Parse { drop: true });
+            self.replies.push(Reply::Parse {
+                drop: true,
+                global: stmt.global.clone(),
+                client: None,
+            });
             out.extend_from_slice(&stmt.parse);
         }
         self.server.touch(&stmt.global);
-        Some(stmt.global)
+        Some(stmt)
     }
 
-    fn close(&mut self, global: &[u8], out: &mut BytesMut) {
+    fn close(&mut self, global: &Bytes, out: &mut BytesMut) {
         message(out, b'C', &[b"S", global, b"\0"]);
-        self.replies.will_reply(Reply::Close { drop: true });
+        self.replies.push(Reply::Close {
+            drop: true,
+            server: Some(global.clone()),
+            client: None,
+        });
         self.server.forget(global);
     }
 
@@ -308,148 +302,46 @@ impl Rewriter<'_> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(tag: u8, parts: &[&[u8]]) -> BytesMut {
-        let mut out = BytesMut::new();
-        message(&mut out, tag, parts);
-        out
+/// The statement name of a lone `DEALLOCATE [PREPARE] name` (not `ALL`), as Postgres
+/// reads it: unquoted names fold to lower case.
+fn deallocated_name(text: &[u8]) -> Option<Vec<u8>> {
+    let text = text.trim_ascii();
+    let text = text.strip_suffix(b";").unwrap_or(text).trim_ascii_end();
+    let (word, rest) = split_word(text)?;
+    if !word.eq_ignore_ascii_case(b"DEALLOCATE") {
+        return None;
     }
-
-    fn tags(buf: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut rest = buf;
-        while rest.len() >= 5 {
-            let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            out.push(rest[0]);
-            rest = &rest[1 + len..];
+    let mut rest = rest.trim_ascii_start();
+    if let Some((word, after)) = split_word(rest) {
+        if word.eq_ignore_ascii_case(b"PREPARE") {
+            rest = after.trim_ascii_start();
         }
-        out
     }
-
-    #[test]
-    fn a_statement_follows_its_client_to_another_server() {
-        let mut client = ClientStatements::default();
-        let (mut first, mut second) = (ServerStatements::default(), ServerStatements::default());
-        let mut replies = Replies::default();
-        let parse = msg(b'P', &[b"S_1\0", b"SELECT $1\0", &0u16.to_be_bytes()]);
-        let bind = msg(b'B', &[b"\0S_1\0", &[0, 0, 0, 0, 0, 0]]);
-
-        let mut out = BytesMut::new();
-        let mut rw = Rewriter {
-            client: &mut client,
-            server: &mut first,
-            replies: &mut replies,
-            max_per_server: 200,
-        };
-        rw.message(b'P', &parse, &mut out).unwrap();
-        rw.message(b'B', &bind, &mut out).unwrap();
-        assert_eq!(tags(&out), b"PB");
-        assert!(!out.windows(3).any(|w| w == b"S_1"), "renamed");
-
-        // Another transaction, another server: the statement is prepared there first,
-        // and its ParseComplete is dropped.
-        let mut out = BytesMut::new();
-        let mut replies = Replies::default();
-        let mut rw = Rewriter {
-            client: &mut client,
-            server: &mut second,
-            replies: &mut replies,
-            max_per_server: 200,
-        };
-        rw.message(b'B', &bind, &mut out).unwrap();
-        rw.message(b'S', &msg(b'S', &[]), &mut out).unwrap();
-        assert_eq!(tags(&out), b"PBS");
-        assert!(replies.server(b'1'), "our ParseComplete is dropped");
-        assert!(!replies.server(b'2'));
-        assert!(!replies.server(b'Z'));
-    }
-
-    #[test]
-    fn reparsing_a_known_statement_closes_it_first() {
-        let mut client = ClientStatements::default();
-        let mut server = ServerStatements::default();
-        let mut replies = Replies::default();
-        let parse = msg(b'P', &[b"a\0", b"SELECT 1\0", &0u16.to_be_bytes()]);
-        let mut out = BytesMut::new();
-        let mut rw = Rewriter {
-            client: &mut client,
-            server: &mut server,
-            replies: &mut replies,
-            max_per_server: 200,
-        };
-        rw.message(b'P', &parse, &mut out).unwrap();
-        rw.message(
-            b'P',
-            &msg(b'P', &[b"b\0", b"SELECT 1\0", &0u16.to_be_bytes()]),
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(tags(&out), b"PCP");
-        assert!(!replies.server(b'1'), "the client's first ParseComplete");
-        assert!(replies.server(b'3'), "our CloseComplete");
-        assert!(!replies.server(b'1'));
-    }
-
-    #[test]
-    fn an_error_skips_the_replies_of_the_batch() {
-        let mut replies = Replies::default();
-        replies.will_reply(Reply::Parse { drop: true });
-        replies.will_reply(Reply::Sync);
-        replies.will_reply(Reply::Parse { drop: false });
-        assert!(!replies.server(b'E'));
-        assert!(!replies.server(b'Z'));
-        assert!(
-            !replies.server(b'1'),
-            "the next batch's Parse is the client's"
-        );
-    }
-
-    #[test]
-    fn servers_hold_a_bounded_number_of_statements() {
-        let mut client = ClientStatements::default();
-        let mut server = ServerStatements::default();
-        let mut replies = Replies::default();
-        let mut out = BytesMut::new();
-        let mut rw = Rewriter {
-            client: &mut client,
-            server: &mut server,
-            replies: &mut replies,
-            max_per_server: 3,
-        };
-        for i in 0..5 {
-            let name = format!("s{i}\0");
-            let query = format!("SELECT {i}\0");
-            rw.message(
-                b'P',
-                &msg(
-                    b'P',
-                    &[name.as_bytes(), query.as_bytes(), &0u16.to_be_bytes()],
-                ),
-                &mut out,
-            )
-            .unwrap();
+    if let Some(quoted) = rest.strip_prefix(b"\"").and_then(|r| r.strip_suffix(b"\"")) {
+        let mut name = Vec::with_capacity(quoted.len());
+        let mut bytes = quoted.iter().peekable();
+        while let Some(&b) = bytes.next() {
+            if b == b'"' && bytes.next_if_eq(&&b'"').is_none() {
+                return None;
+            }
+            name.push(b);
         }
-        assert_eq!(server.used.len(), 3);
-        assert_eq!(tags(&out), b"PPPCPCP");
+        return Some(name);
     }
-
-    #[test]
-    fn unnamed_statements_pass_through() {
-        let mut client = ClientStatements::default();
-        let mut server = ServerStatements::default();
-        let mut replies = Replies::default();
-        let parse = msg(b'P', &[b"\0", b"SELECT 1\0", &0u16.to_be_bytes()]);
-        let mut out = BytesMut::new();
-        let mut rw = Rewriter {
-            client: &mut client,
-            server: &mut server,
-            replies: &mut replies,
-            max_per_server: 3,
-        };
-        rw.message(b'P', &parse, &mut out).unwrap();
-        assert_eq!(&out[..], &parse[..]);
+    let (word, after) = split_word(rest)?;
+    if !after.is_empty() || word.eq_ignore_ascii_case(b"ALL") {
+        return None;
     }
+    Some(word.to_ascii_lowercase())
 }
+
+fn split_word(text: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = text
+        .iter()
+        .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$'))
+        .unwrap_or(text.len());
+    (end > 0).then(|| text.split_at(end))
+}
+
+#[cfg(test)]
+mod tests;

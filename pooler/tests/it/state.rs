@@ -1,0 +1,241 @@
+//! Session state in transaction mode: what follows a client (tracked parameters),
+//! what pins it to its server (LISTEN, temp tables, advisory locks, untracked SET),
+//! and that none of it ever reaches another client.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio_postgres::{AsyncMessage, Notification};
+
+use crate::common::{App, Env, env, message, sqlstate};
+
+async fn value(client: &tokio_postgres::Client, sql: &str) -> String {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap()
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap()
+}
+
+/// A client whose notifications arrive on a channel.
+async fn listening_client(
+    e: &Env,
+    app: &App,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<Notification>,
+) {
+    let (client, mut connection) = e
+        .config(&app.role, &app.password)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n);
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// Everything another client could inherit, in one row: its pid, TimeZone,
+/// statement_timeout, search_path, work_mem, channels, temp relations, advisory locks.
+const LOOK: &str = "SELECT concat_ws('|', pg_backend_pid(), current_setting('TimeZone'), \
+     current_setting('statement_timeout'), current_setting('search_path'), \
+     current_setting('work_mem'), \
+     (SELECT count(*) FROM pg_listening_channels()), \
+     (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()), \
+     (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()))";
+
+#[tokio::test]
+async fn state_never_leaks_and_its_maker_keeps_it() {
+    let e = env(|c| {
+        c.query_wait_timeout_ms = 120_000;
+        c.max_pinned_per_role = Some(1);
+    })
+    .await;
+    let app = e.app_with_pool(1).await;
+    // Apps may not make temp tables by default (the isolation REVOKEs); this one may.
+    let admin = e.fixture.admin().await;
+    admin
+        .batch_execute(&format!(
+            "GRANT TEMPORARY ON DATABASE \"{}\" TO \"{}\"",
+            e.fixture.db, app.role
+        ))
+        .await
+        .unwrap();
+    let (x, mut notes) = listening_client(&e, &app).await;
+    let clean = value(&e.connect(&app).await, LOOK).await;
+    let fields: Vec<String> = clean.split('|').map(str::to_owned).collect();
+    let (pid, default_tz, default_timeout, default_path) = (
+        fields[0].clone(),
+        fields[1].clone(),
+        fields[2].clone(),
+        fields[3].clone(),
+    );
+    assert_ne!(default_tz, "Asia/Tokyo");
+
+    // Tracked parameters follow X and nobody else; X is not pinned by them.
+    x.batch_execute("SET TimeZone = 'Asia/Tokyo'; SET search_path = public")
+        .await
+        .unwrap();
+    assert_eq!(value(&x, "SHOW search_path").await, "public");
+    x.batch_execute("SET statement_timeout = '1ms'")
+        .await
+        .unwrap();
+    let others = e.connect(&app).await;
+    for _ in 0..10 {
+        let seen = value(&others, LOOK).await;
+        let f: Vec<&str> = seen.split('|').collect();
+        assert_eq!(f[0], pid, "one server");
+        assert_eq!(
+            (f[1], f[2], f[3]),
+            (
+                default_tz.as_str(),
+                default_timeout.as_str(),
+                default_path.as_str()
+            ),
+            "{seen}"
+        );
+    }
+    // X's 1 ms timeout can fire on X's own statements; retry until it is gone.
+    for _ in 0..100 {
+        if x.batch_execute("RESET statement_timeout").await.is_ok() {
+            break;
+        }
+    }
+    assert_eq!(value(&x, "SHOW TimeZone").await, "Asia/Tokyo");
+    assert_eq!(value(&x, "SHOW search_path").await, "public");
+
+    // State that cannot follow X pins it to the (only) server.
+    x.batch_execute(
+        "LISTEN x_channel; CREATE TEMP TABLE x_temp (a int); SELECT pg_advisory_lock(4242); \
+         SET work_mem = '77kB'",
+    )
+    .await
+    .unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let client = e.connect(&app).await;
+        let done = done.clone();
+        let (pid, tz, path) = (pid.clone(), default_tz.clone(), default_path.clone());
+        let timeout = default_timeout.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                let seen = value(&client, LOOK).await;
+                let f: Vec<&str> = seen.split('|').collect();
+                assert_eq!(f[0], pid, "one server");
+                assert_eq!(
+                    (f[1], f[2], f[3], f[4], f[5], f[6], f[7]),
+                    (
+                        tz.as_str(),
+                        timeout.as_str(),
+                        path.as_str(),
+                        "4MB",
+                        "0",
+                        "0",
+                        "0"
+                    ),
+                    "another client saw X's state: {seen}"
+                );
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    // X keeps what it made across its transactions while the others wait.
+    for i in 0..5 {
+        x.batch_execute(&format!("BEGIN; INSERT INTO x_temp VALUES ({i}); COMMIT"))
+            .await
+            .unwrap();
+        assert_eq!(value(&x, "SHOW TimeZone").await, "Asia/Tokyo");
+        assert_eq!(value(&x, "SHOW work_mem").await, "77kB");
+    }
+    assert_eq!(value(&x, "SELECT count(*) FROM x_temp").await, "5");
+    let held: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND granted",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 1);
+    admin
+        .batch_execute("NOTIFY x_channel, 'hello'")
+        .await
+        .unwrap();
+    let note = tokio::time::timeout(Duration::from_secs(30), notes.recv())
+        .await
+        .expect("X's LISTEN followed it")
+        .unwrap();
+    assert_eq!(note.payload(), "hello");
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        0,
+        "X is pinned to the only server"
+    );
+
+    // DISCARD ALL drops it all: X is unpinned and the server serves the others clean.
+    x.batch_execute("DISCARD ALL").await.unwrap();
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("the others never got the server")
+            .unwrap();
+    }
+    assert_eq!(done.load(Ordering::SeqCst), 100);
+    let role = e.pooler.shared.roles.get(&app.role).unwrap();
+    assert_eq!(role.pinned(), 0);
+}
+
+/// The pooler settles a session right after relaying its ReadyForQuery, so the
+/// client can be a step ahead of the books: wait for them.
+async fn pinned_becomes(role: &pooler::shared::RoleShared, n: usize) {
+    for _ in 0..500 {
+        if role.pinned() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(role.pinned(), n);
+}
+
+#[tokio::test]
+async fn pins_are_bounded_per_role_and_released_when_the_state_is_gone() {
+    let e = env(|c| c.max_pinned_per_role = Some(1)).await;
+    let app = e.app_with_pool(2).await;
+    let a = e.connect(&app).await;
+    a.batch_execute("LISTEN a_channel").await.unwrap();
+    let role = e.pooler.shared.roles.get(&app.role).unwrap();
+    pinned_becomes(&role, 1).await;
+    let b = e.connect(&app).await;
+    let err = b.batch_execute("LISTEN b_channel").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "53400");
+    assert!(message(&err).contains("session mode"), "{}", message(&err));
+    // A's state is gone: its pin goes back, and another client may pin.
+    a.batch_execute("UNLISTEN *").await.unwrap();
+    pinned_becomes(&role, 0).await;
+    let c = e.connect(&app).await;
+    c.batch_execute("SELECT pg_advisory_lock(7)").await.unwrap();
+    pinned_becomes(&role, 1).await;
+    c.batch_execute("SELECT pg_advisory_unlock(7)")
+        .await
+        .unwrap();
+    pinned_becomes(&role, 0).await;
+    // An untracked SET pins until RESET.
+    a.batch_execute("SET work_mem = '99kB'").await.unwrap();
+    pinned_becomes(&role, 1).await;
+    assert_eq!(value(&a, "SHOW work_mem").await, "99kB");
+    a.batch_execute("RESET work_mem").await.unwrap();
+    pinned_becomes(&role, 0).await;
+}
