@@ -122,9 +122,32 @@ pub struct Config {
     /// real one's across restarts and replicas. Default: random per process.
     #[serde(skip_serializing)]
     pub auth_mock_secret: Option<Secret>,
+    /// What is logged: `tracing` filter directives such as `info` or
+    /// `pooler=debug,info`. `RUST_LOG`, when set, takes its place. Default `info`.
+    pub log_level: String,
     pub upstream: Upstream,
     pub client_tls: ClientTls,
     pub server_tls: ServerTls,
+    pub admin: Admin,
+}
+
+/// The admin console: the virtual databases `pgbouncer` and `admin`, for one role that
+/// is configured here rather than looked up in `dataplane_auth` and that never gets a
+/// server connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Admin {
+    /// The admin role's name. Default: none, and the console refuses everyone.
+    pub user: Option<String>,
+    /// Its SCRAM-SHA-256 verifier, `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`
+    /// as PostgreSQL stores one, so no password is kept anywhere. Set it through
+    /// `POOLER_ADMIN_SCRAM_VERIFIER`, or give `POOLER_ADMIN_PASSWORD` and the pooler
+    /// derives a verifier at start. Never serialised back out. Default: none.
+    #[serde(skip_serializing)]
+    pub scram_verifier: Option<Secret>,
+    /// How long `PAUSE` waits for running transactions to finish before it reports
+    /// those still running (the pause stays in force). Default 30 s.
+    pub pause_timeout_ms: u64,
 }
 
 /// The Postgres cluster behind the pooler.
@@ -191,9 +214,21 @@ impl Default for Config {
             auth_mock_secret: None,
             max_prepared_statements: 200,
             max_pinned_per_role: None,
+            log_level: "info".into(),
             upstream: Upstream::default(),
             client_tls: ClientTls::default(),
             server_tls: ServerTls::default(),
+            admin: Admin::default(),
+        }
+    }
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            user: None,
+            scram_verifier: None,
+            pause_timeout_ms: 30_000,
         }
     }
 }
@@ -279,6 +314,7 @@ impl Config {
             ("client_login_timeout_ms", self.client_login_timeout_ms),
             ("server_connect_timeout_ms", self.server_connect_timeout_ms),
             ("switch_quantum_ms", self.switch_quantum_ms),
+            ("admin.pause_timeout_ms", self.admin.pause_timeout_ms),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be greater than 0"));
@@ -312,7 +348,10 @@ impl Config {
             }
             _ => {}
         }
-        Ok(())
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return bad(format!("log_level {:?}: {e}", self.log_level));
+        }
+        self.admin.validate()
     }
 
     /// The pin bound for a role with this pool size.
@@ -347,6 +386,38 @@ impl Config {
     }
     pub fn auth_cache_ttl(&self) -> Duration {
         ms(self.auth_cache_ttl_ms)
+    }
+}
+
+impl Admin {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        match (&self.user, &self.scram_verifier) {
+            (None, None) => Ok(()),
+            (Some(user), _) if user.is_empty() => bad("admin.user must not be empty"),
+            (Some(_), None) => bad(
+                "admin.user needs its verifier: set POOLER_ADMIN_SCRAM_VERIFIER (or \
+                 POOLER_ADMIN_PASSWORD, from which the pooler derives one)",
+            ),
+            (None, Some(_)) => bad("an admin verifier is set but admin.user is not"),
+            (Some(_), Some(v)) => match crate::auth::verifier::ScramSecret::parse(v.expose()) {
+                Ok(_) => Ok(()),
+                // The error names what is malformed, never the verifier itself.
+                Err(e) => Err(ConfigError::Invalid(format!("the admin verifier: {e}"))),
+            },
+        }
+    }
+
+    pub fn pause_timeout(&self) -> Duration {
+        ms(self.pause_timeout_ms)
+    }
+
+    /// The admin role and its parsed verifier, when the console is configured.
+    pub fn credentials(&self) -> Option<(&str, crate::auth::verifier::ScramSecret)> {
+        let user = self.user.as_deref()?;
+        let secret =
+            crate::auth::verifier::ScramSecret::parse(self.scram_verifier.as_ref()?.expose());
+        Some((user, secret.ok()?))
     }
 }
 

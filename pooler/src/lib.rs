@@ -13,18 +13,25 @@
 //!    *as the same role* with that ClientKey (SCRAM pass-through);
 //! 5. [`session`] relays a transaction at a time and gives the server back on
 //!    ReadyForQuery `I`;
-//! 6. [`admin`] serves `/healthz` and `/readyz`; [`config`] is the one place defaults
-//!    live; [`shared`] is what all client tasks share.
+//! 6. [`admin`] serves `/healthz`, `/readyz`, `/v1/pools` and `/v1/reload` over HTTP,
+//!    and the PgBouncer-style console (`psql -d pgbouncer`), which [`session`] hands
+//!    a client to instead of logging it in as an app; [`control`] (pause, kill,
+//!    shutdown) and [`reload`] are what both offer; [`registry`] knows who is
+//!    connected; [`config`] is the one place defaults live; [`shared`] is what all
+//!    client tasks share.
 
 pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod net;
 pub mod pool;
 pub mod proto;
+pub mod registry;
+pub mod reload;
 pub mod session;
 pub mod shared;
 mod start;
 
-pub use start::{Running, StartError, start};
+pub use start::{Hooks, LoadConfig, Running, SetLogFilter, StartError, start, start_with};

@@ -1,15 +1,18 @@
 //! `pooler`: parses flags (each also from the environment), loads the configuration,
-//! and runs until SIGTERM or Ctrl-C.
+//! and runs until SIGTERM, Ctrl-C or the console's SHUTDOWN; SIGHUP reloads the
+//! configuration the same way it was loaded at start.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use pooler::config::{Config, Secret, TlsMode};
+use pooler::config::{Config, ConfigError, Secret, TlsMode};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser)]
 #[command(
@@ -74,6 +77,26 @@ struct Cli {
     /// CA bundle for --server-tls verify-full.
     #[arg(long, env = "POOLER_SERVER_TLS_CA")]
     server_tls_ca: Option<PathBuf>,
+    /// The admin console's role (databases pgbouncer and admin). Default: none.
+    #[arg(long, env = "POOLER_ADMIN_USER")]
+    admin_user: Option<String>,
+    /// The admin role's SCRAM-SHA-256 verifier (as PostgreSQL stores one).
+    #[arg(
+        long = "admin-scram-verifier",
+        env = "POOLER_ADMIN_SCRAM_VERIFIER",
+        hide_env_values = true,
+        hide = true
+    )]
+    admin_scram_verifier: Option<String>,
+    /// The admin role's password; the pooler keeps only a verifier derived from it at
+    /// start. POOLER_ADMIN_SCRAM_VERIFIER, when also set, wins.
+    #[arg(
+        long = "admin-password",
+        env = "POOLER_ADMIN_PASSWORD",
+        hide_env_values = true,
+        hide = true
+    )]
+    admin_password: Option<String>,
     /// How long SIGTERM waits for running transactions. Default 30 s.
     #[arg(long, env = "POOLER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -101,17 +124,30 @@ fn parse_mode(s: &str) -> Result<TlsMode, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // tokio-postgres logs statements and parameters at debug; keep them out.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        .add_directive("tokio_postgres=info".parse().unwrap_or_default());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let mut cli = Cli::parse();
+    // Derived once, so reloads see the same verifier, and the password is dropped.
+    if cli.admin_scram_verifier.is_none() {
+        if let Some(password) = cli.admin_password.take() {
+            cli.admin_scram_verifier = Some(postgres_protocol::password::scram_sha_256(
+                password.as_bytes(),
+            ));
+        }
+    }
+    cli.admin_password = None;
+    let config = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pooler: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (filter, log_filter) =
+        tracing_subscriber::reload::Layer::new(log_filter(&config.log_level));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -120,7 +156,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let cli = Arc::new(cli);
+    let reload_cli = cli.clone();
+    let hooks = pooler::Hooks {
+        load_config: Some(Box::new(move || load(&reload_cli))),
+        set_log_filter: Some(Box::new(move |level| {
+            log_filter
+                .reload(log_filter_checked(level)?)
+                .map_err(|e| e.to_string())
+        })),
+    };
+    match runtime.block_on(run(cli, config, hooks)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -130,7 +176,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(cli: &Cli) -> anyhow::Result<Config> {
+/// The filter for a (validated) `log_level`. tokio-postgres logs statements and
+/// parameters at debug; they stay out whatever the level.
+fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
+    log_filter_checked(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+}
+
+fn log_filter_checked(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let quiet = "tokio_postgres=info".parse().map_err(|e| format!("{e}"))?;
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(|f| f.add_directive(quiet))
+        .map_err(|e| e.to_string())
+}
+
+/// The file (if any), then the environment and flags over it, validated. A reload
+/// runs this again with the same flags and environment as at start.
+fn load(cli: &Cli) -> Result<Config, ConfigError> {
+    let invalid = |m: String| ConfigError::Invalid(m);
     let mut c = match &cli.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -145,10 +207,15 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
         c.admin_listen = v;
     }
     if let Some(url) = &cli.upstream_url {
-        let pg = tokio_postgres::Config::from_str(url).context("parsing --upstream-url")?;
+        let pg = tokio_postgres::Config::from_str(url)
+            .map_err(|e| invalid(format!("parsing --upstream-url: {e}")))?;
         match pg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => c.upstream.host = h.clone(),
-            Some(_) => bail!("--upstream-url: only TCP hosts are supported"),
+            Some(_) => {
+                return Err(invalid(
+                    "--upstream-url: only TCP hosts are supported".into(),
+                ));
+            }
             None => {}
         }
         if let Some(p) = pg.get_ports().first() {
@@ -194,17 +261,34 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     if cli.server_tls_ca.is_some() {
         c.server_tls.ca_file = cli.server_tls_ca.clone();
     }
+    if cli.admin_user.is_some() {
+        c.admin.user = cli.admin_user.clone();
+    }
+    if let Some(v) = &cli.admin_scram_verifier {
+        c.admin.scram_verifier = Some(Secret::new(v.clone()));
+    }
+    if let Ok(level) = std::env::var("RUST_LOG") {
+        c.log_level = level;
+    }
     c.validate()?;
     Ok(c)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = load(&cli)?;
-    let running = pooler::start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+async fn run(cli: Arc<Cli>, config: Config, hooks: pooler::Hooks) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let running = pooler::start_with(config, hooks).await?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = running.shutdown_requested() => break,
+            _ = hangup.recv() => {
+                // Logged by the reload itself, applied or refused.
+                let _ = pooler::reload::reload(&running.shared).await;
+            }
+        }
     }
     tracing::info!("shutting down");
     running

@@ -1,17 +1,20 @@
 //! What every client task shares: configuration, the verifier cache, per-role state,
-//! the pools, cancel keys.
+//! the pools, cancel keys, who is connected, and the operator's controls.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{Semaphore, watch};
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::sync::watch;
 
 use crate::auth::cache::{Change, VerifierCache};
 use crate::auth::limiter::AuthLimiter;
 use crate::backend::{LoginKeys, ServerConn, Target};
 use crate::config::Config;
+use crate::control::Pause;
 use crate::pool::Pools;
+use crate::registry::{ClientInfo, Registry, ServerInfo};
 use crate::session::cancel::CancelMap;
 use crate::session::params::ServerParams;
 
@@ -20,7 +23,8 @@ use crate::session::params::ServerParams;
 pub const MISMATCH_BACKOFF: Duration = Duration::from_secs(30);
 
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// Swapped whole by a reload; read through [`Shared::config`].
+    pub(crate) config: ArcSwap<Config>,
     pub cache: Arc<VerifierCache>,
     pub roles: Arc<Roles>,
     pub pools: Pools<ServerConn>,
@@ -29,9 +33,28 @@ pub struct Shared {
     pub target: Target,
     /// Keys the mock verifiers of unknown roles, so they are stable but unguessable.
     pub mock_secret: [u8; 32],
-    pub client_tls: Option<tokio_rustls::TlsAcceptor>,
-    pub clients: Arc<Semaphore>,
+    /// Swapped by a reload, so renewed certificate files take effect for new clients.
+    pub client_tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
+    /// Connected clients, at most `max_client_conn` (admin sessions included).
+    pub clients: Arc<Registry<ClientInfo>>,
+    pub servers: Arc<Registry<ServerInfo>>,
+    /// `PAUSE`: checkouts of paused roles wait for `RESUME`.
+    pub pause: Pause,
     pub shutdown: watch::Receiver<bool>,
+    /// Set by the console's `SHUTDOWN`; the binary then drains as on SIGTERM.
+    pub shutdown_requested: watch::Sender<bool>,
+    pub hooks: crate::Hooks,
+    /// One reload at a time.
+    pub(crate) reloading: tokio::sync::Mutex<()>,
+    pub started_at: SystemTime,
+}
+
+impl Shared {
+    /// The configuration in force. Cheap (no lock, no reference count on the hot path);
+    /// hold it only briefly, and never across a reload you wait for.
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
 }
 
 /// Per-role state that outlives any one client.
@@ -47,6 +70,12 @@ pub struct RoleShared {
     mismatch_until: Mutex<Option<Instant>>,
     /// Clients pinned to a server by session state now.
     pinned: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set by the console's KILL: tells the clients it disconnects why.
+    killed: std::sync::atomic::AtomicBool,
+    /// Checkouts (transactions, or sessions in session mode) since start, and the
+    /// time their clients waited for a server, in microseconds: `SHOW STATS`.
+    xacts: std::sync::atomic::AtomicU64,
+    wait_us: std::sync::atomic::AtomicU64,
 }
 
 /// A pinned client's place under `max_pinned_per_role`; given back on drop.
@@ -73,7 +102,40 @@ impl RoleShared {
             revoked: watch::Sender::new(0),
             mismatch_until: Mutex::new(None),
             pinned: Arc::default(),
+            killed: Default::default(),
+            xacts: Default::default(),
+            wait_us: Default::default(),
         }
+    }
+
+    /// A client got a server after waiting `waited`.
+    pub fn checked_out(&self, waited: Duration) {
+        use std::sync::atomic::Ordering;
+        self.xacts.fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        self.wait_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Checkouts since start, and the microseconds their clients waited in total.
+    pub fn checkouts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.xacts.load(Ordering::Relaxed),
+            self.wait_us.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The console's KILL: every client of the role is told to leave (57P01), as on a
+    /// revocation, but its keys stay valid and it may log in again at once.
+    pub fn kill(&self) {
+        self.killed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.revoked.send_modify(|n| *n += 1);
+    }
+
+    /// Whether the last disconnection of the role's clients was a KILL.
+    pub fn was_killed(&self) -> bool {
+        self.killed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A pin slot, if fewer than `max` clients of the role are pinned.
@@ -166,6 +228,8 @@ impl RoleShared {
     }
 
     pub fn revoke(&self) {
+        self.killed
+            .store(false, std::sync::atomic::Ordering::Release);
         *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.revoked.send_modify(|n| *n += 1);
     }
@@ -223,6 +287,16 @@ impl Roles {
         let r = Arc::new(RoleShared::new(name.clone()));
         map.insert(name, r.clone());
         r
+    }
+
+    /// Every role that has had a client since start.
+    pub fn all(&self) -> Vec<Arc<RoleShared>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn get(&self, role: &str) -> Option<Arc<RoleShared>> {

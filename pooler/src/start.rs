@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::admin::{self, AdminState};
 use crate::auth::cache::VerifierCache;
 use crate::auth::limiter::AuthLimiter;
 use crate::backend::{PassThrough, Target};
-use crate::config::{Config, ConfigError, TlsMode};
+use crate::config::{Config, ConfigError};
 use crate::net::{self, Tracker, tls};
 use crate::pool::{PoolConfig, Pools};
 use crate::session::Listener;
@@ -36,6 +37,21 @@ pub enum StartError {
     Random(getrandom::Error),
 }
 
+/// Re-reads the configuration as the binary built it at start (file, environment,
+/// flags). A reload calls it.
+pub type LoadConfig = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+/// Replaces the log filter (a validated `log_level`).
+pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What the embedding program lends the pooler for reloads.
+#[derive(Default)]
+pub struct Hooks {
+    /// Without it, a reload is refused.
+    pub load_config: Option<LoadConfig>,
+    /// Without it, `log_level` changes on reload are recorded but not applied.
+    pub set_log_filter: Option<SetLogFilter>,
+}
+
 /// A started pooler.
 pub struct Running {
     pub addr: SocketAddr,
@@ -53,21 +69,17 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Validates the configuration, binds every listener and starts serving.
+/// Validates the configuration, binds every listener and starts serving. Reloads are
+/// refused: see [`start_with`].
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_with(config, Hooks::default()).await
+}
+
+/// [`start`], with what reloads need.
+pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartError> {
     config.validate()?;
     let config = Arc::new(config);
-    let client_tls = match (
-        &config.client_tls.cert_file,
-        &config.client_tls.key_file,
-        config.client_tls.mode,
-    ) {
-        (_, _, TlsMode::Disable) => None,
-        (Some(cert), Some(key), _) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
-            cert, key,
-        )?)),
-        _ => None,
-    };
+    let client_tls = crate::reload::client_acceptor(&config)?;
     let server_tls =
         tls::client_config(config.server_tls.mode, config.server_tls.ca_file.as_deref())?;
     let target = Target {
@@ -84,10 +96,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config.auth_pool_size,
     );
     let roles = Arc::new(Roles::default());
+    let servers = Arc::default();
     let connector = Arc::new(PassThrough {
         roles: roles.clone(),
         target: target.clone(),
         backoff: Default::default(),
+        servers: Arc::clone(&servers),
     });
     let pools = Pools::new(pool_config(&config), connector);
     let mock_secret: [u8; 32] = match &config.auth_mock_secret {
@@ -122,7 +136,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         })?;
 
     let shared = Arc::new(Shared {
-        config: config.clone(),
+        config: ArcSwap::new(config.clone()),
         cache: cache.clone(),
         roles: roles.clone(),
         pools: pools.clone(),
@@ -133,9 +147,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ),
         target,
         mock_secret,
-        client_tls,
-        clients: Arc::new(Semaphore::new(config.max_client_conn)),
+        client_tls: ArcSwapOption::from_pointee(client_tls),
+        clients: Arc::default(),
+        servers,
+        pause: Default::default(),
         shutdown: shutdown_rx.clone(),
+        shutdown_requested: watch::Sender::new(false),
+        hooks,
+        reloading: Default::default(),
+        started_at: std::time::SystemTime::now(),
     });
 
     tokio::spawn(cache.clone().run_listener(shutdown_rx.clone()));
@@ -161,6 +181,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_app = admin::app(AdminState {
         cache,
         draining: draining.clone(),
+        shared: shared.clone(),
     });
     let mut admin_shutdown = shutdown_rx;
     tokio::spawn(async move {
@@ -197,6 +218,14 @@ pub(crate) fn pool_config(c: &Config) -> PoolConfig {
 }
 
 impl Running {
+    /// Resolves when the admin console asked for `SHUTDOWN`; the caller then runs
+    /// [`Running::shutdown`] as on SIGTERM.
+    pub async fn shutdown_requested(&self) {
+        let mut rx = self.shared.shutdown_requested.subscribe();
+        // The sender lives as long as `self`, so this only returns on a request.
+        let _ = rx.wait_for(|requested| *requested).await;
+    }
+
     /// Stops accepting, tells idle clients to leave (57P01) as they finish their
     /// transactions, and waits up to `grace` for them.
     pub async fn shutdown(self, grace: Duration) {

@@ -172,6 +172,12 @@ impl VerifierCache {
         Ok(auth.clone())
     }
 
+    /// The role's cached lookup, however old, without asking Postgres.
+    pub fn peek(&self, role: &str) -> Option<Arc<RoleAuth>> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.get(role).and_then(|s| s.cell.get().cloned())
+    }
+
     /// Forget a role now.
     pub fn invalidate(&self, role: &str) {
         self.slots

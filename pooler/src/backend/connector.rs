@@ -8,6 +8,7 @@ use futures_util::future::BoxFuture;
 
 use super::{BackendError, ServerConn, Target};
 use crate::pool::{ConnectError, Connector};
+use crate::registry::{Registry, ServerInfo, next_server_id};
 use crate::session::params::ServerParams;
 use crate::shared::Roles;
 
@@ -17,6 +18,8 @@ pub struct PassThrough {
     /// While Postgres is unreachable, new logins fail at once until the backoff has
     /// passed, instead of every waiting client hammering a restarting server.
     pub backoff: Arc<std::sync::Mutex<Backoff>>,
+    /// Where servers are listed for `SHOW SERVERS`.
+    pub servers: Arc<Registry<ServerInfo>>,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +65,7 @@ impl Connector<ServerConn> for PassThrough {
         let roles = self.roles.clone();
         let target = self.target.clone();
         let backoff = self.backoff.clone();
+        let servers = self.servers.clone();
         let role = role.to_owned();
         Box::pin(async move {
             let waiting = backoff
@@ -76,7 +80,18 @@ impl Connector<ServerConn> for PassThrough {
                 .keys()
                 .ok_or_else(|| ConnectError::new(NoKeys(role.clone())))?;
             match target.connect(&keys).await {
-                Ok(server) => {
+                Ok(mut server) => {
+                    let id = next_server_id();
+                    let info = ServerInfo {
+                        id,
+                        role: server.role.clone(),
+                        connected_at: std::time::SystemTime::now(),
+                        remote_pid: server.key.pid,
+                        local: server.stream.local_addr(),
+                        tls: server.stream.tls_description(),
+                    };
+                    // The pool bounds servers itself; the registry only lists them.
+                    server.registered = servers.register(id, info, usize::MAX);
                     backoff
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

@@ -91,6 +91,15 @@ pub struct ServerConn {
     pub created: Instant,
     /// Bytes read past the last message the login consumed (normally none).
     pub buf: BytesMut,
+    /// Its entry in `SHOW SERVERS` while it lives (set by the pool's connector).
+    pub registered: Option<crate::registry::Registered<crate::registry::ServerInfo>>,
+}
+
+impl ServerConn {
+    /// The id `SHOW SERVERS` and `SHOW CLIENTS` know it by (0 if unregistered).
+    pub fn id(&self) -> u64 {
+        self.registered.as_ref().map_or(0, |r| r.id)
+    }
 }
 
 /// The credentials to log in as one role without its password.
@@ -230,6 +239,7 @@ impl Target {
             generation: keys.generation,
             created: Instant::now(),
             buf,
+            registered: None,
         })
     }
 

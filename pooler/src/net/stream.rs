@@ -19,6 +19,39 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         !matches!(self, Stream::Plain(_))
     }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::TlsServer(s) => s.get_ref().0,
+            Stream::TlsClient(s) => s.get_ref().0,
+        }
+    }
+
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp().local_addr().ok()
+    }
+
+    /// The TLS version and cipher suite a client negotiated, as `SHOW CLIENTS` shows
+    /// them; empty for plaintext.
+    pub fn tls_description(&self) -> String {
+        let (version, suite) = match self {
+            Stream::Plain(_) => return String::new(),
+            Stream::TlsServer(s) => (
+                s.get_ref().1.protocol_version(),
+                s.get_ref().1.negotiated_cipher_suite(),
+            ),
+            Stream::TlsClient(s) => (
+                s.get_ref().1.protocol_version(),
+                s.get_ref().1.negotiated_cipher_suite(),
+            ),
+        };
+        let version = version.and_then(|v| v.as_str()).unwrap_or("TLS");
+        match suite.and_then(|s| s.suite().as_str()) {
+            Some(suite) => format!("{version}/{suite}"),
+            None => version.to_owned(),
+        }
+    }
 }
 
 impl AsyncRead for Stream {

@@ -271,6 +271,67 @@ pub fn command_complete(buf: &mut BytesMut, command_tag: &str) -> Result<(), Enc
     })
 }
 
+/// Type OIDs of the columns the pooler describes itself (pg_type.dat).
+pub const TEXT_OID: u32 = 25;
+pub const INT8_OID: u32 = 20;
+
+/// RowDescription of text-format columns `(name, type OID)` of no table.
+pub fn row_description(buf: &mut BytesMut, columns: &[(&str, u32)]) -> Result<(), EncodeError> {
+    let count = i16::try_from(columns.len()).map_err(|_| EncodeError::TooLong {
+        what: "RowDescription",
+        len: columns.len(),
+    })?;
+    wire::write_message(buf, Some(tag::ROW_DESCRIPTION), "RowDescription", |buf| {
+        buf.put_i16(count);
+        for (name, oid) in columns {
+            wire::put_cstr(buf, name.as_bytes(), "column name")?;
+            buf.put_u32(0); // table OID
+            buf.put_i16(0); // column number
+            buf.put_u32(*oid);
+            // typlen: -1 (varlena) for text, 8 for int8.
+            buf.put_i16(if *oid == INT8_OID { 8 } else { -1 });
+            buf.put_i32(-1); // typmod
+            buf.put_i16(0); // text format
+        }
+        Ok(())
+    })
+}
+
+/// DataRow of text values; `None` is NULL.
+pub fn data_row(buf: &mut BytesMut, values: &[Option<&str>]) -> Result<(), EncodeError> {
+    let count = i16::try_from(values.len()).map_err(|_| EncodeError::TooLong {
+        what: "DataRow",
+        len: values.len(),
+    })?;
+    wire::write_message(buf, Some(tag::DATA_ROW), "DataRow", |buf| {
+        buf.put_i16(count);
+        for value in values {
+            match value {
+                None => buf.put_i32(-1),
+                Some(v) => {
+                    let len = i32::try_from(v.len()).map_err(|_| EncodeError::TooLong {
+                        what: "DataRow value",
+                        len: v.len(),
+                    })?;
+                    buf.put_i32(len);
+                    buf.put_slice(v.as_bytes());
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// NoData: a described statement returns no rows.
+pub fn no_data(buf: &mut BytesMut) {
+    wire::write_fixed(buf, tag::NO_DATA, &[]);
+}
+
+/// ParameterDescription of a statement without parameters.
+pub fn no_parameters(buf: &mut BytesMut) {
+    wire::write_fixed(buf, tag::PARAMETER_DESCRIPTION, &[0, 0]);
+}
+
 // --- parsers of server messages --------------------------------------------------------
 
 /// The status byte of a ReadyForQuery body.

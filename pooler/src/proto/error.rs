@@ -37,6 +37,18 @@ impl SqlState {
     pub const QUERY_CANCELED: SqlState = SqlState("57014");
     /// XX000 internal_error: the pooler's own fault.
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
+    /// 00000 successful_completion: the code of the console's notices.
+    pub const SUCCESSFUL_COMPLETION: SqlState = SqlState("00000");
+    /// 01000 warning: a console notice about something that did not take effect.
+    pub const WARNING: SqlState = SqlState("01000");
+    /// 42601 syntax_error: an admin console command the pooler does not know.
+    pub const SYNTAX_ERROR: SqlState = SqlState("42601");
+    /// 42704 undefined_object: e.g. `KILL` of a role the pooler has never seen.
+    pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");
+    /// 55000 object_not_in_prerequisite_state: e.g. `RESUME` of what is not paused.
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState("55000");
+    /// F0000 config_file_error: a reload found the configuration invalid.
+    pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
 
     /// The five-character code.
     pub const fn code(self) -> &'static str {
@@ -131,6 +143,12 @@ mod tests {
             SqlState::FEATURE_NOT_SUPPORTED,
             SqlState::QUERY_CANCELED,
             SqlState::INTERNAL_ERROR,
+            SqlState::SUCCESSFUL_COMPLETION,
+            SqlState::WARNING,
+            SqlState::SYNTAX_ERROR,
+            SqlState::UNDEFINED_OBJECT,
+            SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SqlState::CONFIG_FILE_ERROR,
         ] {
             assert_eq!(code.code().len(), 5);
             assert!(

@@ -81,3 +81,30 @@ pub fn parse_query(body: &[u8]) -> Result<&[u8], ParseError> {
     r.end()?;
     Ok(query)
 }
+
+/// The names at the head of a Parse body: the statement name and the query text (the
+/// parameter types after them are left unread).
+pub fn parse_parse_head(body: &[u8]) -> Result<(&[u8], &[u8]), ParseError> {
+    let mut r = Reader::new(body, "Parse");
+    Ok((r.cstr()?, r.cstr()?))
+}
+
+/// The portal and statement names at the head of a Bind body.
+pub fn parse_bind_head(body: &[u8]) -> Result<(&[u8], &[u8]), ParseError> {
+    let mut r = Reader::new(body, "Bind");
+    Ok((r.cstr()?, r.cstr()?))
+}
+
+/// A Describe or Close body: `S` or `P`, and a name.
+pub fn parse_target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a [u8]), ParseError> {
+    let mut r = Reader::new(body, what);
+    let kind = r.u8()?;
+    let name = r.cstr()?;
+    r.end()?;
+    Ok((kind, name))
+}
+
+/// The portal name of an Execute body (the row limit after it is left unread).
+pub fn parse_execute_portal(body: &[u8]) -> Result<&[u8], ParseError> {
+    Reader::new(body, "Execute").cstr()
+}

@@ -74,7 +74,7 @@ pub async fn login(
         .await;
     };
     let database = get("database").unwrap_or(&user).to_owned();
-    if database != shared.config.upstream.dbname {
+    if database != shared.config().upstream.dbname {
         return fatal(
             &mut stream,
             SqlState::INVALID_CATALOG_NAME,
@@ -111,70 +111,20 @@ pub async fn login(
         None => verifier::ScramSecret::mock(&user, &shared.mock_secret),
     };
 
-    let mut out = BytesMut::with_capacity(512);
-    encoded(msg::authentication_sasl(&mut out, &[MECHANISM]))?;
-    stream.write_all(&out).await?;
-    out.clear();
-
-    let nonce = match crate::auth::random_nonce() {
-        Ok(n) => n,
-        Err(e) => {
-            return fatal(
-                &mut stream,
-                SqlState::CONNECTION_FAILURE,
-                format!("no randomness: {e}"),
-            )
-            .await;
-        }
-    };
-    let mut exchange = match ServerExchange::new(secret, &nonce) {
-        Ok(x) => x,
-        Err(e) => return fatal(&mut stream, SqlState::INTERNAL_ERROR, e.to_string()).await,
-    };
-    let first = read_sasl(&mut stream, &mut buf, deadline).await?;
-    let first = match frontend::parse_sasl_initial_response(&first) {
-        Ok(frontend::SaslInitialResponse {
-            mechanism,
-            data: Some(data),
-        }) if mechanism == MECHANISM => data.to_vec(),
-        Ok(frontend::SaslInitialResponse { mechanism, .. }) => {
-            return fatal(
-                &mut stream,
-                SqlState::PROTOCOL_VIOLATION,
-                format!("SASL mechanism {mechanism:?} is not offered; use {MECHANISM}"),
-            )
-            .await;
-        }
-        Err(e) => return fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
-    };
-    let server_first = match exchange.client_first(&first) {
-        Ok(m) => m,
-        Err(e) => return fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
-    };
-    encoded(msg::authentication_sasl_continue(&mut out, &server_first))?;
-    stream.write_all(&out).await?;
-    out.clear();
-
-    let last = read_sasl(&mut stream, &mut buf, deadline).await?;
-    let last = match frontend::parse_sasl_response(&last) {
-        Ok(data) => data.to_vec(),
-        Err(e) => return fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
-    };
-    let (server_final, client_key) = match exchange.client_final(&last) {
-        Ok(v) if auth.status == Status::Ok => v,
-        Ok(_) | Err(ScramError::InvalidProof) => {
+    let (server_final, client_key) = match scram_exchange(&mut stream, &mut buf, secret, deadline)
+        .await?
+    {
+        Proof::Valid {
+            server_final,
+            client_key,
+        } if auth.status == Status::Ok => (server_final, client_key),
+        Proof::Valid { .. } | Proof::Invalid => {
             shared.limiter.failed(&user, peer.ip(), Instant::now());
             tracing::info!(role = %user, reason = auth.status.as_str(), "authentication failed");
-            // The message PostgreSQL itself sends (auth.c), whatever the reason.
-            return fatal(
-                &mut stream,
-                SqlState::INVALID_PASSWORD,
-                format!("password authentication failed for user \"{user}\""),
-            )
-            .await;
+            return password_failed(&mut stream, &user).await;
         }
-        Err(e) => return fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
     };
+    let mut out = BytesMut::with_capacity(512);
 
     // Only authenticated names get per-role state, so clients cannot grow it at will.
     let role = shared.roles.get_or_insert(&user);
@@ -201,12 +151,7 @@ pub async fn login(
         };
     if !keys_kept {
         tracing::info!(role = %user, "credentials changed during login");
-        return fatal(
-            &mut stream,
-            SqlState::INVALID_PASSWORD,
-            format!("password authentication failed for user \"{user}\""),
-        )
-        .await;
+        return password_failed(&mut stream, &user).await;
     }
     let Some(slot) = role.admit(auth.max_client_conn) else {
         let max = auth.max_client_conn.unwrap_or_default();
@@ -283,6 +228,93 @@ pub async fn login(
     })
 }
 
+/// How a SCRAM exchange that ran to its end came out.
+pub(crate) enum Proof {
+    Valid {
+        server_final: Vec<u8>,
+        client_key: crate::auth::scram::ClientKey,
+    },
+    /// A wrong password, or a mock verifier: the caller reports it as 28P01.
+    Invalid,
+}
+
+/// Runs SCRAM-SHA-256 with the client against `secret`, from AuthenticationSASL to
+/// the verdict. A broken exchange ends the session here (08P01); a wrong proof is
+/// returned, so each caller fails it the same way whatever the reason.
+pub(crate) async fn scram_exchange(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    secret: verifier::ScramSecret,
+    deadline: tokio::time::Instant,
+) -> Result<Proof, SessionError> {
+    let mut out = BytesMut::with_capacity(256);
+    encoded(msg::authentication_sasl(&mut out, &[MECHANISM]))?;
+    stream.write_all(&out).await?;
+    out.clear();
+
+    let nonce = match crate::auth::random_nonce() {
+        Ok(n) => n,
+        Err(e) => {
+            return fatal(
+                stream,
+                SqlState::CONNECTION_FAILURE,
+                format!("no randomness: {e}"),
+            )
+            .await;
+        }
+    };
+    let mut exchange = match ServerExchange::new(secret, &nonce) {
+        Ok(x) => x,
+        Err(e) => return fatal(stream, SqlState::INTERNAL_ERROR, e.to_string()).await,
+    };
+    let first = read_sasl(stream, buf, deadline).await?;
+    let first = match frontend::parse_sasl_initial_response(&first) {
+        Ok(frontend::SaslInitialResponse {
+            mechanism,
+            data: Some(data),
+        }) if mechanism == MECHANISM => data.to_vec(),
+        Ok(frontend::SaslInitialResponse { mechanism, .. }) => {
+            return fatal(
+                stream,
+                SqlState::PROTOCOL_VIOLATION,
+                format!("SASL mechanism {mechanism:?} is not offered; use {MECHANISM}"),
+            )
+            .await;
+        }
+        Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
+    };
+    let server_first = match exchange.client_first(&first) {
+        Ok(m) => m,
+        Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
+    };
+    encoded(msg::authentication_sasl_continue(&mut out, &server_first))?;
+    stream.write_all(&out).await?;
+
+    let last = read_sasl(stream, buf, deadline).await?;
+    let last = match frontend::parse_sasl_response(&last) {
+        Ok(data) => data.to_vec(),
+        Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
+    };
+    match exchange.client_final(&last) {
+        Ok((server_final, client_key)) => Ok(Proof::Valid {
+            server_final,
+            client_key,
+        }),
+        Err(ScramError::InvalidProof) => Ok(Proof::Invalid),
+        Err(e) => fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
+    }
+}
+
+/// The message PostgreSQL itself sends (auth.c), whatever the reason.
+pub(crate) async fn password_failed<T>(stream: &mut Stream, user: &str) -> Result<T, SessionError> {
+    fatal(
+        stream,
+        SqlState::INVALID_PASSWORD,
+        format!("password authentication failed for user \"{user}\""),
+    )
+    .await
+}
+
 /// The first client of a role since start-up: open (and return) a server to learn the
 /// parameters Postgres reports for the role. Later clients log in without Postgres.
 async fn warm_up(
@@ -328,7 +360,7 @@ async fn read_sasl(
 
 /// Our own messages are small and NUL-free; failing to encode one is a bug, reported
 /// to the client as such rather than a panic.
-fn encoded(r: Result<(), crate::proto::error::EncodeError>) -> Result<(), SessionError> {
+pub(crate) fn encoded(r: Result<(), crate::proto::error::EncodeError>) -> Result<(), SessionError> {
     r.map_err(|e| SessionError::Reported {
         code: SqlState::INTERNAL_ERROR,
         message: format!("encoding a message: {e}"),

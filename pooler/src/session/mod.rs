@@ -3,7 +3,7 @@
 
 pub mod cancel;
 mod cursor;
-mod login;
+pub(crate) mod login;
 pub mod params;
 pub mod prepared;
 mod relay;
@@ -25,6 +25,7 @@ use crate::proto::SqlState;
 use crate::proto::backend as msg;
 use crate::proto::error::write_fatal;
 use crate::proto::startup::{self, StartupPacket};
+use crate::registry::{ClientIdent, ClientInfo};
 use crate::shared::Shared;
 
 /// Which port the client came in on.
@@ -56,7 +57,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, listen
     let span = tracing::info_span!("client", id, peer = %peer);
     let _ = tcp.set_nodelay(true);
     let result =
-        tracing::Instrument::instrument(run(tcp, peer, shared, listener), span.clone()).await;
+        tracing::Instrument::instrument(run(id, tcp, peer, shared, listener), span.clone()).await;
     let _entered = span.enter();
     match result {
         Ok(()) => tracing::debug!("client left"),
@@ -68,14 +69,19 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, listen
 }
 
 async fn run(
+    id: u64,
     tcp: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     listener: Listener,
 ) -> Result<(), SessionError> {
+    let local = tcp.local_addr().ok();
     let mut stream = Stream::Plain(tcp);
-    let Ok(_permit) = shared.clients.clone().try_acquire_owned() else {
-        let limit = shared.config.max_client_conn;
+    let limit = shared.config().max_client_conn;
+    let Some(client) = shared
+        .clients
+        .register(id, ClientInfo::new(id, peer, local), limit)
+    else {
         return fatal(
             &mut stream,
             SqlState::TOO_MANY_CONNECTIONS,
@@ -85,12 +91,27 @@ async fn run(
     };
     // Startup and authentication must finish by this instant; a client that stalls
     // is told so and closed, and holds nothing meanwhile.
-    let deadline = tokio::time::Instant::now() + shared.config.client_login_timeout();
+    let deadline = tokio::time::Instant::now() + shared.config().client_login_timeout();
     let Some((stream, params, buf)) = negotiate(stream, &shared, deadline).await? else {
         return Ok(());
     };
+    if crate::admin::console::is_console(&params) {
+        return crate::admin::console::serve(stream, peer, &shared, params, buf, deadline, &client)
+            .await;
+    }
     let session = login::login(stream, peer, &shared, params, buf, listener, deadline).await?;
-    relay::run(session, &shared).await
+    client.logged_in(ClientIdent {
+        user: session.role.name.clone(),
+        database: shared.config().upstream.dbname.clone(),
+        application_name: session
+            .params
+            .get("application_name")
+            .unwrap_or_default()
+            .to_owned(),
+        tls: session.stream.tls_description(),
+        admin: false,
+    });
+    relay::run(session, &shared, &client).await
 }
 
 /// The untagged first packets: TLS and GSS negotiation, cancel requests, and finally
@@ -124,7 +145,8 @@ async fn negotiate(
                     )
                     .await;
                 }
-                stream = match (&shared.client_tls, stream) {
+                let acceptor = shared.client_tls.load_full();
+                stream = match (acceptor.as_deref(), stream) {
                     (Some(acceptor), Stream::Plain(mut tcp)) => {
                         tcp.write_all(b"S").await?;
                         match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
@@ -171,7 +193,7 @@ async fn negotiate(
                         stream.write_all(&out).await?;
                     }
                 }
-                let tls_required = shared.config.client_tls.mode == TlsMode::Require;
+                let tls_required = shared.config().client_tls.mode == TlsMode::Require;
                 if tls_required && !stream.is_tls() {
                     return fatal(
                         &mut stream,
@@ -188,7 +210,7 @@ async fn negotiate(
 
 /// Reads more client bytes into `buf` before `deadline`; a client that stalls past it
 /// gets a FATAL error naming the limit.
-pub(super) async fn read_within(
+pub(crate) async fn read_within(
     stream: &mut Stream,
     buf: &mut BytesMut,
     deadline: tokio::time::Instant,
@@ -209,7 +231,7 @@ fn login_timeout(shared: &Shared) -> SessionError {
         code: SqlState::PROTOCOL_VIOLATION,
         message: format!(
             "TLS handshake not completed within client_login_timeout ({} ms)",
-            shared.config.client_login_timeout_ms
+            shared.config().client_login_timeout_ms
         ),
     }
 }

@@ -22,6 +22,7 @@ use crate::backend::ServerConn;
 use crate::pool::{Checkout, PoolError, RoleLimits};
 use crate::proto::SqlState;
 use crate::proto::frame::Side;
+use crate::registry::ClientInfo;
 use crate::shared::{RoleShared, Shared};
 
 /// Initial read buffer; grows only while a message we must see whole is larger.
@@ -37,7 +38,7 @@ enum Linked {
     Unknown,
 }
 
-pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
+pub async fn run(mut s: Session, shared: &Shared, client: &ClientInfo) -> Result<(), SessionError> {
     let mut revoked = s.revoked.clone();
     let mut shutdown = shared.shutdown.clone();
     loop {
@@ -61,20 +62,24 @@ pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
         if s.buf[0] == b'X' {
             return Ok(());
         }
+        client.waiting();
+        let asked = tokio::time::Instant::now();
         let mut server = match checkout(shared, &s.role, &s.auth).await {
             Ok(server) => server,
             Err((code, message)) => return fatal(&mut s.stream, code, message).await,
         };
-        let max_pinned = shared.config.max_pinned(pool_size(shared, &s.auth));
-        let outcome = link(
-            &mut s,
-            &mut server,
-            &mut revoked,
-            shared.config.max_prepared_statements,
-            max_pinned,
-        )
-        .await;
+        s.role.checked_out(asked.elapsed());
+        client.active(server.id());
+        let (max_pinned, max_prepared) = {
+            let config = shared.config();
+            (
+                config.max_pinned(pool_size(shared, &s.auth)),
+                config.max_prepared_statements,
+            )
+        };
+        let outcome = link(&mut s, &mut server, &mut revoked, max_prepared, max_pinned).await;
         s.cancel.slot.unlink();
+        client.idle();
         match outcome {
             Ok(Linked::Done) => server.release(),
             Ok(Linked::Unknown) => server.discard(),
@@ -115,7 +120,23 @@ pub(super) async fn checkout(
         pool_size: u32::try_from(pool_size(shared, auth)).unwrap_or(u32::MAX),
         weight: 1,
     };
-    let wait = shared.config.query_wait_timeout();
+    let (mut wait, check_delay) = {
+        let config = shared.config();
+        (config.query_wait_timeout(), config.server_check_delay())
+    };
+    if shared.pause.is_paused(&role.name) {
+        // PAUSE: wait for RESUME within the same query_wait_timeout.
+        let started = tokio::time::Instant::now();
+        if !shared.pause.wait(&role.name, started + wait).await {
+            let message = format!(
+                "role \"{}\" is paused by the administrator and was not resumed within \
+                 query_wait_timeout ({wait:?})",
+                role.name
+            );
+            return Err((SqlState::TOO_MANY_CONNECTIONS, message));
+        }
+        wait = wait.saturating_sub(started.elapsed());
+    }
     // A server idle for long may have been closed under us (Postgres restarted, an
     // idle timeout, a network drop): check it first, and take another if it is gone.
     for _ in 0..3 {
@@ -128,7 +149,7 @@ pub(super) async fn checkout(
             server.discard();
             continue;
         }
-        if server.idle_for() > shared.config.server_check_delay() {
+        if server.idle_for() > check_delay {
             if let Err(e) = check(&mut server).await {
                 tracing::info!(role = %role.name, error = %e, "an idle server failed its health check");
                 server.discard();
@@ -141,7 +162,7 @@ pub(super) async fn checkout(
 }
 
 fn pool_size(shared: &Shared, auth: &RoleAuth) -> usize {
-    auth.pool_size.unwrap_or(shared.config.default_pool_size)
+    auth.pool_size.unwrap_or(shared.config().default_pool_size)
 }
 
 /// Notes what the client's last messages may have done to its session; pins it to
@@ -505,13 +526,13 @@ pub(super) async fn server_lost<T>(s: &mut Session, why: String) -> Result<T, Se
 }
 
 async fn revoked_error<T>(s: &mut Session) -> Result<T, SessionError> {
-    fatal(
-        &mut s.stream,
-        SqlState::ADMIN_SHUTDOWN,
+    let message = if s.role.was_killed() {
+        "terminating connection due to administrator command (KILL)".to_owned()
+    } else {
         format!(
             "terminating connection: role \"{}\" was suspended or deleted",
             s.role.name
-        ),
-    )
-    .await
+        )
+    };
+    fatal(&mut s.stream, SqlState::ADMIN_SHUTDOWN, message).await
 }

@@ -1,0 +1,465 @@
+//! The admin console: PgBouncer's virtual database (`psql -d pgbouncer`, also `admin`)
+//! for the one configured admin role. It authenticates with SCRAM against the verifier
+//! in the configuration (never `dataplane_auth`), never opens a server connection, and
+//! answers [`command`]s itself: the simple query protocol, and Parse/Bind/Describe/
+//! Execute of the same statements for drivers that only speak the extended one.
+//! Errors are reported and the session goes on, as in PostgreSQL.
+
+pub mod command;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use self::command::{Command, Show};
+use super::tables::{self, Kind, Table};
+use crate::control;
+use crate::net::stream::Stream;
+use crate::proto::SqlState;
+use crate::proto::backend::{self as msg, Diagnostic, Severity, TransactionStatus};
+use crate::proto::error::write_error;
+use crate::proto::frame::{self, Side};
+use crate::proto::frontend;
+use crate::registry::{ClientIdent, ClientInfo};
+use crate::session::login::{Proof, encoded, password_failed, scram_exchange};
+use crate::session::params::ClientParams;
+use crate::session::{SessionError, fatal};
+use crate::shared::Shared;
+
+/// The database names that mean the console.
+pub const DATABASES: &[&str] = &["pgbouncer", "admin"];
+
+fn startup_param<'a>(startup: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    startup
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Whether a startup packet asks for the console (libpq's default database is the
+/// user name, as in the app path).
+pub fn is_console(startup: &[(String, String)]) -> bool {
+    startup_param(startup, "database")
+        .or_else(|| startup_param(startup, "user"))
+        .is_some_and(|db| DATABASES.contains(&db))
+}
+
+/// Parameters announced when no server has reported the cluster's own yet.
+const FALLBACK_PARAMS: &[(&str, &str)] = &[
+    ("server_encoding", "UTF8"),
+    ("client_encoding", "UTF8"),
+    ("DateStyle", "ISO, MDY"),
+    ("integer_datetimes", "on"),
+    ("standard_conforming_strings", "on"),
+];
+
+/// Logs the admin in and serves the console until the client leaves.
+pub async fn serve(
+    mut stream: Stream,
+    peer: SocketAddr,
+    shared: &Shared,
+    startup: Vec<(String, String)>,
+    mut buf: BytesMut,
+    deadline: tokio::time::Instant,
+    client: &ClientInfo,
+) -> Result<(), SessionError> {
+    let refuse = SqlState::INVALID_AUTHORIZATION_SPECIFICATION;
+    let Some(user) = startup_param(&startup, "user") else {
+        return fatal(
+            &mut stream,
+            refuse,
+            "no user name in the startup packet".into(),
+        )
+        .await;
+    };
+    let database = startup_param(&startup, "database")
+        .unwrap_or(user)
+        .to_owned();
+    let admin = shared.config().admin.clone();
+    let Some((admin_user, secret)) = admin.credentials() else {
+        let message = "the admin console is disabled: no admin.user and verifier are configured";
+        return fatal(&mut stream, refuse, message.into()).await;
+    };
+    if user != admin_user {
+        let message = format!(
+            "role \"{user}\" may not use the admin console: only the pooler's admin role may \
+             connect to database \"{database}\""
+        );
+        return fatal(&mut stream, refuse, message).await;
+    }
+    if shared.limiter.throttled(user, peer.ip(), Instant::now()) {
+        let message = "too many failed login attempts; try again in a minute";
+        return fatal(&mut stream, refuse, message.into()).await;
+    }
+    let server_final = match scram_exchange(&mut stream, &mut buf, secret, deadline).await? {
+        Proof::Valid { server_final, .. } => server_final,
+        Proof::Invalid => {
+            shared.limiter.failed(user, peer.ip(), Instant::now());
+            tracing::info!(role = %user, "admin console authentication failed");
+            return password_failed(&mut stream, user).await;
+        }
+    };
+    let mut out = BytesMut::with_capacity(512);
+    encoded(msg::authentication_sasl_final(&mut out, &server_final))?;
+    msg::authentication_ok(&mut out);
+    let params = ClientParams::from_startup(&startup);
+    // The cluster's own parameters when a server has reported them, so clients see the
+    // server_version they would see through the pooler.
+    match shared.roles.all().iter().find_map(|r| r.params()) {
+        Some(server) => {
+            for (name, value) in server.announce(&params) {
+                let _ = msg::parameter_status(&mut out, name, value.as_bytes());
+            }
+        }
+        None => {
+            for (name, value) in FALLBACK_PARAMS {
+                let _ = msg::parameter_status(&mut out, name, value.as_bytes());
+            }
+        }
+    }
+    // No cancel key: nothing the console runs can be cancelled.
+    msg::backend_key_data(&mut out, 0, 0);
+    msg::ready_for_query(&mut out, TransactionStatus::Idle);
+    stream.write_all(&out).await?;
+    out.clear();
+    client.logged_in(ClientIdent {
+        user: Arc::from(user),
+        database,
+        application_name: params
+            .get("application_name")
+            .unwrap_or_default()
+            .to_owned(),
+        tls: stream.tls_description(),
+        admin: true,
+    });
+    tracing::info!(role = %user, "admin console session started");
+    Console {
+        shared,
+        stream,
+        buf,
+        out,
+        statements: HashMap::new(),
+        portals: HashMap::new(),
+        skipping: false,
+    }
+    .run()
+    .await
+}
+
+struct Console<'a> {
+    shared: &'a Shared,
+    stream: Stream,
+    buf: BytesMut,
+    out: BytesMut,
+    /// Extended protocol: statement text by prepared-statement name, and by portal.
+    statements: HashMap<Bytes, String>,
+    portals: HashMap<Bytes, String>,
+    /// After an error in an extended-protocol batch, everything up to Sync is skipped.
+    skipping: bool,
+}
+
+/// A failed command: what the client is told.
+type Failure = (SqlState, String);
+
+impl Console<'_> {
+    async fn run(mut self) -> Result<(), SessionError> {
+        let mut shutdown = self.shared.shutdown.clone();
+        loop {
+            let (tag, body) = loop {
+                match frame::split(&mut self.buf, Side::Frontend) {
+                    Ok(Some(m)) => break m,
+                    Ok(None) => {}
+                    Err(e) => {
+                        return fatal(
+                            &mut self.stream,
+                            SqlState::PROTOCOL_VIOLATION,
+                            e.to_string(),
+                        )
+                        .await;
+                    }
+                }
+                if !self.out.is_empty() {
+                    self.stream.write_all(&self.out).await?;
+                    self.out.clear();
+                }
+                tokio::select! {
+                    n = self.stream.read_buf(&mut self.buf) => {
+                        if n? == 0 {
+                            return Ok(());
+                        }
+                    }
+                    _ = shutdown.changed() => {
+                        let message = "the pooler is shutting down".to_owned();
+                        return fatal(&mut self.stream, SqlState::ADMIN_SHUTDOWN, message).await;
+                    }
+                }
+            };
+            match tag {
+                b'Q' => {
+                    self.skipping = false;
+                    self.query(&body).await?;
+                    msg::ready_for_query(&mut self.out, TransactionStatus::Idle);
+                }
+                b'X' => return Ok(()),
+                b'S' => {
+                    self.skipping = false;
+                    msg::ready_for_query(&mut self.out, TransactionStatus::Idle);
+                }
+                b'H' => {}
+                _ if self.skipping => {}
+                b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    if let Err((code, message)) = self.extended(tag, &body).await? {
+                        write_error(&mut self.out, code, &message);
+                        self.skipping = true;
+                    }
+                }
+                other => {
+                    let message = format!(
+                        "the admin console does not take message type {:?}",
+                        char::from(other)
+                    );
+                    return fatal(&mut self.stream, SqlState::PROTOCOL_VIOLATION, message).await;
+                }
+            }
+        }
+    }
+
+    /// A simple Query: its statements in order, up to the first that fails.
+    async fn query(&mut self, body: &[u8]) -> Result<(), SessionError> {
+        let text = match frontend::parse_query(body) {
+            Ok(t) => String::from_utf8_lossy(t).into_owned(),
+            Err(e) => {
+                return fatal(
+                    &mut self.stream,
+                    SqlState::PROTOCOL_VIOLATION,
+                    e.to_string(),
+                )
+                .await;
+            }
+        };
+        let mut any = false;
+        for statement in command::statements(&text) {
+            any = true;
+            let result = match command::parse(statement) {
+                Ok(cmd) => self.execute(cmd, true).await?,
+                Err(e) => Err((e.sqlstate(), e.to_string())),
+            };
+            if let Err((code, message)) = result {
+                write_error(&mut self.out, code, &message);
+                break;
+            }
+        }
+        if !any {
+            msg::empty_query_response(&mut self.out);
+        }
+        Ok(())
+    }
+
+    /// Parse, Bind, Describe, Execute, Close. Statements are checked at Parse and run
+    /// at Execute; nothing takes parameters.
+    async fn extended(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+    ) -> Result<Result<(), Failure>, SessionError> {
+        let malformed =
+            |e: crate::proto::error::ParseError| (SqlState::PROTOCOL_VIOLATION, e.to_string());
+        let missing = |what: &str, name: &[u8]| {
+            (
+                SqlState::UNDEFINED_OBJECT,
+                format!(
+                    "{what} \"{}\" does not exist",
+                    String::from_utf8_lossy(name)
+                ),
+            )
+        };
+        match tag {
+            b'P' => {
+                let (name, query) = match frontend::parse_parse_head(body) {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(malformed(e))),
+                };
+                let query = String::from_utf8_lossy(query);
+                let mut statements = command::statements(&query);
+                let (Some(statement), None) = (statements.next(), statements.next()) else {
+                    let message = "a prepared statement holds exactly one command";
+                    return Ok(Err((SqlState::SYNTAX_ERROR, message.into())));
+                };
+                if let Err(e) = command::parse(statement) {
+                    return Ok(Err((e.sqlstate(), e.to_string())));
+                }
+                self.statements
+                    .insert(Bytes::copy_from_slice(name), statement.to_owned());
+                msg::parse_complete(&mut self.out);
+            }
+            b'B' => {
+                let (portal, name) = match frontend::parse_bind_head(body) {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(malformed(e))),
+                };
+                let Some(text) = self.statements.get(name).cloned() else {
+                    return Ok(Err(missing("prepared statement", name)));
+                };
+                self.portals.insert(Bytes::copy_from_slice(portal), text);
+                msg::bind_complete(&mut self.out);
+            }
+            b'D' => {
+                let (kind, name) = match frontend::parse_target(body, "Describe") {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(malformed(e))),
+                };
+                let text = if kind == b'S' {
+                    self.statements.get(name)
+                } else {
+                    self.portals.get(name)
+                };
+                let Some(text) = text.cloned() else {
+                    return Ok(Err(missing("statement or portal", name)));
+                };
+                if kind == b'S' {
+                    msg::no_parameters(&mut self.out);
+                }
+                match command::parse(&text) {
+                    Ok(Command::Show(show)) if show != Show::Help => {
+                        let table = self.table(show);
+                        encoded(msg::row_description(&mut self.out, &describe(&table)))?;
+                    }
+                    _ => msg::no_data(&mut self.out),
+                }
+            }
+            b'E' => {
+                let portal = match frontend::parse_execute_portal(body) {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(malformed(e))),
+                };
+                let Some(text) = self.portals.get(portal).cloned() else {
+                    return Ok(Err(missing("portal", portal)));
+                };
+                return match command::parse(&text) {
+                    Ok(cmd) => self.execute(cmd, false).await,
+                    Err(e) => Ok(Err((e.sqlstate(), e.to_string()))),
+                };
+            }
+            _ => {
+                let (kind, name) = match frontend::parse_target(body, "Close") {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(malformed(e))),
+                };
+                if kind == b'S' {
+                    self.statements.remove(name);
+                } else {
+                    self.portals.remove(name);
+                }
+                msg::close_complete(&mut self.out);
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    fn table(&self, show: Show) -> Table {
+        let shared = self.shared;
+        match show {
+            Show::Pools => tables::pools(shared),
+            Show::Clients => tables::clients(shared),
+            Show::Servers => tables::servers(shared),
+            Show::Stats => tables::stats(shared),
+            Show::Config => tables::config(shared),
+            Show::Databases => tables::databases(shared),
+            Show::Version => tables::version(),
+            Show::Lists | Show::Help => tables::lists(shared),
+        }
+    }
+
+    fn notice(&mut self, code: SqlState, message: &str) {
+        msg::notice_response(
+            &mut self.out,
+            &Diagnostic::new(Severity::Notice, code, message),
+        );
+    }
+
+    /// Runs one command; `describe`: send its RowDescription first (the simple
+    /// protocol; the extended one described it already).
+    async fn execute(
+        &mut self,
+        cmd: Command,
+        describe_rows: bool,
+    ) -> Result<Result<(), Failure>, SessionError> {
+        let shared = self.shared;
+        let tag = match cmd {
+            Command::Show(Show::Help) => {
+                self.notice(SqlState::SUCCESSFUL_COMPLETION, command::HELP);
+                "SHOW"
+            }
+            Command::Show(show) => {
+                let table = self.table(show);
+                if describe_rows {
+                    encoded(msg::row_description(&mut self.out, &describe(&table)))?;
+                }
+                for row in &table.rows {
+                    let cells: Vec<Option<String>> = row.iter().map(|c| c.text()).collect();
+                    let cells: Vec<Option<&str>> = cells.iter().map(|c| c.as_deref()).collect();
+                    encoded(msg::data_row(&mut self.out, &cells))?;
+                }
+                "SHOW"
+            }
+            Command::Pause(role) => match control::pause(shared, role.as_deref()).await {
+                Ok(()) => "PAUSE",
+                Err(e) => return Ok(Err((e.sqlstate(), e.to_string()))),
+            },
+            Command::Resume(role) => match control::resume(shared, role.as_deref()) {
+                Ok(()) => "RESUME",
+                Err(e) => return Ok(Err((e.sqlstate(), e.to_string()))),
+            },
+            Command::Kill(role) => match control::kill(shared, &role) {
+                Ok(n) => {
+                    let message = format!("disconnected {n} client(s) of role \"{role}\"");
+                    self.notice(SqlState::SUCCESSFUL_COMPLETION, &message);
+                    "KILL"
+                }
+                Err(e) => return Ok(Err((e.sqlstate(), e.to_string()))),
+            },
+            Command::Reload => match crate::reload::reload(shared).await {
+                Ok(report) => {
+                    if !report.applied.is_empty() {
+                        let message = format!("applied: {}", report.applied.join(", "));
+                        self.notice(SqlState::SUCCESSFUL_COMPLETION, &message);
+                    }
+                    if !report.needs_restart.is_empty() {
+                        let message = format!(
+                            "not applied, these take a restart (their old values stay): {}",
+                            report.needs_restart.join(", ")
+                        );
+                        self.notice(SqlState::WARNING, &message);
+                    }
+                    "RELOAD"
+                }
+                Err(e) => return Ok(Err((SqlState::CONFIG_FILE_ERROR, e.to_string()))),
+            },
+            Command::Shutdown => {
+                control::shutdown(shared);
+                "SHUTDOWN"
+            }
+        };
+        encoded(msg::command_complete(&mut self.out, tag))?;
+        Ok(Ok(()))
+    }
+}
+
+/// A table's RowDescription columns.
+fn describe(table: &Table) -> Vec<(&str, u32)> {
+    table
+        .columns
+        .iter()
+        .map(|(name, kind)| {
+            let oid = match kind {
+                Kind::Int => msg::INT8_OID,
+                Kind::Text => msg::TEXT_OID,
+            };
+            (*name, oid)
+        })
+        .collect()
+}

@@ -1,0 +1,258 @@
+//! Who is connected: one entry per client and per server connection, for the admin
+//! console (`SHOW CLIENTS`, `SHOW SERVERS`, `SHOW POOLS`) and for `max_client_conn`.
+//!
+//! An entry is added when a connection starts and removed by its guard's `Drop`, so
+//! nothing can be left behind. The map is locked only then and when an operator asks;
+//! what changes while a connection lives (a client's state, the server it is linked to)
+//! is a few atomics in the entry, stored without any lock.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Entries of one kind, by connection id.
+pub struct Registry<T> {
+    map: Mutex<HashMap<u64, Arc<T>>>,
+}
+
+impl<T> Default for Registry<T> {
+    fn default() -> Self {
+        Registry {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// An entry's place in its registry; dropping it removes the entry.
+pub struct Registered<T> {
+    registry: Arc<Registry<T>>,
+    pub entry: Arc<T>,
+    pub id: u64,
+}
+
+impl<T> Drop for Registered<T> {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
+
+impl<T> std::ops::Deref for Registered<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.entry
+    }
+}
+
+impl<T> Registry<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<T>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds an entry unless `limit` entries exist already.
+    pub fn register(self: &Arc<Self>, id: u64, entry: T, limit: usize) -> Option<Registered<T>> {
+        let entry = Arc::new(entry);
+        let mut map = self.lock();
+        if map.len() >= limit {
+            return None;
+        }
+        map.insert(id, entry.clone());
+        Some(Registered {
+            registry: self.clone(),
+            entry,
+            id,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every entry now, oldest id first.
+    pub fn snapshot(&self) -> Vec<Arc<T>> {
+        let mut all: Vec<(u64, Arc<T>)> =
+            self.lock().iter().map(|(id, e)| (*id, e.clone())).collect();
+        all.sort_unstable_by_key(|(id, _)| *id);
+        all.into_iter().map(|(_, e)| e).collect()
+    }
+}
+
+/// Microseconds since the Unix epoch: what `request_time` and wait times are kept in.
+pub fn unix_micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// What a client is doing, as PgBouncer names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// Before authentication finished.
+    Login = 0,
+    /// Logged in, holding no server.
+    Idle = 1,
+    /// Queued for a server (or held by PAUSE).
+    Waiting = 2,
+    /// Linked to a server.
+    Active = 3,
+}
+
+impl ClientState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => ClientState::Idle,
+            2 => ClientState::Waiting,
+            3 => ClientState::Active,
+            _ => ClientState::Login,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientState::Login => "login",
+            ClientState::Idle => "idle",
+            ClientState::Waiting => "waiting",
+            ClientState::Active => "active",
+        }
+    }
+}
+
+/// Who a client is, known once it has logged in.
+#[derive(Debug, Clone)]
+pub struct ClientIdent {
+    pub user: Arc<str>,
+    pub database: String,
+    pub application_name: String,
+    /// TLS version and cipher, empty for plaintext.
+    pub tls: String,
+    /// A session of the admin console rather than of an app.
+    pub admin: bool,
+}
+
+pub struct ClientInfo {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub connected_at: SystemTime,
+    ident: OnceLock<ClientIdent>,
+    state: AtomicU8,
+    /// When the current request started (Unix µs): its wait, then its transaction.
+    request_us: AtomicU64,
+    /// The server it is linked to (0: none).
+    link: AtomicU64,
+}
+
+impl ClientInfo {
+    pub fn new(id: u64, addr: SocketAddr, local: Option<SocketAddr>) -> Self {
+        ClientInfo {
+            id,
+            addr,
+            local,
+            connected_at: SystemTime::now(),
+            ident: OnceLock::new(),
+            state: AtomicU8::new(ClientState::Login as u8),
+            request_us: AtomicU64::new(0),
+            link: AtomicU64::new(0),
+        }
+    }
+
+    /// Logged in: the client now counts in `SHOW CLIENTS` and `SHOW POOLS`.
+    pub fn logged_in(&self, ident: ClientIdent) {
+        let _ = self.ident.set(ident);
+        self.state.store(ClientState::Idle as u8, Ordering::Release);
+    }
+
+    pub fn ident(&self) -> Option<&ClientIdent> {
+        self.ident.get()
+    }
+
+    pub fn state(&self) -> ClientState {
+        ClientState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn waiting(&self) {
+        self.request_us
+            .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+        self.state
+            .store(ClientState::Waiting as u8, Ordering::Release);
+    }
+
+    pub fn active(&self, server: u64) {
+        self.link.store(server, Ordering::Relaxed);
+        self.state
+            .store(ClientState::Active as u8, Ordering::Release);
+    }
+
+    pub fn idle(&self) {
+        self.link.store(0, Ordering::Relaxed);
+        self.state.store(ClientState::Idle as u8, Ordering::Release);
+    }
+
+    pub fn request_us(&self) -> u64 {
+        self.request_us.load(Ordering::Relaxed)
+    }
+
+    pub fn link(&self) -> u64 {
+        self.link.load(Ordering::Relaxed)
+    }
+}
+
+/// One server connection. Whether it is active is read off the clients linked to it.
+pub struct ServerInfo {
+    pub id: u64,
+    pub role: Arc<str>,
+    pub connected_at: SystemTime,
+    /// The backend's pid from BackendKeyData.
+    pub remote_pid: i32,
+    pub local: Option<SocketAddr>,
+    /// TLS version and cipher, empty for plaintext.
+    pub tls: String,
+}
+
+/// Ids of server connections, for `SHOW SERVERS` and the `link` columns.
+static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
+
+pub fn next_server_id() -> u64 {
+    NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_leave_with_their_guard_and_the_limit_holds() {
+        let reg: Arc<Registry<u32>> = Arc::default();
+        let a = reg.register(1, 10, 2).unwrap();
+        let b = reg.register(2, 20, 2).unwrap();
+        assert!(reg.register(3, 30, 2).is_none());
+        assert_eq!(*b, 20);
+        drop(a);
+        assert_eq!(reg.len(), 1);
+        let c = reg.register(3, 30, 2).unwrap();
+        assert_eq!(
+            reg.snapshot().iter().map(|e| **e).collect::<Vec<_>>(),
+            vec![20, 30]
+        );
+        drop((b, c));
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn client_states_round_trip() {
+        let c = ClientInfo::new(7, "127.0.0.1:1".parse().unwrap(), None);
+        assert_eq!(c.state(), ClientState::Login);
+        c.waiting();
+        assert_eq!(c.state(), ClientState::Waiting);
+        assert!(c.request_us() > 0);
+        c.active(9);
+        assert_eq!((c.state(), c.link()), (ClientState::Active, 9));
+        c.idle();
+        assert_eq!((c.state(), c.link()), (ClientState::Idle, 0));
+    }
+}
