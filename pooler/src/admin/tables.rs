@@ -27,10 +27,13 @@ pub enum Cell {
 }
 
 impl Cell {
-    pub fn text(&self) -> Option<String> {
+    /// The value on the wire, in text or (for `binary`) PostgreSQL's binary format:
+    /// int8 big-endian, text as is.
+    pub fn encode(&self, binary: bool) -> Option<Vec<u8>> {
         match self {
-            Cell::Int(i) => Some(i.to_string()),
-            Cell::Text(s) => Some(s.clone()),
+            Cell::Int(i) if binary => Some(i.to_be_bytes().to_vec()),
+            Cell::Int(i) => Some(i.to_string().into_bytes()),
+            Cell::Text(s) => Some(s.clone().into_bytes()),
             Cell::Null => None,
         }
     }

@@ -297,8 +297,8 @@ pub fn row_description(buf: &mut BytesMut, columns: &[(&str, u32)]) -> Result<()
     })
 }
 
-/// DataRow of text values; `None` is NULL.
-pub fn data_row(buf: &mut BytesMut, values: &[Option<&str>]) -> Result<(), EncodeError> {
+/// DataRow of already-encoded values; `None` is NULL.
+pub fn data_row(buf: &mut BytesMut, values: &[Option<&[u8]>]) -> Result<(), EncodeError> {
     let count = i16::try_from(values.len()).map_err(|_| EncodeError::TooLong {
         what: "DataRow",
         len: values.len(),
@@ -314,7 +314,7 @@ pub fn data_row(buf: &mut BytesMut, values: &[Option<&str>]) -> Result<(), Encod
                         len: v.len(),
                     })?;
                     buf.put_i32(len);
-                    buf.put_slice(v.as_bytes());
+                    buf.put_slice(v);
                 }
             }
         }

@@ -89,10 +89,45 @@ pub fn parse_parse_head(body: &[u8]) -> Result<(&[u8], &[u8]), ParseError> {
     Ok((r.cstr()?, r.cstr()?))
 }
 
-/// The portal and statement names at the head of a Bind body.
-pub fn parse_bind_head(body: &[u8]) -> Result<(&[u8], &[u8]), ParseError> {
+/// A Bind body without its parameter values.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Bind<'a> {
+    pub portal: &'a [u8],
+    pub statement: &'a [u8],
+    /// Result-column format codes: none means all text, one applies to every column.
+    pub result_formats: Vec<i16>,
+}
+
+pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, ParseError> {
     let mut r = Reader::new(body, "Bind");
-    Ok((r.cstr()?, r.cstr()?))
+    let portal = r.cstr()?;
+    let statement = r.cstr()?;
+    let i16 = |r: &mut Reader<'_>| -> Result<i16, ParseError> {
+        let b = r.bytes(2)?;
+        Ok(i16::from_be_bytes([b[0], b[1]]))
+    };
+    let formats = i16(&mut r)?;
+    for _ in 0..formats.max(0) {
+        i16(&mut r)?;
+    }
+    let params = i16(&mut r)?;
+    for _ in 0..params.max(0) {
+        let len = r.i32()?;
+        if len > 0 {
+            r.bytes(usize::try_from(len).unwrap_or(usize::MAX))?;
+        }
+    }
+    let results = i16(&mut r)?;
+    let mut codes = Vec::with_capacity(usize::try_from(results).unwrap_or(0).min(64));
+    for _ in 0..results.max(0) {
+        codes.push(i16(&mut r)?);
+    }
+    r.end()?;
+    Ok(Bind {
+        portal,
+        statement,
+        result_formats: codes,
+    })
 }
 
 /// A Describe or Close body: `S` or `P`, and a name.

@@ -1,12 +1,13 @@
 //! Each test gets a migrated database on the binary's shared cluster (or its own
 //! cluster), apps from the provisioner library, and its own pooler.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dataplane_tests::fixtures::{MigratedDb, POOLER_PASSWORD};
 use dataplane_tests::unique_tenant_id;
-use pooler::Running;
 use pooler::config::{Config, Secret};
+use pooler::{Hooks, Running};
 use provisioner::Provisioner;
 use provisioner::ddl::{EnsureOutcome, LimitsPatch, OpContext};
 use provisioner::names::AppName;
@@ -15,6 +16,20 @@ pub struct Env {
     pub fixture: MigratedDb,
     pub provisioner: Provisioner,
     pub pooler: Running,
+    /// The TOML file a reload re-reads, for poolers started by [`env_with_file`].
+    pub config_file: Option<PathBuf>,
+}
+
+/// The admin console's role in tests, and its password (the pooler gets a verifier).
+pub const ADMIN_USER: &str = "dp_admin";
+pub const ADMIN_PASSWORD: &str = "console-password-for-tests";
+
+/// Turns the admin console on, as `POOLER_ADMIN_PASSWORD` would.
+pub fn with_admin(c: &mut Config) {
+    c.admin.user = Some(ADMIN_USER.into());
+    c.admin.scram_verifier = Some(Secret::new(postgres_protocol::password::scram_sha_256(
+        ADMIN_PASSWORD.as_bytes(),
+    )));
 }
 
 /// A pooler configured for tests: loopback, short timeouts.
@@ -38,6 +53,20 @@ pub async fn env(tweak: impl FnOnce(&mut Config)) -> Env {
 }
 
 pub async fn env_on(fixture: MigratedDb, tweak: impl FnOnce(&mut Config)) -> Env {
+    init_logs();
+    let mut config = config_for(&fixture);
+    tweak(&mut config);
+    let pooler = start_on_own_runtime(config, Hooks::default()).await;
+    wait_ready(&pooler).await;
+    Env {
+        provisioner: fixture.provisioner(),
+        fixture,
+        pooler,
+        config_file: None,
+    }
+}
+
+fn init_logs() {
     // The pooler's warnings and errors show up in a failing test's output.
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
@@ -45,20 +74,63 @@ pub async fn env_on(fixture: MigratedDb, tweak: impl FnOnce(&mut Config)) -> Env
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .try_init();
+}
+
+/// A pooler started as the binary starts one from a file: the configuration is written
+/// as TOML, and a reload re-reads that file and puts back what the environment gives
+/// (the secrets, which are never written to it).
+pub async fn env_with_file(tweak: impl FnOnce(&mut Config)) -> Env {
+    init_logs();
+    let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
     let mut config = config_for(&fixture);
+    with_admin(&mut config);
     tweak(&mut config);
-    let pooler = start_on_own_runtime(config).await;
+    let path = std::env::temp_dir().join(format!(
+        "pooler-it-{}-{}.toml",
+        std::process::id(),
+        unique_tenant_id()
+    ));
+    write_config(&path, &config);
+    let secrets = (
+        config.upstream.auth_password.clone(),
+        config.admin.scram_verifier.clone(),
+    );
+    let file = path.clone();
+    let hooks = Hooks {
+        load_config: Some(Box::new(move || {
+            let mut c = Config::from_file(&file)?;
+            c.upstream.auth_password = secrets.0.clone();
+            c.admin.scram_verifier = secrets.1.clone();
+            c.validate()?;
+            Ok(c)
+        })),
+        set_log_filter: None,
+    };
+    let pooler = start_on_own_runtime(config, hooks).await;
     wait_ready(&pooler).await;
     Env {
         provisioner: fixture.provisioner(),
         fixture,
         pooler,
+        config_file: Some(path),
+    }
+}
+
+pub fn write_config(path: &Path, config: &Config) {
+    std::fs::write(path, toml::to_string(config).unwrap()).unwrap();
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(path) = &self.config_file {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
 /// Starts the pooler on a runtime of its own, as in production: the test's clients
 /// (SCRAM logins cost CPU) then cannot starve it, and it cannot starve them.
-async fn start_on_own_runtime(config: Config) -> Running {
+async fn start_on_own_runtime(config: Config, hooks: Hooks) -> Running {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -67,7 +139,7 @@ async fn start_on_own_runtime(config: Config) -> Running {
             .build()
             .unwrap();
         runtime.block_on(async move {
-            let running = pooler::start(config).await.unwrap();
+            let running = pooler::start_with(config, hooks).await.unwrap();
             let _ = tx.send(running);
             // Serve until the test process ends.
             std::future::pending::<()>().await;
@@ -142,6 +214,20 @@ impl Env {
             .dbname(&self.fixture.db)
             .connect_timeout(Duration::from_secs(10));
         c
+    }
+
+    /// tokio-postgres config for the admin console.
+    pub fn admin_config(&self, password: &str) -> tokio_postgres::Config {
+        let mut c = self.config(ADMIN_USER, password);
+        c.dbname("pgbouncer");
+        c
+    }
+
+    /// A session of the admin console.
+    pub async fn console(&self) -> tokio_postgres::Client {
+        dataplane_tests::connect(&self.admin_config(ADMIN_PASSWORD))
+            .await
+            .unwrap()
     }
 
     pub async fn connect(&self, app: &App) -> tokio_postgres::Client {

@@ -4,6 +4,7 @@
 // Test code: a failed unwrap is a failed test with its message, which is what we want.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod admin;
 mod common;
 mod login;
 mod pooling;

@@ -155,9 +155,10 @@ struct Console<'a> {
     stream: Stream,
     buf: BytesMut,
     out: BytesMut,
-    /// Extended protocol: statement text by prepared-statement name, and by portal.
+    /// Extended protocol: statement text by prepared-statement name, and by portal
+    /// with the portal's result format codes.
     statements: HashMap<Bytes, String>,
-    portals: HashMap<Bytes, String>,
+    portals: HashMap<Bytes, (String, Vec<i16>)>,
     /// After an error in an extended-protocol batch, everything up to Sync is skipped.
     skipping: bool,
 }
@@ -245,7 +246,7 @@ impl Console<'_> {
         for statement in command::statements(&text) {
             any = true;
             let result = match command::parse(statement) {
-                Ok(cmd) => self.execute(cmd, true).await?,
+                Ok(cmd) => self.execute(cmd, &[], true).await?,
                 Err(e) => Err((e.sqlstate(), e.to_string())),
             };
             if let Err((code, message)) = result {
@@ -297,14 +298,19 @@ impl Console<'_> {
                 msg::parse_complete(&mut self.out);
             }
             b'B' => {
-                let (portal, name) = match frontend::parse_bind_head(body) {
+                let frontend::Bind {
+                    portal,
+                    statement: name,
+                    result_formats: formats,
+                } = match frontend::parse_bind(body) {
                     Ok(v) => v,
                     Err(e) => return Ok(Err(malformed(e))),
                 };
                 let Some(text) = self.statements.get(name).cloned() else {
                     return Ok(Err(missing("prepared statement", name)));
                 };
-                self.portals.insert(Bytes::copy_from_slice(portal), text);
+                self.portals
+                    .insert(Bytes::copy_from_slice(portal), (text, formats));
                 msg::bind_complete(&mut self.out);
             }
             b'D' => {
@@ -315,7 +321,7 @@ impl Console<'_> {
                 let text = if kind == b'S' {
                     self.statements.get(name)
                 } else {
-                    self.portals.get(name)
+                    self.portals.get(name).map(|(text, _)| text)
                 };
                 let Some(text) = text.cloned() else {
                     return Ok(Err(missing("statement or portal", name)));
@@ -336,11 +342,11 @@ impl Console<'_> {
                     Ok(v) => v,
                     Err(e) => return Ok(Err(malformed(e))),
                 };
-                let Some(text) = self.portals.get(portal).cloned() else {
+                let Some((text, formats)) = self.portals.get(portal).cloned() else {
                     return Ok(Err(missing("portal", portal)));
                 };
                 return match command::parse(&text) {
-                    Ok(cmd) => self.execute(cmd, false).await,
+                    Ok(cmd) => self.execute(cmd, &formats, false).await,
                     Err(e) => Ok(Err((e.sqlstate(), e.to_string()))),
                 };
             }
@@ -381,12 +387,14 @@ impl Console<'_> {
         );
     }
 
-    /// Runs one command; `describe`: send its RowDescription first (the simple
-    /// protocol; the extended one described it already).
+    /// Runs one command. `simple`: the simple protocol, which describes the rows first;
+    /// the extended one described them already and gives `formats`, the result format
+    /// codes from Bind (none: all text; one: for every column; else one per column).
     async fn execute(
         &mut self,
         cmd: Command,
-        describe_rows: bool,
+        formats: &[i16],
+        simple: bool,
     ) -> Result<Result<(), Failure>, SessionError> {
         let shared = self.shared;
         let tag = match cmd {
@@ -396,12 +404,21 @@ impl Console<'_> {
             }
             Command::Show(show) => {
                 let table = self.table(show);
-                if describe_rows {
+                if simple {
                     encoded(msg::row_description(&mut self.out, &describe(&table)))?;
                 }
+                let binary = |i: usize| match formats {
+                    [] => false,
+                    [one] => *one == 1,
+                    many => many.get(i) == Some(&1),
+                };
                 for row in &table.rows {
-                    let cells: Vec<Option<String>> = row.iter().map(|c| c.text()).collect();
-                    let cells: Vec<Option<&str>> = cells.iter().map(|c| c.as_deref()).collect();
+                    let cells: Vec<Option<Vec<u8>>> = row
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| c.encode(binary(i)))
+                        .collect();
+                    let cells: Vec<Option<&[u8]>> = cells.iter().map(|c| c.as_deref()).collect();
                     encoded(msg::data_row(&mut self.out, &cells))?;
                 }
                 "SHOW"

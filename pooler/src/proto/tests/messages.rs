@@ -237,3 +237,80 @@ fn frontend_parsers_reject_malformed_bodies() {
     assert!(frontend::parse_password_message(b"pw\0x\0").is_err());
     assert!(frontend::parse_query(b"SELECT 1").is_err());
 }
+
+#[test]
+fn extended_protocol_heads_and_row_messages_round_trip() {
+    // Bind as postgres-protocol writes it: one text parameter, binary results.
+    let mut b = BytesMut::new();
+    pgf::bind(
+        "p1",
+        "s1",
+        [0i16],
+        [Some("abc")],
+        |v, buf| {
+            buf.extend_from_slice(v.unwrap().as_bytes());
+            Ok(postgres_protocol::IsNull::No)
+        },
+        [1i16],
+        &mut b,
+    )
+    .map_err(|_| ())
+    .unwrap();
+    let (tag, body) = split_one(&b, Side::Frontend);
+    assert_eq!(tag, b'B');
+    let bind = frontend::parse_bind(&body).unwrap();
+    assert_eq!(
+        (bind.portal, bind.statement, bind.result_formats),
+        (&b"p1"[..], &b"s1"[..], vec![1])
+    );
+
+    b.clear();
+    pgf::parse("s1", "SHOW POOLS", [], &mut b).unwrap();
+    let (_, body) = split_one(&b, Side::Frontend);
+    assert_eq!(
+        frontend::parse_parse_head(&body),
+        Ok((&b"s1"[..], &b"SHOW POOLS"[..]))
+    );
+    b.clear();
+    pgf::describe(b'S', "s1", &mut b).unwrap();
+    let (_, body) = split_one(&b, Side::Frontend);
+    assert_eq!(
+        frontend::parse_target(&body, "Describe"),
+        Ok((b'S', &b"s1"[..]))
+    );
+    b.clear();
+    pgf::execute("p1", 0, &mut b).unwrap();
+    let (_, body) = split_one(&b, Side::Frontend);
+    assert_eq!(frontend::parse_execute_portal(&body), Ok(&b"p1"[..]));
+
+    let mut out = BytesMut::new();
+    backend::row_description(
+        &mut out,
+        &[("user", backend::TEXT_OID), ("n", backend::INT8_OID)],
+    )
+    .unwrap();
+    match parse_pg(&out) {
+        pg::Message::RowDescription(d) => {
+            use fallible_iterator::FallibleIterator;
+            let fields: Vec<(String, u32)> = d
+                .fields()
+                .map(|f| Ok((f.name().to_owned(), f.type_oid())))
+                .collect()
+                .unwrap();
+            assert_eq!(fields, [("user".into(), 25), ("n".into(), 20)]);
+        }
+        _ => panic!("not a RowDescription"),
+    }
+    out.clear();
+    backend::data_row(&mut out, &[Some(b"tk_1"), None]).unwrap();
+    match parse_pg(&out) {
+        pg::Message::DataRow(row) => {
+            use fallible_iterator::FallibleIterator;
+            let ranges: Vec<_> = row.ranges().collect().unwrap();
+            assert_eq!(ranges.len(), 2);
+            assert_eq!(&row.buffer()[ranges[0].clone().unwrap()], b"tk_1");
+            assert!(ranges[1].is_none());
+        }
+        _ => panic!("not a DataRow"),
+    }
+}
