@@ -85,6 +85,11 @@ async fn run(cluster: &PgCluster, args: &Args) -> anyhow::Result<()> {
     config.upstream.port = cluster.port();
     config.upstream.dbname = DATABASE.to_owned();
     config.upstream.auth_password = Some(pooler::config::Secret::new(pooler_password));
+    let console_password = random_token()?;
+    config.admin.user = Some("dp_admin".into());
+    config.admin.scram_verifier = Some(pooler::config::Secret::new(
+        postgres_protocol::password::scram_sha_256(console_password.as_bytes()),
+    ));
     let pooler = pooler::start(config).await.context("starting the pooler")?;
 
     let provisioner = Provisioner::new(
@@ -131,6 +136,11 @@ async fn run(cluster: &PgCluster, args: &Args) -> anyhow::Result<()> {
     println!(
         "  pooler       {} (transaction), {} (session), http://{}/readyz",
         pooler.addr, args.pooler_session_listen, pooler.admin_addr
+    );
+    println!(
+        "  console      psql \"postgresql://dp_admin:{console_password}@{}:{}/pgbouncer?sslmode=disable\" -c 'SHOW POOLS'",
+        pooler.addr.ip(),
+        pooler.addr.port()
     );
     println!("  provisioner  http://{api}   token {token}");
     println!();
