@@ -20,6 +20,7 @@ pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod proto;

@@ -32,6 +32,7 @@ pub struct Shared {
     pub client_tls: Option<tokio_rustls::TlsAcceptor>,
     pub clients: Arc<Semaphore>,
     pub shutdown: watch::Receiver<bool>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Per-role state that outlives any one client.
@@ -47,6 +48,8 @@ pub struct RoleShared {
     mismatch_until: Mutex<Option<Instant>>,
     /// Clients pinned to a server by session state now.
     pinned: Arc<std::sync::atomic::AtomicUsize>,
+    /// Transactions and requests relayed, for per-role metrics.
+    pub counts: crate::metrics::RoleCounts,
 }
 
 /// A pinned client's place under `max_pinned_per_role`; given back on drop.
@@ -73,7 +76,22 @@ impl RoleShared {
             revoked: watch::Sender::new(0),
             mismatch_until: Mutex::new(None),
             pinned: Arc::default(),
+            counts: Default::default(),
         }
+    }
+
+    /// Clients of this role connected now.
+    pub fn client_count(&self) -> usize {
+        self.clients.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Transactions and requests relayed since start.
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.counts.transactions.load(Relaxed),
+            self.counts.queries.load(Relaxed),
+        )
     }
 
     /// A pin slot, if fewer than `max` clients of the role are pinned.
@@ -223,6 +241,16 @@ impl Roles {
         let r = Arc::new(RoleShared::new(name.clone()));
         map.insert(name, r.clone());
         r
+    }
+
+    /// Every role that has had a client since start-up.
+    pub fn all(&self) -> Vec<Arc<RoleShared>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn get(&self, role: &str) -> Option<Arc<RoleShared>> {

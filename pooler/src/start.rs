@@ -14,6 +14,7 @@ use crate::auth::cache::VerifierCache;
 use crate::auth::limiter::AuthLimiter;
 use crate::backend::{PassThrough, Target};
 use crate::config::{Config, ConfigError, TlsMode};
+use crate::metrics::Metrics;
 use crate::net::{self, Tracker, tls};
 use crate::pool::{PoolConfig, Pools};
 use crate::session::Listener;
@@ -32,6 +33,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("the operating system's random source failed: {0}")]
     Random(getrandom::Error),
 }
@@ -84,10 +87,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config.auth_pool_size,
     );
     let roles = Arc::new(Roles::default());
+    let metrics = Arc::new(Metrics::new(
+        config.metrics_per_role,
+        config.metrics_max_roles,
+    )?);
     let connector = Arc::new(PassThrough {
         roles: roles.clone(),
         target: target.clone(),
         backoff: Default::default(),
+        metrics: metrics.clone(),
     });
     let pools = Pools::new(pool_config(&config), connector);
     let mock_secret: [u8; 32] = match &config.auth_mock_secret {
@@ -136,6 +144,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         client_tls,
         clients: Arc::new(Semaphore::new(config.max_client_conn)),
         shutdown: shutdown_rx.clone(),
+        metrics,
     });
 
     tokio::spawn(cache.clone().run_listener(shutdown_rx.clone()));
@@ -161,6 +170,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_app = admin::app(AdminState {
         cache,
         draining: draining.clone(),
+        shared: shared.clone(),
     });
     let mut admin_shutdown = shutdown_rx;
     tokio::spawn(async move {

@@ -1,4 +1,4 @@
-//! The admin HTTP listener: liveness and readiness for Kubernetes.
+//! The admin HTTP listener: liveness and readiness for Kubernetes, Prometheus metrics.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +15,7 @@ pub struct AdminState {
     pub cache: Arc<VerifierCache>,
     /// Set when shutdown starts: a draining pooler is alive but not ready.
     pub draining: Arc<AtomicBool>,
+    pub shared: Arc<crate::shared::Shared>,
 }
 
 /// The whole admin HTTP surface.
@@ -22,7 +23,27 @@ pub fn app(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+async fn metrics(State(state): State<AdminState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let shared = &state.shared;
+    match shared.metrics.render(&shared.pools.stats(), &shared.roles) {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "rendering metrics failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "metrics unavailable\n").into_response()
+        }
+    }
 }
 
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {

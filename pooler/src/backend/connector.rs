@@ -17,6 +17,7 @@ pub struct PassThrough {
     /// While Postgres is unreachable, new logins fail at once until the backoff has
     /// passed, instead of every waiting client hammering a restarting server.
     pub backoff: Arc<std::sync::Mutex<Backoff>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +63,7 @@ impl Connector<ServerConn> for PassThrough {
         let roles = self.roles.clone();
         let target = self.target.clone();
         let backoff = self.backoff.clone();
+        let metrics = self.metrics.clone();
         let role = role.to_owned();
         Box::pin(async move {
             let waiting = backoff
@@ -95,6 +97,7 @@ impl Connector<ServerConn> for PassThrough {
                         // Say exactly what is wrong, once per backoff, and stop trying.
                         tracing::error!(role = %role, error = %e, "SCRAM pass-through impossible");
                         shared.mismatch(Instant::now());
+                        metrics.server_login_mismatches.inc();
                     }
                     Err(ConnectError::new(e))
                 }

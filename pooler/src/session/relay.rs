@@ -61,19 +61,39 @@ pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
         if s.buf[0] == b'X' {
             return Ok(());
         }
+        let asked = std::time::Instant::now();
         let mut server = match checkout(shared, &s.role, &s.auth).await {
             Ok(server) => server,
-            Err((code, message)) => return fatal(&mut s.stream, code, message).await,
+            Err((code, message)) => {
+                if code == SqlState::TOO_MANY_CONNECTIONS {
+                    shared.metrics.checkout_timeouts.inc();
+                }
+                return fatal(&mut s.stream, code, message).await;
+            }
         };
+        let linked = std::time::Instant::now();
+        shared
+            .metrics
+            .checkout_wait
+            .observe((linked - asked).as_secs_f64());
         let max_pinned = shared.config.max_pinned(pool_size(shared, &s.auth));
+        let mut scan = ServerScan::default();
         let outcome = link(
             &mut s,
             &mut server,
+            &mut scan,
             &mut revoked,
             shared.config.max_prepared_statements,
             max_pinned,
         )
         .await;
+        scan.count(shared, &s.role);
+        if matches!(outcome, Ok(Linked::Done)) {
+            shared
+                .metrics
+                .transaction_duration
+                .observe(linked.elapsed().as_secs_f64());
+        }
         s.cancel.slot.unlink();
         match outcome {
             Ok(Linked::Done) => server.release(),
@@ -204,6 +224,7 @@ fn checkout_result(
 async fn link(
     s: &mut Session,
     server: &mut ServerConn,
+    scan: &mut ServerScan,
     revoked: &mut tokio::sync::watch::Receiver<u64>,
     max_prepared: usize,
     max_pinned: usize,
@@ -213,7 +234,6 @@ async fn link(
     s.cancel.slot.link(server.key);
     let mut client_cursor = Cursor::default();
     let mut sbuf = std::mem::take(&mut server.buf);
-    let mut scan = ServerScan::default();
     // Reused across batches: no allocation per relayed message once warm.
     let mut edits: Vec<(usize, usize, usize, usize)> = Vec::new();
     let mut scratch = BytesMut::new();
@@ -324,11 +344,13 @@ async fn link(
                             Err(e) => return server_lost(s, e).await,
                         };
                         write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
+                        scan.bytes_out += to_client as u64;
                         sbuf.advance(to_client);
                     }
                 }
             }
             s.buf.advance(n);
+            scan.bytes_in += total as u64;
             scratch.clear();
             if scan.tracker.terminated() {
                 let clean = scan.tracker.idle() && sbuf.is_empty() && scan.cursor.at_boundary();
@@ -372,6 +394,7 @@ async fn link(
                 };
                 if to_client > 0 {
                     write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
+                        scan.bytes_out += to_client as u64;
                     sbuf.advance(to_client);
                 }
             }
@@ -388,9 +411,26 @@ struct ServerScan {
     replies: Replies,
     /// Changes to the bytes last scanned, for the client.
     edits: Vec<Edit>,
+    /// ReadyForQuery messages, and those that said idle (a transaction ended).
+    queries: u64,
+    transactions: u64,
+    bytes_in: u64,
+    bytes_out: u64,
 }
 
 impl ServerScan {
+    /// Adds this stretch's counts to the metrics: once per stretch, not per message.
+    fn count(&self, shared: &Shared, role: &RoleShared) {
+        let m = &shared.metrics;
+        m.transactions.inc_by(self.transactions);
+        m.queries.inc_by(self.queries);
+        m.bytes_received.inc_by(self.bytes_in);
+        m.bytes_sent.inc_by(self.bytes_out);
+        m.prepared_hits.inc_by(self.replies.hits);
+        m.prepared_misses.inc_by(self.replies.misses);
+        role.counts.add(self.transactions, self.queries);
+    }
+
     /// Walks the server's bytes: ReadyForQuery and copy starts feed the tracker,
     /// ParameterStatus updates both sides' parameters, replies to what the pooler
     /// added are dropped. Returns how many bytes may go to the client now.
@@ -406,6 +446,9 @@ impl ServerScan {
             tracker,
             replies,
             edits,
+            queries,
+            transactions,
+            ..
         } = self;
         edits.clear();
         cursor
@@ -422,6 +465,12 @@ impl ServerScan {
                             }
                         }
                         _ => {
+                            if tag == b'Z' {
+                                *queries += 1;
+                                if body.first() == Some(&b'I') {
+                                    *transactions += 1;
+                                }
+                            }
                             tracker.server(tag, body);
                             let len = 5 + body.len();
                             match replies.server(tag, body, statements, &mut server.statements) {

@@ -6,6 +6,7 @@
 
 mod common;
 mod login;
+mod metrics;
 mod pooling;
 mod prepared;
 mod protocol;
