@@ -55,7 +55,7 @@ async fn keeps_its_server_and_leaves_nothing(e: &Env, app: &App, port: u16) {
     assert_eq!(
         one_value(
             &next,
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
         )
         .await,
         "0"
