@@ -39,7 +39,9 @@ fn parse(text: &str) -> HashMap<String, f64> {
             continue;
         }
         let (series, value) = line.rsplit_once(' ').unwrap();
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
         let name = series.split('{').next().unwrap();
         let family = ["_bucket", "_sum", "_count"]
             .iter()
@@ -93,11 +95,24 @@ async fn metrics_parse_and_move_with_traffic() {
     assert!(get(&after, tx) - get(&before, tx) >= 15.0);
     assert!(get(&after, "dataplane_pooler_client_bytes_sent_total") > 0.0);
     assert!(get(&after, "dataplane_pooler_checkout_wait_seconds_count") >= 15.0);
-    assert!(get(&after, r#"dataplane_pooler_prepared_statements_total{result="hit"}"#) >= 1.0);
-    assert!(get(&after, r#"dataplane_pooler_server_logins_total{result="ok"}"#) >= 1.0);
+    assert!(
+        get(
+            &after,
+            r#"dataplane_pooler_prepared_statements_total{result="hit"}"#
+        ) >= 1.0
+    );
+    assert!(
+        get(
+            &after,
+            r#"dataplane_pooler_server_logins_total{result="ok"}"#
+        ) >= 1.0
+    );
     assert_eq!(get(&after, "dataplane_pooler_budget_limit"), 40.0);
     assert!(get(&after, "dataplane_pooler_budget_in_use") >= 1.0);
-    assert_eq!(get(&after, r#"dataplane_pooler_clients{state="idle"}"#), 1.0);
+    assert_eq!(
+        get(&after, r#"dataplane_pooler_clients{state="idle"}"#),
+        1.0
+    );
     assert!(after.contains_key("process_resident_memory_bytes"));
     let refused = r#"dataplane_pooler_errors_total{kind="invalid_password"}"#;
     assert!(get(&after, refused) >= 2.0);
