@@ -28,4 +28,4 @@ pub mod session;
 pub mod shared;
 mod start;
 
-pub use start::{Running, StartError, start};
+pub use start::{Running, StartError, raise_open_files, start};

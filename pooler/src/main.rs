@@ -200,6 +200,7 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load(&cli)?;
+    pooler::raise_open_files(&config)?;
     let running = pooler::start(config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

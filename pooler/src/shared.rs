@@ -31,7 +31,10 @@ pub struct Shared {
     pub mock_secret: [u8; 32],
     pub client_tls: Option<tokio_rustls::TlsAcceptor>,
     pub clients: Arc<Semaphore>,
+    /// Shutdown started: stop taking new transactions.
     pub shutdown: watch::Receiver<bool>,
+    /// The shutdown's grace period is over: close every client.
+    pub closing: watch::Receiver<bool>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 

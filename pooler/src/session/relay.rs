@@ -35,11 +35,26 @@ enum Linked {
     ClientLeft { clean: bool },
     /// Idle, but its session parameters are not known: close it, the client goes on.
     Unknown,
+    /// Idle, and the pooler is shutting down: the server goes back (reset if the
+    /// client had session state), the client is told to leave.
+    Drained,
+}
+
+/// The shutdown signals a linked client listens to.
+struct Stops {
+    /// Draining: leave at the next idle point.
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The grace period is over: leave now.
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
     let mut revoked = s.revoked.clone();
     let mut shutdown = shared.shutdown.clone();
+    let mut stops = Stops {
+        shutdown: shared.shutdown.clone(),
+        closing: shared.closing.clone(),
+    };
     loop {
         // Idle: no server. Wait for a whole message header from the client.
         while s.buf.len() < 5 {
@@ -83,6 +98,7 @@ pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
             &mut server,
             &mut scan,
             &mut revoked,
+            &mut stops,
             shared.config.max_prepared_statements,
             max_pinned,
         )
@@ -98,22 +114,21 @@ pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
         match outcome {
             Ok(Linked::Done) => server.release(),
             Ok(Linked::Unknown) => server.discard(),
+            Ok(Linked::Drained) => {
+                give_back(&mut s, server).await;
+                return fatal(
+                    &mut s.stream,
+                    SqlState::ADMIN_SHUTDOWN,
+                    "the pooler is shutting down".into(),
+                )
+                .await;
+            }
             Ok(Linked::ClientLeft { clean }) => {
-                if !clean {
+                if clean {
+                    give_back(&mut s, server).await;
+                } else {
                     // Mid-transaction: never hand it on; closing rolls it back.
                     server.discard();
-                } else if s.mode == PoolMode::Session || s.pin.is_some() {
-                    // A whole session's state (SET, LISTEN, prepared statements,
-                    // advisory locks) goes with its client.
-                    match reset(&mut server).await {
-                        Ok(()) => server.release(),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "resetting a session server failed");
-                            server.discard();
-                        }
-                    }
-                } else {
-                    server.release();
                 }
                 return Ok(());
             }
@@ -122,6 +137,24 @@ pub async fn run(mut s: Session, shared: &Shared) -> Result<(), SessionError> {
                 return Err(e);
             }
         }
+    }
+}
+
+/// Returns an idle server its client is done with. A whole session's state (SET,
+/// LISTEN, prepared statements, advisory locks) goes with its client: a session-mode
+/// or pinned client's server is reset first.
+async fn give_back(s: &mut Session, mut server: Checkout<ServerConn>) {
+    if s.mode == PoolMode::Session || s.pin.is_some() {
+        match reset(&mut server).await {
+            Ok(()) => server.release(),
+            Err(e) => {
+                tracing::debug!(error = %e, "resetting a session server failed");
+                server.discard();
+            }
+        }
+        s.pin = None;
+    } else {
+        server.release();
     }
 }
 
@@ -226,6 +259,7 @@ async fn link(
     server: &mut ServerConn,
     scan: &mut ServerScan,
     revoked: &mut tokio::sync::watch::Receiver<u64>,
+    stops: &mut Stops,
     max_prepared: usize,
     max_pinned: usize,
 ) -> Result<Linked, SessionError> {
@@ -372,6 +406,9 @@ async fn link(
                 return Ok(Linked::Done);
             }
         }
+        if idle && *stops.shutdown.borrow() {
+            return Ok(Linked::Drained);
+        }
         if s.buf.capacity() - s.buf.len() < 1024 {
             s.buf.reserve(READ_CHUNK);
         }
@@ -399,6 +436,16 @@ async fn link(
                 }
             }
             _ = revoked.changed() => return revoked_error(s).await,
+            // Noted here, acted on at the next idle point above.
+            _ = stops.shutdown.changed() => {}
+            _ = stops.closing.changed() => {
+                return fatal(
+                    &mut s.stream,
+                    SqlState::ADMIN_SHUTDOWN,
+                    "the pooler is shutting down; the transaction in progress was rolled back".into(),
+                )
+                .await;
+            }
         }
     }
 }
