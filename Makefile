@@ -1,12 +1,13 @@
 # The two commands of the README's quick start, and what CI runs.
 #   make dev   - Postgres + provisioner on this machine, with a demo app and a psql line
 #   make test  - every check and test (what .ci/run runs)
+#   make deploy-check - the offline checks of deploy/ (part of make test)
 
 CARGO ?= cargo
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 
-.PHONY: dev test deps lint
+.PHONY: dev test deps lint deploy-check
 
 deps:
 	@.ci/install-deps
@@ -18,9 +19,13 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+# Manifests, Dockerfile, dashboard and alert rules: deploy/check/check.py says what.
+deploy-check: deps
+	deploy/check/run
+
 # The summary line totals every test binary's result, so the last line says what ran
 # (cargo's own last line is the doc-tests', usually "0 passed").
-test: deps lint
+test: deps lint deploy-check
 	@mkdir -p target
 	$(CARGO) test --workspace --locked 2>&1 | tee target/test.log
 	@awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($$(i+1) ~ /^passed/) p += $$i; if ($$(i+1) ~ /^failed/) f += $$i; if ($$(i+1) ~ /^ignored/) s += $$i } } \

@@ -115,6 +115,12 @@ pub struct Config {
     /// Unset: half the role's pool size, at least 1. Past it the client gets an error
     /// that points to session mode.
     pub max_pinned_per_role: Option<usize>,
+    /// Per-role series on `/metrics` (clients, servers, transactions by role). Off by
+    /// default: thousands of apps would make thousands of series. Default false.
+    pub metrics_per_role: bool,
+    /// With `metrics_per_role`, the busiest roles that get their own series; the rest
+    /// are summed as `role="_other"`. Default 50.
+    pub metrics_max_roles: usize,
     /// Connections (as `dp_pooler`) used for `dataplane_auth.lookup`. Default 2.
     pub auth_pool_size: usize,
     /// Keys the mock verifiers of unknown roles. Give every replica the same value
@@ -215,6 +221,8 @@ impl Default for Config {
             max_prepared_statements: 200,
             max_pinned_per_role: None,
             log_level: "info".into(),
+            metrics_per_role: false,
+            metrics_max_roles: 50,
             upstream: Upstream::default(),
             client_tls: ClientTls::default(),
             server_tls: ServerTls::default(),

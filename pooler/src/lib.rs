@@ -25,6 +25,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod control;
+pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod proto;
@@ -34,4 +35,6 @@ pub mod session;
 pub mod shared;
 mod start;
 
-pub use start::{Hooks, LoadConfig, Running, SetLogFilter, StartError, start, start_with};
+pub use start::{
+    Hooks, LoadConfig, Running, SetLogFilter, StartError, raise_open_files, start, start_with,
+};

@@ -276,6 +276,7 @@ fn load(cli: &Cli) -> Result<Config, ConfigError> {
 
 async fn run(cli: Arc<Cli>, config: Config, hooks: pooler::Hooks) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    pooler::raise_open_files(&config)?;
     let running = pooler::start_with(config, hooks).await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut hangup = signal(SignalKind::hangup())?;

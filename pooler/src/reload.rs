@@ -22,6 +22,8 @@ pub enum ReloadError {
     Tls(#[from] tls::TlsError),
     #[error("log_level: {0}")]
     LogLevel(String),
+    #[error(transparent)]
+    OpenFiles(Box<crate::StartError>),
 }
 
 /// What a reload changed.
@@ -46,6 +48,8 @@ pub const RESTART_KEYS: &[&str] = &[
     "auth_mock_secret",
     "upstream",
     "server_tls",
+    "metrics_per_role",
+    "metrics_max_roles",
 ];
 
 /// Whether `key` (dotted, as `SHOW CONFIG` names it) takes a restart to change.
@@ -71,6 +75,8 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
     new.auth_mock_secret = old.auth_mock_secret.clone();
     new.upstream = old.upstream.clone();
     new.server_tls = old.server_tls.clone();
+    new.metrics_per_role = old.metrics_per_role;
+    new.metrics_max_roles = old.metrics_max_roles;
     new
 }
 
@@ -188,6 +194,14 @@ async fn apply(shared: &Shared) -> Result<ReloadReport, ReloadError> {
 
     // What can fail, first.
     let acceptor = client_acceptor(&effective)?;
+    if crate::start::open_files_needed(&effective) > crate::start::open_files_needed(&old) {
+        // Raised client or server limits must still fit the descriptors the process has.
+        let (soft, hard) = rlimit::Resource::NOFILE
+            .get()
+            .map_err(|e| ReloadError::OpenFiles(Box::new(crate::StartError::OpenFilesLimit(e))))?;
+        crate::start::check_open_files(&effective, soft, hard)
+            .map_err(|e| ReloadError::OpenFiles(Box::new(e)))?;
+    }
     if effective.log_level != old.log_level {
         if let Some(set) = &shared.hooks.set_log_filter {
             set(&effective.log_level).map_err(ReloadError::LogLevel)?;
@@ -243,6 +257,8 @@ mod tests {
         c.upstream.host = "elsewhere".into();
         c.upstream.auth_password = Some(Secret::new("pw"));
         c.server_tls.mode = TlsMode::Require;
+        c.metrics_per_role = true;
+        c.metrics_max_roles = 7;
         c
     }
 

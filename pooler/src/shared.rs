@@ -40,7 +40,11 @@ pub struct Shared {
     pub servers: Arc<Registry<ServerInfo>>,
     /// `PAUSE`: checkouts of paused roles wait for `RESUME`.
     pub pause: Pause,
+    /// Shutdown started: stop taking new transactions.
     pub shutdown: watch::Receiver<bool>,
+    /// The shutdown's grace period is over: close every client.
+    pub closing: watch::Receiver<bool>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Set by the console's `SHUTDOWN`; the binary then drains as on SIGTERM.
     pub shutdown_requested: watch::Sender<bool>,
     pub hooks: crate::Hooks,
@@ -72,10 +76,8 @@ pub struct RoleShared {
     pinned: Arc<std::sync::atomic::AtomicUsize>,
     /// Set by the console's KILL: tells the clients it disconnects why.
     killed: std::sync::atomic::AtomicBool,
-    /// Checkouts (transactions, or sessions in session mode) since start, and the
-    /// time their clients waited for a server, in microseconds: `SHOW STATS`.
-    xacts: std::sync::atomic::AtomicU64,
-    wait_us: std::sync::atomic::AtomicU64,
+    /// Transactions and requests relayed, for per-role metrics.
+    pub counts: crate::metrics::RoleCounts,
 }
 
 /// A pinned client's place under `max_pinned_per_role`; given back on drop.
@@ -103,26 +105,8 @@ impl RoleShared {
             mismatch_until: Mutex::new(None),
             pinned: Arc::default(),
             killed: Default::default(),
-            xacts: Default::default(),
-            wait_us: Default::default(),
+            counts: Default::default(),
         }
-    }
-
-    /// A client got a server after waiting `waited`.
-    pub fn checked_out(&self, waited: Duration) {
-        use std::sync::atomic::Ordering;
-        self.xacts.fetch_add(1, Ordering::Relaxed);
-        let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
-        self.wait_us.fetch_add(us, Ordering::Relaxed);
-    }
-
-    /// Checkouts since start, and the microseconds their clients waited in total.
-    pub fn checkouts(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering;
-        (
-            self.xacts.load(Ordering::Relaxed),
-            self.wait_us.load(Ordering::Relaxed),
-        )
     }
 
     /// The console's KILL: every client of the role is told to leave (57P01), as on a
@@ -136,6 +120,20 @@ impl RoleShared {
     /// Whether the last disconnection of the role's clients was a KILL.
     pub fn was_killed(&self) -> bool {
         self.killed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Clients of this role connected now.
+    pub fn client_count(&self) -> usize {
+        self.clients.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Transactions and requests relayed since start.
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.counts.transactions.load(Relaxed),
+            self.counts.queries.load(Relaxed),
+        )
     }
 
     /// A pin slot, if fewer than `max` clients of the role are pinned.
@@ -289,7 +287,7 @@ impl Roles {
         r
     }
 
-    /// Every role that has had a client since start.
+    /// Every role that has had a client since start-up.
     pub fn all(&self) -> Vec<Arc<RoleShared>> {
         self.map
             .lock()

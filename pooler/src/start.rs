@@ -15,6 +15,7 @@ use crate::auth::cache::VerifierCache;
 use crate::auth::limiter::AuthLimiter;
 use crate::backend::{PassThrough, Target};
 use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
 use crate::net::{self, Tracker, tls};
 use crate::pool::{PoolConfig, Pools};
 use crate::session::Listener;
@@ -32,6 +33,22 @@ pub enum StartError {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
+    },
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error("reading or raising the open-files limit: {0}")]
+    OpenFilesLimit(std::io::Error),
+    #[error(
+        "max_client_conn = {clients} and max_server_connections = {servers} need about {need} open \
+         files, but the limit is {soft} (hard limit {hard}); raise the hard limit (ulimit -Hn, \
+         LimitNOFILE, or the container runtime's nofile) or lower max_client_conn"
+    )]
+    OpenFiles {
+        clients: usize,
+        servers: usize,
+        need: u64,
+        soft: u64,
+        hard: u64,
     },
     #[error("the operating system's random source failed: {0}")]
     Random(getrandom::Error),
@@ -58,6 +75,8 @@ pub struct Running {
     pub session_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    /// Fired when the grace period is over: clients still linked are closed.
+    closing: watch::Sender<bool>,
     draining: Arc<AtomicBool>,
     tasks: Tracker,
     pub shared: Arc<Shared>,
@@ -97,11 +116,16 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
     );
     let roles = Arc::new(Roles::default());
     let servers = Arc::default();
+    let metrics = Arc::new(Metrics::new(
+        config.metrics_per_role,
+        config.metrics_max_roles,
+    )?);
     let connector = Arc::new(PassThrough {
         roles: roles.clone(),
         target: target.clone(),
         backoff: Default::default(),
         servers: Arc::clone(&servers),
+        metrics: metrics.clone(),
     });
     let pools = Pools::new(pool_config(&config), connector);
     let mock_secret: [u8; 32] = match &config.auth_mock_secret {
@@ -116,6 +140,7 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         }
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (closing_tx, closing_rx) = watch::channel(false);
 
     let main = bind(config.listen).await?;
     let session = match config.session_listen {
@@ -156,6 +181,8 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         hooks,
         reloading: Default::default(),
         started_at: std::time::SystemTime::now(),
+        closing: closing_rx,
+        metrics,
     });
 
     tokio::spawn(cache.clone().run_listener(shutdown_rx.clone()));
@@ -183,7 +210,8 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         draining: draining.clone(),
         shared: shared.clone(),
     });
-    let mut admin_shutdown = shutdown_rx;
+    // Up through the drain, so /readyz can say 503 while clients finish.
+    let mut admin_shutdown = shared.closing.clone();
     tokio::spawn(async move {
         let serve = axum::serve(admin_listener, admin_app).with_graceful_shutdown(async move {
             let _ = admin_shutdown.changed().await;
@@ -198,11 +226,58 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         session_addr,
         admin_addr,
         shutdown: shutdown_tx,
+        closing: closing_tx,
         draining,
         tasks,
         shared,
     })
 }
+
+/// Raises the soft open-files limit to the hard limit (a default soft limit of 1,024
+/// would refuse clients past about a thousand) and refuses a configuration whose
+/// client and server limits cannot fit under it. For the binary: tests and embedders
+/// keep their process's limits.
+pub fn raise_open_files(config: &Config) -> Result<(), StartError> {
+    use rlimit::Resource;
+    let (soft, hard) = Resource::NOFILE.get().map_err(StartError::OpenFilesLimit)?;
+    let raised = if soft < hard {
+        rlimit::increase_nofile_limit(hard).map_err(StartError::OpenFilesLimit)?
+    } else {
+        soft
+    };
+    if raised != soft {
+        tracing::info!(
+            from = soft,
+            to = raised,
+            "raised the open-files soft limit to the hard limit"
+        );
+    }
+    check_open_files(config, raised, hard)
+}
+
+/// One descriptor per client and per server, plus listeners, the auth lookup
+/// connections, the LISTEN connection and some slack.
+pub(crate) fn open_files_needed(config: &Config) -> u64 {
+    (config.max_client_conn + config.max_server_connections + config.auth_pool_size) as u64 + 64
+}
+
+/// Whether `config`'s limits fit under the soft limit `raised`.
+pub(crate) fn check_open_files(config: &Config, raised: u64, hard: u64) -> Result<(), StartError> {
+    let need = open_files_needed(config);
+    if raised < need {
+        return Err(StartError::OpenFiles {
+            clients: config.max_client_conn,
+            servers: config.max_server_connections,
+            need,
+            soft: raised,
+            hard,
+        });
+    }
+    Ok(())
+}
+
+/// After the grace period, how long closing clients get to be told.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// The pool's settings, from the configuration's.
 pub(crate) fn pool_config(c: &Config) -> PoolConfig {
@@ -247,6 +322,9 @@ impl Running {
                 clients = self.tasks.live(),
                 "grace period over; closing the remaining clients"
             );
+            // Each is told why (57P01) and its open transaction rolled back.
+            let _ = self.closing.send(true);
+            let _ = tokio::time::timeout(CLOSE_WAIT, self.tasks.wait()).await;
         }
     }
 }

@@ -9,6 +9,7 @@
 //! - [`ddl`]: [`ddl::plan`] turns a request into SQL (pure), [`ddl::execute`] runs it in
 //!   one transaction under the global advisory lock.
 //! - [`secret`]: passwords (returned once, never stored) and SCRAM verifiers.
+//! - [`view`]: an app as callers see it, the same JSON from the API and the CLI.
 //! - [`migrate`]: the versioned migrations in `sql/`.
 //! - [`config`]: the serve settings and their defaults; [`logging`]: log set-up that
 //!   keeps statements (and so verifiers) out of the logs.
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod names;
 pub mod secret;
+pub mod view;
 
 pub use config::{ApiToken, PublicEndpoint};
 pub use ddl::Provisioner;

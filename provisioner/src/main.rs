@@ -1,5 +1,6 @@
 //! `provisioner`: the command line. Parses flags (each also from the environment),
-//! sets up logging, and hands over to the library.
+//! sets up logging, and hands over to the library. The break-glass subcommands live in
+//! `ops.rs`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,6 +15,8 @@ use provisioner::ddl::Limits;
 use provisioner::http::{AppState, app};
 use provisioner::metrics::Metrics;
 use provisioner::{Provisioner, migrate};
+
+mod ops;
 
 #[derive(Parser)]
 #[command(
@@ -47,13 +50,54 @@ enum Command {
     },
     /// Serve the HTTP API.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Op(ops::OpCommand),
+}
+
+/// The provisioner's own login, shared by `serve` and the break-glass subcommands.
+#[derive(clap::Args)]
+struct DatabaseArgs {
+    /// Postgres URL of the provisioner's own login (dp_provisioner) on the apps' database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+}
+
+impl DatabaseArgs {
+    fn config(&self) -> anyhow::Result<tokio_postgres::Config> {
+        tokio_postgres::Config::from_str(&self.database_url).context("parsing --database-url")
+    }
+}
+
+/// Where apps reach their database, put into the URIs the API and the CLI return.
+#[derive(clap::Args)]
+struct PublicArgs {
+    /// Host apps connect to (the pooler's Service), put into the returned URIs.
+    #[arg(long, env = "PROVISIONER_PUBLIC_HOST", default_value = "localhost")]
+    public_host: String,
+    /// Port apps connect to.
+    #[arg(long, env = "PROVISIONER_PUBLIC_PORT", default_value_t = 5432)]
+    public_port: u16,
+    /// `sslmode` put into the returned URIs.
+    #[arg(long, env = "PROVISIONER_PUBLIC_SSLMODE", default_value = "prefer")]
+    public_sslmode: String,
+}
+
+impl PublicArgs {
+    fn endpoint(self) -> PublicEndpoint {
+        PublicEndpoint {
+            host: self.public_host,
+            port: self.public_port,
+            sslmode: self.public_sslmode,
+        }
+    }
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Postgres URL of the provisioner's own login (dp_provisioner) on the apps' database.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: String,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    public: PublicArgs,
     /// Address the HTTP API listens on.
     #[arg(long, env = "PROVISIONER_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
@@ -64,15 +108,6 @@ struct ServeArgs {
     /// File holding the bearer token (e.g. a mounted Kubernetes Secret).
     #[arg(long, env = "PROVISIONER_API_TOKEN_FILE")]
     api_token_file: Option<PathBuf>,
-    /// Host apps connect to (the pooler's Service), put into the returned URIs.
-    #[arg(long, env = "PROVISIONER_PUBLIC_HOST", default_value = "localhost")]
-    public_host: String,
-    /// Port apps connect to.
-    #[arg(long, env = "PROVISIONER_PUBLIC_PORT", default_value_t = 5432)]
-    public_port: u16,
-    /// `sslmode` put into the returned URIs.
-    #[arg(long, env = "PROVISIONER_PUBLIC_SSLMODE", default_value = "prefer")]
-    public_sslmode: String,
     /// Connections the provisioner keeps to Postgres (operations serialise on a lock,
     /// so a few are plenty).
     #[arg(long, env = "PROVISIONER_DB_POOL_SIZE", default_value_t = 4)]
@@ -89,7 +124,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let result = match cli.command {
+        Command::Migrate {
+            database_url,
+            provisioner_role,
+        } => runtime.block_on(migrate(&database_url, &provisioner_role)),
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        // The break-glass subcommands report failures as JSON with their own exit codes.
+        Command::Op(op) => return runtime.block_on(ops::run(op)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -103,30 +147,22 @@ fn init_logging(format: LogFormat) {
     provisioner::logging::init(matches!(format, LogFormat::Json));
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
-    match command {
-        Command::Migrate {
-            database_url,
-            provisioner_role,
-        } => {
-            let config = tokio_postgres::Config::from_str(&database_url)
-                .context("parsing --database-url")?;
-            let (mut client, connection) = config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .context("connecting to the database")?;
-            tokio::spawn(connection);
-            let report = migrate::run(&mut client, &provisioner_role).await?;
-            println!(
-                "migrations: {} applied ({}), {} already applied",
-                report.applied.len(),
-                report.applied.join(", "),
-                report.skipped.len()
-            );
-            Ok(())
-        }
-        Command::Serve(args) => serve(args).await,
-    }
+async fn migrate(database_url: &str, provisioner_role: &str) -> anyhow::Result<()> {
+    let config =
+        tokio_postgres::Config::from_str(database_url).context("parsing --database-url")?;
+    let (mut client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .context("connecting to the database")?;
+    tokio::spawn(connection);
+    let report = migrate::run(&mut client, provisioner_role).await?;
+    println!(
+        "migrations: {} applied ({}), {} already applied",
+        report.applied.len(),
+        report.applied.join(", "),
+        report.skipped.len()
+    );
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -141,17 +177,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let token = ApiToken::new(&token)?;
-    let config =
-        tokio_postgres::Config::from_str(&args.database_url).context("parsing --database-url")?;
-    let provisioner = Provisioner::new(config, args.db_pool_size, Limits::default())?;
+    let provisioner = Provisioner::new(
+        args.database.config()?,
+        args.db_pool_size,
+        Limits::default(),
+    )?;
     let state = AppState {
         provisioner,
         token: Arc::new(token),
-        public: Arc::new(PublicEndpoint {
-            host: args.public_host,
-            port: args.public_port,
-            sslmode: args.public_sslmode,
-        }),
+        public: Arc::new(args.public.endpoint()),
         metrics: Metrics::new()?,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

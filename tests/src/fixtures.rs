@@ -64,4 +64,17 @@ impl MigratedDb {
             .await
             .expect("superuser connects")
     }
+
+    /// Server connections Postgres has for a role right now.
+    pub async fn backends(&self, role: &str) -> i64 {
+        self.admin()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                &[&role],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0)
+    }
 }

@@ -9,12 +9,15 @@
 //!   however the test process ends (passed, failed, Ctrl-C, SIGKILL), nothing is left.
 //! - Tests get isolation from [`PgCluster::fresh_database`] and [`unique_tenant_id`], not
 //!   from separate clusters: an `initdb` costs about a second, a database a few ms.
+//! - [`stack`] puts an in-process pooler in front of such a database and provisions apps
+//!   with the provisioner library.
 
 // A harness that cannot start Postgres has nothing better to do than fail the test loudly.
 #![allow(clippy::expect_used, clippy::panic)]
 
 mod cluster;
 pub mod fixtures;
+pub mod stack;
 
 pub use cluster::{HarnessError, PgCluster, StartOptions};
 

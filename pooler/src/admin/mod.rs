@@ -1,6 +1,6 @@
 //! Operating the pooler. Over HTTP (this module): liveness and readiness for
-//! Kubernetes, `GET /v1/pools` (the `SHOW POOLS` numbers as JSON) and
-//! `POST /v1/reload`. Over the Postgres protocol: the [`console`].
+//! Kubernetes, Prometheus metrics, `GET /v1/pools` (the `SHOW POOLS` numbers as JSON)
+//! and `POST /v1/reload`. Over the Postgres protocol: the [`console`].
 //!
 //! The HTTP listener has no authentication of its own: keep it on the cluster's
 //! network (probes, scrapes), never exposed to app namespaces.
@@ -33,9 +33,28 @@ pub fn app(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/pools", get(pools))
         .route("/v1/reload", post(reload))
         .with_state(state)
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let shared = &state.shared;
+    match shared.metrics.render(&shared.pools.stats(), &shared.roles) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "rendering metrics failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "metrics unavailable\n").into_response()
+        }
+    }
 }
 
 /// One object per role, with `SHOW POOLS`'s columns as keys.

@@ -20,6 +20,7 @@ pub struct PassThrough {
     pub backoff: Arc<std::sync::Mutex<Backoff>>,
     /// Where servers are listed for `SHOW SERVERS`.
     pub servers: Arc<Registry<ServerInfo>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +67,7 @@ impl Connector<ServerConn> for PassThrough {
         let target = self.target.clone();
         let backoff = self.backoff.clone();
         let servers = self.servers.clone();
+        let metrics = self.metrics.clone();
         let role = role.to_owned();
         Box::pin(async move {
             let waiting = backoff
@@ -110,6 +112,7 @@ impl Connector<ServerConn> for PassThrough {
                         // Say exactly what is wrong, once per backoff, and stop trying.
                         tracing::error!(role = %role, error = %e, "SCRAM pass-through impossible");
                         shared.mismatch(Instant::now());
+                        metrics.server_login_mismatches.inc();
                     }
                     Err(ConnectError::new(e))
                 }

@@ -18,6 +18,7 @@ use crate::auth::cache::{LookupError, PoolMode, RoleAuth, Status};
 use crate::auth::scram::{ScramError, ServerExchange};
 use crate::auth::verifier;
 use crate::backend::LoginKeys;
+use crate::metrics::AuthResult;
 use crate::net::stream::Stream;
 use crate::proto::SqlState;
 use crate::proto::backend::{self as msg, TransactionStatus};
@@ -83,6 +84,7 @@ pub async fn login(
         .await;
     }
     if shared.limiter.throttled(&user, peer.ip(), Instant::now()) {
+        shared.metrics.auth(AuthResult::Throttled);
         return fatal(
             &mut stream,
             SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -98,6 +100,7 @@ pub async fn login(
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(error = %e, "verifier lookup failed");
+            shared.metrics.auth(AuthResult::Error);
             return fatal(
                 &mut stream,
                 SqlState::CANNOT_CONNECT_NOW,
@@ -121,6 +124,11 @@ pub async fn login(
         Proof::Valid { .. } | Proof::Invalid => {
             shared.limiter.failed(&user, peer.ip(), Instant::now());
             tracing::info!(role = %user, reason = auth.status.as_str(), "authentication failed");
+            shared.metrics.auth(match auth.status {
+                Status::Ok => AuthResult::BadProof,
+                Status::Unknown => AuthResult::UnknownRole,
+                _ => AuthResult::Disabled,
+            });
             return password_failed(&mut stream, &user).await;
         }
     };
@@ -163,6 +171,7 @@ pub async fn login(
         .await;
     };
     if role.in_mismatch_backoff(Instant::now()) {
+        shared.metrics.auth(AuthResult::PassthroughMismatch);
         return fatal(
             &mut stream,
             SqlState::CANNOT_CONNECT_NOW,
@@ -212,6 +221,7 @@ pub async fn login(
         auth.pool_mode
     };
     tracing::info!(role = %user, mode = ?mode, tls = stream.is_tls(), "client logged in");
+    shared.metrics.auth(AuthResult::Ok);
     Ok(Session {
         stream,
         role,

@@ -57,11 +57,13 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, listen
     let span = tracing::info_span!("client", id, peer = %peer);
     let _ = tcp.set_nodelay(true);
     let result =
-        tracing::Instrument::instrument(run(id, tcp, peer, shared, listener), span.clone()).await;
+        tracing::Instrument::instrument(run(id, tcp, peer, shared.clone(), listener), span.clone())
+            .await;
     let _entered = span.enter();
     match result {
         Ok(()) => tracing::debug!("client left"),
         Err(SessionError::Reported { code, message }) => {
+            shared.metrics.error(code.code());
             tracing::info!(code = code.code(), %message, "client refused")
         }
         Err(SessionError::Io(e)) => tracing::debug!(error = %e, "client connection ended"),
@@ -164,6 +166,7 @@ async fn negotiate(
             StartupPacket::GssEncRequest => stream.write_all(b"N").await?,
             StartupPacket::Cancel { pid, secret } => {
                 if let Some(key) = shared.cancels.resolve(pid, secret) {
+                    shared.metrics.cancels.inc();
                     if let Err(e) = crate::backend::cancel(&shared.target, key).await {
                         tracing::warn!(error = %e, "forwarding a cancel request failed");
                     }

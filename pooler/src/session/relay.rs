@@ -36,11 +36,26 @@ enum Linked {
     ClientLeft { clean: bool },
     /// Idle, but its session parameters are not known: close it, the client goes on.
     Unknown,
+    /// Idle, and the pooler is shutting down: the server goes back (reset if the
+    /// client had session state), the client is told to leave.
+    Drained,
+}
+
+/// The shutdown signals a linked client listens to.
+struct Stops {
+    /// Draining: leave at the next idle point.
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The grace period is over: leave now.
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 pub async fn run(mut s: Session, shared: &Shared, client: &ClientInfo) -> Result<(), SessionError> {
     let mut revoked = s.revoked.clone();
     let mut shutdown = shared.shutdown.clone();
+    let mut stops = Stops {
+        shutdown: shared.shutdown.clone(),
+        closing: shared.closing.clone(),
+    };
     loop {
         // Idle: no server. Wait for a whole message header from the client.
         while s.buf.len() < 5 {
@@ -63,12 +78,21 @@ pub async fn run(mut s: Session, shared: &Shared, client: &ClientInfo) -> Result
             return Ok(());
         }
         client.waiting();
-        let asked = tokio::time::Instant::now();
+        let asked = std::time::Instant::now();
         let mut server = match checkout(shared, &s.role, &s.auth).await {
             Ok(server) => server,
-            Err((code, message)) => return fatal(&mut s.stream, code, message).await,
+            Err((code, message)) => {
+                if code == SqlState::TOO_MANY_CONNECTIONS {
+                    shared.metrics.checkout_timeouts.inc();
+                }
+                return fatal(&mut s.stream, code, message).await;
+            }
         };
-        s.role.checked_out(asked.elapsed());
+        let linked = std::time::Instant::now();
+        shared
+            .metrics
+            .checkout_wait
+            .observe((linked - asked).as_secs_f64());
         client.active(server.id());
         let (max_pinned, max_prepared) = {
             let config = shared.config();
@@ -77,28 +101,44 @@ pub async fn run(mut s: Session, shared: &Shared, client: &ClientInfo) -> Result
                 config.max_prepared_statements,
             )
         };
-        let outcome = link(&mut s, &mut server, &mut revoked, max_prepared, max_pinned).await;
+        let mut scan = ServerScan::default();
+        let outcome = link(
+            &mut s,
+            &mut server,
+            &mut scan,
+            &mut revoked,
+            &mut stops,
+            max_prepared,
+            max_pinned,
+        )
+        .await;
+        scan.count(shared, &s.role);
+        if matches!(outcome, Ok(Linked::Done)) {
+            shared
+                .metrics
+                .transaction_duration
+                .observe(linked.elapsed().as_secs_f64());
+        }
         s.cancel.slot.unlink();
         client.idle();
         match outcome {
             Ok(Linked::Done) => server.release(),
             Ok(Linked::Unknown) => server.discard(),
+            Ok(Linked::Drained) => {
+                give_back(&mut s, server).await;
+                return fatal(
+                    &mut s.stream,
+                    SqlState::ADMIN_SHUTDOWN,
+                    "the pooler is shutting down".into(),
+                )
+                .await;
+            }
             Ok(Linked::ClientLeft { clean }) => {
-                if !clean {
+                if clean {
+                    give_back(&mut s, server).await;
+                } else {
                     // Mid-transaction: never hand it on; closing rolls it back.
                     server.discard();
-                } else if s.mode == PoolMode::Session || s.pin.is_some() {
-                    // A whole session's state (SET, LISTEN, prepared statements,
-                    // advisory locks) goes with its client.
-                    match reset(&mut server).await {
-                        Ok(()) => server.release(),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "resetting a session server failed");
-                            server.discard();
-                        }
-                    }
-                } else {
-                    server.release();
                 }
                 return Ok(());
             }
@@ -107,6 +147,24 @@ pub async fn run(mut s: Session, shared: &Shared, client: &ClientInfo) -> Result
                 return Err(e);
             }
         }
+    }
+}
+
+/// Returns an idle server its client is done with. A whole session's state (SET,
+/// LISTEN, prepared statements, advisory locks) goes with its client: a session-mode
+/// or pinned client's server is reset first.
+async fn give_back(s: &mut Session, mut server: Checkout<ServerConn>) {
+    if s.mode == PoolMode::Session || s.pin.is_some() {
+        match reset(&mut server).await {
+            Ok(()) => server.release(),
+            Err(e) => {
+                tracing::debug!(error = %e, "resetting a session server failed");
+                server.discard();
+            }
+        }
+        s.pin = None;
+    } else {
+        server.release();
     }
 }
 
@@ -225,7 +283,9 @@ fn checkout_result(
 async fn link(
     s: &mut Session,
     server: &mut ServerConn,
+    scan: &mut ServerScan,
     revoked: &mut tokio::sync::watch::Receiver<u64>,
+    stops: &mut Stops,
     max_prepared: usize,
     max_pinned: usize,
 ) -> Result<Linked, SessionError> {
@@ -234,7 +294,6 @@ async fn link(
     s.cancel.slot.link(server.key);
     let mut client_cursor = Cursor::default();
     let mut sbuf = std::mem::take(&mut server.buf);
-    let mut scan = ServerScan::default();
     // Reused across batches: no allocation per relayed message once warm.
     let mut edits: Vec<(usize, usize, usize, usize)> = Vec::new();
     let mut scratch = BytesMut::new();
@@ -345,11 +404,13 @@ async fn link(
                             Err(e) => return server_lost(s, e).await,
                         };
                         write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
+                        scan.bytes_out += to_client as u64;
                         sbuf.advance(to_client);
                     }
                 }
             }
             s.buf.advance(n);
+            scan.bytes_in += total as u64;
             scratch.clear();
             if scan.tracker.terminated() {
                 let clean = scan.tracker.idle() && sbuf.is_empty() && scan.cursor.at_boundary();
@@ -370,6 +431,9 @@ async fn link(
             if s.pin.is_none() {
                 return Ok(Linked::Done);
             }
+        }
+        if idle && *stops.shutdown.borrow() {
+            return Ok(Linked::Drained);
         }
         if s.buf.capacity() - s.buf.len() < 1024 {
             s.buf.reserve(READ_CHUNK);
@@ -393,10 +457,21 @@ async fn link(
                 };
                 if to_client > 0 {
                     write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
+                        scan.bytes_out += to_client as u64;
                     sbuf.advance(to_client);
                 }
             }
             _ = revoked.changed() => return revoked_error(s).await,
+            // Noted here, acted on at the next idle point above.
+            _ = stops.shutdown.changed() => {}
+            _ = stops.closing.changed() => {
+                return fatal(
+                    &mut s.stream,
+                    SqlState::ADMIN_SHUTDOWN,
+                    "the pooler is shutting down; the transaction in progress was rolled back".into(),
+                )
+                .await;
+            }
         }
     }
 }
@@ -409,9 +484,26 @@ struct ServerScan {
     replies: Replies,
     /// Changes to the bytes last scanned, for the client.
     edits: Vec<Edit>,
+    /// ReadyForQuery messages, and those that said idle (a transaction ended).
+    queries: u64,
+    transactions: u64,
+    bytes_in: u64,
+    bytes_out: u64,
 }
 
 impl ServerScan {
+    /// Adds this stretch's counts to the metrics: once per stretch, not per message.
+    fn count(&self, shared: &Shared, role: &RoleShared) {
+        let m = &shared.metrics;
+        m.transactions.inc_by(self.transactions);
+        m.queries.inc_by(self.queries);
+        m.bytes_received.inc_by(self.bytes_in);
+        m.bytes_sent.inc_by(self.bytes_out);
+        m.prepared_hits.inc_by(self.replies.hits);
+        m.prepared_misses.inc_by(self.replies.misses);
+        role.counts.add(self.transactions, self.queries);
+    }
+
     /// Walks the server's bytes: ReadyForQuery and copy starts feed the tracker,
     /// ParameterStatus updates both sides' parameters, replies to what the pooler
     /// added are dropped. Returns how many bytes may go to the client now.
@@ -427,6 +519,9 @@ impl ServerScan {
             tracker,
             replies,
             edits,
+            queries,
+            transactions,
+            ..
         } = self;
         edits.clear();
         cursor
@@ -443,6 +538,12 @@ impl ServerScan {
                             }
                         }
                         _ => {
+                            if tag == b'Z' {
+                                *queries += 1;
+                                if body.first() == Some(&b'I') {
+                                    *transactions += 1;
+                                }
+                            }
                             tracker.server(tag, body);
                             let len = 5 + body.len();
                             match replies.server(tag, body, statements, &mut server.statements) {

@@ -4,13 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dataplane_tests::fixtures::{MigratedDb, POOLER_PASSWORD};
-use dataplane_tests::unique_tenant_id;
+use dataplane_tests::fixtures::MigratedDb;
+use dataplane_tests::stack;
 use pooler::config::{Config, Secret};
 use pooler::{Hooks, Running};
 use provisioner::Provisioner;
-use provisioner::ddl::{EnsureOutcome, LimitsPatch, OpContext};
+use provisioner::ddl::LimitsPatch;
 use provisioner::names::AppName;
+
+pub use stack::App;
 
 pub struct Env {
     pub fixture: MigratedDb,
@@ -32,32 +34,16 @@ pub fn with_admin(c: &mut Config) {
     )));
 }
 
-/// A pooler configured for tests: loopback, short timeouts.
-pub fn config_for(fixture: &MigratedDb) -> Config {
-    let mut c = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        query_wait_timeout_ms: 10_000,
-        ..Config::default()
-    };
-    c.upstream.host = fixture.cluster.host().to_owned();
-    c.upstream.port = fixture.cluster.port();
-    c.upstream.dbname = fixture.db.clone();
-    c.upstream.auth_password = Some(Secret::new(POOLER_PASSWORD));
-    c
-}
-
 pub async fn env(tweak: impl FnOnce(&mut Config)) -> Env {
     let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
     env_on(fixture, tweak).await
 }
 
 pub async fn env_on(fixture: MigratedDb, tweak: impl FnOnce(&mut Config)) -> Env {
-    init_logs();
-    let mut config = config_for(&fixture);
+    stack::init_test_logging();
+    let mut config = stack::pooler_config(&fixture);
     tweak(&mut config);
-    let pooler = start_on_own_runtime(config, Hooks::default()).await;
-    wait_ready(&pooler).await;
+    let pooler = stack::start_pooler(config).await;
     Env {
         provisioner: fixture.provisioner(),
         fixture,
@@ -66,29 +52,19 @@ pub async fn env_on(fixture: MigratedDb, tweak: impl FnOnce(&mut Config)) -> Env
     }
 }
 
-fn init_logs() {
-    // The pooler's warnings and errors show up in a failing test's output.
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .try_init();
-}
-
 /// A pooler started as the binary starts one from a file: the configuration is written
 /// as TOML, and a reload re-reads that file and puts back what the environment gives
 /// (the secrets, which are never written to it).
 pub async fn env_with_file(tweak: impl FnOnce(&mut Config)) -> Env {
-    init_logs();
+    stack::init_test_logging();
     let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
-    let mut config = config_for(&fixture);
+    let mut config = stack::pooler_config(&fixture);
     with_admin(&mut config);
     tweak(&mut config);
     let path = std::env::temp_dir().join(format!(
         "pooler-it-{}-{}.toml",
         std::process::id(),
-        unique_tenant_id()
+        dataplane_tests::unique_tenant_id()
     ));
     write_config(&path, &config);
     let secrets = (
@@ -106,8 +82,7 @@ pub async fn env_with_file(tweak: impl FnOnce(&mut Config)) -> Env {
         })),
         set_log_filter: None,
     };
-    let pooler = start_on_own_runtime(config, hooks).await;
-    wait_ready(&pooler).await;
+    let pooler = stack::start_pooler_with(config, hooks).await;
     Env {
         provisioner: fixture.provisioner(),
         fixture,
@@ -128,63 +103,10 @@ impl Drop for Env {
     }
 }
 
-/// Starts the pooler on a runtime of its own, as in production: the test's clients
-/// (SCRAM logins cost CPU) then cannot starve it, and it cannot starve them.
-async fn start_on_own_runtime(config: Config, hooks: Hooks) -> Running {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let running = pooler::start_with(config, hooks).await.unwrap();
-            let _ = tx.send(running);
-            // Serve until the test process ends.
-            std::future::pending::<()>().await;
-        });
-    });
-    rx.await.unwrap()
-}
-
-/// Until the pooler's LISTEN connection is up: before that, a revocation could be missed.
-pub async fn wait_ready(pooler: &Running) {
-    for _ in 0..200 {
-        if pooler.shared.cache.is_listening() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the pooler never became ready");
-}
-
-pub struct App {
-    pub role: String,
-    pub password: String,
-    pub tenant: u64,
-    pub slug: String,
-}
-
 impl Env {
     /// A new app through the provisioner library (never hand-written SQL).
     pub async fn app(&self, limits: LimitsPatch) -> App {
-        let tenant = unique_tenant_id();
-        let name = AppName::parse(&tenant.to_string(), "app", "dev").unwrap();
-        match self
-            .provisioner
-            .ensure(&name, &limits, &OpContext::default())
-            .await
-            .unwrap()
-        {
-            EnsureOutcome::Created { record, password } => App {
-                role: record.role,
-                password: password.expose().to_owned(),
-                tenant,
-                slug: "app".into(),
-            },
-            EnsureOutcome::Existing { .. } => panic!("app existed"),
-        }
+        stack::provision(&self.provisioner, &limits).await
     }
 
     pub async fn app_with_pool(&self, pool_size: i32) -> App {
@@ -196,7 +118,7 @@ impl Env {
     }
 
     pub fn name(&self, app: &App) -> AppName {
-        AppName::parse(&app.tenant.to_string(), &app.slug, "dev").unwrap()
+        app.name()
     }
 
     /// tokio-postgres config for the pooler.
@@ -246,15 +168,7 @@ impl Env {
 
     /// Server connections Postgres has for a role right now.
     pub async fn backends(&self, role: &str) -> i64 {
-        let admin = self.fixture.admin().await;
-        admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
-                &[&role],
-            )
-            .await
-            .unwrap()
-            .get(0)
+        self.fixture.backends(role).await
     }
 }
 

@@ -6,7 +6,9 @@
 
 mod admin;
 mod common;
+mod drain;
 mod login;
+mod metrics;
 mod pooling;
 mod prepared;
 mod protocol;

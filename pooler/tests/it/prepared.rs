@@ -1,7 +1,7 @@
 //! Named prepared statements in transaction mode: a statement prepared on one server
 //! is found again when the client lands on another.
 
-use crate::common::env;
+use crate::common::{App, Env, env};
 
 #[tokio::test]
 async fn named_statements_follow_clients_across_servers() {
@@ -33,11 +33,19 @@ async fn named_statements_follow_clients_across_servers() {
     assert!(e.backends(&app.role).await <= 2);
 }
 
-/// pgbench through the pooler with `pool_size = 2`: `clients` clients, `tx` transactions
-/// each, zero failures.
+/// pgbench through the pooler with `pool_size = 2`: `clients` clients of one app and,
+/// at the same time, 8 of a second app, `tx` transactions each, zero failures.
 async fn pgbench(mode: &str, clients: u32, tx: u32) {
     let e = env(|_| {}).await;
-    let app = e.app_with_pool(2).await;
+    let (first, second) = (e.app_with_pool(2).await, e.app_with_pool(2).await);
+    let runs = [(&first, clients), (&second, 8)]
+        .map(|(app, clients)| pgbench_as(&e, app, mode, clients, tx));
+    let [a, b] = runs;
+    tokio::join!(a, b);
+    assert!(e.backends(&first.role).await <= 2);
+}
+
+async fn pgbench_as(e: &Env, app: &App, mode: &str, clients: u32, tx: u32) {
     let bindir = e.fixture.cluster.bindir().to_owned();
     let port = e.pooler.addr.port().to_string();
     let run = |args: Vec<String>| {
@@ -71,7 +79,7 @@ async fn pgbench(mode: &str, clients: u32, tx: u32) {
     ]
     .map(String::from);
     let out = tokio::time::timeout(
-        std::time::Duration::from_secs(120),
+        std::time::Duration::from_secs(180),
         run(args.to_vec()).output(),
     )
     .await

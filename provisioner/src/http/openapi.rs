@@ -19,7 +19,7 @@ mod tests {
 
     use super::SPEC;
     use crate::ddl::{AppRecord, Limits, LimitsPatch};
-    use crate::http::routes::AppView;
+    use crate::view::AppView;
 
     /// Every (path, method) that `app()` in mod.rs registers.
     const ROUTES: &[(&str, &str)] = &[

@@ -6,64 +6,17 @@ use axum::body::Bytes;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::auth::Authorized;
 use super::error::ApiError;
 use super::{AppState, RequestId};
-use crate::config::PublicEndpoint;
 use crate::ddl::execute::DeleteOutcome;
-use crate::ddl::{AppRecord, EnsureOutcome, LimitsPatch, OpContext, ProvisionError};
+use crate::ddl::{EnsureOutcome, LimitsPatch, OpContext, ProvisionError};
 use crate::names::{AppName, TenantId};
-use crate::secret::Password;
+use crate::view::{AppList, AppView};
 
 type AppPath = Path<(String, String, String)>;
-
-/// An app as the API shows it: the record, where to connect, and the password only in
-/// the one response that created or rotated it. No `Debug`: it may hold the password.
-#[derive(Serialize)]
-pub struct AppView {
-    #[serde(flatten)]
-    pub record: AppRecord,
-    pub host: String,
-    pub port: u16,
-    pub connection_uri: String,
-    pub jdbc_url: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub password: Option<String>,
-}
-
-impl AppView {
-    fn new(record: AppRecord, public: &PublicEndpoint, password: Option<&Password>) -> Self {
-        let db = percent_encode(&record.database);
-        let userinfo = match password {
-            Some(p) => format!("{}:{}", record.role, p.expose()),
-            None => record.role.clone(),
-        };
-        let (host, port, ssl) = (&public.host, public.port, &public.sslmode);
-        AppView {
-            connection_uri: format!("postgresql://{userinfo}@{host}:{port}/{db}?sslmode={ssl}"),
-            jdbc_url: format!("jdbc:postgresql://{host}:{port}/{db}?sslmode={ssl}"),
-            host: host.clone(),
-            port,
-            password: password.map(|p| p.expose().to_owned()),
-            record,
-        }
-    }
-}
-
-fn percent_encode(s: &str) -> String {
-    use std::fmt::Write as _;
-    s.bytes()
-        .fold(String::with_capacity(s.len()), |mut out, b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                out.push(char::from(b));
-            } else {
-                let _ = write!(out, "%{b:02X}");
-            }
-            out
-        })
-}
 
 fn app_name(Path((tenant, slug, env)): AppPath) -> Result<AppName, ApiError> {
     Ok(AppName::parse(&tenant, &slug, &env)?)
@@ -155,11 +108,6 @@ pub struct ListQuery {
     tenant_id: Option<String>,
 }
 
-#[derive(Serialize)]
-pub struct AppList {
-    apps: Vec<AppView>,
-}
-
 pub async fn list(
     _: Authorized,
     State(state): State<AppState>,
@@ -168,12 +116,7 @@ pub async fn list(
     let tenant = q.tenant_id.as_deref().map(TenantId::parse).transpose()?;
     let result = state.provisioner.list(tenant).await;
     let records = counted(&state, "list", result, |_| "ok")?;
-    Ok(Json(AppList {
-        apps: records
-            .into_iter()
-            .map(|r| AppView::new(r, &state.public, None))
-            .collect(),
-    }))
+    Ok(Json(AppList::new(records, &state.public)))
 }
 
 pub async fn rotate(

@@ -257,6 +257,18 @@ async fn metrics_count_requests_and_operations() {
         r#"provisioner_http_requests_total{method="GET",route="/v1/apps",status="401"} 1"#
     ));
     assert!(text.contains("provisioner_http_request_duration_seconds_bucket"));
+    // The process collector: what an operator looks at first when the service is slow.
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+    ] {
+        assert!(
+            text.contains(&format!("\n{name} ")),
+            "{name} missing: {text}"
+        );
+    }
     // Every line is a comment or `name{labels} value`.
     for line in text
         .lines()

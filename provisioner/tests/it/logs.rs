@@ -9,14 +9,15 @@ use dataplane_tests::unique_tenant_id;
 
 use crate::common::{PROVISIONER_PASSWORD, setup};
 
-/// One HTTP/1.1 request over a fresh connection; returns (status, body).
-fn http(port: u16, method: &str, path: &str, token: &str) -> (u16, String) {
+/// One HTTP/1.1 request over a fresh connection, with `request_id` as its
+/// `x-request-id`; returns (status, body).
+fn http(port: u16, method: &str, path: &str, token: &str, request_id: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: 0\r\nConnection: close\r\n\r\n"
+         X-Request-Id: {request_id}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = String::new();
@@ -105,7 +106,7 @@ async fn passwords_never_reach_the_logs() {
     let path = format!("/v1/apps/{tenant}/logged/prod");
     let (status, body) = tokio::task::spawn_blocking({
         let path = path.clone();
-        move || http(port, "PUT", &path, token)
+        move || http(port, "PUT", &path, token, "logs-test-ensure")
     })
     .await
     .unwrap();
@@ -113,14 +114,20 @@ async fn passwords_never_reach_the_logs() {
     let created = password_of(&body);
     let (status, body) = tokio::task::spawn_blocking({
         let path = format!("{path}/rotate-password");
-        move || http(port, "POST", &path, token)
+        move || http(port, "POST", &path, token, "logs-test-rotate")
     })
     .await
     .unwrap();
     assert_eq!(status, 200, "{body}");
     let rotated = password_of(&body);
     let (status, _) = tokio::task::spawn_blocking(move || {
-        http(port, "GET", "/v1/apps", "wrong-token-0123456789")
+        http(
+            port,
+            "GET",
+            "/v1/apps",
+            "wrong-token-0123456789",
+            "logs-test-list",
+        )
     })
     .await
     .unwrap();
@@ -140,6 +147,25 @@ async fn passwords_never_reach_the_logs() {
         "the logs were captured: {logs}"
     );
     assert!(logs.contains(&format!("tk_t{tenant}_plogged_prod")));
+    // Every line a request logs carries its request id: the summary line, and the
+    // operation's own line from inside the handler.
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for (id, message) in [
+        ("logs-test-ensure", "request done"),
+        ("logs-test-ensure", "app changed"),
+        ("logs-test-rotate", "app changed"),
+        ("logs-test-list", "request done"),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["fields"]["message"] == message && l["span"]["request_id"] == id),
+            "no {message:?} line with request id {id}: {logs}"
+        );
+    }
     for secret in [
         created.as_str(),
         rotated.as_str(),

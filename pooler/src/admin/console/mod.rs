@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use self::command::{Command, Show};
 use super::tables::{self, Kind, Table};
 use crate::control;
+use crate::metrics::AuthResult;
 use crate::net::stream::Stream;
 use crate::proto::SqlState;
 use crate::proto::backend::{self as msg, Diagnostic, Severity, TransactionStatus};
@@ -92,6 +93,7 @@ pub async fn serve(
         return fatal(&mut stream, refuse, message).await;
     }
     if shared.limiter.throttled(user, peer.ip(), Instant::now()) {
+        shared.metrics.auth(AuthResult::Throttled);
         let message = "too many failed login attempts; try again in a minute";
         return fatal(&mut stream, refuse, message.into()).await;
     }
@@ -99,6 +101,7 @@ pub async fn serve(
         Proof::Valid { server_final, .. } => server_final,
         Proof::Invalid => {
             shared.limiter.failed(user, peer.ip(), Instant::now());
+            shared.metrics.auth(AuthResult::BadProof);
             tracing::info!(role = %user, "admin console authentication failed");
             return password_failed(&mut stream, user).await;
         }
@@ -136,6 +139,7 @@ pub async fn serve(
         tls: stream.tls_description(),
         admin: true,
     });
+    shared.metrics.auth(AuthResult::Ok);
     tracing::info!(role = %user, "admin console session started");
     Console {
         shared,

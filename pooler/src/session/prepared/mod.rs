@@ -268,7 +268,10 @@ impl Rewriter<'_> {
             return None;
         }
         let stmt = self.client.by_name.get(name)?.clone();
-        if !self.server.has(&stmt.global) {
+        if self.server.has(&stmt.global) {
+            self.replies.hits += 1;
+        } else {
+            self.replies.misses += 1;
             self.evict(&stmt.global, out);
             self.replies.push(Reply::Parse {
                 drop: true,

@@ -53,6 +53,10 @@ pub enum Action {
 #[derive(Debug, Default)]
 pub struct Replies {
     queue: VecDeque<Reply>,
+    /// Binds and Describes of named statements the server had (hits) or had to be
+    /// given first (misses), for the metrics.
+    pub hits: u64,
+    pub misses: u64,
 }
 
 impl Replies {
