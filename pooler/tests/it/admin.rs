@@ -411,3 +411,62 @@ async fn reload_lowers_a_pool_size_live_and_keeps_the_old_config_when_invalid() 
     assert_eq!(e.pooler.shared.config().max_server_connections, 40);
     clients[1].simple_query("SELECT 1").await.unwrap();
 }
+
+#[tokio::test]
+async fn a_reload_picks_up_a_renewed_certificate() {
+    use crate::tls::{pki, psql, tempfile_dir};
+    use pooler::config::TlsMode;
+    let (old, new) = (pki(), pki());
+    let dir = tempfile_dir();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let (old_ca, new_ca) = (dir.join("old-ca.pem"), dir.join("new-ca.pem"));
+    std::fs::write(&cert, &old.cert_pem).unwrap();
+    std::fs::write(&key, &old.key_pem).unwrap();
+    std::fs::write(&old_ca, &old.ca_pem).unwrap();
+    std::fs::write(&new_ca, &new.ca_pem).unwrap();
+    let e = crate::common::env_with_file(|c| {
+        c.client_tls.mode = TlsMode::Require;
+        c.client_tls.cert_file = Some(cert.clone());
+        c.client_tls.key_file = Some(key.clone());
+    })
+    .await;
+    let app = e.app(Default::default()).await;
+    let bindir = e.fixture.cluster.bindir().to_owned();
+    let port = e.pooler.addr.port();
+    let login = async |root: &std::path::Path| {
+        let root = root.display().to_string();
+        let db = &e.fixture.db;
+        psql(
+            &bindir,
+            port,
+            &app.role,
+            &app.password,
+            db,
+            "verify-full",
+            &root,
+        )
+        .await
+    };
+    assert!(login(&old_ca).await.status.success());
+    assert!(!login(&new_ca).await.status.success());
+
+    // The files are renewed in place, as a certificate manager does; a reload reads them.
+    std::fs::write(&cert, &new.cert_pem).unwrap();
+    std::fs::write(&key, &new.key_pem).unwrap();
+    let (status, body) = http(&e, "POST", "/v1/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let out = login(&new_ca).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!login(&old_ca).await.status.success());
+
+    // A key that does not parse is refused, and the renewed certificate stays in use.
+    std::fs::write(&key, "not a key").unwrap();
+    let (status, body) = http(&e, "POST", "/v1/reload").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(login(&new_ca).await.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -8,14 +8,14 @@ use pooler::config::TlsMode;
 
 use crate::common::{env, env_on};
 
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
+pub(crate) struct Pki {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 /// A CA and a certificate for 127.0.0.1/localhost signed by it.
-fn pki() -> Pki {
+pub(crate) fn pki() -> Pki {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -35,7 +35,7 @@ fn pki() -> Pki {
     }
 }
 
-async fn psql(
+pub(crate) async fn psql(
     bindir: &std::path::Path,
     port: u16,
     user: &str,
@@ -157,7 +157,7 @@ async fn the_pooler_reaches_postgres_over_tls() {
     cluster.stop();
 }
 
-fn tempfile_dir() -> std::path::PathBuf {
+pub(crate) fn tempfile_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "pooler-tls-{}-{}",
         std::process::id(),
