@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
@@ -50,7 +50,6 @@ pub struct Shared {
     pub hooks: crate::Hooks,
     /// One reload at a time.
     pub(crate) reloading: tokio::sync::Mutex<()>,
-    pub started_at: SystemTime,
 }
 
 impl Shared {

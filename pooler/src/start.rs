@@ -180,7 +180,6 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         shutdown_requested: watch::Sender::new(false),
         hooks,
         reloading: Default::default(),
-        started_at: std::time::SystemTime::now(),
         closing: closing_rx,
         metrics,
     });
