@@ -4,13 +4,14 @@
 //! `main` (flags, order of work) → [`fixture`] (the harness's Postgres, R apps from
 //! the provisioner library, a table each) → for each target in turn, [`targets`]
 //! (start the `pooler` binary, PgBouncer, or nothing for direct) → [`scenarios`] (what
-//! each run is and the [`scenarios::Row`] it yields) → [`load`] (the clients) with
-//! [`procfs`] (CPU, RSS, server logins) → [`report`] and [`chart`] (Markdown, JSON, SVG
-//! under `bench/results/`).
+//! each run is and the [`scenarios::Row`] it yields) → [`load`] (our clients) or
+//! [`pgbench`], with [`procfs`] (CPU, RSS, server logins) → [`report`] and [`chart`]
+//! (Markdown, JSON, SVG under `bench/results/`).
 
 mod chart;
 mod fixture;
 mod load;
+mod pgbench;
 mod procfs;
 mod report;
 mod scenarios;

@@ -9,7 +9,8 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::fixture::Fixture;
-use crate::load::{self, Group, Outcome, PgbenchRun, Plan, Workload};
+use crate::load::{self, Group, Outcome, Plan, Workload};
+use crate::pgbench::{self, PgbenchRun};
 use crate::procfs::{Probe, Snapshot};
 use crate::targets::{Target, TargetKind};
 
@@ -350,7 +351,7 @@ async fn run_shape(scenario: &Scenario, cx: &Context<'_>) -> anyhow::Result<Row>
                 .first()
                 .ok_or_else(|| anyhow::anyhow!("no apps"))?;
             let pgbench = cx.fixture.cluster().bindir().join("pgbench");
-            let outcome = load::pgbench(
+            let outcome = pgbench::run(
                 PgbenchRun {
                     pgbench: &pgbench,
                     port: cx.target.port,
