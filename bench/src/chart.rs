@@ -53,7 +53,8 @@ where
         .flat_map(|k| TargetKind::ALL.map(|t| value(rows, k, t, metric)))
         .flatten()
         .collect();
-    let max = values.iter().copied().fold(1.0, f64::max) * 2.0;
+    // Headroom above the tallest bar for the legend (a log axis: a factor, not a sum).
+    let max = values.iter().copied().fold(1.0, f64::max) * 8.0;
     let floor = values.iter().copied().fold(max, f64::min) / 2.0;
     let mut builder = ChartBuilder::on(area);
     builder

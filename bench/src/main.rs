@@ -59,6 +59,10 @@ struct Args {
     /// Only these scenarios by key (a, b, c, d, e, e-pgbench, f, g), comma-separated.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
+    /// Only rewrite the Markdown and chart from a results JSON of an earlier run (into
+    /// --out, named as that run named them), without running anything.
+    #[arg(long, value_name = "JSON")]
+    render: Option<PathBuf>,
     /// Keep one process per target across its scenarios (default: a fresh one for each
     /// scenario), to see how what one workload leaves behind affects the next.
     #[arg(long)]
@@ -77,6 +81,13 @@ fn main() -> ExitCode {
 }
 
 fn run_main(args: &Args) -> anyhow::Result<()> {
+    if let Some(json) = &args.render {
+        let text =
+            std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let report: Report = serde_json::from_str(&text)?;
+        let scenarios = scenarios::all(&report.meta.sizes);
+        return write_results(args, &report, &scenarios);
+    }
     // 10,000 idle clients need 10,000 descriptors here and in the target (which
     // inherits the limit); the usual soft limit is 1,024.
     let nofile = match procfs::raise_nofile_limit() {
@@ -212,7 +223,6 @@ async fn run(
         budget,
         sizes,
         fresh_process_per_scenario: !args.one_process,
-        load_avg_at_start: procfs::load_avg(),
     };
 
     let total = kinds.len() * scenarios.len();
@@ -291,7 +301,7 @@ async fn run(
         }
     }
     progress.finish_and_clear();
-    write_results(args, &meta, &scenarios, &rows)
+    write_results(args, &Report { meta, rows }, &scenarios)
 }
 
 /// Starts a target and proves it serves one point select.
@@ -347,13 +357,9 @@ fn summary_line(r: &Row) -> String {
     )
 }
 
-fn write_results(
-    args: &Args,
-    meta: &Meta,
-    scenarios: &[Scenario],
-    rows: &[Row],
-) -> anyhow::Result<()> {
-    let prefix = if args.quick { "quick" } else { "results" };
+fn write_results(args: &Args, report: &Report, scenarios: &[Scenario]) -> anyhow::Result<()> {
+    let (meta, rows) = (&report.meta, &report.rows);
+    let prefix = if meta.quick { "quick" } else { "results" };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let chart_name = format!("{prefix}.svg");
@@ -373,8 +379,10 @@ fn write_results(
     };
     let md = report::markdown(meta, scenarios, rows, chart);
     std::fs::write(args.out.join(format!("{prefix}.md")), &md)?;
-    let json = serde_json::to_string_pretty(&Report { meta, rows })?;
-    std::fs::write(args.out.join(format!("{prefix}.json")), json)?;
+    if args.render.is_none() {
+        let json = serde_json::to_string_pretty(report)?;
+        std::fs::write(args.out.join(format!("{prefix}.json")), json)?;
+    }
     println!("{md}");
     eprintln!(
         "bench: wrote {}/{prefix}.{{md,svg,json}}",

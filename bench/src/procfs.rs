@@ -94,14 +94,28 @@ pub fn nofile_limit() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
-/// The 1-minute load average.
-pub fn load_avg() -> Option<f64> {
-    fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
+/// CPU seconds all CPUs of the machine have spent busy (not idle, not waiting for
+/// I/O), from the first line of `/proc/stat`.
+fn machine_busy_seconds() -> Option<f64> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
         .next()?
-        .parse()
-        .ok()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some(ticks_to_seconds(total - idle))
+}
+
+/// CPU seconds of this process and the children it has reaped (pgbench).
+fn own_cpu_seconds() -> Option<f64> {
+    let f = stat_fields(std::process::id())?;
+    Some(ticks_to_seconds(
+        field(&f, 14)? + field(&f, 15)? + field(&f, 16)? + field(&f, 17)?,
+    ))
 }
 
 /// Readings taken at the edges of a measurement window.
@@ -110,6 +124,8 @@ pub struct Snapshot {
     pub at: Instant,
     pub target_cpu: Option<f64>,
     pub postgres_cpu: Option<f64>,
+    own_cpu: Option<f64>,
+    machine_busy: Option<f64>,
     log_offset: u64,
 }
 
@@ -128,8 +144,24 @@ impl Probe {
             at: Instant::now(),
             target_cpu: self.target_pid.and_then(cpu_seconds),
             postgres_cpu: self.postmaster_pid.and_then(postgres_cpu_seconds),
+            own_cpu: own_cpu_seconds(),
+            machine_busy: machine_busy_seconds(),
             log_offset: fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0),
         }
+    }
+
+    /// The share of the machine's CPU time between two snapshots that went to anything
+    /// but the bench, the target and Postgres: other work on a shared machine, which
+    /// makes a row's numbers less comparable.
+    pub fn other_cpu_share(&self, from: &Snapshot, to: &Snapshot) -> Option<f64> {
+        let d = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+        let busy = d(from.machine_busy, to.machine_busy)?;
+        let ours = d(from.own_cpu, to.own_cpu)?
+            + d(from.target_cpu, to.target_cpu).unwrap_or(0.0)
+            + d(from.postgres_cpu, to.postgres_cpu)?;
+        let capacity = to.at.duration_since(from.at).as_secs_f64()
+            * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        (capacity > 0.0).then(|| ((busy - ours) / capacity).max(0.0))
     }
 
     pub fn target_rss_kib(&self) -> Option<u64> {

@@ -3,13 +3,13 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::scenarios::{Row, Scenario, Sizes};
 use crate::targets::{Budget, TargetKind};
 
 /// Where and how the numbers were taken.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Meta {
     pub date: String,
     pub command: String,
@@ -26,13 +26,12 @@ pub struct Meta {
     pub budget: Budget,
     pub sizes: Sizes,
     pub fresh_process_per_scenario: bool,
-    pub load_avg_at_start: Option<f64>,
 }
 
-#[derive(Serialize)]
-pub struct Report<'a> {
-    pub meta: &'a Meta,
-    pub rows: &'a [Row],
+#[derive(Serialize, Deserialize)]
+pub struct Report {
+    pub meta: Meta,
+    pub rows: Vec<Row>,
 }
 
 fn find<'a>(rows: &'a [Row], scenario: &str, target: TargetKind) -> Option<&'a Row> {
@@ -297,8 +296,11 @@ fn details(out: &mut String, rows: &[Row]) {
         ) {
             parts.push(format!("slowest role: app {app} at {min:.1} tps"));
         }
-        if let Some(load) = r.load_avg {
-            parts.push(format!("load average {load:.1} at the end"));
+        if let Some(other) = r.other_cpu_share.filter(|o| *o >= 0.05) {
+            parts.push(format!(
+                "{:.0}% of the machine's CPU time not accounted to the bench, the target or Postgres",
+                other * 100.0
+            ));
         }
         for (e, n) in &r.error_kinds {
             parts.push(format!("{n} × `{}`", e.replace('`', "'").replace('|', "/")));
@@ -357,15 +359,17 @@ pub fn markdown(meta: &Meta, scenarios: &[Scenario], rows: &[Row], chart: Option
            pooler process (Postgres: every backend, including those that ended). RSS: `VmRSS`. \
            Per idle client: RSS with all (g) clients open minus RSS before, over the clients opened.\n\
          - {process}\n\
-         - Load average (1 min) when the run started: {load}; each row's at its end is in the \
-           details above. The bench, the target and Postgres alone make about 2 here; more \
-           means other work shared the CPUs.\n\
+         - Other work on the machine: each row's window is checked against `/proc/stat`; where \
+           over 5% of the CPU time is not accounted to the bench, the target or Postgres \
+           (other processes, or kernel work on nobody's account), the details above say so.\n\
          - Open files: {nofile}.\n\
          - PgBouncer 1.18 (Debian 12's) has no `max_prepared_statements` (it came in 1.21): in \
            transaction mode a named statement prepared on one server is missing when the client's \
            next transaction lands on another; the (e) rows count those errors rather than hide \
-           them. (pgbench names its statements alike in every client, so once each server has \
-           seen a Parse its Binds find one wherever they land.)\n\
+           them. pgbench names its statements alike in every client (`P_0`), so through PgBouncer \
+           it passes or fails by timing: a Bind on a server where nobody prepared yet fails \
+           (`does not exist`, and pgbench aborts that client); a Parse on a server that has one \
+           logs `already exists` and goes on.\n\
          - The load generator, the target and Postgres share the same {nproc} CPUs; compare rows \
            of one run, not across machines.\n",
         nproc = meta.nproc,
@@ -389,7 +393,6 @@ pub fn markdown(meta: &Meta, scenarios: &[Scenario], rows: &[Row], chart: Option
         } else {
             "Each target ran all its scenarios in one process (`--one-process`)."
         },
-        load = num(meta.load_avg_at_start, 1),
     );
     out
 }

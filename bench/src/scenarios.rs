@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::fixture::Fixture;
 use crate::load::{self, Group, Outcome, Plan, Workload};
@@ -46,7 +46,7 @@ pub struct Scenario {
 }
 
 /// How long and how big a run is.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Sizes {
     pub warmup_secs: f64,
     pub duration_secs: f64,
@@ -136,7 +136,7 @@ pub const APPS: usize = 100;
 
 /// One target × scenario result. `None` where a figure does not apply or could not be
 /// had; errors are counted, never hidden.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Row {
     pub target: Option<TargetKind>,
     pub scenario: String,
@@ -162,9 +162,10 @@ pub struct Row {
     /// Every role's tps by app index (app 0 is the busy or noisy one), for finding the
     /// role a low minimum belongs to.
     pub tps_by_app: Vec<(usize, f64)>,
-    /// The machine's 1-minute load average when the run ended: the bench, the target
-    /// and Postgres make about 2 on this machine; more means something else ran too.
-    pub load_avg: Option<f64>,
+    /// Share of the machine's CPU time in the window used by other processes than the
+    /// bench, the target and Postgres (0 to 1): on a shared machine, how disturbed the
+    /// row is.
+    pub other_cpu_share: Option<f64>,
     pub server_logins: u64,
     pub target_cpu_s_per_1k: Option<f64>,
     pub postgres_cpu_s_per_1k: Option<f64>,
@@ -204,6 +205,7 @@ fn common(row: &mut Row, probe: &Probe, before: &Snapshot, after: &Snapshot) {
     row.target_cpu_s_per_1k = per_1k(before.target_cpu, after.target_cpu, row.transactions);
     row.postgres_cpu_s_per_1k = per_1k(before.postgres_cpu, after.postgres_cpu, row.transactions);
     row.target_rss_kib = probe.target_rss_kib();
+    row.other_cpu_share = probe.other_cpu_share(before, after);
 }
 
 fn ms(us: u64) -> f64 {
@@ -277,7 +279,6 @@ pub async fn run(scenario: &Scenario, cx: &Context<'_>) -> anyhow::Result<Row> {
     let started = std::time::Instant::now();
     let mut row = run_shape(scenario, cx).await?;
     row.run_secs = started.elapsed().as_secs_f64();
-    row.load_avg = crate::procfs::load_avg();
     Ok(row)
 }
 
