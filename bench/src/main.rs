@@ -125,7 +125,10 @@ fn run_main(args: &Args) -> anyhow::Result<()> {
         server_connections: 40,
         pool_size: 5,
         query_wait_timeout_secs: if args.quick { 3 } else { 5 },
-        max_client_conn: 20_000,
+        // Every idle client of (g) and the busiest closed loop (200 clients), under the
+        // open-files limit, which the pooler checks its max_client_conn against.
+        max_client_conn: (sizes.idle_clients + 1000)
+            .min(procfs::nofile_limit().map_or(usize::MAX, |n| n.saturating_sub(200) as usize)),
     };
     eprintln!("bench: starting a throwaway PostgreSQL …");
     // Direct clients of (b) and (c) are 200 backends, beside the bench's own.
