@@ -1,0 +1,395 @@
+//! `bench`: our pooler beside PgBouncer and direct Postgres, in one run, on one
+//! throwaway cluster, multi-tenant scenarios first (issue 6).
+//!
+//! `main` (flags, order of work) → [`fixture`] (the harness's Postgres, R apps from
+//! the provisioner library, a table each) → for each target in turn, [`targets`]
+//! (start the `pooler` binary, PgBouncer, or nothing for direct) → [`scenarios`] (what
+//! each run is and the [`scenarios::Row`] it yields) → [`load`] (our clients) or
+//! [`pgbench`], with [`procfs`] (CPU, RSS, server logins) → [`report`] and [`chart`]
+//! (Markdown, JSON, SVG under `bench/results/`).
+
+mod chart;
+mod fixture;
+mod load;
+mod pgbench;
+mod procfs;
+mod report;
+mod scenarios;
+mod targets;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use dataplane_tests::PgCluster;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::fixture::Fixture;
+use crate::procfs::Probe;
+use crate::report::{Meta, Report};
+use crate::scenarios::{Row, Scenario, Sizes};
+use crate::targets::{Binaries, Budget, Target, TargetKind};
+
+#[derive(Parser)]
+#[command(about = "Load benchmark: the pooler beside PgBouncer and direct Postgres, in one run")]
+struct Args {
+    /// A small run (seconds per scenario, 500 idle clients) for CI; under two minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Where the Markdown, SVG and JSON go (`results.*`, or `quick.*` with --quick).
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// The pooler binary. Default: `pooler` beside this binary (same cargo profile).
+    #[arg(long)]
+    pooler_bin: Option<PathBuf>,
+    /// The PgBouncer binary. Default: from PATH, else /usr/sbin/pgbouncer.
+    #[arg(long)]
+    pgbouncer_bin: Option<PathBuf>,
+    /// Seconds each scenario is measured, after its warm-up. Default 15 (--quick: 1.5).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Idle clients held open in (g). Default 10000 (--quick: 500).
+    #[arg(long)]
+    idle_clients: Option<usize>,
+    /// Only these targets, comma-separated. Default: all three.
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<TargetKind>,
+    /// Only these scenarios by key (a, b, c, d, e, e-pgbench, f, g), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// Only rewrite the Markdown and chart from a results JSON of an earlier run (into
+    /// --out, named as that run named them), without running anything.
+    #[arg(long, value_name = "JSON")]
+    render: Option<PathBuf>,
+    /// Keep one process per target across its scenarios (default: a fresh one for each
+    /// scenario), to see how what one workload leaves behind affects the next.
+    #[arg(long)]
+    one_process: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run_main(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_main(args: &Args) -> anyhow::Result<()> {
+    if let Some(json) = &args.render {
+        let text =
+            std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let report: Report = serde_json::from_str(&text)?;
+        let scenarios = scenarios::all(&report.meta.sizes);
+        return write_results(args, &report, &scenarios);
+    }
+    // 10,000 idle clients need 10,000 descriptors here and in the target (which
+    // inherits the limit); the usual soft limit is 1,024.
+    let nofile = match procfs::raise_nofile_limit() {
+        Some((before, after)) => {
+            eprintln!(
+                "bench: raised the soft open-files limit from {before} to the hard limit {after}; the targets inherit it"
+            );
+            format!(
+                "the bench raised its soft limit from {before} to the hard limit {after} at start-up; the targets inherit it"
+            )
+        }
+        None => format!(
+            "soft limit {} (already the hard limit)",
+            procfs::nofile_limit().map_or("unlimited".into(), |n| n.to_string())
+        ),
+    };
+    let sizes = if args.quick {
+        Sizes {
+            warmup_secs: 0.5,
+            duration_secs: args.duration.unwrap_or(1.5),
+            op_timeout_secs: 5,
+            idle_clients: args.idle_clients.unwrap_or(500),
+            idle_max_open_secs: 30,
+        }
+    } else {
+        Sizes {
+            warmup_secs: 3.0,
+            duration_secs: args.duration.unwrap_or(15.0),
+            op_timeout_secs: 10,
+            idle_clients: args.idle_clients.unwrap_or(10_000),
+            idle_max_open_secs: 180,
+        }
+    };
+    let budget = Budget {
+        server_connections: 40,
+        pool_size: 5,
+        query_wait_timeout_secs: if args.quick { 3 } else { 5 },
+        // Every idle client of (g) and the busiest closed loop (200 clients), under the
+        // open-files limit, which the pooler checks its max_client_conn against.
+        max_client_conn: (sizes.idle_clients + 1000)
+            .min(procfs::nofile_limit().map_or(usize::MAX, |n| n.saturating_sub(200) as usize)),
+    };
+    eprintln!("bench: starting a throwaway PostgreSQL …");
+    // Direct clients of (b) and (c) are 200 backends, beside the bench's own.
+    let cluster = fixture::start_cluster(400)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(run(args, cluster, sizes, budget, nofile));
+    drop(runtime);
+    cluster.stop();
+    result
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn machine_file_value(path: &str, key: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+        .unwrap_or_default()
+}
+
+async fn run(
+    args: &Args,
+    cluster: &'static PgCluster,
+    sizes: Sizes,
+    budget: Budget,
+    nofile: String,
+) -> anyhow::Result<()> {
+    let scenarios: Vec<Scenario> = scenarios::all(&sizes)
+        .into_iter()
+        .filter(|s| args.scenarios.is_empty() || args.scenarios.iter().any(|k| k == s.key))
+        .collect();
+    let kinds: Vec<TargetKind> = TargetKind::ALL
+        .into_iter()
+        .filter(|k| args.targets.is_empty() || args.targets.contains(k))
+        .collect();
+    let bins = Binaries {
+        pooler: match &args.pooler_bin {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .map(|d| d.join("pooler"))
+                .context("locating the pooler binary")?,
+        },
+        pgbouncer: args.pgbouncer_bin.clone().or_else(targets::find_pgbouncer),
+    };
+
+    eprintln!("bench: provisioning {} apps …", scenarios::APPS);
+    let fixture = fixture::prepare(cluster, scenarios::APPS, budget.pool_size as i32).await?;
+    let postgres: String = fixture
+        .db
+        .admin()
+        .await
+        .query_one("SELECT version()", &[])
+        .await?
+        .get(0);
+    let pgbench_bin = cluster.bindir().join("pgbench");
+    let meta = Meta {
+        date: command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        command: std::iter::once("bench".to_owned())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+        quick: args.quick,
+        nproc: command_output("nproc", &[]),
+        cpu: machine_file_value("/proc/cpuinfo", "model name"),
+        uname: command_output("uname", &["-a"]),
+        memory: format!("{} RAM", machine_file_value("/proc/meminfo", "MemTotal:")),
+        postgres: postgres.split(" on ").next().unwrap_or_default().to_owned(),
+        pgbouncer: bins
+            .pgbouncer
+            .as_ref()
+            .map(|p| command_output(&p.to_string_lossy(), &["--version"]))
+            .unwrap_or_else(|| "PgBouncer not installed".into()),
+        pooler: command_output(&bins.pooler.to_string_lossy(), &["--version"]),
+        pgbench: command_output(&pgbench_bin.to_string_lossy(), &["--version"]),
+        nofile,
+        budget,
+        sizes,
+        fresh_process_per_scenario: !args.one_process,
+    };
+
+    let total = kinds.len() * scenarios.len();
+    let progress = ProgressBar::new(total as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?
+            .progress_chars("=> "),
+    );
+    let tick = || progress.tick();
+    let work_dir = tempfile::tempdir()?;
+    let mut rows = Vec::new();
+    for kind in kinds {
+        let mut running: Option<Target> = None;
+        let mut start_failed: Option<String> = None;
+        for s in &scenarios {
+            if let Some(why) = &start_failed {
+                rows.push(failed_row(kind, s, why));
+                progress.inc(1);
+                continue;
+            }
+            if running.is_none() {
+                progress.set_message(format!("starting {}", kind.label()));
+                match start_healthy(kind, &fixture, &budget, &bins).await {
+                    Ok(t) => running = Some(t),
+                    Err(e) => {
+                        eprintln!("bench: {}: {e:#}", kind.label());
+                        let why = format!("target did not start: {e:#}");
+                        rows.push(failed_row(kind, s, &why));
+                        start_failed = Some(why);
+                        progress.inc(1);
+                        continue;
+                    }
+                }
+            }
+            let Some(target) = running.as_ref() else {
+                continue;
+            };
+            let probe = Probe {
+                target_pid: target.pid,
+                postmaster_pid: cluster.postmaster_pid(),
+                log: cluster.dir().join("postgres.log"),
+            };
+            progress.set_message(format!("{}: ({}) {}", kind.label(), s.key, s.title));
+            let cx = scenarios::Context {
+                fixture: &fixture,
+                target,
+                probe: &probe,
+                sizes: &sizes,
+                work_dir: work_dir.path(),
+                tick: &tick,
+            };
+            let row = scenarios::run(s, &cx)
+                .await
+                .unwrap_or_else(|e| failed_row(kind, s, &format!("{e:#}")));
+            // indicatif draws nothing without a terminal; the lines still belong in a log.
+            if progress.is_hidden() {
+                eprintln!("{}", summary_line(&row));
+            } else {
+                progress.println(summary_line(&row));
+            }
+            rows.push(row);
+            progress.inc(1);
+            // Each scenario gets a fresh process unless asked otherwise: what one
+            // scenario left behind (idle servers, a scheduler's memory of who was
+            // served) must not decide the next one's numbers.
+            if !args.one_process
+                && let Some(t) = running.take()
+            {
+                t.stop().await;
+            }
+            // Clients of the last scenario are logging out; let Postgres settle.
+            tokio::time::sleep(Duration::from_millis(if args.quick { 200 } else { 1000 })).await;
+        }
+        if let Some(t) = running.take() {
+            t.stop().await;
+        }
+    }
+    progress.finish_and_clear();
+    write_results(args, &Report { meta, rows }, &scenarios)
+}
+
+/// Starts a target and proves it serves one point select.
+async fn start_healthy(
+    kind: TargetKind,
+    fixture: &Fixture,
+    budget: &Budget,
+    bins: &Binaries,
+) -> anyhow::Result<Target> {
+    let target = Target::start(kind, fixture, budget, bins).await?;
+    let app = fixture.apps.first().context("no apps")?;
+    let check = async {
+        let limit = Duration::from_secs(10);
+        let client = load::connect(&target.client_config(app, &fixture.db.db), limit)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        tokio::time::timeout(limit, client.simple_query("SELECT 1"))
+            .await
+            .context("timed out")??;
+        anyhow::Ok(())
+    };
+    if let Err(e) = check.await {
+        let tail = target.log_tail();
+        target.stop().await;
+        anyhow::bail!("a first query through it failed: {e:#}\n{tail}");
+    }
+    Ok(target)
+}
+
+fn failed_row(kind: TargetKind, s: &Scenario, why: &str) -> Row {
+    Row {
+        target: Some(kind),
+        scenario: s.key.to_owned(),
+        errors: 1,
+        error_kinds: vec![(why.chars().take(300).collect(), 1)],
+        note: Some("no numbers: the run failed".into()),
+        ..Row::default()
+    }
+}
+
+fn summary_line(r: &Row) -> String {
+    let label = r.target.map(TargetKind::label).unwrap_or_default();
+    let f = |v: Option<f64>, d: usize| v.map_or("–".into(), |v| format!("{v:.d$}"));
+    format!(
+        "({}) {label:<16} tps {:>8}  p99 {:>8} ms  errors {:>5}  logins {:>6}  jain {}  ({:.1} s)",
+        r.scenario,
+        f(r.tps, 0),
+        f(r.p99_ms, 2),
+        r.errors,
+        r.server_logins,
+        f(r.jain, 3),
+        r.run_secs
+    )
+}
+
+fn write_results(args: &Args, report: &Report, scenarios: &[Scenario]) -> anyhow::Result<()> {
+    let (meta, rows) = (&report.meta, &report.rows);
+    let prefix = if meta.quick { "quick" } else { "results" };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let chart_name = format!("{prefix}.svg");
+    let subtitle = format!(
+        "{} · {} CPUs · budget {} server connections, pool {} per role",
+        meta.date, meta.nproc, meta.budget.server_connections, meta.budget.pool_size
+    );
+    let chart = match chart::svg(scenarios, rows, &subtitle) {
+        Ok(svg) => {
+            std::fs::write(args.out.join(&chart_name), svg)?;
+            Some(chart_name.as_str())
+        }
+        Err(e) => {
+            eprintln!("bench: no chart: {e:#}");
+            None
+        }
+    };
+    let md = report::markdown(meta, scenarios, rows, chart);
+    std::fs::write(args.out.join(format!("{prefix}.md")), &md)?;
+    if args.render.is_none() {
+        let json = serde_json::to_string_pretty(report)?;
+        std::fs::write(args.out.join(format!("{prefix}.json")), json)?;
+    }
+    println!("{md}");
+    eprintln!(
+        "bench: wrote {}/{prefix}.{{md,svg,json}}",
+        args.out.display()
+    );
+    Ok(())
+}

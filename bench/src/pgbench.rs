@@ -1,0 +1,130 @@
+//! pgbench `-M prepared` through a target: the standard tool's view of prepared
+//! statements in transaction mode, beside our own clients'.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::fixture::ROWS;
+use crate::load::mask_numbers;
+use crate::procfs::{Probe, Snapshot};
+
+/// What pgbench reported.
+pub struct PgbenchOutcome {
+    pub tps: Option<f64>,
+    pub latency_avg_ms: Option<f64>,
+    pub processed: u64,
+    pub failed: u64,
+    /// Why pgbench did not finish cleanly.
+    pub error: Option<String>,
+    /// Errors it printed (by message) while going on.
+    pub errors: BTreeMap<String, u64>,
+    pub before: Snapshot,
+    pub after: Snapshot,
+}
+
+pub struct PgbenchRun<'a> {
+    pub pgbench: &'a Path,
+    pub port: u16,
+    pub role: &'a str,
+    pub password: &'a str,
+    pub dbname: &'a str,
+    pub clients: usize,
+    pub duration: Duration,
+    pub script_dir: &'a Path,
+}
+
+/// `pgbench -M prepared` with a point-select script: one thread per client (`-j = -c`),
+/// since a pgbench thread serving several clients prepares synchronously and can
+/// deadlock behind any transaction pooler. Killed if it outlives its time by 30 s.
+pub async fn run(run: PgbenchRun<'_>, probe: &Probe) -> PgbenchOutcome {
+    let script = run.script_dir.join("point_select.sql");
+    let before = probe.snapshot();
+    let mut outcome = PgbenchOutcome {
+        tps: None,
+        latency_avg_ms: None,
+        processed: 0,
+        failed: 0,
+        error: None,
+        errors: BTreeMap::new(),
+        before,
+        after: before,
+    };
+    if let Err(e) = std::fs::write(
+        &script,
+        format!("\\set id random(1, {ROWS})\nSELECT v FROM kv WHERE id = :id;\n"),
+    ) {
+        outcome.error = Some(format!("writing the pgbench script: {e}"));
+        return outcome;
+    }
+    let clients = run.clients.to_string();
+    let secs = run.duration.as_secs().max(1).to_string();
+    let mut cmd = tokio::process::Command::new(run.pgbench);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &run.port.to_string(),
+        "-U",
+        run.role,
+    ])
+    .args([
+        "-n", "-M", "prepared", "-c", &clients, "-j", &clients, "-T", &secs,
+    ])
+    .arg("-f")
+    .arg(&script)
+    .arg(run.dbname)
+    .env("PGPASSWORD", run.password)
+    .env("PGSSLMODE", "disable")
+    .stdin(std::process::Stdio::null())
+    .kill_on_drop(true);
+    let limit = run.duration + Duration::from_secs(30);
+    let output = tokio::time::timeout(limit, cmd.output()).await;
+    outcome.after = probe.snapshot();
+    let output = match output {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            outcome.error = Some(format!("running pgbench: {e}"));
+            return outcome;
+        }
+        Err(_) => {
+            outcome.error = Some(format!("pgbench hung; killed after {} s", limit.as_secs()));
+            return outcome;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let number = |prefix: &str| -> Option<f64> {
+        let line = stdout.lines().find_map(|l| l.trim().strip_prefix(prefix))?;
+        line.trim_start_matches([' ', '=', ':'])
+            .split(|c: char| c.is_whitespace() || c == '/')
+            .next()?
+            .parse()
+            .ok()
+    };
+    outcome.tps = number("tps");
+    outcome.latency_avg_ms = number("latency average");
+    outcome.processed = number("number of transactions actually processed").unwrap_or(0.0) as u64;
+    outcome.failed = number("number of failed transactions").unwrap_or(0.0) as u64;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // pgbench only logs a failed PQprepare and carries on, so a statement a client
+    // "prepared" on a server that already had one of that name is an error it saw
+    // without failing a transaction: count those too.
+    for line in stderr.lines().filter(|l| l.contains("ERROR:")) {
+        let key = line.split_once("ERROR:").map_or(line, |(_, m)| m).trim();
+        *outcome.errors.entry(mask_numbers(key)).or_default() += 1;
+    }
+    if !output.status.success() {
+        let aborted = stderr.matches("aborted in command").count();
+        let first = stderr
+            .lines()
+            .find(|l| l.contains("ERROR") || l.contains("error") || l.contains("FATAL"))
+            .unwrap_or_else(|| stderr.lines().next().unwrap_or_default());
+        outcome.error = Some(format!(
+            "pgbench exited with {} ({aborted} of {} clients aborted): {}",
+            output.status,
+            run.clients,
+            first.chars().take(160).collect::<String>()
+        ));
+    }
+    outcome
+}
