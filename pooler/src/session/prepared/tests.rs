@@ -1,6 +1,21 @@
 //! The rewriter and its books, message by message.
 use super::*;
 
+fn rewriter<'a>(
+    client: &'a mut ClientStatements,
+    server: &'a mut ServerStatements,
+    replies: &'a mut Replies,
+    max_per_server: usize,
+) -> Rewriter<'a> {
+    Rewriter {
+        client,
+        server,
+        replies,
+        max_per_server,
+        effect: Effect::default(),
+    }
+}
+
 fn msg(tag: u8, parts: &[&[u8]]) -> BytesMut {
     let mut out = BytesMut::new();
     message(&mut out, tag, parts);
@@ -27,13 +42,7 @@ fn a_statement_follows_its_client_to_another_server() {
     let bind = msg(b'B', &[b"\0S_1\0", &[0, 0, 0, 0, 0, 0]]);
 
     let mut out = BytesMut::new();
-    let mut rw = Rewriter {
-        client: &mut client,
-        server: &mut first,
-        replies: &mut replies,
-        max_per_server: 200,
-        effect: Effect::default(),
-    };
+    let mut rw = rewriter(&mut client, &mut first, &mut replies, 200);
     rw.message(b'P', &parse, &mut out).unwrap();
     rw.message(b'B', &bind, &mut out).unwrap();
     assert_eq!(tags(&out), b"PB");
@@ -43,13 +52,7 @@ fn a_statement_follows_its_client_to_another_server() {
     // and its ParseComplete is dropped.
     let mut out = BytesMut::new();
     let mut replies = Replies::default();
-    let mut rw = Rewriter {
-        client: &mut client,
-        server: &mut second,
-        replies: &mut replies,
-        max_per_server: 200,
-        effect: Effect::default(),
-    };
+    let mut rw = rewriter(&mut client, &mut second, &mut replies, 200);
     rw.message(b'B', &bind, &mut out).unwrap();
     rw.message(b'S', &msg(b'S', &[]), &mut out).unwrap();
     assert_eq!(tags(&out), b"PBS");
@@ -66,13 +69,7 @@ fn reparsing_a_known_statement_closes_it_first() {
     let mut replies = Replies::default();
     let parse = msg(b'P', &[b"a\0", b"SELECT 1\0", &0u16.to_be_bytes()]);
     let mut out = BytesMut::new();
-    let mut rw = Rewriter {
-        client: &mut client,
-        server: &mut server,
-        replies: &mut replies,
-        max_per_server: 200,
-        effect: Effect::default(),
-    };
+    let mut rw = rewriter(&mut client, &mut server, &mut replies, 200);
     rw.message(b'P', &parse, &mut out).unwrap();
     rw.message(
         b'P',
@@ -99,13 +96,7 @@ fn an_error_undoes_what_the_server_skipped() {
     let parse = |name: &[u8]| msg(b'P', &[name, b"\0", b"SELECT 1\0", &0u16.to_be_bytes()]);
     let execute = msg(b'E', &[b"\0", &0i32.to_be_bytes()]);
     let mut out = BytesMut::new();
-    let mut rw = Rewriter {
-        client: &mut client,
-        server: &mut server,
-        replies: &mut replies,
-        max_per_server: 200,
-        effect: Effect::default(),
-    };
+    let mut rw = rewriter(&mut client, &mut server, &mut replies, 200);
     // A batch whose Execute fails before its second Parse: S_2 never existed.
     rw.message(b'P', &parse(b"S_1"), &mut out).unwrap();
     rw.message(b'E', &execute, &mut out).unwrap();
@@ -135,13 +126,7 @@ fn a_reused_name_gets_postgres_error_with_the_clients_name() {
     let mut server = ServerStatements::default();
     let mut replies = Replies::default();
     let mut out = BytesMut::new();
-    let mut rw = Rewriter {
-        client: &mut client,
-        server: &mut server,
-        replies: &mut replies,
-        max_per_server: 200,
-        effect: Effect::default(),
-    };
+    let mut rw = rewriter(&mut client, &mut server, &mut replies, 200);
     let p1 = msg(b'P', &[b"S_1\0", b"SELECT 1\0", &0u16.to_be_bytes()]);
     let p2 = msg(b'P', &[b"S_1\0", b"SELECT 2\0", &0u16.to_be_bytes()]);
     rw.message(b'P', &p1, &mut out).unwrap();
@@ -200,13 +185,7 @@ fn deallocate_of_a_protocol_statement_uses_the_server_name() {
     let mut server = ServerStatements::default();
     let mut replies = Replies::default();
     let mut out = BytesMut::new();
-    let mut rw = Rewriter {
-        client: &mut client,
-        server: &mut server,
-        replies: &mut replies,
-        max_per_server: 200,
-        effect: Effect::default(),
-    };
+    let mut rw = rewriter(&mut client, &mut server, &mut replies, 200);
     let parse = msg(b'P', &[b"_pg3_0\0", b"SELECT 1\0", &0u16.to_be_bytes()]);
     rw.message(b'P', &parse, &mut out).unwrap();
     rw.message(b'S', &msg(b'S', &[]), &mut out).unwrap();
@@ -225,13 +204,7 @@ fn servers_hold_a_bounded_number_of_statements() {
     let mut server = ServerStatements::default();
     let mut replies = Replies::default();
     let mut out = BytesMut::new();
-    let mut rw = Rewriter {
-        client: &mut client,
-        server: &mut server,
-        replies: &mut replies,
-        max_per_server: 3,
-        effect: Effect::default(),
-    };
+    let mut rw = rewriter(&mut client, &mut server, &mut replies, 3);
     for i in 0..5 {
         let name = format!("s{i}\0");
         let query = format!("SELECT {i}\0");
@@ -256,13 +229,7 @@ fn unnamed_statements_pass_through() {
     let mut replies = Replies::default();
     let parse = msg(b'P', &[b"\0", b"SELECT 1\0", &0u16.to_be_bytes()]);
     let mut out = BytesMut::new();
-    let mut rw = Rewriter {
-        client: &mut client,
-        server: &mut server,
-        replies: &mut replies,
-        max_per_server: 3,
-        effect: Effect::default(),
-    };
+    let mut rw = rewriter(&mut client, &mut server, &mut replies, 3);
     rw.message(b'P', &parse, &mut out).unwrap();
     assert_eq!(&out[..], &parse[..]);
 }
