@@ -69,6 +69,9 @@ pub struct RoleShared {
     /// Keys of older generations (before a rotation) are refused.
     min_generation: std::sync::atomic::AtomicI64,
     params: Mutex<Option<Arc<ServerParams>>>,
+    /// The startup parameters of the role's latest client, shared with the next
+    /// client that sends the same (session/params.rs).
+    pub startup_params: Mutex<Option<crate::session::params::ParamMap>>,
     revoked: watch::Sender<u64>,
     mismatch_until: Mutex<Option<Instant>>,
     /// Clients pinned to a server by session state now.
@@ -100,6 +103,7 @@ impl RoleShared {
             min_generation: std::sync::atomic::AtomicI64::new(0),
             clients: std::sync::atomic::AtomicUsize::new(0),
             params: Mutex::new(None),
+            startup_params: Mutex::new(None),
             revoked: watch::Sender::new(0),
             mismatch_until: Mutex::new(None),
             pinned: Arc::default(),

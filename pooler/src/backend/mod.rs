@@ -91,6 +91,9 @@ pub struct ServerConn {
     pub created: Instant,
     /// Bytes read past the last message the login consumed (normally none).
     pub buf: BytesMut,
+    /// The read buffer a linked client borrows for its stretch, so an idle client
+    /// holds only a small one (10,000 idle clients must cost little memory).
+    pub client_buf: BytesMut,
     /// Its entry in `SHOW SERVERS` while it lives (set by the pool's connector).
     pub registered: Option<crate::registry::Registered<crate::registry::ServerInfo>>,
 }
@@ -239,6 +242,7 @@ impl Target {
             generation: keys.generation,
             created: Instant::now(),
             buf,
+            client_buf: BytesMut::new(),
             registered: None,
         })
     }

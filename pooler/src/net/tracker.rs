@@ -40,6 +40,10 @@ impl Tracker {
             .live
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let guard = Guard(self.inner.clone());
+        // Boxed: an async block stores a future it awaits twice (as the captured
+        // value and as the awaited one), which for a client's task is kilobytes per
+        // idle client.
+        let fut = Box::pin(fut);
         tokio::spawn(async move {
             let _guard = guard;
             fut.await;

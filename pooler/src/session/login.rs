@@ -185,7 +185,7 @@ pub async fn login(
     encoded(msg::authentication_sasl_final(&mut out, &server_final))?;
     msg::authentication_ok(&mut out);
 
-    let params = ClientParams::from_startup(&startup);
+    let params = ClientParams::from_startup_shared(&startup, &role.startup_params);
     let server_params = match role.params() {
         Some(p) => p,
         None => match warm_up(shared, &role, &auth).await {

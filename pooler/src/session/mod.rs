@@ -94,14 +94,22 @@ async fn run(
     // Startup and authentication must finish by this instant; a client that stalls
     // is told so and closed, and holds nothing meanwhile.
     let deadline = tokio::time::Instant::now() + shared.config().client_login_timeout();
-    let Some((stream, params, buf)) = negotiate(stream, &shared, deadline).await? else {
+    // The login's and the console's futures are boxed: a task's future is as big as
+    // its biggest state, and an idle client should not carry the login's for its
+    // whole life (10,000 idle clients must cost little memory).
+    let Some((stream, params, buf)) = Box::pin(negotiate(stream, &shared, deadline)).await? else {
         return Ok(());
     };
     if crate::admin::console::is_console(&params) {
-        return crate::admin::console::serve(stream, peer, &shared, params, buf, deadline, &client)
-            .await;
+        return Box::pin(crate::admin::console::serve(
+            stream, peer, &shared, params, buf, deadline, &client,
+        ))
+        .await;
     }
-    let session = login::login(stream, peer, &shared, params, buf, listener, deadline).await?;
+    let session = Box::pin(login::login(
+        stream, peer, &shared, params, buf, listener, deadline,
+    ))
+    .await?;
     client.logged_in(ClientIdent {
         user: session.role.name.clone(),
         database: shared.config().upstream.dbname.clone(),

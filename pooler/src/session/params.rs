@@ -8,31 +8,57 @@
 //! when something differs.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 
 /// Startup keys that are not session parameters.
 const NOT_PARAMS: &[&str] = &["user", "database", "options", "replication"];
 
+/// A set of parameter values, shared copy-on-write: clients of one driver send the
+/// same startup values, and an idle client should not carry its own copy of them.
+pub type ParamMap = Arc<BTreeMap<String, String>>;
+
 /// What a client wants its session to look like.
 #[derive(Debug, Default, Clone)]
 pub struct ClientParams {
-    wants: BTreeMap<String, String>,
+    wants: ParamMap,
     /// What the startup packet asked for: what `RESET ALL` returns to.
-    startup: BTreeMap<String, String>,
+    startup: ParamMap,
 }
 
 impl ClientParams {
     pub fn from_startup(params: &[(String, String)]) -> Self {
-        let wants = params
-            .iter()
-            .filter(|(k, _)| !NOT_PARAMS.contains(&k.as_str()) && !k.starts_with("_pq_."))
-            .map(|(k, v)| (canonical(k), v.clone()))
-            .collect::<BTreeMap<_, _>>();
+        let wants: ParamMap = Arc::new(
+            params
+                .iter()
+                .filter(|(k, _)| !NOT_PARAMS.contains(&k.as_str()) && !k.starts_with("_pq_."))
+                .map(|(k, v)| (canonical(k), v.clone()))
+                .collect(),
+        );
         ClientParams {
             startup: wants.clone(),
             wants,
         }
+    }
+
+    /// As `from_startup`, sharing the map with the role's previous client when it
+    /// asked for the same values (`last` remembers that map).
+    pub fn from_startup_shared(
+        params: &[(String, String)],
+        last: &Mutex<Option<ParamMap>>,
+    ) -> Self {
+        let mut made = Self::from_startup(params);
+        if let Ok(mut last) = last.lock() {
+            match last.as_ref() {
+                Some(known) if **known == *made.startup => {
+                    made.startup = known.clone();
+                    made.wants = known.clone();
+                }
+                _ => *last = Some(made.startup.clone()),
+            }
+        }
+        made
     }
 
     /// After the client's `RESET ALL` or `DISCARD ALL`.
@@ -42,7 +68,10 @@ impl ClientParams {
 
     /// The client changed a reported parameter (ParameterStatus while linked).
     pub fn record(&mut self, name: &str, value: &str) {
-        self.wants.insert(canonical(name), value.to_owned());
+        let name = canonical(name);
+        if self.wants.get(&name).map(String::as_str) != Some(value) {
+            Arc::make_mut(&mut self.wants).insert(name, value.to_owned());
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -61,6 +90,9 @@ pub struct ServerParams {
     defaults: BTreeMap<String, String>,
     /// Reported values now, plus unreported ones we set.
     current: BTreeMap<String, String>,
+    /// The client values `current` was last made equal to, while nothing changed
+    /// since: a client sharing that very map needs no comparison at checkout.
+    synced_to: Option<ParamMap>,
 }
 
 impl ServerParams {
@@ -72,21 +104,39 @@ impl ServerParams {
         ServerParams {
             current: defaults.clone(),
             defaults,
+            synced_to: None,
         }
     }
 
     /// A ParameterStatus from this server.
     pub fn record(&mut self, name: &str, value: &str) {
-        self.current.insert(canonical(name), value.to_owned());
+        let name = canonical(name);
+        if self.current.get(&name).map(String::as_str) != Some(value) {
+            self.synced_to = None;
+            self.current.insert(name, value.to_owned());
+        }
+    }
+
+    /// `sync_sql` found nothing to do for `client`: remember it, so the next checkout
+    /// by a client with the same values (the same shared map) skips the comparison.
+    pub fn matches(&mut self, client: &ClientParams) {
+        self.synced_to = Some(client.wants.clone());
     }
 
     /// The SQL that makes this server's session what `client` wants, or `None` when it
     /// already is. `RESET` undoes what an earlier client changed and this one did not ask for.
     pub fn sync_sql(&self, client: &ClientParams) -> Option<String> {
+        if self
+            .synced_to
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(p, &client.wants))
+        {
+            return None;
+        }
         // set_config, not SET: it takes the value as the startup packet gives it, so a
         // list (`search_path = a, b`) stays a list rather than one quoted name.
         let mut sets = Vec::new();
-        for (name, value) in &client.wants {
+        for (name, value) in client.wants.iter() {
             if self.current.get(name) != Some(value) {
                 sets.push(format!(
                     "pg_catalog.set_config({}, {}, false)",
@@ -120,6 +170,7 @@ impl ServerParams {
             .filter(|k| !client.wants.contains_key(*k))
             .cloned()
             .collect();
+        self.synced_to = None;
         for name in stale {
             match self.defaults.get(&name) {
                 Some(d) => {
@@ -131,7 +182,7 @@ impl ServerParams {
                 }
             }
         }
-        for (name, value) in &client.wants {
+        for (name, value) in client.wants.iter() {
             self.current.insert(name.clone(), value.clone());
         }
     }

@@ -6,9 +6,11 @@
 //! has been written to the client.
 
 use std::ops::ControlFlow;
+use std::pin::Pin;
+use std::task::Poll;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::cursor::Cursor;
 use super::login::Session;
@@ -25,8 +27,13 @@ use crate::proto::frame::Side;
 use crate::registry::ClientInfo;
 use crate::shared::{RoleShared, Shared};
 
-/// Initial read buffer; grows only while a message we must see whole is larger.
+/// A linked stretch's read buffers; grow only while a message we must see whole is
+/// larger.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// What an idle client keeps for the start of its next request: the big buffers are
+/// the server's, lent for the stretch (10,000 idle clients must cost little memory).
+const IDLE_CHUNK: usize = 256;
 
 /// How a linked stretch ended.
 enum Linked {
@@ -60,7 +67,7 @@ pub async fn run(mut s: Session, shared: &Shared, client: &ClientInfo) -> Result
         // Idle: no server. Wait for a whole message header from the client.
         while s.buf.len() < 5 {
             if s.buf.capacity() - s.buf.len() < 5 {
-                s.buf.reserve(READ_CHUNK);
+                s.buf.reserve(IDLE_CHUNK);
             }
             tokio::select! {
                 n = s.stream.read_buf(&mut s.buf) => {
@@ -77,77 +84,139 @@ pub async fn run(mut s: Session, shared: &Shared, client: &ClientInfo) -> Result
         if s.buf[0] == b'X' {
             return Ok(());
         }
-        client.waiting();
-        let asked = std::time::Instant::now();
-        let mut server = match checkout(shared, &s.role, &s.auth).await {
-            Ok(server) => server,
-            Err((code, message)) => {
-                if code == SqlState::TOO_MANY_CONNECTIONS {
-                    shared.metrics.checkout_timeouts.inc();
-                }
-                return fatal(&mut s.stream, code, message).await;
-            }
-        };
-        let linked = std::time::Instant::now();
-        shared
-            .metrics
-            .checkout_wait
-            .observe((linked - asked).as_secs_f64());
-        client.active(server.id());
-        let (max_pinned, max_prepared) = {
-            let config = shared.config();
-            (
-                config.max_pinned(pool_size(shared, &s.auth)),
-                config.max_prepared_statements,
-            )
-        };
-        let mut scan = ServerScan::default();
-        let outcome = link(
+        // Boxed: a task's future is as big as its biggest state, and only a linked
+        // client should carry a server, its buffers and the link's state.
+        if Box::pin(transaction(
             &mut s,
-            &mut server,
-            &mut scan,
+            shared,
+            client,
             &mut revoked,
             &mut stops,
-            max_prepared,
-            max_pinned,
-        )
-        .await;
-        scan.count(shared, &s.role);
-        if matches!(outcome, Ok(Linked::Done)) {
-            shared
-                .metrics
-                .transaction_duration
-                .observe(linked.elapsed().as_secs_f64());
-        }
-        s.cancel.slot.unlink();
-        client.idle();
-        match outcome {
-            Ok(Linked::Done) => server.release(),
-            Ok(Linked::Unknown) => server.discard(),
-            Ok(Linked::Drained) => {
-                give_back(&mut s, server).await;
-                return fatal(
-                    &mut s.stream,
-                    SqlState::ADMIN_SHUTDOWN,
-                    "the pooler is shutting down".into(),
-                )
-                .await;
-            }
-            Ok(Linked::ClientLeft { clean }) => {
-                if clean {
-                    give_back(&mut s, server).await;
-                } else {
-                    // Mid-transaction: never hand it on; closing rolls it back.
-                    server.discard();
-                }
-                return Ok(());
-            }
-            Err(e) => {
-                server.discard();
-                return Err(e);
-            }
+        ))
+        .await?
+        .is_break()
+        {
+            return Ok(());
         }
     }
+}
+
+/// One linked stretch: checks a server out, relays until it can go back, and gives
+/// it back. `Break`: the client is done.
+async fn transaction(
+    s: &mut Session,
+    shared: &Shared,
+    client: &ClientInfo,
+    revoked: &mut tokio::sync::watch::Receiver<u64>,
+    stops: &mut Stops,
+) -> Result<ControlFlow<()>, SessionError> {
+    client.waiting();
+    let asked = std::time::Instant::now();
+    let mut server = match checkout(shared, &s.role, &s.auth).await {
+        Ok(server) => server,
+        Err((code, message)) => {
+            if code == SqlState::TOO_MANY_CONNECTIONS {
+                shared.metrics.checkout_timeouts.inc();
+            }
+            return fatal(&mut s.stream, code, message).await;
+        }
+    };
+    let linked = std::time::Instant::now();
+    shared
+        .metrics
+        .checkout_wait
+        .observe((linked - asked).as_secs_f64());
+    client.active(server.id());
+    let (max_pinned, max_prepared) = {
+        let config = shared.config();
+        (
+            config.max_pinned(pool_size(shared, &s.auth)),
+            config.max_prepared_statements,
+        )
+    };
+    let mut scan = ServerScan::default();
+    let outcome = match sync_params(s, &mut server).await {
+        Ok(()) => {
+            let mut sbuf = std::mem::take(&mut server.buf);
+            let small = borrow_buffer(s, &mut server);
+            let outcome = link(
+                s,
+                &mut server,
+                &mut sbuf,
+                &mut scan,
+                revoked,
+                stops,
+                max_prepared,
+                max_pinned,
+            )
+            .await;
+            return_buffer(s, &mut server, small);
+            if server.buf.is_empty() {
+                server.buf = sbuf;
+            }
+            outcome
+        }
+        Err(e) => Err(e),
+    };
+    scan.count(shared, &s.role);
+    if matches!(outcome, Ok(Linked::Done)) {
+        shared
+            .metrics
+            .transaction_duration
+            .observe(linked.elapsed().as_secs_f64());
+    }
+    s.cancel.slot.unlink();
+    client.idle();
+    match outcome {
+        Ok(Linked::Done) => server.release(),
+        Ok(Linked::Unknown) => server.discard(),
+        Ok(Linked::Drained) => {
+            give_back(s, server).await;
+            return fatal(
+                &mut s.stream,
+                SqlState::ADMIN_SHUTDOWN,
+                "the pooler is shutting down".into(),
+            )
+            .await;
+        }
+        Ok(Linked::ClientLeft { clean }) => {
+            if clean {
+                give_back(s, server).await;
+            } else {
+                // Mid-transaction: never hand it on; closing rolls it back.
+                server.discard();
+            }
+            return Ok(ControlFlow::Break(()));
+        }
+        Err(e) => {
+            server.discard();
+            return Err(e);
+        }
+    }
+    Ok(ControlFlow::Continue(()))
+}
+
+/// Lends the server's big read buffer to its client for a linked stretch, carrying
+/// over what the client has sent so far; returns the client's own small buffer.
+fn borrow_buffer(s: &mut Session, server: &mut ServerConn) -> BytesMut {
+    let mut big = std::mem::take(&mut server.client_buf);
+    big.clear();
+    big.extend_from_slice(&s.buf);
+    std::mem::replace(&mut s.buf, big)
+}
+
+/// Gives the lent buffer back, keeping what the client sent past the stretch (the
+/// next request, pipelined) in its small one. A large leftover keeps the big buffer.
+fn return_buffer(s: &mut Session, server: &mut ServerConn, mut small: BytesMut) {
+    if s.buf.len() > IDLE_CHUNK {
+        return;
+    }
+    if small.capacity() > IDLE_CHUNK * 4 {
+        small = BytesMut::with_capacity(IDLE_CHUNK);
+    }
+    small.clear();
+    small.extend_from_slice(&s.buf);
+    server.client_buf = std::mem::replace(&mut s.buf, small);
 }
 
 /// Returns an idle server its client is done with. A whole session's state (SET,
@@ -280,20 +349,20 @@ fn checkout_result(
 /// Writes to either side go on while the other side is read: a client pipelining more
 /// than the sockets buffer while Postgres answers as much would otherwise deadlock
 /// (each side blocked writing to the other).
+#[allow(clippy::too_many_arguments)]
 async fn link(
     s: &mut Session,
     server: &mut ServerConn,
+    sbuf: &mut BytesMut,
     scan: &mut ServerScan,
     revoked: &mut tokio::sync::watch::Receiver<u64>,
     stops: &mut Stops,
     max_prepared: usize,
     max_pinned: usize,
 ) -> Result<Linked, SessionError> {
-    sync_params(s, server).await?;
     // After the pooler's own SETs: a cancel now reaches the client's query only.
     s.cancel.slot.link(server.key);
     let mut client_cursor = Cursor::default();
-    let mut sbuf = std::mem::take(&mut server.buf);
     // Reused across batches: no allocation per relayed message once warm.
     let mut edits: Vec<(usize, usize, usize, usize)> = Vec::new();
     let mut scratch = BytesMut::new();
@@ -384,25 +453,24 @@ async fn link(
             let mut written = 0;
             let total = outgoing.len();
             while written < total {
-                let (mut from_server, mut to_server) = tokio::io::split(&mut server.stream);
                 if sbuf.capacity() - sbuf.len() < 1024 {
                     sbuf.reserve(READ_CHUNK);
                 }
-                tokio::select! {
-                    w = to_server.write(&outgoing[written..]) => match w {
-                        Ok(0) => return server_lost(s, "the server stopped reading".into()).await,
-                        Ok(w) => written += w,
-                        Err(e) => return server_lost(s, e.to_string()).await,
-                    },
-                    r = from_server.read_buf(&mut sbuf) => {
-                        drop((from_server, to_server));
+                match write_or_read(&mut server.stream, &outgoing[written..], sbuf).await {
+                    Relayed::Wrote(Ok(0)) => {
+                        return server_lost(s, "the server stopped reading".into()).await;
+                    }
+                    Relayed::Wrote(Ok(w)) => written += w,
+                    Relayed::Wrote(Err(e)) => return server_lost(s, e.to_string()).await,
+                    Relayed::Read(r) => {
                         if let Some(why) = server_gone(r) {
                             return server_lost(s, why).await;
                         }
-                        let to_client = match scan.server(&sbuf, server, &mut s.params, &mut s.statements) {
-                            Ok(k) => k,
-                            Err(e) => return server_lost(s, e).await,
-                        };
+                        let to_client =
+                            match scan.server(sbuf, server, &mut s.params, &mut s.statements) {
+                                Ok(k) => k,
+                                Err(e) => return server_lost(s, e).await,
+                            };
                         write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
                         scan.bytes_out += to_client as u64;
                         sbuf.advance(to_client);
@@ -425,8 +493,14 @@ async fn link(
             && scan.cursor.at_boundary()
             && sbuf.is_empty();
         if idle && !session_mode {
-            if !s.pending.is_none() && !settle(s, server).await? {
-                return Ok(Linked::Unknown);
+            if !s.pending.is_none() {
+                // settle talks to the server through its own buffer: lend it back.
+                std::mem::swap(&mut server.buf, sbuf);
+                let settled = settle(s, server).await;
+                std::mem::swap(&mut server.buf, sbuf);
+                if !settled? {
+                    return Ok(Linked::Unknown);
+                }
             }
             if s.pin.is_none() {
                 return Ok(Linked::Done);
@@ -447,11 +521,11 @@ async fn link(
                     return Ok(Linked::ClientLeft { clean: idle });
                 }
             }
-            n = server.stream.read_buf(&mut sbuf) => {
+            n = server.stream.read_buf(sbuf) => {
                 if let Some(why) = server_gone(n) {
                     return server_lost(s, why).await;
                 }
-                let to_client = match scan.server(&sbuf, server, &mut s.params, &mut s.statements) {
+                let to_client = match scan.server(sbuf, server, &mut s.params, &mut s.statements) {
                     Ok(k) => k,
                     Err(e) => return server_lost(s, e).await,
                 };
@@ -576,6 +650,28 @@ struct Edit {
     at: usize,
     len: usize,
     with: Option<Vec<u8>>,
+}
+
+/// What happened first while forwarding to the server.
+enum Relayed {
+    Wrote(std::io::Result<usize>),
+    Read(std::io::Result<usize>),
+}
+
+/// Writes to the server, or reads its replies if it answers (or stops reading) first.
+/// One stream polled both ways: no split halves to allocate per batch.
+async fn write_or_read(
+    stream: &mut crate::net::stream::Stream,
+    bytes: &[u8],
+    sbuf: &mut BytesMut,
+) -> Relayed {
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = Pin::new(&mut *stream).poll_write(cx, bytes) {
+            return Poll::Ready(Relayed::Wrote(r));
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, sbuf).map(Relayed::Read)
+    })
+    .await
 }
 
 /// Why a read from the server ended the link, if it did.

@@ -125,6 +125,7 @@ pub(super) async fn sync_params(
     server: &mut ServerConn,
 ) -> Result<(), SessionError> {
     let Some(sql) = server.state.sync_sql(&s.params) else {
+        server.state.matches(&s.params);
         return Ok(());
     };
     let mut out = BytesMut::new();
