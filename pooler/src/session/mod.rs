@@ -106,10 +106,14 @@ async fn run(
         ))
         .await;
     }
-    let session = Box::pin(login::login(
-        stream, peer, &shared, params, buf, listener, deadline,
-    ))
-    .await?;
+    // Boxed too: an async fn keeps a moved-in argument twice (as passed and as bound),
+    // and the session lives as long as the client.
+    let session = Box::new(
+        Box::pin(login::login(
+            stream, peer, &shared, params, buf, listener, deadline,
+        ))
+        .await?,
+    );
     client.logged_in(ClientIdent {
         user: session.role.name.clone(),
         database: shared.config().upstream.dbname.clone(),

@@ -56,7 +56,11 @@ struct Stops {
     closing: tokio::sync::watch::Receiver<bool>,
 }
 
-pub async fn run(mut s: Session, shared: &Shared, client: &ClientInfo) -> Result<(), SessionError> {
+pub async fn run(
+    mut s: Box<Session>,
+    shared: &Shared,
+    client: &ClientInfo,
+) -> Result<(), SessionError> {
     let mut revoked = s.revoked.clone();
     let mut shutdown = shared.shutdown.clone();
     let mut stops = Stops {
