@@ -40,6 +40,21 @@ impl ClientParams {
         self.wants = self.startup.clone();
     }
 
+    /// One parameter back to what the startup packet asked for (or to the server's
+    /// default, when it asked nothing), after a reset that took it back.
+    pub fn back_to_startup(&mut self, name: &str) {
+        let name = canonical(name);
+        match self.startup.get(&name) {
+            Some(v) => {
+                let v = v.clone();
+                self.wants.insert(name, v);
+            }
+            None => {
+                self.wants.remove(&name);
+            }
+        }
+    }
+
     /// The client changed a reported parameter (ParameterStatus while linked).
     pub fn record(&mut self, name: &str, value: &str) {
         self.wants.insert(canonical(name), value.to_owned());
@@ -78,6 +93,11 @@ impl ServerParams {
     /// A ParameterStatus from this server.
     pub fn record(&mut self, name: &str, value: &str) {
         self.current.insert(canonical(name), value.to_owned());
+    }
+
+    /// The parameters this server's books hold a value for.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.current.keys().map(String::as_str)
     }
 
     /// The SQL that makes this server's session what `client` wants, or `None` when it

@@ -312,6 +312,7 @@ async fn link(
                 replies: &mut scan.replies,
                 max_per_server: max_prepared,
                 effect: Effect::default(),
+                customs: &mut s.customs,
             };
             let walked = client_cursor.advance(
                 &s.buf,
@@ -425,7 +426,7 @@ async fn link(
             && scan.cursor.at_boundary()
             && sbuf.is_empty();
         if idle && !session_mode {
-            if !s.pending.is_none() && !settle(s, server).await? {
+            if !s.pending.is_none() && !settle(s, server, max_pinned).await? {
                 return Ok(Linked::Unknown);
             }
             if s.pin.is_none() {
