@@ -45,6 +45,8 @@ pub struct Session {
     pub pin: Option<crate::shared::PinSlot>,
     /// What the client's messages since the last settle may have changed.
     pub pending: super::state::Effect,
+    /// Custom parameters the client may have set, for the state check.
+    pub customs: super::state::Customs,
     /// Client bytes read past the login messages.
     pub buf: BytesMut,
 }
@@ -234,6 +236,7 @@ pub async fn login(
         statements: Default::default(),
         pin: None,
         pending: Default::default(),
+        customs: Default::default(),
         buf,
     })
 }

@@ -66,6 +66,24 @@ impl ClientParams {
         self.wants = self.startup.clone();
     }
 
+    /// One parameter back to what the startup packet asked for (or to the server's
+    /// default, when it asked nothing), after a reset that took it back.
+    pub fn back_to_startup(&mut self, name: &str) {
+        let name = canonical(name);
+        let startup = self.startup.get(&name);
+        if self.wants.get(&name) == startup {
+            return;
+        }
+        match startup.cloned() {
+            Some(v) => {
+                Arc::make_mut(&mut self.wants).insert(name, v);
+            }
+            None => {
+                Arc::make_mut(&mut self.wants).remove(&name);
+            }
+        }
+    }
+
     /// The client changed a reported parameter (ParameterStatus while linked).
     pub fn record(&mut self, name: &str, value: &str) {
         let name = canonical(name);
@@ -121,6 +139,11 @@ impl ServerParams {
     /// by a client with the same values (the same shared map) skips the comparison.
     pub fn matches(&mut self, client: &ClientParams) {
         self.synced_to = Some(client.wants.clone());
+    }
+
+    /// The parameters this server's books hold a value for.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.current.keys().map(String::as_str)
     }
 
     /// The SQL that makes this server's session what `client` wants, or `None` when it

@@ -385,6 +385,7 @@ async fn link(
                 replies: &mut scan.replies,
                 max_per_server: max_prepared,
                 effect: Effect::default(),
+                customs: &mut s.customs,
             };
             let walked = client_cursor.advance(
                 &s.buf,
@@ -500,7 +501,7 @@ async fn link(
             if !s.pending.is_none() {
                 // settle talks to the server through its own buffer: lend it back.
                 std::mem::swap(&mut server.buf, sbuf);
-                let settled = settle(s, server).await;
+                let settled = settle(s, server, max_pinned).await;
                 std::mem::swap(&mut server.buf, sbuf);
                 if !settled? {
                     return Ok(Linked::Unknown);

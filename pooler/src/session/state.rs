@@ -2,13 +2,18 @@
 //! statements it sends (design.md point 8). No SQL parser: the first words of each
 //! statement, and a search for the advisory-lock and `set_config` functions.
 //!
-//! The look only has to be safe, not exact. A statement that may create state that
-//! cannot follow the client to another server (an untracked `SET`, `LISTEN`, a temp
-//! table, an advisory lock, SQL `PREPARE`, `SET ROLE`, a holdable cursor) **pins** the
-//! client to its server. A statement that may remove such state asks for a check: once
-//! the server is idle the pooler asks Postgres whether anything is left
-//! ([`STATE_LEFT_SQL`]), and only a clean answer unpins. So a false "may create" costs a
-//! pin until the next check, and a false "may remove" costs one round trip; neither leaks.
+//! The look only has to be safe, not exact. A statement that creates state that cannot
+//! follow the client to another server (an untracked `SET`, `LISTEN`, a temp table, SQL
+//! `PREPARE`, `SET ROLE`, a holdable cursor) **pins** the client to its server before it
+//! is forwarded, and asks for a check: the statement may fail or be rolled back. A
+//! statement that only may create such state (an advisory lock function, a session-level
+//! `set_config`) **probes**: no pin up front, a check afterwards that pins if state is
+//! left. A statement that may remove state asks for a check. Once the server is idle the
+//! pooler asks Postgres whether anything is left ([`state_left_sql`]), and only a clean
+//! answer unpins. So a false "may create" costs a round trip (and a pin until it), and a
+//! false "may remove" costs one round trip; neither leaks.
+
+use postgres_protocol::escape::escape_literal;
 
 /// Parameters that follow a client from server to server (set on checkout when the
 /// server's differ), in Postgres' lower-case spelling.
@@ -37,9 +42,13 @@ pub const READ_BACK: &[&str] = &[
 /// What a statement may do to the session.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Effect {
-    /// May create state that pins.
+    /// Creates state that pins, unless it fails: pin before forwarding it.
     pub pin: bool,
-    /// May remove pinning state: check the server once it is idle.
+    /// May leave state that pins, or may not (a try-lock, `set_config`): no pin up
+    /// front; check once the server is idle, and pin if state is left.
+    pub probe: bool,
+    /// May remove (or, with `pin`, may not have made) pinning state: check the server
+    /// once it is idle, if the client is pinned.
     pub check: bool,
     /// Changed a tracked parameter Postgres does not report: read it back.
     pub read_back: bool,
@@ -50,6 +59,7 @@ pub struct Effect {
 impl Effect {
     pub fn merge(&mut self, other: Effect) {
         self.pin |= other.pin;
+        self.probe |= other.probe;
         self.check |= other.check;
         self.read_back |= other.read_back;
         self.reset_all |= other.reset_all;
@@ -59,58 +69,114 @@ impl Effect {
         *self == Effect::default()
     }
 
+    /// Makes state, unless it fails or is rolled back: pin, then look, so a client
+    /// whose state did not stick is unpinned at its next idle point.
     const PIN: Effect = Effect {
         pin: true,
+        check: true,
+        ..Effect::NONE
+    };
+    /// A library load: the check cannot see it, so pin and do not look (a later check
+    /// may still unpin; DISCARD ALL does not unload a library either).
+    const LOAD: Effect = Effect {
+        pin: true,
+        ..Effect::NONE
+    };
+    const CHECK: Effect = Effect {
+        check: true,
+        ..Effect::NONE
+    };
+    /// Might or might not leave state (a try-lock, `set_config`): look, then pin.
+    const PROBE: Effect = Effect {
+        probe: true,
+        ..Effect::NONE
+    };
+    /// `RESET ALL`, `DISCARD ALL`: parameters may be back to the login's, and pinning
+    /// state may be gone.
+    const RESET_ALL: Effect = Effect {
+        check: true,
+        read_back: true,
+        reset_all: true,
+        ..Effect::NONE
+    };
+    const NONE: Effect = Effect {
+        pin: false,
+        probe: false,
         check: false,
         read_back: false,
         reset_all: false,
     };
-    const CHECK: Effect = Effect {
-        pin: false,
-        check: true,
-        read_back: false,
-        reset_all: false,
-    };
-    /// Might or might not leave state (a try-lock, `set_config`): pin, then look.
-    const MAYBE: Effect = Effect {
-        pin: true,
-        check: true,
-        read_back: false,
-        reset_all: false,
-    };
+}
+
+/// Custom parameters (`app.tenant`) a client set at session level. Postgres 15 keeps
+/// them as placeholders that `pg_settings` does not show, so the state check can only see
+/// them by name: it asks for each name the client ever set, and a value that is neither
+/// unset (NULL) nor empty (what `RESET` leaves) is state. Names are kept for the client's
+/// whole life (a prepared statement may set one again without being looked at again);
+/// a custom name the pooler cannot read (`set_config($1, …, false)`) or one past the
+/// bound makes every check report state, so a pinned client stays pinned until it
+/// leaves: never a leak, at worst a pin.
+///
+/// A role default for a custom parameter (`ALTER ROLE … SET app.x`) also reads as state:
+/// a client that set that parameter stays pinned (the safe side).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Customs {
+    names: Vec<String>,
+    unknown: bool,
+}
+
+/// Custom names remembered per client; more make every check report state.
+const MAX_CUSTOMS: usize = 32;
+
+impl Customs {
+    fn note(&mut self, name: &[u8]) {
+        let valid = !name.is_empty()
+            && name
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'$'));
+        if !valid {
+            self.unknown = true;
+            return;
+        }
+        let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+        if self.names.contains(&name) {
+            return;
+        }
+        if self.names.len() >= MAX_CUSTOMS {
+            self.unknown = true;
+        } else {
+            self.names.push(name);
+        }
+    }
 }
 
 /// The effect of a statement text (a simple Query's, which may hold several
-/// statements, or a Parse's).
-pub fn classify(sql: &[u8]) -> Effect {
+/// statements, or a Parse's); custom parameters it may set are noted in `customs`.
+pub fn classify(sql: &[u8], customs: &mut Customs) -> Effect {
     let mut effect = Effect::default();
     // Every real statement starts at the text's start or after a `;`. Splitting on
     // every `;`, quoted ones too, only adds false starts, and those can only pin.
     for part in sql.split(|b| *b == b';') {
-        effect.merge(statement(part));
+        effect.merge(statement(part, customs));
     }
-    effect.merge(functions(sql));
+    effect.merge(functions(sql, customs));
     effect
 }
 
-fn statement(text: &[u8]) -> Effect {
+fn statement(text: &[u8], customs: &mut Customs) -> Effect {
     let mut words = Words::new(text);
     let Some(first) = words.next() else {
         return Effect::default();
     };
     match upper(first).as_slice() {
-        b"SET" => set(&mut words),
+        b"SET" => set(&mut words, customs),
         b"RESET" => match words.next().map(upper).as_deref() {
-            Some(b"ALL") => Effect {
-                check: true,
-                read_back: true,
-                reset_all: true,
-                pin: false,
-            },
+            Some(b"ALL") => Effect::RESET_ALL,
             Some(name) if is_tracked(name) => read_back(name),
             _ => Effect::CHECK,
         },
-        b"LISTEN" | b"LOAD" => Effect::PIN,
+        b"LISTEN" => Effect::PIN,
+        b"LOAD" => Effect::LOAD,
         b"PREPARE" => match words.next().map(upper).as_deref() {
             // Two-phase commit, not a prepared statement.
             Some(b"TRANSACTION") => Effect::default(),
@@ -121,7 +187,12 @@ fn statement(text: &[u8]) -> Effect {
                 .take(3)
                 .map(upper)
                 .any(|w| w.as_slice() == b"TEMP" || w.as_slice() == b"TEMPORARY");
-            if temp { Effect::PIN } else { Effect::default() }
+            // `CREATE FUNCTION pg_temp.f`, `CREATE TABLE pg_temp.t`: temporary too.
+            if temp || find_ci(text, b"pg_temp") {
+                Effect::PIN
+            } else {
+                Effect::default()
+            }
         }
         b"DECLARE" => {
             if contains_word_pair(text, b"WITH", b"HOLD") {
@@ -131,12 +202,7 @@ fn statement(text: &[u8]) -> Effect {
             }
         }
         b"DISCARD" => match words.next().map(upper).as_deref() {
-            Some(b"ALL") => Effect {
-                check: true,
-                read_back: true,
-                reset_all: true,
-                pin: false,
-            },
+            Some(b"ALL") => Effect::RESET_ALL,
             _ => Effect::CHECK,
         },
         b"UNLISTEN" | b"DEALLOCATE" | b"CLOSE" | b"DROP" => Effect::CHECK,
@@ -147,7 +213,7 @@ fn statement(text: &[u8]) -> Effect {
 }
 
 /// `SET [SESSION | LOCAL] ...`.
-fn set(words: &mut Words<'_>) -> Effect {
+fn set(words: &mut Words<'_>, customs: &mut Customs) -> Effect {
     let Some(mut word) = words.next().map(upper) else {
         return Effect::default();
     };
@@ -171,9 +237,45 @@ fn set(words: &mut Words<'_>) -> Effect {
         b"NAMES" => read_back(b"CLIENT_ENCODING"),
         b"SCHEMA" => read_back(b"SEARCH_PATH"),
         name if is_tracked(name) => read_back(name),
-        // SET ROLE, SET XML OPTION, any other parameter.
-        _ => Effect::PIN,
+        name => {
+            // A custom parameter (`app.tenant`, `"app"."tenant"`): the check must know
+            // its name. The word stops at a quote, so a quoted part is read here.
+            if name.contains(&b'.') || name.starts_with(b"\"") {
+                match custom_name(name, words) {
+                    Some(full) => customs.note(&full),
+                    // `"work_mem"` is no custom name; a dotted one we cannot read is.
+                    None if name.contains(&b'.') => customs.unknown = true,
+                    None => {}
+                }
+            }
+            // SET ROLE, SET XML OPTION, any other parameter.
+            Effect::PIN
+        }
     }
+}
+
+/// The dotted name of a custom parameter that starts with `first` (upper-cased by the
+/// caller), quotes removed, or `None` if it cannot be read with confidence.
+fn custom_name(first: &[u8], words: &mut Words<'_>) -> Option<Vec<u8>> {
+    let mut name = Vec::new();
+    let mut part = first;
+    loop {
+        let unquoted = match part.strip_prefix(b"\"") {
+            Some(inner) => inner.strip_suffix(b"\"")?,
+            None => part,
+        };
+        name.extend_from_slice(unquoted);
+        // A bare word swallowed its dots (`app.tenant`); a quoted one is followed by
+        // `.` and the next part.
+        if words.rest.first() == Some(&b'.') {
+            name.push(b'.');
+            words.rest = &words.rest[1..];
+            part = words.next()?;
+            continue;
+        }
+        break;
+    }
+    (name.contains(&b'.') && !name.ends_with(b".")).then_some(name)
 }
 
 fn read_back(upper_name: &[u8]) -> Effect {
@@ -197,31 +299,143 @@ fn is_tracked(upper_name: &[u8]) -> bool {
 }
 
 /// Session-level advisory locks and `set_config` can hide anywhere in a statement.
-fn functions(sql: &[u8]) -> Effect {
+fn functions(sql: &[u8], customs: &mut Customs) -> Effect {
     let mut effect = Effect::default();
     // pg_advisory_xact_lock is gone at commit; these hold past it (`_shared` too).
     if find_ci(sql, b"pg_advisory_lock") || find_ci(sql, b"pg_try_advisory_lock") {
-        effect.merge(Effect::MAYBE);
+        effect.merge(Effect::PROBE);
     }
     if find_ci(sql, b"advisory_unlock") {
         effect.merge(Effect::CHECK);
     }
-    if find_ci(sql, b"set_config") {
-        // is_local = true is gone at commit; false is session state. Look afterwards.
-        effect.merge(Effect::MAYBE);
+    let mut rest = sql;
+    while let Some(at) = find_ci_at(rest, b"set_config") {
+        rest = &rest[at + b"set_config".len()..];
+        effect.merge(set_config(rest, customs));
     }
     effect
+}
+
+/// One `set_config(name, value, is_local)` call; `args` is the text after the name.
+fn set_config(args: &[u8], customs: &mut Customs) -> Effect {
+    let Some(args) = args.trim_ascii_start().strip_prefix(b"(") else {
+        // Not a call (a column or a comment that names it): nothing happens.
+        return Effect::default();
+    };
+    let parts = arguments(args);
+    let name = parts.first().and_then(|a| string_literal(a));
+    let local = parts.get(2).is_some_and(|a| {
+        let a = a.trim_ascii();
+        [&b"true"[..], b"'true'", b"'t'", b"'on'"]
+            .iter()
+            .any(|t| a.eq_ignore_ascii_case(t))
+    });
+    if local {
+        // Gone at the end of the transaction, like SET LOCAL.
+        return Effect::default();
+    }
+    match name {
+        Some(name) if is_tracked(&name.to_ascii_uppercase()) => read_back(&name),
+        Some(name) => {
+            if name.contains(&b'.') {
+                customs.note(&name);
+            }
+            Effect::PROBE
+        }
+        // A name the pooler cannot read (a parameter, an expression): it may be
+        // tracked (read back) or custom (invisible to the check).
+        None => {
+            customs.unknown = true;
+            Effect {
+                read_back: true,
+                ..Effect::PROBE
+            }
+        }
+    }
+}
+
+/// The top-level arguments of a call, from just after its `(` to its `)`: split at
+/// commas outside quotes and parentheses.
+fn arguments(text: &[u8]) -> Vec<&[u8]> {
+    let mut parts = Vec::new();
+    let (mut depth, mut quote, mut start) = (0usize, None::<u8>, 0);
+    for (i, &b) in text.iter().enumerate() {
+        match quote {
+            Some(q) if b == q => quote = None,
+            Some(_) => {}
+            None => match b {
+                b'\'' | b'"' => quote = Some(b),
+                b'(' => depth += 1,
+                b')' if depth == 0 => {
+                    parts.push(&text[start..i]);
+                    return parts;
+                }
+                b')' => depth -= 1,
+                b',' if depth == 0 => {
+                    parts.push(&text[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            },
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// The value of a plain `'...'` literal (with `''` for a quote, an optional cast after
+/// it), or `None` for anything else.
+fn string_literal(arg: &[u8]) -> Option<Vec<u8>> {
+    let inner = arg.trim_ascii().strip_prefix(b"'")?;
+    let mut value = Vec::new();
+    let mut i = 0;
+    while i < inner.len() {
+        if inner[i] == b'\'' {
+            if inner.get(i + 1) == Some(&b'\'') {
+                value.push(b'\'');
+                i += 2;
+                continue;
+            }
+            let after = inner[i + 1..].trim_ascii();
+            return (after.is_empty() || after.starts_with(b"::")).then_some(value);
+        }
+        value.push(inner[i]);
+        i += 1;
+    }
+    None
 }
 
 /// The query that tells whether a pinned client's server is clean again: one row, one
 /// column, the number of pieces of session state left (0 = clean). `role` is the login role,
 /// as a quoted literal.
-pub fn state_left_sql(role_literal: &str) -> String {
+///
+/// What it sees: untracked settings changed in the session (`pg_settings`, which lists
+/// every built-in parameter), custom parameters by name ([`Customs`]), LISTEN channels,
+/// advisory locks (session ones: transaction ones are gone at idle), SQL prepared
+/// statements, holdable cursors, anything in the session's temporary schema (tables,
+/// views, sequences, functions, types), and a changed role or session authorization.
+pub fn state_left_sql(role_literal: &str, customs: &Customs) -> String {
     let tracked = TRACKED
         .iter()
         .map(|t| format!("'{t}'"))
         .collect::<Vec<_>>()
         .join(",");
+    let custom = if customs.unknown {
+        " + 1".to_owned()
+    } else if customs.names.is_empty() {
+        String::new()
+    } else {
+        let names = customs
+            .names
+            .iter()
+            .map(|n| escape_literal(n))
+            .collect::<Vec<_>>()
+            .join(",");
+        format!(
+            " + (SELECT count(*) FROM pg_catalog.unnest(ARRAY[{names}]::text[]) AS c(name) \
+             WHERE coalesce(pg_catalog.current_setting(c.name, true), '') <> '')"
+        )
+    };
     format!(
         "SELECT (SELECT count(*) FROM pg_catalog.pg_settings \
              WHERE source = 'session' AND lower(name) NOT IN ({tracked})) \
@@ -232,7 +446,11 @@ pub fn state_left_sql(role_literal: &str) -> String {
          + (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
          + (SELECT count(*) FROM pg_catalog.pg_class \
              WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
-         + (current_user <> session_user OR session_user <> {role_literal})::int"
+         + (SELECT count(*) FROM pg_catalog.pg_proc \
+             WHERE pronamespace = pg_catalog.pg_my_temp_schema()) \
+         + (SELECT count(*) FROM pg_catalog.pg_type \
+             WHERE typnamespace = pg_catalog.pg_my_temp_schema()) \
+         + (current_user <> session_user OR session_user <> {role_literal})::int{custom}"
     )
 }
 
@@ -245,6 +463,21 @@ pub fn read_back_sql() -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!("SELECT {columns}")
+}
+
+/// The SQL that reads every parameter in `names` after a `RESET ALL` or `DISCARD ALL`
+/// that may have failed or been rolled back: two rows, one column per name (NULL if the
+/// server has no such parameter): the values now, and the values a reset gives. The
+/// reset happens in a transaction that is rolled back, so the session is unchanged.
+/// (`pg_settings.source` would tell the same, but builds every setting's row: about
+/// 0.8 ms of server time against 0.1, and drivers such as asyncpg send `RESET ALL`
+/// each time a connection goes back to their pool.)
+pub fn reset_read_sql<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let columns = names
+        .map(|n| format!("pg_catalog.current_setting({}, true)", escape_literal(n)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("BEGIN; SELECT {columns}; RESET ALL; SELECT {columns}; ROLLBACK")
 }
 
 /// The words at the start of a statement: identifiers and keywords, after whitespace
@@ -311,9 +544,13 @@ fn upper(word: &[u8]) -> Vec<u8> {
 }
 
 fn find_ci(haystack: &[u8], needle: &[u8]) -> bool {
+    find_ci_at(haystack, needle).is_some()
+}
+
+fn find_ci_at(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack
         .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
+        .position(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// `a` followed (after blanks) by `b`, anywhere, case-insensitively.
@@ -344,6 +581,10 @@ fn contains_word_pair(text: &[u8], a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    fn classify(sql: &[u8]) -> Effect {
+        super::classify(sql, &mut Customs::default())
+    }
+
     fn pins(sql: &str) -> bool {
         classify(sql.as_bytes()).pin
     }
@@ -362,16 +603,67 @@ mod tests {
             "create local temporary table t (a int)",
             "CREATE TEMPORARY VIEW v AS SELECT 1",
             "PREPARE p AS SELECT 1",
-            "SELECT pg_advisory_lock(42)",
-            "select PG_TRY_ADVISORY_LOCK_SHARED(1, 2)",
             "SELECT 1; SET enable_seqscan = off",
             "/* hi */ -- there\n SET my.var = 1",
             "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
             "SELECT * INTO TEMP t FROM x",
-            "SELECT set_config('my.var', 'x', false)",
+            "CREATE FUNCTION pg_temp.f() RETURNS int AS 'SELECT 1' LANGUAGE sql",
         ] {
-            assert!(pins(sql), "{sql}");
+            let e = classify(sql.as_bytes());
+            // A pin is checked too: the statement may fail or be rolled back.
+            assert!(e.pin && e.check, "{sql}");
         }
+    }
+
+    #[test]
+    fn state_that_may_or_may_not_be_left_is_probed_without_a_pin() {
+        for sql in [
+            "SELECT pg_advisory_lock(42)",
+            "select PG_TRY_ADVISORY_LOCK_SHARED(1, 2)",
+            "SELECT set_config('my.var', 'x', false)",
+            "SELECT set_config('work_mem', '1MB', false)",
+            "SELECT pg_catalog.set_config($1, $2, $3)",
+        ] {
+            let e = classify(sql.as_bytes());
+            assert!(e.probe && !e.pin, "{sql}");
+        }
+    }
+
+    #[test]
+    fn set_config_of_a_tracked_parameter_is_read_back() {
+        for sql in [
+            "SELECT set_config('statement_timeout', '1ms', false)",
+            "select pg_catalog.SET_CONFIG ( 'search_path' , 'a, b', 'false')",
+            "SELECT set_config('lock_timeout'::text, f(1, 2), false)",
+            "SELECT set_config($1, $2, false)",
+        ] {
+            assert!(classify(sql.as_bytes()).read_back, "{sql}");
+        }
+        let local = classify(b"SELECT set_config('search_path', 'x', true)");
+        assert!(local.is_none(), "transaction-local: {local:?}");
+        let reported = classify(b"SELECT set_config('TimeZone', 'UTC', false)");
+        assert!(reported.is_none(), "reported by Postgres: {reported:?}");
+    }
+
+    #[test]
+    fn custom_parameters_are_remembered_by_name() {
+        let mut customs = Customs::default();
+        for sql in [
+            "SET app.tenant = 'x'",
+            "SET SESSION \"App\".\"User\" TO 1",
+            "SELECT set_config('app.role', 'r', false), set_config('app.local', 'l', true)",
+            "SET LOCAL app.txn = 1",
+            "SET work_mem = '1MB'",
+            "SET app.tenant = 'y'",
+        ] {
+            super::classify(sql.as_bytes(), &mut customs);
+        }
+        assert_eq!(customs.names, ["app.tenant", "app.user", "app.role"]);
+        assert!(!customs.unknown);
+        super::classify(b"SELECT set_config(name, 'v', false) FROM t", &mut customs);
+        assert!(customs.unknown, "a name the pooler cannot read");
+        let sql = state_left_sql("'r'", &customs);
+        assert!(sql.ends_with(" + 1"), "{sql}");
     }
 
     #[test]

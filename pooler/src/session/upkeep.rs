@@ -16,20 +16,20 @@ use crate::backend::ServerConn;
 use crate::proto::SqlState;
 
 /// Runs one simple query on an idle server and reads its reply up to ReadyForQuery,
-/// which must say idle. Returns the first row's values, if any. Used for health
-/// checks, resets and the pooler's own look at a session.
-async fn simple(server: &mut ServerConn, sql: &str) -> Result<Option<Row>, std::io::Error> {
+/// which must say idle. Returns the rows' values, if any. Used for health checks,
+/// resets and the pooler's own look at a session.
+async fn simple(server: &mut ServerConn, sql: &str) -> Result<Vec<Row>, std::io::Error> {
     let bad = |what: &str| std::io::Error::other(what.to_owned());
     let mut out = BytesMut::new();
     postgres_protocol::message::frontend::query(sql, &mut out)?;
     server.stream.write_all(&out).await?;
-    let mut first = None;
+    let mut rows = Vec::new();
     let mut failed = false;
     loop {
         match Message::parse(&mut server.buf).map_err(|e| bad(&e.to_string()))? {
             // Read up to ReadyForQuery even after an error: the server stays usable.
             Some(Message::ReadyForQuery(body)) if body.status() == b'I' && !failed => {
-                return Ok(first);
+                return Ok(rows);
             }
             Some(Message::ReadyForQuery(body)) if body.status() == b'I' => {
                 return Err(bad("the server reported an error"));
@@ -41,14 +41,14 @@ async fn simple(server: &mut ServerConn, sql: &str) -> Result<Option<Row>, std::
                     server.state.record(n, v);
                 }
             }
-            Some(Message::DataRow(row)) if first.is_none() => {
+            Some(Message::DataRow(row)) => {
                 let buffer = row.buffer();
                 let mut values = Vec::new();
                 let mut ranges = row.ranges();
                 while let Some(range) = ranges.next().map_err(|e| bad(&e.to_string()))? {
                     values.push(range.map(|r| String::from_utf8_lossy(&buffer[r]).into_owned()));
                 }
-                first = Some(values);
+                rows.push(values);
             }
             Some(_) => {}
             None => {
@@ -67,6 +67,10 @@ type Row = Vec<Option<String>>;
 const SERVER_ROUND_TRIP: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn bounded(server: &mut ServerConn, sql: &str) -> Result<Option<Row>, std::io::Error> {
+    Ok(bounded_rows(server, sql).await?.into_iter().next())
+}
+
+async fn bounded_rows(server: &mut ServerConn, sql: &str) -> Result<Vec<Row>, std::io::Error> {
     tokio::time::timeout(SERVER_ROUND_TRIP, simple(server, sql))
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
@@ -174,53 +178,154 @@ pub(super) async fn sync_params(
 }
 
 /// After a stretch in which the client may have changed its session (state.rs):
-/// bring the books in line with the server, and unpin the client if its state is gone.
-/// `false`: the server's parameters are unknown (the read-back failed, e.g. under the
-/// client's own 1 ms statement_timeout) and an unpinned client's server must be closed
-/// rather than handed on; a pinned client keeps it and the read-back is retried.
-pub(super) async fn settle(s: &mut Session, server: &mut ServerConn) -> Result<bool, SessionError> {
+/// bring the books in line with the server, and pin or unpin the client by what state
+/// is left. `false`: the server's parameters are unknown (the read-back failed, e.g.
+/// under the client's own 1 ms statement_timeout) and an unpinned client's server must
+/// be closed rather than handed on; a pinned client keeps it and the read-back is
+/// retried. An error: the client made state it may not keep (no pin slot), and was told
+/// so; its server must be closed.
+pub(super) async fn settle(
+    s: &mut Session,
+    server: &mut ServerConn,
+    max_pinned: usize,
+) -> Result<bool, SessionError> {
     let pending = std::mem::take(&mut s.pending);
-    if pending.reset_all {
-        // RESET ALL / DISCARD ALL brought back the values of the server's login, not
-        // the client's startup ones; the next sync restores the client's.
-        s.params.reset_to_startup();
-        server.state = crate::session::params::ServerParams::from_login(&server.params);
+    let read = if pending.reset_all {
+        read_after_reset(s, server).await
+    } else if pending.read_back {
+        read_back(s, server).await
+    } else {
+        Ok(())
+    };
+    if let Err(e) = &read {
+        tracing::debug!(role = %s.role.name, error = %e, "reading parameters back failed");
     }
-    if pending.read_back {
-        match bounded(server, &state::read_back_sql()).await {
-            Ok(Some(row)) => {
-                for (name, value) in READ_BACK.iter().zip(row) {
-                    if let Some(value) = value {
-                        server.state.record(name, &value);
-                        s.params.record(name, &value);
-                    }
+    // A probe may have left state (a lock, a setting) whatever the books say: look even
+    // when the client is not pinned. A check only matters to a pinned client.
+    if pending.probe || (pending.check && s.pin.is_some()) {
+        let sql = state::state_left_sql(&escape_literal(&s.role.name), &s.customs);
+        let left = match bounded(server, &sql).await {
+            Ok(Some(row)) => row.first().cloned().flatten().map(|n| n != "0"),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(role = %s.role.name, error = %e, "session state check failed");
+                None
+            }
+        };
+        match left {
+            Some(false) => {
+                if s.pin.take().is_some() {
+                    tracing::debug!(role = %s.role.name, "session state gone: client unpinned");
                 }
             }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::debug!(role = %s.role.name, error = %e, "reading parameters back failed");
-                s.pending.read_back = true;
+            Some(true) => {
+                if s.pin.is_none() {
+                    pin_or_refuse(s, max_pinned).await?;
+                }
+            }
+            // Unknown: look again after the next statement; meanwhile a probe counts as
+            // state left (the client must not lose a lock it may hold).
+            None => {
                 s.pending.check |= pending.check;
-                return Ok(s.pin.is_some());
+                s.pending.probe |= pending.probe;
+                if pending.probe && s.pin.is_none() {
+                    pin_or_refuse(s, max_pinned).await?;
+                }
             }
         }
     }
-    if pending.check && s.pin.is_some() {
-        let sql = state::state_left_sql(&escape_literal(&s.role.name));
-        match bounded(server, &sql).await {
-            Ok(Some(row)) => {
-                let left = row.first().cloned().flatten().unwrap_or_default();
-                if left == "0" {
-                    tracing::debug!(role = %s.role.name, "session state gone: client unpinned");
-                    s.pin = None;
-                }
+    if read.is_err() {
+        if s.pin.is_some() {
+            // Same server next time: read again then.
+            s.pending.read_back |= pending.read_back;
+            s.pending.reset_all |= pending.reset_all;
+        } else {
+            // The server is closed, and whatever the reset did goes with it: the client
+            // gets what a reset gives it, its startup values, on the next one.
+            if pending.reset_all {
+                s.params.reset_to_startup();
             }
-            Ok(None) => {}
-            // Stays pinned: safe, and checked again after its next statement.
-            Err(e) => {
-                tracing::debug!(role = %s.role.name, error = %e, "session state check failed")
-            }
+            return Ok(false);
         }
     }
     Ok(true)
+}
+
+/// Reads back the tracked parameters Postgres does not report.
+async fn read_back(s: &mut Session, server: &mut ServerConn) -> Result<(), std::io::Error> {
+    let row = bounded(server, &state::read_back_sql())
+        .await?
+        .ok_or_else(|| std::io::Error::other("no row from the read-back"))?;
+    for (name, value) in READ_BACK.iter().zip(row) {
+        if let Some(value) = value {
+            server.state.record(name, &value);
+            s.params.record(name, &value);
+        }
+    }
+    Ok(())
+}
+
+/// After `RESET ALL` or `DISCARD ALL`, which may have failed or been rolled back (or
+/// been followed by a `SET` in the same batch), nothing is assumed: every parameter the
+/// books know of is read from the server, with the value a reset gives it. One that
+/// differs from its reset value is the client's (a reset that did not happen, or a SET
+/// after it); one at its reset value gets the client's startup value, as a reset gives
+/// a client connected to Postgres directly.
+///
+/// One case comes out wrong, harmlessly: a rolled-back reset of a parameter the client
+/// had set to exactly the server's reset value, which then returns to the client's
+/// startup value. The server's books are always right, so nothing leaks.
+async fn read_after_reset(s: &mut Session, server: &mut ServerConn) -> Result<(), std::io::Error> {
+    let mut names: Vec<String> = Vec::new();
+    let known = state::TRACKED
+        .iter()
+        .copied()
+        .chain(server.state.names())
+        .chain(s.params.iter().map(|(name, _)| name));
+    for name in known {
+        if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            names.push(name.to_owned());
+        }
+    }
+    let sql = state::reset_read_sql(names.iter().map(String::as_str));
+    let rows = bounded_rows(server, &sql).await?;
+    let [now, reset] = <[Row; 2]>::try_from(rows)
+        .map_err(|_| std::io::Error::other("not two rows from the read-back"))?;
+    for ((name, value), reset) in names.iter().zip(now).zip(reset) {
+        let Some(value) = value else { continue };
+        // The in-between RESET ALL may have reported values: these are the real ones.
+        server.state.record(name, &value);
+        if reset.as_deref() == Some(value.as_str()) {
+            s.params.back_to_startup(name);
+        } else {
+            s.params.record(name, &value);
+        }
+    }
+    Ok(())
+}
+
+/// Pins a client whose state turned out to be left on its server, or tells it it may
+/// not keep it: the session ends and its server is closed with the state.
+async fn pin_or_refuse(s: &mut Session, max_pinned: usize) -> Result<(), SessionError> {
+    match s.role.try_pin(max_pinned) {
+        Some(slot) => {
+            s.pin = Some(slot);
+            Ok(())
+        }
+        None => {
+            let message = format!(
+                "too many clients of role \"{}\" hold session state (max_pinned_per_role = \
+                 {max_pinned}); the session advisory lock or setting this session made cannot \
+                 be kept in transaction mode, and the session is closed: connect to the session \
+                 port or set the app's pool_mode to session",
+                s.role.name
+            );
+            fatal(
+                &mut s.stream,
+                SqlState::CONFIGURATION_LIMIT_EXCEEDED,
+                message,
+            )
+            .await
+        }
+    }
 }

@@ -239,3 +239,197 @@ async fn pins_are_bounded_per_role_and_released_when_the_state_is_gone() {
     a.batch_execute("RESET work_mem").await.unwrap();
     pinned_becomes(&role, 0).await;
 }
+
+/// What a client sees of its session in one row: search_path, statement_timeout,
+/// lock_timeout, TimeZone, and the custom app.tenant ('-' when unset).
+const PARAMS: &str = "SELECT concat_ws('|', current_setting('search_path'), \
+     current_setting('statement_timeout'), current_setting('lock_timeout'), \
+     current_setting('TimeZone'), coalesce(current_setting('app.tenant', true), '-'))";
+
+#[tokio::test]
+async fn set_config_of_a_tracked_parameter_follows_its_client_and_nobody_else() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(1).await;
+    let other = e.connect(&app).await;
+    let defaults = value(&other, PARAMS).await;
+    let x = e.connect(&app).await;
+    x.batch_execute(
+        "SELECT set_config('search_path', 'public', false), \
+         set_config('statement_timeout', '43s', false); \
+         SELECT pg_catalog.set_config('lock_timeout', '4321ms', false)",
+    )
+    .await
+    .unwrap();
+    // The only server goes to the other client with none of X's values...
+    for _ in 0..3 {
+        assert_eq!(
+            value(&other, PARAMS).await,
+            defaults,
+            "X's set_config leaked"
+        );
+    }
+    // ... and X gets them back on its next transaction.
+    let mine = value(&x, PARAMS).await;
+    let f: Vec<&str> = mine.split('|').collect();
+    assert_eq!((f[0], f[1], f[2]), ("public", "43s", "4321ms"), "{mine}");
+}
+
+#[tokio::test]
+async fn a_rolled_back_reset_all_changes_nothing() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(1).await;
+    let other = e.connect(&app).await;
+    let defaults = value(&other, PARAMS).await;
+    assert!(!defaults.contains("Asia/Tokyo"), "{defaults}");
+    let x = e.connect(&app).await;
+    x.batch_execute("BEGIN; SET search_path = public; SET TimeZone = 'Asia/Tokyo'; COMMIT")
+        .await
+        .unwrap();
+    x.batch_execute("BEGIN; RESET ALL; ROLLBACK").await.unwrap();
+    x.batch_execute("BEGIN").await.unwrap();
+    x.batch_execute("DISCARD ALL").await.unwrap_err();
+    x.batch_execute("ROLLBACK").await.unwrap();
+    // Nothing was reset: the next client is not handed X's values...
+    for _ in 0..3 {
+        assert_eq!(value(&other, PARAMS).await, defaults, "X's settings leaked");
+    }
+    // ... and X keeps them.
+    assert_eq!(value(&x, "SHOW TimeZone").await, "Asia/Tokyo");
+    assert_eq!(value(&x, "SHOW search_path").await, "public");
+    // A reset that happens does reset, SETs after it in the same batch stay.
+    x.batch_execute("RESET ALL; SET lock_timeout = '1234ms'")
+        .await
+        .unwrap();
+    assert_eq!(value(&other, PARAMS).await, defaults);
+    let mine = value(&x, PARAMS).await;
+    let d: Vec<&str> = defaults.split('|').collect();
+    let f: Vec<&str> = mine.split('|').collect();
+    assert_eq!((f[0], f[2], f[3]), (d[0], "1234ms", d[3]), "{mine}");
+}
+
+#[tokio::test]
+async fn state_that_did_not_stick_does_not_keep_a_pin() {
+    let e = env(|c| c.max_pinned_per_role = Some(1)).await;
+    let app = e.app_with_pool(2).await;
+    let a = e.connect(&app).await;
+    // Known to the pooler once a client logged in.
+    let role = e.pooler.shared.roles.get(&app.role).unwrap();
+    // Rolled back, or failed (this app may not create temp tables).
+    for sql in [
+        "BEGIN; LISTEN a_channel; ROLLBACK",
+        "BEGIN; SET work_mem = '99kB'; ROLLBACK",
+        "PREPARE p AS SELECT no_such_column",
+        "CREATE TEMP TABLE t (a int)",
+    ] {
+        let _ = a.batch_execute(sql).await;
+        pinned_becomes(&role, 0).await;
+    }
+    // The slot is free for a client with real state.
+    let b = e.connect(&app).await;
+    b.batch_execute("LISTEN b_channel").await.unwrap();
+    pinned_becomes(&role, 1).await;
+    assert_eq!(value(&a, "SELECT 1").await, "1");
+}
+
+#[tokio::test]
+async fn custom_parameters_pin_until_they_are_reset() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(1).await;
+    let x = e.connect(&app).await;
+    // Known to the pooler once a client logged in.
+    let role = e.pooler.shared.roles.get(&app.role).unwrap();
+    for (set, reset) in [
+        (
+            "SELECT set_config('app.tenant', 'x', false)",
+            "RESET app.tenant",
+        ),
+        (
+            "SET app.tenant = 'y'",
+            "SELECT set_config('app.tenant', '', false)",
+        ),
+    ] {
+        let other = e.connect(&app).await;
+        x.batch_execute(set).await.unwrap();
+        pinned_becomes(&role, 1).await;
+        // The only server is X's while its tenant is set: the other client waits.
+        let look = tokio::spawn(async move { value(&other, PARAMS).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!look.is_finished(), "another client got X's server");
+        let tenant = value(&x, "SELECT current_setting('app.tenant')").await;
+        assert!(tenant == "x" || tenant == "y", "{tenant}");
+        x.batch_execute(reset).await.unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(30), look)
+            .await
+            .expect("X was never unpinned")
+            .unwrap();
+        let tenant = seen.rsplit('|').next().unwrap();
+        assert!(
+            tenant == "-" || tenant.is_empty(),
+            "X's tenant leaked: {seen}"
+        );
+        pinned_becomes(&role, 0).await;
+    }
+    // Transaction-local, the RLS way: no pin at all.
+    x.batch_execute(
+        "BEGIN; SELECT set_config('app.tenant', 'z', true); SET LOCAL app.who = 'u'; COMMIT",
+    )
+    .await
+    .unwrap();
+    assert_eq!(role.pinned(), 0);
+}
+
+#[tokio::test]
+async fn what_may_leave_no_state_needs_no_pin_slot() {
+    let e = env(|c| c.max_pinned_per_role = Some(1)).await;
+    let app = e.app_with_pool(2).await;
+    let a = e.connect(&app).await;
+    // Known to the pooler once a client logged in.
+    let role = e.pooler.shared.roles.get(&app.role).unwrap();
+    a.batch_execute("LISTEN a_channel").await.unwrap();
+    pinned_becomes(&role, 1).await;
+    // The role's only pin slot is A's; B's statements leave nothing behind.
+    let b = e.connect(&app).await;
+    b.batch_execute(
+        "BEGIN; SELECT set_config('app.tenant', 'b', true), set_config('work_mem', '1MB', true); COMMIT",
+    )
+    .await
+    .unwrap();
+    b.batch_execute("SELECT pg_try_advisory_lock(77); SELECT pg_advisory_unlock(77)")
+        .await
+        .unwrap();
+    b.batch_execute("SELECT set_config('work_mem', current_setting('work_mem'), true)")
+        .await
+        .unwrap();
+    assert_eq!(value(&b, "SELECT 2").await, "2");
+    assert_eq!(role.pinned(), 1);
+    // A lock B keeps needs a slot it cannot have: B is told, and its server closed,
+    // which releases the lock (nobody else inherits it).
+    let admin = e.fixture.admin().await;
+    let _ = b.batch_execute("SELECT pg_advisory_lock(78)").await;
+    let err = b.batch_execute("SELECT 1").await.unwrap_err();
+    assert!(
+        sqlstate(&err) == "53400" || b.is_closed(),
+        "{}",
+        message(&err)
+    );
+    for _ in 0..500 {
+        let held: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 78",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if held == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let c = e.connect(&app).await;
+    assert_eq!(
+        value(&c, "SELECT pg_try_advisory_lock(78)::text").await,
+        "true"
+    );
+    assert_eq!(role.pinned(), 1);
+}

@@ -125,6 +125,8 @@ pub struct Rewriter<'a> {
     pub max_per_server: usize,
     /// What the messages seen so far may do to the session.
     pub effect: Effect,
+    /// Custom parameters the client's statements may set (state.rs).
+    pub customs: &'a mut state::Customs,
 }
 
 impl Rewriter<'_> {
@@ -183,7 +185,7 @@ impl Rewriter<'_> {
             }
             b'Q' => {
                 let text = cstr(body).map(|(q, _)| q).unwrap_or(body);
-                self.effect.merge(state::classify(text));
+                self.effect.merge(state::classify(text, self.customs));
                 let undo = self.deallocate(text, out);
                 if undo.is_none() {
                     out.extend_from_slice(raw);
@@ -198,7 +200,7 @@ impl Rewriter<'_> {
     fn parse(&mut self, raw: &[u8], body: &[u8], out: &mut BytesMut) -> Result<(), Malformed> {
         let (name, rest) = cstr(body).ok_or(Malformed)?;
         let (query, _) = cstr(rest).ok_or(Malformed)?;
-        let effect = state::classify(query);
+        let effect = state::classify(query, self.customs);
         self.effect.merge(effect);
         if name.is_empty() {
             self.replies.push(Reply::Parse {
