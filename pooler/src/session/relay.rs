@@ -372,6 +372,13 @@ async fn link(
     let mut scratch = BytesMut::new();
     let mut rewritten = BytesMut::new();
     let session_mode = s.mode == PoolMode::Session;
+    // The signals are awaited by futures made once per stretch, not once per read:
+    // each one registers with a channel every client shares.
+    let mut draining = *stops.shutdown.borrow();
+    let Stops { shutdown, closing } = stops;
+    let mut revoked_changed = std::pin::pin!(revoked.changed());
+    let mut shutdown_changed = std::pin::pin!(shutdown.changed());
+    let mut closing_changed = std::pin::pin!(closing.changed());
     loop {
         if !s.buf.is_empty() {
             let mut too_many = false;
@@ -511,7 +518,7 @@ async fn link(
                 return Ok(Linked::Done);
             }
         }
-        if idle && *stops.shutdown.borrow() {
+        if idle && draining {
             return Ok(Linked::Drained);
         }
         if s.buf.capacity() - s.buf.len() < 1024 {
@@ -521,11 +528,21 @@ async fn link(
             sbuf.reserve(READ_CHUNK);
         }
         tokio::select! {
-            n = s.stream.read_buf(&mut s.buf) => {
-                if n? == 0 {
-                    return Ok(Linked::ClientLeft { clean: idle });
-                }
+            // Fixed order, no random start: the signals first (a busy stream must not
+            // hide the end of the grace period), then the server's replies.
+            biased;
+            _ = &mut closing_changed => {
+                return fatal(
+                    &mut s.stream,
+                    SqlState::ADMIN_SHUTDOWN,
+                    "the pooler is shutting down; the transaction in progress was rolled back".into(),
+                )
+                .await;
             }
+            _ = &mut revoked_changed => return revoked_error(s).await,
+            // Noted here, acted on at the next idle point above. Not polled again once
+            // fired: the drain only ever starts.
+            _ = &mut shutdown_changed, if !draining => draining = true,
             n = server.stream.read_buf(sbuf) => {
                 if let Some(why) = server_gone(n) {
                     return server_lost(s, why).await;
@@ -536,20 +553,14 @@ async fn link(
                 };
                 if to_client > 0 {
                     write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
-                        scan.bytes_out += to_client as u64;
+                    scan.bytes_out += to_client as u64;
                     sbuf.advance(to_client);
                 }
             }
-            _ = revoked.changed() => return revoked_error(s).await,
-            // Noted here, acted on at the next idle point above.
-            _ = stops.shutdown.changed() => {}
-            _ = stops.closing.changed() => {
-                return fatal(
-                    &mut s.stream,
-                    SqlState::ADMIN_SHUTDOWN,
-                    "the pooler is shutting down; the transaction in progress was rolled back".into(),
-                )
-                .await;
+            n = s.stream.read_buf(&mut s.buf) => {
+                if n? == 0 {
+                    return Ok(Linked::ClientLeft { clean: idle });
+                }
             }
         }
     }

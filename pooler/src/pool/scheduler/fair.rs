@@ -33,29 +33,30 @@ impl<C, W> Scheduler<C, W> {
     /// set after any change to its counts. O(log roles) when membership or its service
     /// key changes, O(1) otherwise (the idle hot path changes none of them).
     pub(super) fn refresh(&mut self, r: RoleId, now: Instant) {
+        let floor = self.demand_floor(r);
         let Some(role) = self.roles.get_mut(r.index()) else {
             return;
         };
         let w = u64::from(role.config.weight);
+        let bucket = u64::try_from(self.config.switch_quantum.as_micros())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(WEIGHT_SCALE)
+            .max(1);
         let demand = role.waiters.len() > 0 || role.active > 0 || role.opening > 0;
         if demand != role.in_demand {
             role.in_demand = demand;
             if demand {
                 self.demand_weight += w;
-                role.vservice = role.vservice.max(self.vclock);
+                role.vservice = role.vservice.max(self.vclock).max(floor);
             } else {
                 self.demand_weight = self.demand_weight.saturating_sub(w);
             }
         }
         let held = role.held();
-        // Service is compared in whole quanta: differences below one tenure are noise
-        // (a few transactions more or less), and letting them reorder the line makes a
-        // role with slightly more service wait a second rotation. Within a quantum,
-        // first come, first served.
-        let bucket = u64::try_from(self.config.switch_quantum.as_micros())
-            .unwrap_or(u64::MAX)
-            .saturating_mul(WEIGHT_SCALE)
-            .max(1);
+        // Service is compared in whole quanta (`bucket`): differences below one tenure
+        // are noise (a few transactions more or less), and letting them reorder the
+        // line makes a role with slightly more service wait a second rotation. Within
+        // a quantum, first come, first served.
         let hungry = role.waiters.len() > role.opening as usize && held < role.config.pool_size;
         let key = hungry.then(|| {
             // A role keeps its place in line while its service changes.
@@ -88,6 +89,26 @@ impl<C, W> Scheduler<C, W> {
             }
             _ => {}
         }
+    }
+
+    /// Where `r`'s service starts if it is gaining demand now: level with the
+    /// least-served role that has demand, when some role waits for a slot. Otherwise
+    /// roles that have shared the budget for a while rank behind every newcomer until
+    /// it has caught up with all their history (seen in the bench as busy roles
+    /// starved for a whole run). O(roles), and only on a transition under contention.
+    fn demand_floor(&self, r: RoleId) -> u64 {
+        let gaining = self.roles.get(r.index()).is_some_and(|role| {
+            !role.in_demand && (role.waiters.len() > 0 || role.active > 0 || role.opening > 0)
+        });
+        if !gaining || self.hungry.is_empty() {
+            return 0;
+        }
+        self.roles
+            .iter()
+            .filter(|x| x.in_demand)
+            .map(|x| x.vservice)
+            .min()
+            .unwrap_or(0)
     }
 
     /// Σ weights of roles with demand, counting `r` as one of them.

@@ -59,6 +59,10 @@ struct Sim {
     rng: u64,
     w: Workload,
     r: Report,
+    /// When each role's clients start (0 unless `starting_at` says otherwise).
+    starts_us: Vec<u64>,
+    /// Transactions finished before this are not counted in `done`.
+    count_from_us: u64,
 }
 
 impl Sim {
@@ -94,6 +98,8 @@ impl Sim {
                 peak_held: vec![0; roles.len()],
                 ..Report::default()
             },
+            starts_us: vec![0; roles.len()],
+            count_from_us: 0,
         };
         for c in 0..sim.clients.len() {
             let start = sim.jitter(w.think_us);
@@ -101,6 +107,16 @@ impl Sim {
         }
         sim.at(100_000, Event::Tick);
         sim
+    }
+
+    /// The clients of `roles` connect at `at_us` instead of at the start, and `done`
+    /// counts only what finishes from then on.
+    fn starting_at(mut self, roles: std::ops::Range<usize>, at_us: u64) -> Self {
+        for r in roles {
+            self.starts_us[r] = at_us;
+        }
+        self.count_from_us = at_us;
+        self
     }
 
     /// Uniform in [d/2, 3d/2): xorshift, fixed seed.
@@ -157,6 +173,11 @@ impl Sim {
             let now = self.now();
             let mut out = Vec::new();
             match self.events.remove(&seq).unwrap() {
+                Event::Want(c) if t < self.starts_us[self.clients[c].role.index()] => {
+                    let wait = self.starts_us[self.clients[c].role.index()] - t;
+                    let d = self.jitter(self.w.think_us);
+                    self.at(wait + d, Event::Want(c));
+                }
                 Event::Want(c) => {
                     self.clients[c].since_us = t;
                     let role = self.clients[c].role;
@@ -169,7 +190,9 @@ impl Sim {
                 }
                 Event::Done(c) => {
                     let server = self.clients[c].server.take().unwrap();
-                    self.r.done[self.clients[c].role.index()] += 1;
+                    if t >= self.count_from_us {
+                        self.r.done[self.clients[c].role.index()] += 1;
+                    }
                     self.sched.release(server, (), now, &mut out).unwrap();
                     let d = self.jitter(self.w.think_us);
                     self.at(d, Event::Want(c));
@@ -291,4 +314,32 @@ fn sim_2000_roles_1_client_budget_100_rotates_through_everyone() {
     assert!(worst <= 15_000_000, "worst wait {worst} µs");
     assert!(j >= 0.9, "Jain {j}");
     assert!(r.logins <= 100 + 200 * w.seconds, "logins {}", r.logins);
+}
+
+#[test]
+fn sim_roles_that_were_busy_are_not_held_back_by_newcomers() {
+    // 40 roles share the budget for 15 s; then 60 more arrive. The first 40 have
+    // received 15 s of service each; the newcomers must not be ranked ahead of them
+    // until they have received as much (which would take the rest of the run).
+    let w = Workload {
+        seconds: 30,
+        tx_us: 1_000,
+        think_us: 100,
+        ..SHORT
+    };
+    let r = Sim::new(budget(40), &[(20, 2); 100], w)
+        .starting_at(40..100, 15_000_000)
+        .run();
+    let (old, old_min, _) = summary("busy 40x2 after 15 s", &r, 0..40, 15);
+    let (new, _, _) = summary("newcomers 60x2", &r, 40..100, 15);
+    let (mean, min, j) = summary("all 100x2", &r, 0..100, 15);
+    assert!(
+        old >= 0.8 * new,
+        "busy roles {old:.0} tx vs newcomers {new:.0}"
+    );
+    assert!(
+        old_min as f64 >= 0.5 * mean && min as f64 >= 0.5 * mean,
+        "min {min} mean {mean}"
+    );
+    assert!(j >= 0.95, "Jain {j}");
 }
