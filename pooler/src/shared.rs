@@ -27,7 +27,7 @@ pub struct Shared {
     pub(crate) config: ArcSwap<Config>,
     pub cache: Arc<VerifierCache>,
     pub roles: Arc<Roles>,
-    pub pools: Pools<ServerConn>,
+    pub pools: Pools<Box<ServerConn>>,
     pub cancels: Arc<CancelMap>,
     pub limiter: AuthLimiter,
     pub target: Target,
@@ -312,7 +312,11 @@ impl Roles {
 /// Applies what the LISTEN connection learns: a revoked role loses its keys, its
 /// clients are told to leave and its servers are closed; a rotated one loses keys of
 /// older generations. Runs until the cache's channel closes.
-pub async fn apply_changes(cache: Arc<VerifierCache>, roles: Arc<Roles>, pools: Pools<ServerConn>) {
+pub async fn apply_changes(
+    cache: Arc<VerifierCache>,
+    roles: Arc<Roles>,
+    pools: Pools<Box<ServerConn>>,
+) {
     let mut changes = cache.subscribe();
     loop {
         match changes.recv().await {
@@ -344,7 +348,7 @@ pub async fn apply_changes(cache: Arc<VerifierCache>, roles: Arc<Roles>, pools: 
 
 /// Looks every known role up again and revokes those that may no longer log in: for
 /// when notifications may have been lost.
-async fn resync(cache: &VerifierCache, roles: &Roles, pools: &Pools<ServerConn>) {
+async fn resync(cache: &VerifierCache, roles: &Roles, pools: &Pools<Box<ServerConn>>) {
     let names: Vec<Arc<str>> = roles
         .map
         .lock()

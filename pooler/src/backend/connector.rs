@@ -61,8 +61,10 @@ struct BackingOff(std::time::Duration);
 )]
 struct NoKeys(String);
 
-impl Connector<ServerConn> for PassThrough {
-    fn connect(&self, role: &str) -> BoxFuture<'static, Result<ServerConn, ConnectError>> {
+// Boxed: a server moves through the pool's queues and channels on every checkout,
+// and a pointer moves cheaper than the connection's few hundred bytes.
+impl Connector<Box<ServerConn>> for PassThrough {
+    fn connect(&self, role: &str) -> BoxFuture<'static, Result<Box<ServerConn>, ConnectError>> {
         let roles = self.roles.clone();
         let target = self.target.clone();
         let backoff = self.backoff.clone();
@@ -99,7 +101,7 @@ impl Connector<ServerConn> for PassThrough {
                         .unwrap_or_else(|p| p.into_inner())
                         .succeeded();
                     shared.set_params(ServerParams::from_login(&server.params));
-                    Ok(server)
+                    Ok(Box::new(server))
                 }
                 Err(e) => {
                     if e.is_unavailable() {

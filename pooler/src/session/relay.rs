@@ -226,7 +226,7 @@ fn return_buffer(s: &mut Session, server: &mut ServerConn, mut small: BytesMut) 
 /// Returns an idle server its client is done with. A whole session's state (SET,
 /// LISTEN, prepared statements, advisory locks) goes with its client: a session-mode
 /// or pinned client's server is reset first.
-async fn give_back(s: &mut Session, mut server: Checkout<ServerConn>) {
+async fn give_back(s: &mut Session, mut server: Checkout<Box<ServerConn>>) {
     if s.mode == PoolMode::Session || s.pin.is_some() {
         match reset(&mut server).await {
             Ok(()) => server.release(),
@@ -246,7 +246,7 @@ pub(super) async fn checkout(
     shared: &Shared,
     role: &RoleShared,
     auth: &RoleAuth,
-) -> Result<Checkout<ServerConn>, (SqlState, String)> {
+) -> Result<Checkout<Box<ServerConn>>, (SqlState, String)> {
     let limits = RoleLimits {
         pool_size: u32::try_from(pool_size(shared, auth)).unwrap_or(u32::MAX),
         weight: 1,
@@ -333,8 +333,8 @@ async fn take_effect(
 }
 
 fn checkout_result(
-    result: Result<Checkout<ServerConn>, PoolError>,
-) -> Result<Checkout<ServerConn>, (SqlState, String)> {
+    result: Result<Checkout<Box<ServerConn>>, PoolError>,
+) -> Result<Checkout<Box<ServerConn>>, (SqlState, String)> {
     match result {
         Ok(server) => Ok(server),
         Err(e @ PoolError::WaitTimeout { .. }) => {
@@ -376,10 +376,15 @@ async fn link(
     // each one registers with a channel every client shares.
     let mut draining = *stops.shutdown.borrow();
     let Stops { shutdown, closing } = stops;
+    let closing_probe = closing.clone();
     let mut revoked_changed = std::pin::pin!(revoked.changed());
     let mut shutdown_changed = std::pin::pin!(shutdown.changed());
     let mut closing_changed = std::pin::pin!(closing.changed());
     loop {
+        // An atomic load: a stream that keeps the reads below ready must not hide it.
+        if closing_probe.has_changed().unwrap_or(false) {
+            return closing_error(s).await;
+        }
         if !s.buf.is_empty() {
             let mut too_many = false;
             let mut malformed = false;
@@ -528,21 +533,10 @@ async fn link(
             sbuf.reserve(READ_CHUNK);
         }
         tokio::select! {
-            // Fixed order, no random start: the signals first (a busy stream must not
-            // hide the end of the grace period), then the server's replies.
+            // Fixed order, no random start: the I/O first, so a ready read returns
+            // without polling the signals (a poll of a waiting one locks a channel
+            // every client shares); the loop's top probes the end of the grace period.
             biased;
-            _ = &mut closing_changed => {
-                return fatal(
-                    &mut s.stream,
-                    SqlState::ADMIN_SHUTDOWN,
-                    "the pooler is shutting down; the transaction in progress was rolled back".into(),
-                )
-                .await;
-            }
-            _ = &mut revoked_changed => return revoked_error(s).await,
-            // Noted here, acted on at the next idle point above. Not polled again once
-            // fired: the drain only ever starts.
-            _ = &mut shutdown_changed, if !draining => draining = true,
             n = server.stream.read_buf(sbuf) => {
                 if let Some(why) = server_gone(n) {
                     return server_lost(s, why).await;
@@ -562,6 +556,11 @@ async fn link(
                     return Ok(Linked::ClientLeft { clean: idle });
                 }
             }
+            _ = &mut closing_changed => return closing_error(s).await,
+            _ = &mut revoked_changed => return revoked_error(s).await,
+            // Noted here, acted on at the next idle point above. Not polled again once
+            // fired: the drain only ever starts.
+            _ = &mut shutdown_changed, if !draining => draining = true,
         }
     }
 }
@@ -734,6 +733,16 @@ pub(super) async fn server_lost<T>(s: &mut Session, why: String) -> Result<T, Se
         &mut s.stream,
         SqlState::ADMIN_SHUTDOWN,
         format!("the server connection was lost ({why}); an open transaction was rolled back"),
+    )
+    .await
+}
+
+/// The grace period after SIGTERM is over and the client is still linked.
+async fn closing_error<T>(s: &mut Session) -> Result<T, SessionError> {
+    fatal(
+        &mut s.stream,
+        SqlState::ADMIN_SHUTDOWN,
+        "the pooler is shutting down; the transaction in progress was rolled back".into(),
     )
     .await
 }

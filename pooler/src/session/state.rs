@@ -168,7 +168,18 @@ fn statement(text: &[u8], customs: &mut Customs) -> Effect {
     let Some(first) = words.next() else {
         return Effect::default();
     };
-    match upper(first).as_slice() {
+    // Every statement of every transaction comes through here: no allocation for the
+    // first word (keywords are short; a longer word is none of them).
+    let mut key = [0u8; 12];
+    let first = match key.get_mut(..first.len()) {
+        Some(k) => {
+            k.copy_from_slice(first);
+            k.make_ascii_uppercase();
+            &*k
+        }
+        None => &[],
+    };
+    match first {
         b"SET" => set(&mut words, customs),
         b"RESET" => match words.next().map(upper).as_deref() {
             Some(b"ALL") => Effect::RESET_ALL,
@@ -207,7 +218,11 @@ fn statement(text: &[u8], customs: &mut Customs) -> Effect {
         },
         b"UNLISTEN" | b"DEALLOCATE" | b"CLOSE" | b"DROP" => Effect::CHECK,
         // `SELECT ... INTO TEMP t` creates a temp table.
-        b"SELECT" | b"WITH" if contains_word_pair(text, b"INTO", b"TEMP") => Effect::PIN,
+        b"SELECT" | b"WITH"
+            if find_ci(text, b"temp") && contains_word_pair(text, b"INTO", b"TEMP") =>
+        {
+            Effect::PIN
+        }
         _ => Effect::default(),
     }
 }
@@ -301,6 +316,10 @@ fn is_tracked(upper_name: &[u8]) -> bool {
 /// Session-level advisory locks and `set_config` can hide anywhere in a statement.
 fn functions(sql: &[u8], customs: &mut Customs) -> Effect {
     let mut effect = Effect::default();
+    // Every name looked for has an underscore; most statements have none.
+    if !sql.contains(&b'_') {
+        return effect;
+    }
     // pg_advisory_xact_lock is gone at commit; these hold past it (`_shared` too).
     if find_ci(sql, b"pg_advisory_lock") || find_ci(sql, b"pg_try_advisory_lock") {
         effect.merge(Effect::PROBE);
@@ -548,9 +567,15 @@ fn find_ci(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 fn find_ci_at(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|w| w.eq_ignore_ascii_case(needle))
+    // Candidates by their first byte, then the rest compared: this runs over the text
+    // of every statement.
+    let (&first, rest) = needle.split_first()?;
+    let (lower, upper) = (first.to_ascii_lowercase(), first.to_ascii_uppercase());
+    let last = haystack.len().checked_sub(needle.len())?;
+    (0..=last).find(|&i| {
+        (haystack[i] == lower || haystack[i] == upper)
+            && haystack[i + 1..i + needle.len()].eq_ignore_ascii_case(rest)
+    })
 }
 
 /// `a` followed (after blanks) by `b`, anywhere, case-insensitively.
