@@ -22,6 +22,9 @@ impl SqlState {
     pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
     /// 08006 connection_failure: the pooler could not reach or log in to a server.
     pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
+    /// 08007 transaction_resolution_unknown: the server was lost (or closed at the end
+    /// of a shutdown) while a request of the client's was unanswered, a COMMIT perhaps.
+    pub const TRANSACTION_RESOLUTION_UNKNOWN: SqlState = SqlState("08007");
     /// 53300 too_many_connections: client limit, or pool wait timeout.
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
     pub const CONFIGURATION_LIMIT_EXCEEDED: SqlState = SqlState("53400");

@@ -383,7 +383,7 @@ async fn link(
     loop {
         // An atomic load: a stream that keeps the reads below ready must not hide it.
         if closing_probe.has_changed().unwrap_or(false) {
-            return closing_error(s).await;
+            return closing_error(s, scan.tracker.in_flight()).await;
         }
         if !s.buf.is_empty() {
             let mut too_many = false;
@@ -475,18 +475,25 @@ async fn link(
                 }
                 match write_or_read(&mut server.stream, &outgoing[written..], sbuf).await {
                     Relayed::Wrote(Ok(0)) => {
-                        return server_lost(s, "the server stopped reading".into()).await;
+                        return server_lost(
+                            s,
+                            scan.tracker.in_flight(),
+                            "the server stopped reading".into(),
+                        )
+                        .await;
                     }
                     Relayed::Wrote(Ok(w)) => written += w,
-                    Relayed::Wrote(Err(e)) => return server_lost(s, e.to_string()).await,
+                    Relayed::Wrote(Err(e)) => {
+                        return server_lost(s, scan.tracker.in_flight(), e.to_string()).await;
+                    }
                     Relayed::Read(r) => {
                         if let Some(why) = server_gone(r) {
-                            return server_lost(s, why).await;
+                            return server_lost(s, scan.tracker.in_flight(), why).await;
                         }
                         let to_client =
                             match scan.server(sbuf, server, &mut s.params, &mut s.statements) {
                                 Ok(k) => k,
-                                Err(e) => return server_lost(s, e).await,
+                                Err(e) => return server_lost(s, scan.tracker.in_flight(), e).await,
                             };
                         write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
                         scan.bytes_out += to_client as u64;
@@ -539,11 +546,11 @@ async fn link(
             biased;
             n = server.stream.read_buf(sbuf) => {
                 if let Some(why) = server_gone(n) {
-                    return server_lost(s, why).await;
+                    return server_lost(s, scan.tracker.in_flight(), why).await;
                 }
                 let to_client = match scan.server(sbuf, server, &mut s.params, &mut s.statements) {
                     Ok(k) => k,
-                    Err(e) => return server_lost(s, e).await,
+                    Err(e) => return server_lost(s, scan.tracker.in_flight(), e).await,
                 };
                 if to_client > 0 {
                     write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
@@ -556,7 +563,7 @@ async fn link(
                     return Ok(Linked::ClientLeft { clean: idle });
                 }
             }
-            _ = &mut closing_changed => return closing_error(s).await,
+            _ = &mut closing_changed => return closing_error(s, scan.tracker.in_flight()).await,
             _ = &mut revoked_changed => return revoked_error(s).await,
             // Noted here, acted on at the next idle point above. Not polled again once
             // fired: the drain only ever starts.
@@ -635,12 +642,23 @@ impl ServerScan {
                             }
                             tracker.server(tag, body);
                             let len = 5 + body.len();
-                            match replies.server(tag, body, statements, &mut server.statements) {
+                            let action =
+                                replies.server(tag, body, statements, &mut server.statements);
+                            if tag == b'E' {
+                                // Queries the server skipped after an extended error.
+                                tracker.skipped(replies.take_skipped());
+                            }
+                            match action {
                                 Action::Pass => {}
                                 Action::Drop => edits.push(Edit {
                                     at,
                                     len,
                                     with: None,
+                                }),
+                                Action::Replace(with) => edits.push(Edit {
+                                    at,
+                                    len,
+                                    with: Some(with.to_vec()),
                                 }),
                                 Action::Rename { from, to } => {
                                     let with = renamed_error(&sbuf[at..at + len], &from, &to);
@@ -727,24 +745,48 @@ fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
     Some((name, value))
 }
 
-pub(super) async fn server_lost<T>(s: &mut Session, why: String) -> Result<T, SessionError> {
+/// Tells the client its server is gone. With a request of its unanswered (a COMMIT
+/// perhaps) nobody knows whether its transaction committed: 08007, as libpq-based
+/// drivers and JDBC expect for that case; with nothing in flight an open transaction
+/// was certainly rolled back.
+pub(super) async fn server_lost<T>(
+    s: &mut Session,
+    in_flight: bool,
+    why: String,
+) -> Result<T, SessionError> {
     tracing::warn!(role = %s.role.name, why = %why, "server connection lost");
-    fatal(
-        &mut s.stream,
-        SqlState::ADMIN_SHUTDOWN,
-        format!("the server connection was lost ({why}); an open transaction was rolled back"),
-    )
-    .await
+    let (code, message) = if in_flight {
+        (
+            SqlState::TRANSACTION_RESOLUTION_UNKNOWN,
+            format!(
+                "the server connection was lost ({why}) while a request was unanswered; \
+                 whether its transaction committed is unknown"
+            ),
+        )
+    } else {
+        (
+            SqlState::ADMIN_SHUTDOWN,
+            format!("the server connection was lost ({why}); an open transaction was rolled back"),
+        )
+    };
+    fatal(&mut s.stream, code, message).await
 }
 
 /// The grace period after SIGTERM is over and the client is still linked.
-async fn closing_error<T>(s: &mut Session) -> Result<T, SessionError> {
-    fatal(
-        &mut s.stream,
-        SqlState::ADMIN_SHUTDOWN,
-        "the pooler is shutting down; the transaction in progress was rolled back".into(),
-    )
-    .await
+async fn closing_error<T>(s: &mut Session, in_flight: bool) -> Result<T, SessionError> {
+    let (code, message) = if in_flight {
+        (
+            SqlState::TRANSACTION_RESOLUTION_UNKNOWN,
+            "the pooler is shutting down; the server connection was closed while a \
+             request was unanswered: whether its transaction committed is unknown",
+        )
+    } else {
+        (
+            SqlState::ADMIN_SHUTDOWN,
+            "the pooler is shutting down; the open transaction was rolled back",
+        )
+    };
+    fatal(&mut s.stream, code, message.into()).await
 }
 
 async fn revoked_error<T>(s: &mut Session) -> Result<T, SessionError> {

@@ -133,6 +133,29 @@ impl Tracker {
     pub fn terminated(&self) -> bool {
         self.terminated
     }
+
+    /// The client sent something the server has not answered yet: if the server is
+    /// lost now, whatever it was (a COMMIT perhaps) may or may not have happened.
+    pub fn in_flight(&self) -> bool {
+        self.unsynced || self.ignoring_syncs || self.pending.iter().any(|&t| t != COPY_END)
+    }
+
+    /// `n` Queries or FunctionCalls the server skipped after an error in the extended
+    /// batch they were sent in (it skips every message up to the next Sync): they owe
+    /// no ReadyForQuery. They are the first ones before that Sync.
+    pub fn skipped(&mut self, mut n: usize) {
+        let mut i = 0;
+        while n > 0 && i < self.pending.len() {
+            match self.pending[i] {
+                b'S' => break,
+                b'Q' | b'F' => {
+                    self.pending.remove(i);
+                    n -= 1;
+                }
+                _ => i += 1,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -218,6 +241,18 @@ mod tests {
         assert!(!t.idle());
         t.server(b'Z', b"I");
         assert!(t.idle());
+    }
+
+    #[test]
+    fn a_query_skipped_in_a_failed_batch_owes_nothing() {
+        // Bind, Execute (fails), Query (skipped), Sync: one ReadyForQuery.
+        let mut t = Tracker::default();
+        client(&mut t, b"BEQS");
+        assert!(t.in_flight());
+        t.skipped(1);
+        t.server(b'Z', b"I");
+        assert!(t.idle());
+        assert!(!t.in_flight());
     }
 
     #[test]

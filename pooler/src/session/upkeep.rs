@@ -134,8 +134,9 @@ pub(super) async fn sync_params(
     };
     let mut out = BytesMut::new();
     postgres_protocol::message::frontend::query(&sql, &mut out)?;
+    // Nothing of the client's has reached this server yet: `in_flight` is false.
     if let Err(e) = server.stream.write_all(&out).await {
-        return server_lost(s, e.to_string()).await;
+        return server_lost(s, false, e.to_string()).await;
     }
     loop {
         let msg = match Message::parse(&mut server.buf) {
@@ -143,14 +144,15 @@ pub(super) async fn sync_params(
             Ok(None) => {
                 match server.stream.read_buf(&mut server.buf).await {
                     Ok(0) => {
-                        return server_lost(s, "the server closed the connection".into()).await;
+                        return server_lost(s, false, "the server closed the connection".into())
+                            .await;
                     }
                     Ok(_) => {}
-                    Err(e) => return server_lost(s, e.to_string()).await,
+                    Err(e) => return server_lost(s, false, e.to_string()).await,
                 }
                 continue;
             }
-            Err(e) => return server_lost(s, e.to_string()).await,
+            Err(e) => return server_lost(s, false, e.to_string()).await,
         };
         match msg {
             Message::ParameterStatus(body) => {

@@ -6,6 +6,7 @@
 
 mod admin;
 mod common;
+mod desync;
 mod drain;
 mod login;
 mod metrics;

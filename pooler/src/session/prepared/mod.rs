@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
-use replies::Reply;
 pub use replies::{Action, Replies, renamed_error};
+use replies::{Deallocating, Reply, Undo};
 
 use super::state::{self, Effect};
 
@@ -41,12 +41,6 @@ pub struct Statement {
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     by_name: HashMap<Bytes, Statement>,
-}
-
-impl ClientStatements {
-    fn clear(&mut self) {
-        self.by_name.clear();
-    }
 }
 
 /// The statements one server holds, least recently used first out.
@@ -131,19 +125,24 @@ pub struct Rewriter<'a> {
 
 impl Rewriter<'_> {
     /// Whether a whole client message must be looked at (its body is needed).
+    /// Execute: it runs a `DEALLOCATE` the rewriter renamed, and it opens a batch.
     pub fn needs_body(tag: u8) -> bool {
-        matches!(tag, b'P' | b'B' | b'D' | b'C' | b'S' | b'Q' | b'F')
+        matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'Q' | b'F')
     }
 
     /// Appends to `out` what the server should get for one whole client message
     /// (`raw` is the message itself, tag included).
     pub fn message(&mut self, tag: u8, raw: &[u8], out: &mut BytesMut) -> Result<(), Malformed> {
         let body = raw.get(5..).ok_or(Malformed)?;
+        if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C') {
+            self.replies.unsynced = true;
+        }
         match tag {
             b'P' => self.parse(raw, body, out)?,
             b'B' => {
                 let (portal, rest) = cstr(body).ok_or(Malformed)?;
                 let (name, rest) = cstr(rest).ok_or(Malformed)?;
+                self.bound(portal, name);
                 match self.ensure(name, out) {
                     Some(stmt) => {
                         self.effect.merge(stmt.effect);
@@ -179,18 +178,58 @@ impl Rewriter<'_> {
                 });
                 out.extend_from_slice(raw);
             }
-            b'S' | b'F' => {
-                self.replies.push(Reply::End { undo: None });
+            b'E' => {
+                let (portal, _) = cstr(body).ok_or(Malformed)?;
+                self.execute(portal);
+                out.extend_from_slice(raw);
+            }
+            b'S' => {
+                self.replies.unsynced = false;
+                self.replies.push(Reply::End { sync: true });
+                out.extend_from_slice(raw);
+            }
+            b'F' => {
+                self.in_batch(out);
+                self.replies.push(Reply::End { sync: false });
                 out.extend_from_slice(raw);
             }
             b'Q' => {
                 let text = cstr(body).map(|(q, _)| q).unwrap_or(body);
                 self.effect.merge(state::classify(text, self.customs));
-                let undo = self.deallocate(text, out);
-                if undo.is_none() {
-                    out.extend_from_slice(raw);
+                self.in_batch(out);
+                // A simple Query replaces the unnamed statement and portal (postgres.c,
+                // exec_simple_query).
+                self.replies.unnamed = None;
+                if self
+                    .replies
+                    .portal
+                    .as_ref()
+                    .is_some_and(|(p, _)| p.is_empty())
+                {
+                    self.replies.portal = None;
                 }
-                self.replies.push(Reply::End { undo });
+                match self.deallocate(text) {
+                    Some(undo) => {
+                        // Never a Parse added before a simple Query: nothing would
+                        // sync it, and if it failed Postgres would skip the Query and
+                        // the client would wait for its ReadyForQuery forever. A
+                        // statement the server does not hold needs no DEALLOCATE:
+                        // an empty query, answered to the client as one.
+                        let emptied = !undo.on_server;
+                        if emptied {
+                            message(out, b'Q', &[b"\0"]);
+                        } else {
+                            message(out, b'Q', &[b"DEALLOCATE ", &undo.stmt.global, b"\0"]);
+                        }
+                        self.replies.push(Reply::Deallocate {
+                            undo: Some(undo),
+                            emptied,
+                            query: true,
+                        });
+                    }
+                    None => out.extend_from_slice(raw),
+                }
+                self.replies.push(Reply::End { sync: false });
             }
             _ => out.extend_from_slice(raw),
         }
@@ -199,7 +238,7 @@ impl Rewriter<'_> {
 
     fn parse(&mut self, raw: &[u8], body: &[u8], out: &mut BytesMut) -> Result<(), Malformed> {
         let (name, rest) = cstr(body).ok_or(Malformed)?;
-        let (query, _) = cstr(rest).ok_or(Malformed)?;
+        let (query, types) = cstr(rest).ok_or(Malformed)?;
         let effect = state::classify(query, self.customs);
         self.effect.merge(effect);
         if name.is_empty() {
@@ -208,6 +247,25 @@ impl Rewriter<'_> {
                 global: Bytes::new(),
                 client: None,
             });
+            // `DEALLOCATE name` over the extended protocol (psycopg 3 evicts so with
+            // libpq before 17): the server's name, or an empty query when the server
+            // does not hold it. The books change when it is executed.
+            self.replies.unnamed = None;
+            if let Some((name, stmt)) = deallocated_name(query)
+                .and_then(|n| self.client.by_name.get_key_value(n.as_slice()))
+            {
+                let emptied = !self.server.has(&stmt.global);
+                if emptied {
+                    message(out, b'P', &[b"\0\0", types]);
+                } else {
+                    message(out, b'P', &[b"\0DEALLOCATE ", &stmt.global, b"\0", types]);
+                }
+                self.replies.unnamed = Some(Deallocating {
+                    name: name.clone(),
+                    emptied,
+                });
+                return Ok(());
+            }
             out.extend_from_slice(raw);
             return Ok(());
         }
@@ -250,16 +308,84 @@ impl Rewriter<'_> {
     }
 
     /// `DEALLOCATE [PREPARE] name` of one of the client's protocol-level statements
-    /// (psycopg evicts its statements so): rewritten to the server's name. Returns
-    /// what a failure must restore; `None` when the Query is not that and passes as is.
-    fn deallocate(&mut self, text: &[u8], out: &mut BytesMut) -> Option<(Bytes, Statement)> {
+    /// (psycopg evicts its statements so): takes it out of the books. Returns what a
+    /// failure must restore; `None` when the text is not that and passes as is.
+    fn deallocate(&mut self, text: &[u8]) -> Option<Undo> {
         let name = deallocated_name(text)?;
-        self.client.by_name.get(name.as_slice())?;
-        let stmt = self.ensure(&name, out)?;
-        let name = self.client.by_name.remove_entry(name.as_slice())?.0;
+        let (name, stmt) = self.client.by_name.remove_entry(name.as_slice())?;
+        let on_server = self.server.has(&stmt.global);
         self.server.forget(&stmt.global);
-        message(out, b'Q', &[b"DEALLOCATE ", &stmt.global, b"\0"]);
-        Some((name, stmt))
+        Some(Undo {
+            name,
+            stmt,
+            on_server,
+        })
+    }
+
+    /// A Bind: notes whether `portal` now runs the unnamed statement's `DEALLOCATE`.
+    fn bound(&mut self, portal: &[u8], statement: &[u8]) {
+        if statement.is_empty() {
+            if let Some(d) = &self.replies.unnamed {
+                self.replies.portal = Some((Bytes::copy_from_slice(portal), d.clone()));
+                return;
+            }
+        }
+        if self
+            .replies
+            .portal
+            .as_ref()
+            .is_some_and(|(p, _)| p.as_ref() == portal)
+        {
+            self.replies.portal = None;
+        }
+    }
+
+    /// An Execute: the `DEALLOCATE` its portal runs takes effect here.
+    fn execute(&mut self, portal: &[u8]) {
+        let runs = self
+            .replies
+            .portal
+            .as_ref()
+            .is_some_and(|(p, _)| p.as_ref() == portal);
+        if !runs {
+            return;
+        }
+        let Some((_, Deallocating { name, emptied })) = self.replies.portal.take() else {
+            return;
+        };
+        let undo = self.client.by_name.remove_entry(&name).map(|(name, stmt)| {
+            // Emptied: the server is not asked, and keeps it if it has it since.
+            let on_server = !emptied && self.server.has(&stmt.global);
+            if on_server {
+                self.server.forget(&stmt.global);
+            }
+            Undo {
+                name,
+                stmt,
+                on_server,
+            }
+        });
+        self.replies.push(Reply::Deallocate {
+            undo,
+            emptied,
+            query: false,
+        });
+    }
+
+    /// A Query or FunctionCall inside an unsynced extended batch: Postgres skips it if
+    /// an earlier message of the batch failed, and answers it if not. A Close of the
+    /// unnamed statement sent first (a simple Query drops it anyway) tells the two
+    /// apart: an error that arrives before its CloseComplete is the batch's.
+    fn in_batch(&mut self, out: &mut BytesMut) {
+        if !self.replies.unsynced {
+            return;
+        }
+        message(out, b'C', &[b"S\0"]);
+        self.replies.push(Reply::Close {
+            drop: true,
+            server: None,
+            client: None,
+        });
     }
 
     /// The client's statement `name`, prepared on this server first if needed; `None`

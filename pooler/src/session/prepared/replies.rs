@@ -3,15 +3,32 @@
 //!
 //! The rewriter updates its books as it sends (a Bind later in the same batch must
 //! find the statement a Parse just created), so the books are optimistic. After an
-//! ErrorResponse, Postgres skips every message up to the next Sync: the Parses among
-//! them created nothing and the Closes closed nothing. Their entries here say how to
-//! put the books back, latest first, so the books always match the server.
+//! ErrorResponse to an extended-protocol message, Postgres skips every message up to
+//! the next Sync, simple Queries and FunctionCalls included (postgres.c: `if
+//! (ignore_till_sync && firstchar != EOF) continue;`): the Parses among them created
+//! nothing, the Closes closed nothing and the Queries owe no ReadyForQuery. Their
+//! entries here say how to put the books back, latest first, so the books always
+//! match the server.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use bytes::Bytes;
 
 use super::{ClientStatements, ServerStatements, Statement};
+
+/// The CommandComplete Postgres sends for `DEALLOCATE`, given to a client whose
+/// `DEALLOCATE` the pooler turned into an empty query (the server never had it).
+const DEALLOCATE_COMPLETE: &[u8] = b"C\0\0\0\x0fDEALLOCATE\0";
+
+/// A client's statement that a `DEALLOCATE` removed from the books, restored if the
+/// server did not run it.
+#[derive(Debug)]
+pub(super) struct Undo {
+    pub name: Bytes,
+    pub stmt: Statement,
+    /// The server held it and was asked to deallocate it.
+    pub on_server: bool,
+}
 
 #[derive(Debug)]
 pub(super) enum Reply {
@@ -32,9 +49,18 @@ pub(super) enum Reply {
     /// A Parse sent for the server to refuse with 42P05 because the client reused one
     /// of its names: the error names `global`, the client must read `client`.
     Duplicate { client: Bytes, global: Bytes },
-    /// Sync, Query or FunctionCall: answered by ReadyForQuery. `undo`: the statement a
-    /// Query's `DEALLOCATE` removed, restored if the Query fails.
-    End { undo: Option<(Bytes, Statement)> },
+    /// A `DEALLOCATE` of one of the client's statements, rewritten to the server's
+    /// name, or to an empty query (`emptied`) when the server never had it: its
+    /// CommandComplete (or EmptyQueryResponse, answered as CommandComplete) confirms
+    /// it; an error, a skip or a ReadyForQuery first restores `undo`. `query`: sent as
+    /// a simple Query, whose own failure skips nothing.
+    Deallocate {
+        undo: Option<Undo>,
+        emptied: bool,
+        query: bool,
+    },
+    /// Answered by ReadyForQuery: a Sync (`sync`), or a Query or FunctionCall.
+    End { sync: bool },
 }
 
 /// What to do with one server message.
@@ -48,6 +74,8 @@ pub enum Action {
         from: Bytes,
         to: Bytes,
     },
+    /// A whole message the client gets instead.
+    Replace(&'static [u8]),
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +85,23 @@ pub struct Replies {
     /// given first (misses), for the metrics.
     pub hits: u64,
     pub misses: u64,
+    /// Extended-protocol messages were sent since the last Sync: an error among them
+    /// makes the server skip a Query or FunctionCall sent now.
+    pub(super) unsynced: bool,
+    /// Queries and FunctionCalls skipped after an error, not yet taken by
+    /// [`Replies::take_skipped`]: they owe no ReadyForQuery.
+    skipped: usize,
+    /// A `DEALLOCATE` of a client's statement parsed as the unnamed statement, and the
+    /// portal it was last bound to: it runs (and the books change) at that Execute.
+    pub(super) unnamed: Option<Deallocating>,
+    pub(super) portal: Option<(Bytes, Deallocating)>,
+}
+
+/// What an unnamed statement's `DEALLOCATE` removes when it runs.
+#[derive(Debug, Clone)]
+pub(super) struct Deallocating {
+    pub name: Bytes,
+    pub emptied: bool,
 }
 
 impl Replies {
@@ -67,6 +112,12 @@ impl Replies {
 
     pub(super) fn push(&mut self, reply: Reply) {
         self.queue.push_back(reply);
+    }
+
+    /// How many Queries and FunctionCalls the server skipped since the last call: the
+    /// relay's tracker must not wait for their ReadyForQuery.
+    pub fn take_skipped(&mut self) -> usize {
+        std::mem::take(&mut self.skipped)
     }
 
     /// Tags whose body [`Replies::server`] reads.
@@ -98,17 +149,32 @@ impl Replies {
             },
             b'E' => self.error(client, server),
             b'C' => {
-                // Every statement of the session is gone, the protocol-level ones too.
-                if body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0") {
-                    client.clear();
-                    server.clear();
+                if body.starts_with(b"DEALLOCATE\0") {
+                    if let Some(Reply::Deallocate { emptied: false, .. }) = self.queue.front() {
+                        self.queue.pop_front();
+                    }
+                } else if body.starts_with(b"DISCARD ALL\0")
+                    || body.starts_with(b"DEALLOCATE ALL\0")
+                {
+                    self.clear(client, server);
                 }
                 Action::Pass
             }
+            // EmptyQueryResponse: the client asked for a DEALLOCATE.
+            b'I' => match self.queue.front() {
+                Some(Reply::Deallocate { emptied: true, .. }) => {
+                    self.queue.pop_front();
+                    Action::Replace(DEALLOCATE_COMPLETE)
+                }
+                _ => Action::Pass,
+            },
             b'Z' => {
                 while let Some(r) = self.queue.pop_front() {
-                    if matches!(r, Reply::End { .. }) {
-                        break;
+                    match r {
+                        Reply::End { .. } => break,
+                        // Never executed (bound, not run, before the Sync).
+                        Reply::Deallocate { undo, .. } => restore(undo, client, server),
+                        _ => {}
                     }
                 }
                 Action::Pass
@@ -120,11 +186,15 @@ impl Replies {
     fn error(&mut self, client: &mut ClientStatements, server: &mut ServerStatements) -> Action {
         let mut action = Action::Pass;
         match self.queue.front_mut() {
-            // The Query itself failed: its DEALLOCATE did not happen.
-            Some(Reply::End { undo }) => {
-                if let Some((name, stmt)) = undo.take() {
-                    server.touch(&stmt.global);
-                    client.by_name.insert(name, stmt);
+            // A Query or FunctionCall failed itself: a message of either kind sent
+            // inside an extended batch follows a Close the pooler added (see the
+            // rewriter), so an error before it would have found that Close in front.
+            // Nothing is skipped; its ReadyForQuery follows.
+            Some(Reply::End { sync: false }) => return Action::Pass,
+            // The DEALLOCATE a Query was rewritten to failed: it did not happen.
+            Some(Reply::Deallocate { query: true, .. }) => {
+                if let Some(Reply::Deallocate { undo, .. }) = self.queue.pop_front() {
+                    restore(undo, client, server);
                 }
                 return Action::Pass;
             }
@@ -137,10 +207,12 @@ impl Replies {
             }
             _ => {}
         }
+        // An extended-protocol message failed: everything up to the next Sync is
+        // skipped, Queries and FunctionCalls too.
         let end = self
             .queue
             .iter()
-            .position(|r| matches!(r, Reply::End { .. }))
+            .position(|r| matches!(r, Reply::End { sync: true }))
             .unwrap_or(self.queue.len());
         for skipped in self.queue.drain(..end).rev() {
             match skipped {
@@ -166,10 +238,75 @@ impl Replies {
                         client.by_name.insert(name, stmt);
                     }
                 }
-                Reply::Duplicate { .. } | Reply::End { .. } => {}
+                Reply::Deallocate { undo, .. } => restore(undo, client, server),
+                Reply::End { .. } => self.skipped += 1,
+                Reply::Duplicate { .. } => {}
             }
         }
         action
+    }
+
+    /// `DISCARD ALL` or `DEALLOCATE ALL` completed: every statement the session had
+    /// *at that point* is gone. What the client sent after it and the server has not
+    /// answered yet is still in the queue; what that creates survives, and the undo
+    /// records that would bring back a statement from before are void.
+    fn clear(&mut self, client: &mut ClientStatements, server: &mut ServerStatements) {
+        let mut names: HashSet<Bytes> = HashSet::new();
+        let mut globals: HashSet<Bytes> = HashSet::new();
+        for reply in self.queue.iter_mut() {
+            match reply {
+                Reply::Parse {
+                    global,
+                    client: name,
+                    ..
+                } => {
+                    globals.insert(global.clone());
+                    if let Some(name) = name {
+                        names.insert(name.clone());
+                    }
+                }
+                Reply::Close {
+                    server: held,
+                    client: had,
+                    ..
+                } => {
+                    if held.as_ref().is_some_and(|g| !globals.contains(g)) {
+                        *held = None;
+                    }
+                    if had.as_ref().is_some_and(|(n, _)| !names.contains(n)) {
+                        *had = None;
+                    }
+                }
+                Reply::Deallocate { undo, .. } => {
+                    if let Some(u) = undo {
+                        if !names.contains(&u.name) {
+                            *undo = None;
+                        } else if !globals.contains(&u.stmt.global) {
+                            u.on_server = false;
+                        }
+                    }
+                }
+                Reply::Duplicate { .. } | Reply::End { .. } => {}
+            }
+        }
+        client.by_name.retain(|name, _| names.contains(name));
+        server.used.retain(|global, _| globals.contains(global));
+        self.unnamed = None;
+        self.portal = None;
+    }
+}
+
+fn restore(undo: Option<Undo>, client: &mut ClientStatements, server: &mut ServerStatements) {
+    if let Some(Undo {
+        name,
+        stmt,
+        on_server,
+    }) = undo
+    {
+        if on_server {
+            server.touch(&stmt.global);
+        }
+        client.by_name.insert(name, stmt);
     }
 }
 

@@ -235,3 +235,117 @@ fn unnamed_statements_pass_through() {
     rw.message(b'P', &parse, &mut out).unwrap();
     assert_eq!(&out[..], &parse[..]);
 }
+
+#[test]
+fn a_query_in_a_failed_batch_is_skipped_with_it() {
+    let mut client = ClientStatements::default();
+    let mut server = ServerStatements::default();
+    let mut replies = Replies::default();
+    let mut out = BytesMut::new();
+    let mut rw = rewriter(&mut client, &mut server, &mut replies, 200);
+    let bind = msg(b'B', &[b"\0\0", &[0, 0, 0, 0, 0, 0]]);
+    rw.message(b'B', &bind, &mut out).unwrap();
+    rw.message(b'E', &msg(b'E', &[b"\0", &0i32.to_be_bytes()]), &mut out)
+        .unwrap();
+    rw.message(b'Q', &msg(b'Q', &[b"SELECT 1\0"]), &mut out)
+        .unwrap();
+    rw.message(
+        b'P',
+        &msg(b'P', &[b"S_1\0", b"SELECT 1\0", &0u16.to_be_bytes()]),
+        &mut out,
+    )
+    .unwrap();
+    rw.message(b'S', &msg(b'S', &[]), &mut out).unwrap();
+    // A Close of the unnamed statement marks where the Query starts.
+    assert_eq!(tags(&out), b"BECQPS");
+    // The Execute fails: the Query and the Parse are skipped, one ReadyForQuery.
+    let mut reply = |tag| replies.server(tag, b"", &mut client, &mut server);
+    assert_eq!(reply(b'2'), Action::Pass);
+    assert_eq!(reply(b'E'), Action::Pass);
+    assert_eq!(replies.take_skipped(), 1);
+    assert!(!client.by_name.contains_key(&b"S_1"[..]));
+    replies.server(b'Z', b"I", &mut client, &mut server);
+    assert!(replies.is_empty());
+}
+
+#[test]
+fn a_query_outside_a_batch_gets_no_marker_and_its_own_error() {
+    let mut client = ClientStatements::default();
+    let mut server = ServerStatements::default();
+    let mut replies = Replies::default();
+    let mut out = BytesMut::new();
+    let mut rw = rewriter(&mut client, &mut server, &mut replies, 200);
+    rw.message(b'Q', &msg(b'Q', &[b"SELECT 1/0\0"]), &mut out)
+        .unwrap();
+    rw.message(
+        b'P',
+        &msg(b'P', &[b"S_1\0", b"SELECT 1\0", &0u16.to_be_bytes()]),
+        &mut out,
+    )
+    .unwrap();
+    rw.message(b'S', &msg(b'S', &[]), &mut out).unwrap();
+    assert_eq!(tags(&out), b"QPS");
+    let mut reply = |tag| replies.server(tag, b"", &mut client, &mut server);
+    assert_eq!(reply(b'E'), Action::Pass);
+    assert_eq!(replies.take_skipped(), 0);
+    replies.server(b'Z', b"I", &mut client, &mut server);
+    assert!(client.by_name.contains_key(&b"S_1"[..]), "not skipped");
+    assert_eq!(
+        replies.server(b'1', b"", &mut client, &mut server),
+        Action::Pass
+    );
+}
+
+#[test]
+fn deallocate_of_a_statement_the_server_lacks_is_an_empty_query() {
+    let mut client = ClientStatements::default();
+    let (mut first, mut second) = (ServerStatements::default(), ServerStatements::default());
+    let mut replies = Replies::default();
+    let mut out = BytesMut::new();
+    let mut rw = rewriter(&mut client, &mut first, &mut replies, 200);
+    let parse = msg(b'P', &[b"s1\0", b"SELECT 1\0", &0u16.to_be_bytes()]);
+    rw.message(b'P', &parse, &mut out).unwrap();
+    // On another server: nothing is prepared there first.
+    let mut replies = Replies::default();
+    let mut out = BytesMut::new();
+    let mut rw = rewriter(&mut client, &mut second, &mut replies, 200);
+    rw.message(b'Q', &msg(b'Q', &[b"DEALLOCATE s1\0"]), &mut out)
+        .unwrap();
+    assert_eq!(&out[..], &msg(b'Q', &[b"\0"])[..]);
+    assert!(client.by_name.is_empty());
+    assert_eq!(
+        replies.server(b'I', b"", &mut client, &mut second),
+        Action::Replace(b"C\0\0\0\x0fDEALLOCATE\0")
+    );
+    replies.server(b'Z', b"I", &mut client, &mut second);
+    assert!(replies.is_empty());
+    assert!(client.by_name.is_empty());
+}
+
+#[test]
+fn discard_all_spares_what_was_sent_after_it() {
+    let mut client = ClientStatements::default();
+    let mut server = ServerStatements::default();
+    let mut replies = Replies::default();
+    let mut out = BytesMut::new();
+    let mut rw = rewriter(&mut client, &mut server, &mut replies, 200);
+    let parse =
+        |name: &[u8], sql: &[u8]| msg(b'P', &[name, b"\0", sql, b"\0", &0u16.to_be_bytes()]);
+    rw.message(b'P', &parse(b"old", b"SELECT 0"), &mut out)
+        .unwrap();
+    rw.message(b'S', &msg(b'S', &[]), &mut out).unwrap();
+    rw.message(b'Q', &msg(b'Q', &[b"DISCARD ALL\0"]), &mut out)
+        .unwrap();
+    rw.message(b'P', &parse(b"new", b"SELECT 1"), &mut out)
+        .unwrap();
+    rw.message(b'S', &msg(b'S', &[]), &mut out).unwrap();
+    let mut reply = |tag, body: &[u8]| replies.server(tag, body, &mut client, &mut server);
+    reply(b'1', b"");
+    reply(b'Z', b"I");
+    reply(b'C', b"DISCARD ALL\0");
+    reply(b'Z', b"I");
+    assert!(!client.by_name.contains_key(&b"old"[..]));
+    assert!(client.by_name.contains_key(&b"new"[..]));
+    assert!(server.has(&global_name(b"SELECT 1\0\0\0")));
+    assert!(!server.has(&global_name(b"SELECT 0\0\0\0")));
+}

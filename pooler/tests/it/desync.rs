@@ -1,0 +1,456 @@
+//! Protocol corners where the pooler's books (renamed statements, replies owed) could
+//! drift from the server's, and what a client is told when its server is lost. Raw
+//! protocol messages over a TcpStream: a driver would hide the exact sequence.
+
+use std::time::Duration;
+
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{App, Env, env};
+
+/// One whole backend message: tag and body.
+type Msg = (u8, Vec<u8>);
+
+fn msg(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let len: usize = 4 + parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut out = vec![tag];
+    out.extend_from_slice(&(len as i32).to_be_bytes());
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    msg(
+        b'P',
+        &[
+            name.as_bytes(),
+            b"\0",
+            sql.as_bytes(),
+            b"\0",
+            &0u16.to_be_bytes(),
+        ],
+    )
+}
+
+/// Binds the unnamed portal to `statement`, no parameters, text results.
+fn bind(statement: &str) -> Vec<u8> {
+    msg(
+        b'B',
+        &[b"\0", statement.as_bytes(), b"\0", &[0, 0, 0, 0, 0, 0]],
+    )
+}
+
+fn execute() -> Vec<u8> {
+    msg(b'E', &[b"\0", &0i32.to_be_bytes()])
+}
+
+fn sync() -> Vec<u8> {
+    msg(b'S', &[])
+}
+
+fn query(sql: &str) -> Vec<u8> {
+    msg(b'Q', &[sql.as_bytes(), b"\0"])
+}
+
+fn batch(parts: &[Vec<u8>]) -> Vec<u8> {
+    parts.concat()
+}
+
+fn sqlstate(body: &[u8]) -> String {
+    body.split(|b| *b == 0)
+        .find_map(|f| f.strip_prefix(b"C"))
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .unwrap_or_default()
+}
+
+fn errors(msgs: &[Msg]) -> Vec<String> {
+    msgs.iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, b)| format!("{} {}", sqlstate(b), String::from_utf8_lossy(b)))
+        .collect()
+}
+
+fn tags(msgs: &[Msg]) -> String {
+    msgs.iter().map(|(t, _)| *t as char).collect()
+}
+
+struct Raw {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    /// Logs in through the pooler with SCRAM and waits for ReadyForQuery.
+    async fn connect(e: &Env, app: &App) -> Raw {
+        let stream = TcpStream::connect(e.pooler.addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let mut raw = Raw {
+            stream,
+            buf: Vec::new(),
+        };
+        let mut body = 196_608i32.to_be_bytes().to_vec();
+        for (k, v) in [("user", app.role.as_str()), ("database", &e.fixture.db)] {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut startup = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        startup.extend_from_slice(&body);
+        raw.send(&startup).await;
+        let mut scram = ScramSha256::new(app.password.as_bytes(), ChannelBinding::unsupported());
+        loop {
+            let (tag, body) = raw.next().await.expect("login");
+            assert_ne!(
+                tag,
+                b'E',
+                "login failed: {}",
+                String::from_utf8_lossy(&body)
+            );
+            if tag == b'R' {
+                match i32::from_be_bytes(body[..4].try_into().unwrap()) {
+                    10 => {
+                        let first = scram.message().to_vec();
+                        let mut m = b"SCRAM-SHA-256\0".to_vec();
+                        m.extend_from_slice(&(first.len() as i32).to_be_bytes());
+                        m.extend_from_slice(&first);
+                        raw.send(&msg(b'p', &[&m])).await;
+                    }
+                    11 => {
+                        scram.update(&body[4..]).unwrap();
+                        raw.send(&msg(b'p', &[scram.message()])).await;
+                    }
+                    12 => scram.finish(&body[4..]).unwrap(),
+                    _ => {}
+                }
+            }
+            if tag == b'Z' {
+                return raw;
+            }
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// The next whole message, or `None` at EOF.
+    async fn next(&mut self) -> Option<Msg> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
+                if self.buf.len() > len {
+                    let m: Vec<u8> = self.buf.drain(..1 + len).collect();
+                    return Some((m[0], m[5..].to_vec()));
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            match self.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Messages up to and including the `n`th ReadyForQuery; panics after 10 s.
+    async fn until_ready(&mut self, n: usize) -> Vec<Msg> {
+        let mut out = Vec::new();
+        let mut seen = 0;
+        let read = async {
+            while seen < n {
+                let m = self.next().await.expect("the pooler closed the connection");
+                if m.0 == b'Z' {
+                    seen += 1;
+                }
+                out.push(m);
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .is_err()
+        {
+            panic!("no ReadyForQuery within 10 s; got {}", tags(&out));
+        }
+        out
+    }
+
+    /// Everything until the pooler closes the connection.
+    async fn until_closed(&mut self) -> Vec<Msg> {
+        let mut out = Vec::new();
+        let read = async {
+            while let Some(m) = self.next().await {
+                out.push(m);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), read)
+            .await
+            .expect("the pooler did not close the connection");
+        out
+    }
+}
+
+/// (a) A simple-query DEALLOCATE of a statement the client's new server lacks, and
+/// that could no longer be prepared there: before, the pooler re-prepared it first,
+/// the Parse failed, Postgres skipped the Query, and the client waited forever.
+#[tokio::test]
+async fn simple_deallocate_of_a_statement_that_cannot_be_prepared_again_answers() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(2).await;
+    let mut a = Raw::connect(&e, &app).await;
+    a.send(&query("CREATE TABLE gone (x int)")).await;
+    a.until_ready(1).await;
+    a.send(&batch(&[parse("s1", "SELECT x FROM gone"), sync()]))
+        .await;
+    let got = a.until_ready(1).await;
+    assert_eq!(tags(&got), "1Z");
+    a.send(&query("DROP TABLE gone")).await;
+    a.until_ready(1).await;
+    // Another client holds the server that has the statement: the next one lacks it.
+    let b = e.connect(&app).await;
+    b.batch_execute("BEGIN").await.unwrap();
+    a.send(&query("DEALLOCATE s1")).await;
+    let got = a.until_ready(1).await;
+    assert_eq!(errors(&got), Vec::<String>::new());
+    assert!(
+        got.iter()
+            .any(|(t, b)| *t == b'C' && b.as_slice() == b"DEALLOCATE\0"),
+        "{}",
+        tags(&got)
+    );
+    // The name is free again.
+    a.send(&batch(&[parse("s1", "SELECT 1"), sync()])).await;
+    assert_eq!(tags(&a.until_ready(1).await), "1Z");
+    b.batch_execute("COMMIT").await.unwrap();
+}
+
+/// (b) `DEALLOCATE name` by Parse/Bind/Execute (psycopg 3 with libpq 15): the server's
+/// statement is the one deallocated, and the client's name is free again.
+#[tokio::test]
+async fn extended_deallocate_uses_the_server_name() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(1).await;
+    let mut a = Raw::connect(&e, &app).await;
+    a.send(&batch(&[parse("s1", "SELECT 1"), sync()])).await;
+    assert_eq!(tags(&a.until_ready(1).await), "1Z");
+    a.send(&batch(&[
+        parse("", "DEALLOCATE s1"),
+        bind(""),
+        execute(),
+        sync(),
+    ]))
+    .await;
+    let got = a.until_ready(1).await;
+    assert_eq!(errors(&got), Vec::<String>::new());
+    assert_eq!(tags(&got), "12CZ");
+    // One server: it holds no statement any more.
+    a.send(&query("SELECT count(*) FROM pg_prepared_statements"))
+        .await;
+    let got = a.until_ready(1).await;
+    let row = got.iter().find(|(t, _)| *t == b'D').expect("a row");
+    assert!(
+        row.1.ends_with(b"0"),
+        "{:?}",
+        String::from_utf8_lossy(&row.1)
+    );
+    a.send(&batch(&[
+        parse("s1", "SELECT 2"),
+        bind("s1"),
+        execute(),
+        sync(),
+    ]))
+    .await;
+    let got = a.until_ready(1).await;
+    assert_eq!(errors(&got), Vec::<String>::new());
+}
+
+/// (c) DISCARD ALL followed, in the same pipeline, by a new statement: the DISCARD
+/// clears what came before it, not the statement recorded after it.
+#[tokio::test]
+async fn discard_all_in_a_pipeline_keeps_the_statements_after_it() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(1).await;
+    let mut a = Raw::connect(&e, &app).await;
+    a.send(&batch(&[parse("old", "SELECT 0"), sync()])).await;
+    a.until_ready(1).await;
+    a.send(&batch(&[
+        parse("", "DISCARD ALL"),
+        bind(""),
+        execute(),
+        sync(),
+        parse("s1", "SELECT 1"),
+        bind("s1"),
+        execute(),
+        sync(),
+    ]))
+    .await;
+    let got = a.until_ready(2).await;
+    assert_eq!(errors(&got), Vec::<String>::new());
+    a.send(&batch(&[bind("s1"), execute(), sync()])).await;
+    let got = a.until_ready(1).await;
+    assert_eq!(errors(&got), Vec::<String>::new());
+    assert_eq!(tags(&got), "2DCZ");
+    // What came before it is gone, as on Postgres.
+    a.send(&batch(&[bind("old"), execute(), sync()])).await;
+    let got = a.until_ready(1).await;
+    assert_eq!(errors(&got).len(), 1, "{}", tags(&got));
+    assert!(errors(&got)[0].starts_with("26000"), "{:?}", errors(&got));
+}
+
+/// (d) A Query inside an extended batch whose Execute failed: Postgres skips it and
+/// answers only the Sync. The pooler must not wait for the Query's ReadyForQuery (it
+/// kept the server, and its pool of one, forever).
+#[tokio::test]
+async fn a_query_skipped_after_an_error_in_its_batch_owes_nothing() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(1).await;
+    let mut a = Raw::connect(&e, &app).await;
+    a.send(&batch(&[
+        // Not folded at Bind: fails in Execute.
+        parse("", "SELECT 1 / (random() * 0)::int"),
+        bind(""),
+        execute(),
+        query("SELECT 1"),
+        parse("s9", "SELECT 9"),
+        sync(),
+    ]))
+    .await;
+    let got = a.until_ready(1).await;
+    assert_eq!(tags(&got), "12EZ");
+    let other = e.connect(&app).await;
+    let n: i32 = tokio::time::timeout(Duration::from_secs(5), other.query_one("SELECT 2", &[]))
+        .await
+        .expect("the server was never released")
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    // The skipped Parse made nothing: the name is free.
+    a.send(&batch(&[parse("s9", "SELECT 9"), sync()])).await;
+    assert_eq!(tags(&a.until_ready(1).await), "1Z");
+
+    // The same batch without the error: the Query runs and has its own reply.
+    a.send(&batch(&[
+        parse("", "SELECT 1"),
+        bind(""),
+        execute(),
+        query("SELECT 2"),
+        sync(),
+    ]))
+    .await;
+    let got = a.until_ready(2).await;
+    assert_eq!(tags(&got), "12DCTDCZZ");
+    // And a Query that fails itself inside a batch skips nothing after it.
+    a.send(&batch(&[
+        parse("", "SELECT 1"),
+        bind(""),
+        execute(),
+        query("SELECT 1/0"),
+        parse("s10", "SELECT 10"),
+        sync(),
+    ]))
+    .await;
+    let got = a.until_ready(2).await;
+    assert_eq!(tags(&got), "12DCEZ1Z");
+    a.send(&batch(&[bind("s10"), execute(), sync()])).await;
+    assert_eq!(tags(&a.until_ready(1).await), "2DCZ");
+}
+
+async fn terminate_backend_running(e: &Env, role: &str, like: &str) {
+    let admin = e.fixture.admin().await;
+    for _ in 0..200 {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE usename = $1 AND query LIKE $2 AND pid <> pg_backend_pid()",
+                &[&role, &like],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no backend of {role} ran {like}");
+}
+
+/// (e) The server is lost while the client waits for an answer: the outcome of its
+/// transaction is unknown (08007), not "rolled back".
+#[tokio::test]
+async fn a_server_lost_with_a_request_in_flight_says_the_outcome_is_unknown() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(2).await;
+    let mut a = Raw::connect(&e, &app).await;
+    a.send(&query("SELECT pg_sleep(30) -- in flight")).await;
+    terminate_backend_running(&e, &app.role, "%in flight%").await;
+    let got = a.until_closed().await;
+    let codes: Vec<String> = got
+        .iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, b)| sqlstate(b))
+        .collect();
+    assert_eq!(codes.last().map(String::as_str), Some("08007"), "{codes:?}");
+
+    // Idle in a transaction, nothing asked: it was rolled back, and that is said.
+    let mut b = Raw::connect(&e, &app).await;
+    b.send(&query("BEGIN; SELECT 'idle in transaction'")).await;
+    b.until_ready(1).await;
+    terminate_backend_running(&e, &app.role, "%idle in transaction%").await;
+    let got = b.until_closed().await;
+    let codes: Vec<String> = got
+        .iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, b)| sqlstate(b))
+        .collect();
+    assert_eq!(codes.last().map(String::as_str), Some("57P01"), "{codes:?}");
+}
+
+/// (e) The shutdown grace period ends while a client waits for an answer: 08007.
+#[tokio::test]
+async fn closing_with_a_request_in_flight_says_the_outcome_is_unknown() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(2).await;
+    let pooler =
+        dataplane_tests::stack::start_pooler(dataplane_tests::stack::pooler_config(&e.fixture))
+            .await;
+    let config = e.config_on_port(&app.role, &app.password, pooler.addr.port());
+    let busy = dataplane_tests::connect(&config).await.unwrap();
+    let idle = dataplane_tests::connect(&config).await.unwrap();
+    idle.batch_execute("BEGIN").await.unwrap();
+    let running = tokio::spawn(async move { busy.batch_execute("SELECT pg_sleep(30)").await });
+    terminate_wait(&e, &app.role).await;
+    pooler.shutdown(Duration::from_millis(300)).await;
+    let err = running.await.unwrap().expect_err("the query was cut short");
+    assert_eq!(crate::common::sqlstate(&err), "08007", "{err}");
+    let err = idle.batch_execute("SELECT 1").await.expect_err("closed");
+    assert!(
+        err.is_closed() || crate::common::sqlstate(&err) == "57P01",
+        "{err}"
+    );
+}
+
+/// Waits until a backend of `role` runs pg_sleep.
+async fn terminate_wait(e: &Env, role: &str) {
+    let admin = e.fixture.admin().await;
+    for _ in 0..200 {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 \
+                 AND query LIKE '%pg_sleep(30)%' AND state = 'active'",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("pg_sleep never started");
+}
