@@ -100,6 +100,17 @@ async fn run(
     let Some((stream, params, buf)) = Box::pin(negotiate(stream, &shared, deadline)).await? else {
         return Ok(());
     };
+    // Accepted in the moment between the drain's start and the accept loop seeing
+    // it: refused like Postgres refuses logins while it shuts down.
+    if *shared.shutdown.borrow() && !crate::admin::console::is_console(&params) {
+        let mut stream = stream;
+        return fatal(
+            &mut stream,
+            SqlState::CANNOT_CONNECT_NOW,
+            "the pooler is shutting down".into(),
+        )
+        .await;
+    }
     if crate::admin::console::is_console(&params) {
         return Box::pin(crate::admin::console::serve(
             stream, peer, &shared, params, buf, deadline, &client,
