@@ -211,6 +211,7 @@ pub fn kill(shared: &Shared, role: &str) -> Result<usize, ControlError> {
         .filter(|c| c.ident().is_some_and(|i| !i.admin && *i.user == *role))
         .count();
     r.kill();
+    shared.clients.wake_all();
     shared.pools.close_role(role);
     tracing::warn!(role, clients, "killed by the administrator");
     Ok(clients)

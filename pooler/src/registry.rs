@@ -17,6 +17,17 @@ pub struct Registry<T> {
     map: Mutex<HashMap<u64, Arc<T>>>,
 }
 
+impl Registry<ClientInfo> {
+    /// Wakes every client to look at its signals (revocation, drain, grace period):
+    /// call after changing them. Rare, so a snapshot of all is fine; a client with
+    /// nothing to do goes back to waiting.
+    pub fn wake_all(&self) {
+        for client in self.snapshot() {
+            client.signal.wake();
+        }
+    }
+}
+
 impl<T> Default for Registry<T> {
     fn default() -> Self {
         Registry {
@@ -145,6 +156,9 @@ pub struct ClientInfo {
     request_us: AtomicU64,
     /// The server it is linked to (0: none).
     link: AtomicU64,
+    /// Woken after a revocation, a drain or the end of the grace period: the relay
+    /// registers here (lock-free) rather than with a channel every client shares.
+    signal: futures_util::task::AtomicWaker,
 }
 
 impl ClientInfo {
@@ -158,7 +172,13 @@ impl ClientInfo {
             state: AtomicU8::new(ClientState::Login as u8),
             request_us: AtomicU64::new(0),
             link: AtomicU64::new(0),
+            signal: futures_util::task::AtomicWaker::new(),
         }
+    }
+
+    /// Where the relay waits for [`Registry::wake_all`].
+    pub fn signal(&self) -> &futures_util::task::AtomicWaker {
+        &self.signal
     }
 
     /// Logged in: the client now counts in `SHOW CLIENTS` and `SHOW POOLS`.

@@ -268,6 +268,9 @@ pub struct Roles {
     /// Bumped by every revocation or rotation of any role: a login that spans a bump
     /// re-checks its role before it is let in.
     epoch: std::sync::atomic::AtomicU64,
+    /// The connected clients (the same registry as [`Shared::clients`]): woken when a
+    /// role is revoked.
+    pub clients: Arc<Registry<ClientInfo>>,
 }
 
 impl Roles {
@@ -324,6 +327,7 @@ pub async fn apply_changes(
                 roles.bump();
                 if let Some(r) = roles.get(&role) {
                     r.revoke();
+                    roles.clients.wake_all();
                 }
                 pools.close_role(&role);
             }
@@ -363,6 +367,7 @@ async fn resync(cache: &VerifierCache, roles: &Roles, pools: &Pools<Box<ServerCo
                 roles.bump();
                 if let Some(r) = roles.get(&name) {
                     r.revoke();
+                    roles.clients.wake_all();
                 }
                 pools.close_role(&name);
             }

@@ -173,7 +173,7 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         target,
         mock_secret,
         client_tls: ArcSwapOption::from_pointee(client_tls),
-        clients: Arc::default(),
+        clients: roles.clients.clone(),
         servers,
         pause: Default::default(),
         shutdown: shutdown_rx.clone(),
@@ -305,6 +305,7 @@ impl Running {
     pub async fn shutdown(self, grace: Duration) {
         self.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
+        self.shared.clients.wake_all();
         let live = self.tasks.live();
         if live > 0 {
             tracing::info!(
@@ -323,6 +324,7 @@ impl Running {
             );
             // Each is told why (57P01) and its open transaction rolled back.
             let _ = self.closing.send(true);
+            self.shared.clients.wake_all();
             let _ = tokio::time::timeout(CLOSE_WAIT, self.tasks.wait()).await;
         }
     }

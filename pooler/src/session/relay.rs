@@ -48,12 +48,57 @@ enum Linked {
     Drained,
 }
 
-/// The shutdown signals a linked client listens to.
-struct Stops {
+/// The signals a client listens to. Read by version (an atomic load) while the
+/// client waits on its own waker in the registry, which every sender wakes after
+/// sending: a watch future per wait would lock a channel every client shares, several
+/// times a transaction.
+struct Signals {
+    /// The role was revoked or killed: leave now.
+    revoked: tokio::sync::watch::Receiver<u64>,
     /// Draining: leave at the next idle point.
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// The grace period is over: leave now.
     closing: tokio::sync::watch::Receiver<bool>,
+}
+
+/// What a signal asks of the client.
+enum Stop {
+    Revoked,
+    Draining,
+    Closing,
+}
+
+impl Signals {
+    /// The first signal not yet acted on; `draining` once the drain has been noted.
+    /// A closed channel counts as fired, as `changed()` would report it.
+    fn fired(&self, draining: bool) -> Option<Stop> {
+        let fired = |r: Result<bool, _>| r.unwrap_or(true);
+        if fired(self.closing.has_changed()) {
+            Some(Stop::Closing)
+        } else if fired(self.revoked.has_changed()) {
+            Some(Stop::Revoked)
+        } else if !draining && fired(self.shutdown.has_changed()) {
+            Some(Stop::Draining)
+        } else {
+            None
+        }
+    }
+
+    /// Resolves with the first signal that fires: registers first, then looks, so a
+    /// wake between the two is not lost.
+    fn wait<'a>(
+        &'a self,
+        client: &'a ClientInfo,
+        draining: bool,
+    ) -> impl std::future::Future<Output = Stop> + 'a {
+        std::future::poll_fn(move |cx| {
+            client.signal().register(cx.waker());
+            match self.fired(draining) {
+                Some(stop) => Poll::Ready(stop),
+                None => Poll::Pending,
+            }
+        })
+    }
 }
 
 pub async fn run(
@@ -61,9 +106,8 @@ pub async fn run(
     shared: &Shared,
     client: &ClientInfo,
 ) -> Result<(), SessionError> {
-    let mut revoked = s.revoked.clone();
-    let mut shutdown = shared.shutdown.clone();
-    let mut stops = Stops {
+    let signals = Signals {
+        revoked: s.revoked.clone(),
         shutdown: shared.shutdown.clone(),
         closing: shared.closing.clone(),
     };
@@ -74,15 +118,18 @@ pub async fn run(
                 s.buf.reserve(IDLE_CHUNK);
             }
             tokio::select! {
+                biased;
                 n = s.stream.read_buf(&mut s.buf) => {
                     if n? == 0 {
                         return Ok(());
                     }
                 }
-                _ = revoked.changed() => return revoked_error(&mut s).await,
-                _ = shutdown.changed() => {
-                    return fatal(&mut s.stream, SqlState::ADMIN_SHUTDOWN, "the pooler is shutting down".into()).await;
-                }
+                stop = signals.wait(client, false) => match stop {
+                    Stop::Revoked => return revoked_error(&mut s).await,
+                    Stop::Draining | Stop::Closing => {
+                        return fatal(&mut s.stream, SqlState::ADMIN_SHUTDOWN, "the pooler is shutting down".into()).await;
+                    }
+                },
             }
         }
         if s.buf[0] == b'X' {
@@ -90,15 +137,9 @@ pub async fn run(
         }
         // Boxed: a task's future is as big as its biggest state, and only a linked
         // client should carry a server, its buffers and the link's state.
-        if Box::pin(transaction(
-            &mut s,
-            shared,
-            client,
-            &mut revoked,
-            &mut stops,
-        ))
-        .await?
-        .is_break()
+        if Box::pin(transaction(&mut s, shared, client, &signals))
+            .await?
+            .is_break()
         {
             return Ok(());
         }
@@ -111,8 +152,7 @@ async fn transaction(
     s: &mut Session,
     shared: &Shared,
     client: &ClientInfo,
-    revoked: &mut tokio::sync::watch::Receiver<u64>,
-    stops: &mut Stops,
+    signals: &Signals,
 ) -> Result<ControlFlow<()>, SessionError> {
     client.waiting();
     let asked = std::time::Instant::now();
@@ -148,8 +188,8 @@ async fn transaction(
                 &mut server,
                 &mut sbuf,
                 &mut scan,
-                revoked,
-                stops,
+                client,
+                signals,
                 max_prepared,
                 max_pinned,
             )
@@ -359,8 +399,8 @@ async fn link(
     server: &mut ServerConn,
     sbuf: &mut BytesMut,
     scan: &mut ServerScan,
-    revoked: &mut tokio::sync::watch::Receiver<u64>,
-    stops: &mut Stops,
+    client: &ClientInfo,
+    signals: &Signals,
     max_prepared: usize,
     max_pinned: usize,
 ) -> Result<Linked, SessionError> {
@@ -372,18 +412,13 @@ async fn link(
     let mut scratch = BytesMut::new();
     let mut rewritten = BytesMut::new();
     let session_mode = s.mode == PoolMode::Session;
-    // The signals are awaited by futures made once per stretch, not once per read:
-    // each one registers with a channel every client shares.
-    let mut draining = *stops.shutdown.borrow();
-    let Stops { shutdown, closing } = stops;
-    let closing_probe = closing.clone();
-    let mut revoked_changed = std::pin::pin!(revoked.changed());
-    let mut shutdown_changed = std::pin::pin!(shutdown.changed());
-    let mut closing_changed = std::pin::pin!(closing.changed());
+    let mut draining = *signals.shutdown.borrow();
     loop {
-        // An atomic load: a stream that keeps the reads below ready must not hide it.
-        if closing_probe.has_changed().unwrap_or(false) {
-            return closing_error(s, scan.tracker.in_flight()).await;
+        // Atomic loads: a stream that keeps the reads below ready must not hide these.
+        match signals.fired(true) {
+            Some(Stop::Closing) => return closing_error(s, scan.tracker.in_flight()).await,
+            Some(Stop::Revoked) => return revoked_error(s).await,
+            _ => {}
         }
         if !s.buf.is_empty() {
             let mut too_many = false;
@@ -540,9 +575,8 @@ async fn link(
             sbuf.reserve(READ_CHUNK);
         }
         tokio::select! {
-            // Fixed order, no random start: the I/O first, so a ready read returns
-            // without polling the signals (a poll of a waiting one locks a channel
-            // every client shares); the loop's top probes the end of the grace period.
+            // Fixed order, no random start: the I/O first (the loop's top looks at
+            // the signals whatever the I/O does).
             biased;
             n = server.stream.read_buf(sbuf) => {
                 if let Some(why) = server_gone(n) {
@@ -563,11 +597,12 @@ async fn link(
                     return Ok(Linked::ClientLeft { clean: idle });
                 }
             }
-            _ = &mut closing_changed => return closing_error(s, scan.tracker.in_flight()).await,
-            _ = &mut revoked_changed => return revoked_error(s).await,
-            // Noted here, acted on at the next idle point above. Not polled again once
-            // fired: the drain only ever starts.
-            _ = &mut shutdown_changed, if !draining => draining = true,
+            stop = signals.wait(client, draining) => match stop {
+                Stop::Closing => return closing_error(s, scan.tracker.in_flight()).await,
+                Stop::Revoked => return revoked_error(s).await,
+                // Noted here, acted on at the next idle point above.
+                Stop::Draining => draining = true,
+            },
         }
     }
 }
