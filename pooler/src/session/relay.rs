@@ -114,22 +114,36 @@ pub async fn run(
     loop {
         // Idle: no server. Wait for a whole message header from the client.
         while s.buf.len() < 5 {
-            if s.buf.capacity() - s.buf.len() < 5 {
-                s.buf.reserve(IDLE_CHUNK);
-            }
-            tokio::select! {
-                biased;
-                n = s.stream.read_buf(&mut s.buf) => {
+            let woke = if s.buf.is_empty() {
+                // Nothing pending: wait for readability holding no buffer at all (a
+                // plaintext client; TLS may hold decrypted bytes, so it reads).
+                s.buf = BytesMut::new();
+                wait_readable(&mut s.stream, &mut s.buf, &signals, client).await
+            } else {
+                if s.buf.capacity() - s.buf.len() < 5 {
+                    s.buf.reserve(IDLE_CHUNK);
+                }
+                tokio::select! {
+                    biased;
+                    n = s.stream.read_buf(&mut s.buf) => Ok(n),
+                    stop = signals.wait(client, false) => Err(stop),
+                }
+            };
+            match woke {
+                Ok(n) => {
                     if n? == 0 {
                         return Ok(());
                     }
                 }
-                stop = signals.wait(client, false) => match stop {
-                    Stop::Revoked => return revoked_error(&mut s).await,
-                    Stop::Draining | Stop::Closing => {
-                        return fatal(&mut s.stream, SqlState::ADMIN_SHUTDOWN, "the pooler is shutting down".into()).await;
-                    }
-                },
+                Err(Stop::Revoked) => return revoked_error(&mut s).await,
+                Err(Stop::Draining | Stop::Closing) => {
+                    return fatal(
+                        &mut s.stream,
+                        SqlState::ADMIN_SHUTDOWN,
+                        "the pooler is shutting down".into(),
+                    )
+                    .await;
+                }
             }
         }
         if s.buf[0] == b'X' {
@@ -238,6 +252,41 @@ async fn transaction(
         }
     }
     Ok(ControlFlow::Continue(()))
+}
+
+/// An idle client's wait for its next request: `Ok` with a read's result (0: the
+/// client left), or the signal that came first. A plaintext client is read only once
+/// readable, into a buffer allocated then, so an idle one holds none.
+async fn wait_readable(
+    stream: &mut crate::net::stream::Stream,
+    buf: &mut BytesMut,
+    signals: &Signals,
+    client: &ClientInfo,
+) -> Result<std::io::Result<usize>, Stop> {
+    let crate::net::stream::Stream::Plain(tcp) = stream else {
+        buf.reserve(IDLE_CHUNK);
+        return tokio::select! {
+            biased;
+            n = stream.read_buf(buf) => Ok(n),
+            stop = signals.wait(client, false) => Err(stop),
+        };
+    };
+    loop {
+        tokio::select! {
+            biased;
+            ready = tcp.readable() => {
+                if let Err(e) = ready {
+                    return Ok(Err(e));
+                }
+            }
+            stop = signals.wait(client, false) => return Err(stop),
+        }
+        buf.reserve(IDLE_CHUNK);
+        match tcp.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            read => return Ok(read),
+        }
+    }
 }
 
 /// Lends the server's big read buffer to its client for a linked stretch, carrying
