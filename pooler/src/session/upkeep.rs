@@ -90,11 +90,14 @@ pub(super) fn stale(server: &mut ServerConn) -> bool {
     let crate::net::stream::Stream::Plain(tcp) = &server.stream else {
         return false;
     };
-    let mut chunk = [0u8; 4096];
     loop {
-        match tcp.try_read(&mut chunk) {
+        // Into the server's own buffer: no zeroed scratch on every checkout.
+        if server.buf.capacity() - server.buf.len() < 512 {
+            server.buf.reserve(4096);
+        }
+        match tcp.try_read_buf(&mut server.buf) {
             Ok(0) => return true,
-            Ok(n) => server.buf.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(_) => return true,
         }
