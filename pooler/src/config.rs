@@ -110,6 +110,11 @@ pub struct Config {
     /// Named prepared statements kept per server connection (least recently used
     /// are closed past it). Default 200.
     pub max_prepared_statements: usize,
+    /// Named prepared statements one client connection may hold (the pooler keeps
+    /// each one's text in memory). A Parse of a new name past it fails with 53400,
+    /// like any error in its batch (the rest is skipped up to Sync); closing
+    /// statements makes room again. Default 10000.
+    pub max_client_prepared_statements: usize,
     /// Clients of one role that may be pinned to a server at once by session state
     /// (LISTEN, temp tables, advisory locks, SQL PREPARE, SET ROLE, untracked SET).
     /// Unset: half the role's pool size, at least 1. Past it the client gets an error
@@ -219,6 +224,7 @@ impl Default for Config {
             auth_pool_size: 2,
             auth_mock_secret: None,
             max_prepared_statements: 200,
+            max_client_prepared_statements: 10_000,
             max_pinned_per_role: None,
             log_level: "info".into(),
             metrics_per_role: false,

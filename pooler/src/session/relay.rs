@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::cursor::Cursor;
 use super::login::Session;
-use super::prepared::{Action, Replies, Rewriter, renamed_error};
+use super::prepared::{Action, PreparedLimits, Replies, Rewriter, renamed_error};
 use super::state::Effect;
 use super::tracker::{MAX_PENDING, Tracker};
 use super::upkeep::{check, reset, settle, stale, sync_params};
@@ -189,7 +189,10 @@ async fn transaction(
         let config = shared.config();
         (
             config.max_pinned(pool_size(shared, &s.auth)),
-            config.max_prepared_statements,
+            PreparedLimits {
+                per_server: config.max_prepared_statements,
+                per_client: config.max_client_prepared_statements,
+            },
         )
     };
     let mut scan = ServerScan::default();
@@ -450,7 +453,7 @@ async fn link(
     scan: &mut ServerScan,
     client: &ClientInfo,
     signals: &Signals,
-    max_prepared: usize,
+    max_prepared: PreparedLimits,
     max_pinned: usize,
 ) -> Result<Linked, SessionError> {
     // After the pooler's own SETs: a cancel now reaches the client's query only.
@@ -479,7 +482,8 @@ async fn link(
                 client: &mut s.statements,
                 server: &mut server.statements,
                 replies: &mut scan.replies,
-                max_per_server: max_prepared,
+                max_per_server: max_prepared.per_server,
+                max_per_client: max_prepared.per_client,
                 effect: Effect::default(),
                 customs: &mut s.customs,
             };

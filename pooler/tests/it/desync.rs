@@ -454,3 +454,167 @@ async fn terminate_wait(e: &Env, role: &str) {
     }
     panic!("pg_sleep never started");
 }
+
+fn copy_data(bytes: &[u8]) -> Vec<u8> {
+    msg(b'd', &[bytes])
+}
+
+fn copy_done() -> Vec<u8> {
+    msg(b'c', &[])
+}
+
+fn close_statement(name: &str) -> Vec<u8> {
+    msg(b'C', &[b"S", name.as_bytes(), b"\0"])
+}
+
+/// (f) An extended-protocol COPY (Bind, Execute, Sync, CopyData, CopyDone, Sync, as
+/// libpq and tokio-postgres send it) inside a transaction: Postgres ignores the Sync
+/// sent during the copy. The pooler's reply queue kept an entry for it, so the next
+/// reply it had to drop in the same transaction reached the client instead.
+#[tokio::test]
+async fn an_extended_copy_in_a_transaction_leaves_the_replies_in_step() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(1).await;
+    let mut a = Raw::connect(&e, &app).await;
+    a.send(&query("CREATE TABLE copied (x int)")).await;
+    a.until_ready(1).await;
+    a.send(&query("BEGIN")).await;
+    a.until_ready(1).await;
+    a.send(&batch(&[parse("a", "SELECT 1"), sync()])).await;
+    assert_eq!(tags(&a.until_ready(1).await), "1Z");
+    a.send(&batch(&[
+        parse("", "COPY copied FROM STDIN"),
+        bind(""),
+        execute(),
+        sync(),
+        copy_data(b"1\n"),
+        copy_done(),
+        sync(),
+    ]))
+    .await;
+    let got = a.until_ready(1).await;
+    assert_eq!(errors(&got), Vec::<String>::new());
+    assert_eq!(tags(&got), "12GCZ");
+    // The same text under another name: the pooler closes its shared statement first
+    // and drops that CloseComplete.
+    a.send(&batch(&[parse("b", "SELECT 1"), sync()])).await;
+    assert_eq!(tags(&a.until_ready(1).await), "1Z");
+    a.send(&batch(&[bind("b"), execute(), sync()])).await;
+    assert_eq!(tags(&a.until_ready(1).await), "2DCZ");
+    a.send(&query("COMMIT")).await;
+    assert_eq!(tags(&a.until_ready(1).await), "CZ");
+}
+
+/// The server name the pooler gives a statement without parameters.
+fn server_name(sql: &str) -> String {
+    use sha2::Digest;
+    let mut text = sql.as_bytes().to_vec();
+    text.extend_from_slice(b"\0\0\0");
+    let digest = sha2::Sha256::digest(&text);
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("dp_{hex}")
+}
+
+/// (g) A name reused after DISCARD ALL in the same pipeline: the pooler rewrote the
+/// second Parse before the DISCARD's reply, as a re-parse of the first statement's
+/// server name with the new text; the server (its name freed) accepted it, and that
+/// name, shared by every client preparing the first text, held the second.
+#[tokio::test]
+async fn a_name_reused_after_discard_all_never_gives_a_server_name_another_text() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(1).await;
+    let mut a = Raw::connect(&e, &app).await;
+    a.send(&batch(&[
+        parse("S_1", "SELECT 1"),
+        query("DISCARD ALL"),
+        parse("S_1", "SELECT 2"),
+        bind("S_1"),
+        execute(),
+        sync(),
+    ]))
+    .await;
+    let got = a.until_ready(2).await;
+    assert_eq!(errors(&got), Vec::<String>::new());
+    let rows: Vec<&[u8]> = got
+        .iter()
+        .filter(|(t, _)| *t == b'D')
+        .map(|(_, b)| b.as_slice())
+        .collect();
+    assert_eq!(rows, vec![&b"\0\x01\0\0\0\x012"[..]], "{}", tags(&got));
+    // One server: every statement it holds under a pooler name is that name's text.
+    a.send(&query(
+        "SELECT name || '=' || statement FROM pg_prepared_statements WHERE name LIKE 'dp\\_%'",
+    ))
+    .await;
+    let got = a.until_ready(1).await;
+    for (_, row) in got.iter().filter(|(t, _)| *t == b'D') {
+        let text = String::from_utf8_lossy(&row[6..]);
+        let (name, statement) = text.split_once('=').unwrap();
+        assert_eq!(name, server_name(statement), "{text}");
+    }
+    // Another client preparing the first text runs the first text.
+    let mut b = Raw::connect(&e, &app).await;
+    b.send(&batch(&[
+        parse("mine", "SELECT 1"),
+        bind("mine"),
+        execute(),
+        sync(),
+    ]))
+    .await;
+    let got = b.until_ready(1).await;
+    assert_eq!(errors(&got), Vec::<String>::new());
+    assert_eq!(tags(&got), "12DCZ");
+    assert!(got.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"1")));
+    // And the first client's name means what it parsed last.
+    a.send(&batch(&[bind("S_1"), execute(), sync()])).await;
+    let got = a.until_ready(1).await;
+    assert!(got.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"2")));
+}
+
+/// (h) A client may hold `max_client_prepared_statements` named statements: one more
+/// is an error for its batch (skipped up to Sync, as Postgres does after an error),
+/// and the session goes on.
+#[tokio::test]
+async fn a_client_past_its_statement_limit_gets_53400_and_goes_on() {
+    let e = env(|c| c.max_client_prepared_statements = 2).await;
+    let app = e.app_with_pool(1).await;
+    let mut a = Raw::connect(&e, &app).await;
+    a.send(&batch(&[
+        parse("s1", "SELECT 1"),
+        parse("s2", "SELECT 2"),
+        sync(),
+    ]))
+    .await;
+    assert_eq!(tags(&a.until_ready(1).await), "11Z");
+    a.send(&batch(&[
+        parse("s3", "SELECT 3"),
+        bind("s3"),
+        execute(),
+        query("SELECT 'skipped'"),
+        sync(),
+        bind("s1"),
+        execute(),
+        sync(),
+    ]))
+    .await;
+    let got = a.until_ready(2).await;
+    assert_eq!(tags(&got), "EZ2DCZ");
+    let errs = errors(&got);
+    assert!(errs[0].starts_with("53400"), "{errs:?}");
+    assert!(
+        errs[0].contains("max_client_prepared_statements"),
+        "{errs:?}"
+    );
+    // Room again after a Close.
+    a.send(&batch(&[
+        close_statement("s2"),
+        parse("s3", "SELECT 3"),
+        bind("s3"),
+        execute(),
+        sync(),
+    ]))
+    .await;
+    let got = a.until_ready(1).await;
+    assert_eq!(errors(&got), Vec::<String>::new());
+    assert_eq!(tags(&got), "312DCZ");
+}

@@ -111,12 +111,23 @@ fn global_name(query_and_types: &[u8]) -> Bytes {
     Bytes::from(name)
 }
 
+/// The configured bounds, read once per linked stretch.
+#[derive(Debug, Clone, Copy)]
+pub struct PreparedLimits {
+    /// `max_prepared_statements`: statements kept per server.
+    pub per_server: usize,
+    /// `max_client_prepared_statements`: named statements one client may hold.
+    pub per_client: usize,
+}
+
 /// The client-to-server rewriting for one session.
 pub struct Rewriter<'a> {
     pub client: &'a mut ClientStatements,
     pub server: &'a mut ServerStatements,
     pub replies: &'a mut Replies,
     pub max_per_server: usize,
+    /// Named statements one client may hold (`max_client_prepared_statements`).
+    pub max_per_client: usize,
     /// What the messages seen so far may do to the session.
     pub effect: Effect,
     /// Custom parameters the client's statements may set (state.rs).
@@ -126,8 +137,12 @@ pub struct Rewriter<'a> {
 impl Rewriter<'_> {
     /// Whether a whole client message must be looked at (its body is needed).
     /// Execute: it runs a `DEALLOCATE` the rewriter renamed, and it opens a batch.
+    /// CopyDone and CopyFail: they end the stretch of ignored Syncs (replies.rs).
     pub fn needs_body(tag: u8) -> bool {
-        matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'Q' | b'F')
+        matches!(
+            tag,
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'Q' | b'F' | b'c' | b'f'
+        )
     }
 
     /// Appends to `out` what the server should get for one whole client message
@@ -185,7 +200,14 @@ impl Rewriter<'_> {
             }
             b'S' => {
                 self.replies.unsynced = false;
-                self.replies.push(Reply::End { sync: true });
+                // In COPY FROM STDIN the server ignores it: no ReadyForQuery.
+                if !self.replies.ignoring_syncs {
+                    self.replies.push(Reply::End { sync: true });
+                }
+                out.extend_from_slice(raw);
+            }
+            b'c' | b'f' => {
+                self.replies.copy_end();
                 out.extend_from_slice(raw);
             }
             b'F' => {
@@ -269,18 +291,6 @@ impl Rewriter<'_> {
             out.extend_from_slice(raw);
             return Ok(());
         }
-        if let Some(existing) = self.ensure(name, out) {
-            // The client reuses a name without closing it. Parsing the existing
-            // server name again makes Postgres refuse it exactly as it would refuse
-            // the client's (42P05, and the rest of the batch skipped); only the name
-            // in the message is the client's.
-            message(out, b'P', &[&existing.global, b"\0", rest]);
-            self.replies.push(Reply::Duplicate {
-                client: Bytes::copy_from_slice(name),
-                global: existing.global,
-            });
-            return Ok(());
-        }
         let global = global_name(rest);
         let mut parse = BytesMut::new();
         message(&mut parse, b'P', &[&global, b"\0", rest]);
@@ -289,6 +299,26 @@ impl Rewriter<'_> {
             parse: parse.freeze(),
             effect,
         };
+        if let Some(existing) = self.ensure(name, out) {
+            // The client reuses a name without closing it. Parsing the existing
+            // server name again makes Postgres refuse it exactly as it would refuse
+            // the client's (42P05, and the rest of the batch skipped); only the name
+            // in the error is the client's. Its own Parse, old text and all: see
+            // `Reply::Duplicate` for the pipeline where the server accepts it.
+            out.extend_from_slice(&existing.parse);
+            let name = Bytes::copy_from_slice(name);
+            let previous = self.client.by_name.insert(name.clone(), stmt);
+            self.replies.push(Reply::Duplicate {
+                client: name,
+                global: existing.global,
+                previous,
+            });
+            return Ok(());
+        }
+        if self.client.by_name.len() >= self.max_per_client {
+            self.refuse(out);
+            return Ok(());
+        }
         // Already on this server (another client, or this one before): close it
         // first, so the client's Parse gets its ParseComplete as from Postgres.
         if self.server.has(&global) {
@@ -410,6 +440,39 @@ impl Rewriter<'_> {
         }
         self.server.touch(&stmt.global);
         Some(stmt)
+    }
+
+    /// A new named statement past `max_per_client`: the client's memory in the pooler
+    /// is bounded. Postgres answers an error inside an extended batch by skipping the
+    /// rest up to Sync, then ReadyForQuery; the simplest faithful way to give the
+    /// client exactly that is to have the server do it: a Parse it cannot parse
+    /// (named, so the client's unnamed statement is untouched; a syntax error comes
+    /// before any other check in exec_parse_message), whose error is replaced by ours.
+    /// Everything else (skipped messages, the books' undo, the tracker) then follows
+    /// the ordinary error path, and the statement text says why in the server's log.
+    fn refuse(&mut self, out: &mut BytesMut) {
+        let mut error = BytesMut::new();
+        crate::proto::error::write_error(
+            &mut error,
+            crate::proto::SqlState::CONFIGURATION_LIMIT_EXCEEDED,
+            &format!(
+                "too many prepared statements on this connection \
+                 (max_client_prepared_statements = {}): close the ones no longer needed",
+                self.max_per_client
+            ),
+        );
+        message(
+            out,
+            b'P',
+            &[
+                b"dp_refused\0",
+                b"max_client_prepared_statements exceeded\0",
+                &0u16.to_be_bytes(),
+            ],
+        );
+        self.replies.push(Reply::Refused {
+            error: error.freeze(),
+        });
     }
 
     fn close(&mut self, global: &Bytes, out: &mut BytesMut) {

@@ -9,6 +9,11 @@
 //! nothing, the Closes closed nothing and the Queries owe no ReadyForQuery. Their
 //! entries here say how to put the books back, latest first, so the books always
 //! match the server.
+//!
+//! COPY FROM STDIN: Postgres ignores Sync from the client until its CopyDone or
+//! CopyFail (copyfromparse.c), so those Syncs get no ReadyForQuery and their entries
+//! go when the copy starts, exactly as in the tracker (tracker.rs): a stale entry at
+//! the front would make the next reply the pooler must drop reach the client.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -46,9 +51,35 @@ pub(super) enum Reply {
         server: Option<Bytes>,
         client: Option<(Bytes, Statement)>,
     },
-    /// A Parse sent for the server to refuse with 42P05 because the client reused one
-    /// of its names: the error names `global`, the client must read `client`.
-    Duplicate { client: Bytes, global: Bytes },
+    /// A client's Parse that reuses one of its names without a Close: the pooler sends
+    /// the existing statement's own Parse again (its server name and its text), for
+    /// the server to refuse with 42P05; the error names `global`, the client must read
+    /// `client`. The books already map `client` to the new statement (what Postgres
+    /// would do if the name were free); `previous` is what a refusal or a skip
+    /// restores (`None`: the name did not exist then).
+    ///
+    /// Why the old text: a `DISCARD ALL` or `DEALLOCATE` earlier in the same pipeline,
+    /// not answered yet when the pooler rewrote this Parse, may have freed `global` on
+    /// the server. The Parse then succeeds; with the new text it would have left
+    /// `global` holding a text other than the one its hash names, which every client
+    /// sharing that name would later run. With the old text the server only gets back
+    /// the statement the name stands for, and the client's name (already booked to
+    /// the new statement, prepared on demand like any other) is what Postgres would
+    /// have made it. Every Parse the pooler sends for a `dp_` name carries that
+    /// name's own text: this is the one place that was not so.
+    Duplicate {
+        client: Bytes,
+        global: Bytes,
+        previous: Option<Statement>,
+    },
+    /// A Parse the pooler sent in place of one it refuses (past
+    /// `max_client_prepared_statements`): a text Postgres cannot parse, so the server
+    /// fails it and skips the rest of the batch up to Sync as for any error; its
+    /// ErrorResponse is replaced by `error`.
+    Refused { error: Bytes },
+    /// The client ended a COPY (CopyDone or CopyFail): Syncs before it that a copy
+    /// started meanwhile swallows owe nothing.
+    CopyEnd,
     /// A `DEALLOCATE` of one of the client's statements, rewritten to the server's
     /// name, or to an empty query (`emptied`) when the server never had it: its
     /// CommandComplete (or EmptyQueryResponse, answered as CommandComplete) confirms
@@ -75,7 +106,7 @@ pub enum Action {
         to: Bytes,
     },
     /// A whole message the client gets instead.
-    Replace(&'static [u8]),
+    Replace(Bytes),
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +126,9 @@ pub struct Replies {
     /// portal it was last bound to: it runs (and the books change) at that Execute.
     pub(super) unnamed: Option<Deallocating>,
     pub(super) portal: Option<(Bytes, Deallocating)>,
+    /// The server is in COPY FROM STDIN and the client's CopyDone or CopyFail has not
+    /// been seen: its Syncs until then get no reply (and no entry).
+    pub(super) ignoring_syncs: bool,
 }
 
 /// What an unnamed statement's `DEALLOCATE` removes when it runs.
@@ -132,11 +166,27 @@ impl Replies {
         client: &mut ClientStatements,
         server: &mut ServerStatements,
     ) -> Action {
+        if matches!(tag, b'1' | b'3' | b'E' | b'C' | b'I' | b'Z') {
+            // A copy-end marker still in front belongs to a copy that never started
+            // (its statement failed, or it was no COPY): Postgres ignored the
+            // CopyDone, and every reply from here on is to a later message.
+            while matches!(self.queue.front(), Some(Reply::CopyEnd)) {
+                self.queue.pop_front();
+            }
+        }
         match tag {
             b'1' => match self.queue.front() {
                 Some(&Reply::Parse { drop, .. }) => {
                     self.queue.pop_front();
                     if drop { Action::Drop } else { Action::Pass }
+                }
+                // The reused name was free on the server after all (see Duplicate):
+                // the server holds `global` again, with its own text.
+                Some(Reply::Duplicate { .. }) => {
+                    if let Some(Reply::Duplicate { global, .. }) = self.queue.pop_front() {
+                        server.touch(&global);
+                    }
+                    Action::Pass
                 }
                 _ => Action::Pass,
             },
@@ -164,7 +214,7 @@ impl Replies {
             b'I' => match self.queue.front() {
                 Some(Reply::Deallocate { emptied: true, .. }) => {
                     self.queue.pop_front();
-                    Action::Replace(DEALLOCATE_COMPLETE)
+                    Action::Replace(Bytes::from_static(DEALLOCATE_COMPLETE))
                 }
                 _ => Action::Pass,
             },
@@ -179,8 +229,37 @@ impl Replies {
                 }
                 Action::Pass
             }
+            // CopyInResponse, CopyBothResponse.
+            b'G' | b'W' => {
+                self.copy_in_started();
+                Action::Pass
+            }
             _ => Action::Pass,
         }
+    }
+
+    /// The client's message `c` (CopyDone) or `f` (CopyFail).
+    pub(super) fn copy_end(&mut self) {
+        if self.ignoring_syncs {
+            self.ignoring_syncs = false;
+        } else {
+            self.push(Reply::CopyEnd);
+        }
+    }
+
+    /// A COPY FROM STDIN started: the Syncs sent up to the client's copy-end are
+    /// ignored by the server, as is the copy-end marker's purpose; with no copy-end
+    /// sent yet, Syncs are ignored until it comes (the tracker does the same).
+    fn copy_in_started(&mut self) {
+        let end = self.queue.iter().position(|r| matches!(r, Reply::CopyEnd));
+        let upto = end.unwrap_or(self.queue.len());
+        let mut i = 0;
+        self.queue.retain(|r| {
+            let drop = (i < upto && matches!(r, Reply::End { sync: true })) || Some(i) == end;
+            i += 1;
+            !drop
+        });
+        self.ignoring_syncs = end.is_none();
     }
 
     fn error(&mut self, client: &mut ClientStatements, server: &mut ServerStatements) -> Action {
@@ -198,11 +277,26 @@ impl Replies {
                 }
                 return Action::Pass;
             }
-            Some(Reply::Duplicate { client, global }) => {
+            Some(Reply::Duplicate {
+                client: name,
+                global,
+                ..
+            }) => {
                 action = Action::Rename {
                     from: global.clone(),
-                    to: client.clone(),
+                    to: name.clone(),
                 };
+                if let Some(Reply::Duplicate {
+                    client: name,
+                    previous,
+                    ..
+                }) = self.queue.pop_front()
+                {
+                    restore_name(name, previous, client);
+                }
+            }
+            Some(Reply::Refused { error }) => {
+                action = Action::Replace(error.clone());
                 self.queue.pop_front();
             }
             _ => {}
@@ -240,7 +334,12 @@ impl Replies {
                 }
                 Reply::Deallocate { undo, .. } => restore(undo, client, server),
                 Reply::End { .. } => self.skipped += 1,
-                Reply::Duplicate { .. } => {}
+                Reply::Duplicate {
+                    client: name,
+                    previous,
+                    ..
+                } => restore_name(name, previous, client),
+                Reply::Refused { .. } | Reply::CopyEnd => {}
             }
         }
         action
@@ -286,7 +385,21 @@ impl Replies {
                         }
                     }
                 }
-                Reply::Duplicate { .. } | Reply::End { .. } => {}
+                // If the server accepts it, the name is the client's new statement
+                // and the server holds `global`; if not, the name was gone anyway.
+                Reply::Duplicate {
+                    client: name,
+                    global,
+                    previous,
+                } => {
+                    // What it replaced is void unless made after the DISCARD.
+                    if !names.contains(name) {
+                        *previous = None;
+                    }
+                    names.insert(name.clone());
+                    globals.insert(global.clone());
+                }
+                Reply::End { .. } | Reply::Refused { .. } | Reply::CopyEnd => {}
             }
         }
         client.by_name.retain(|name, _| names.contains(name));
@@ -307,6 +420,18 @@ fn restore(undo: Option<Undo>, client: &mut ClientStatements, server: &mut Serve
             server.touch(&stmt.global);
         }
         client.by_name.insert(name, stmt);
+    }
+}
+
+/// A refused or skipped Parse that reused `name`: it names what it did before.
+fn restore_name(name: Bytes, previous: Option<Statement>, client: &mut ClientStatements) {
+    match previous {
+        Some(stmt) => {
+            client.by_name.insert(name, stmt);
+        }
+        None => {
+            client.by_name.remove(&name);
+        }
     }
 }
 
