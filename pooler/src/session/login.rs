@@ -335,7 +335,7 @@ async fn warm_up(
     role: &RoleShared,
     auth: &RoleAuth,
 ) -> Result<Arc<ServerParams>, (SqlState, String)> {
-    let server = super::relay::checkout(shared, role, auth).await?;
+    let server = super::checkout::checkout(shared, role, auth).await?;
     let params = ServerParams::from_login(&server.params);
     role.set_params(params);
     server.release();

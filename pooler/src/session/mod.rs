@@ -2,14 +2,17 @@
 //! (a transaction at a time, or the whole session), and leave nothing behind.
 
 pub mod cancel;
+mod checkout;
 mod cursor;
 pub(crate) mod login;
 pub mod params;
 pub mod prepared;
 mod relay;
+mod signals;
 mod state;
 mod tracker;
 mod upkeep;
+mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -6,26 +6,26 @@
 //! has been written to the client.
 
 use std::ops::ControlFlow;
-use std::pin::Pin;
-use std::task::Poll;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
+use super::checkout::{checkout, give_back, pool_size};
 use super::cursor::Cursor;
 use super::login::Session;
-use super::prepared::{Action, PreparedLimits, Replies, Rewriter, renamed_error};
+use super::prepared::{PreparedLimits, Rewriter};
+use super::signals::{Signals, Stop, wait_readable};
 use super::state::Effect;
-use super::tracker::{MAX_PENDING, Tracker};
-use super::upkeep::{check, reset, settle, stale, sync_params};
+use super::tracker::MAX_PENDING;
+use super::upkeep::{settle, sync_params};
+use super::wire::{Relayed, ServerScan, server_gone, write_or_read, write_skipping};
 use super::{SessionError, fatal};
-use crate::auth::cache::{PoolMode, RoleAuth};
+use crate::auth::cache::PoolMode;
 use crate::backend::ServerConn;
-use crate::pool::{Checkout, PoolError, RoleLimits};
 use crate::proto::SqlState;
 use crate::proto::frame::Side;
 use crate::registry::ClientInfo;
-use crate::shared::{RoleShared, Shared};
+use crate::shared::Shared;
 
 /// A linked stretch's read buffers; grow only while a message we must see whole is
 /// larger.
@@ -33,7 +33,7 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// What an idle client keeps for the start of its next request: the big buffers are
 /// the server's, lent for the stretch (10,000 idle clients must cost little memory).
-const IDLE_CHUNK: usize = 256;
+pub(super) const IDLE_CHUNK: usize = 256;
 
 /// How a linked stretch ended.
 enum Linked {
@@ -46,59 +46,6 @@ enum Linked {
     /// Idle, and the pooler is shutting down: the server goes back (reset if the
     /// client had session state), the client is told to leave.
     Drained,
-}
-
-/// The signals a client listens to. Read by version (an atomic load) while the
-/// client waits on its own waker in the registry, which every sender wakes after
-/// sending: a watch future per wait would lock a channel every client shares, several
-/// times a transaction.
-struct Signals {
-    /// The role was revoked or killed: leave now.
-    revoked: tokio::sync::watch::Receiver<u64>,
-    /// Draining: leave at the next idle point.
-    shutdown: tokio::sync::watch::Receiver<bool>,
-    /// The grace period is over: leave now.
-    closing: tokio::sync::watch::Receiver<bool>,
-}
-
-/// What a signal asks of the client.
-enum Stop {
-    Revoked,
-    Draining,
-    Closing,
-}
-
-impl Signals {
-    /// The first signal not yet acted on; `draining` once the drain has been noted.
-    /// A closed channel counts as fired, as `changed()` would report it.
-    fn fired(&self, draining: bool) -> Option<Stop> {
-        let fired = |r: Result<bool, _>| r.unwrap_or(true);
-        if fired(self.closing.has_changed()) {
-            Some(Stop::Closing)
-        } else if fired(self.revoked.has_changed()) {
-            Some(Stop::Revoked)
-        } else if !draining && fired(self.shutdown.has_changed()) {
-            Some(Stop::Draining)
-        } else {
-            None
-        }
-    }
-
-    /// Resolves with the first signal that fires: registers first, then looks, so a
-    /// wake between the two is not lost.
-    fn wait<'a>(
-        &'a self,
-        client: &'a ClientInfo,
-        draining: bool,
-    ) -> impl std::future::Future<Output = Stop> + 'a {
-        std::future::poll_fn(move |cx| {
-            client.signal().register(cx.waker());
-            match self.fired(draining) {
-                Some(stop) => Poll::Ready(stop),
-                None => Poll::Pending,
-            }
-        })
-    }
 }
 
 pub async fn run(
@@ -257,41 +204,6 @@ async fn transaction(
     Ok(ControlFlow::Continue(()))
 }
 
-/// An idle client's wait for its next request: `Ok` with a read's result (0: the
-/// client left), or the signal that came first. A plaintext client is read only once
-/// readable, into a buffer allocated then, so an idle one holds none.
-async fn wait_readable(
-    stream: &mut crate::net::stream::Stream,
-    buf: &mut BytesMut,
-    signals: &Signals,
-    client: &ClientInfo,
-) -> Result<std::io::Result<usize>, Stop> {
-    let crate::net::stream::Stream::Plain(tcp) = stream else {
-        buf.reserve(IDLE_CHUNK);
-        return tokio::select! {
-            biased;
-            n = stream.read_buf(buf) => Ok(n),
-            stop = signals.wait(client, false) => Err(stop),
-        };
-    };
-    loop {
-        tokio::select! {
-            biased;
-            ready = tcp.readable() => {
-                if let Err(e) = ready {
-                    return Ok(Err(e));
-                }
-            }
-            stop = signals.wait(client, false) => return Err(stop),
-        }
-        buf.reserve(IDLE_CHUNK);
-        match tcp.try_read_buf(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            read => return Ok(read),
-        }
-    }
-}
-
 /// Lends the server's big read buffer to its client for a linked stretch, carrying
 /// over what the client has sent so far; returns the client's own small buffer.
 fn borrow_buffer(s: &mut Session, server: &mut ServerConn) -> BytesMut {
@@ -313,79 +225,6 @@ fn return_buffer(s: &mut Session, server: &mut ServerConn, mut small: BytesMut) 
     small.clear();
     small.extend_from_slice(&s.buf);
     server.client_buf = std::mem::replace(&mut s.buf, small);
-}
-
-/// Returns an idle server its client is done with. A whole session's state (SET,
-/// LISTEN, prepared statements, advisory locks) goes with its client: a session-mode
-/// or pinned client's server is reset first.
-async fn give_back(s: &mut Session, mut server: Checkout<Box<ServerConn>>) {
-    if s.mode == PoolMode::Session || s.pin.is_some() {
-        match reset(&mut server).await {
-            Ok(()) => server.release(),
-            Err(e) => {
-                tracing::debug!(error = %e, "resetting a session server failed");
-                server.discard();
-            }
-        }
-        s.pin = None;
-    } else {
-        server.release();
-    }
-}
-
-/// Checks a server out of the role's pool, mapping failures to what the client is told.
-pub(super) async fn checkout(
-    shared: &Shared,
-    role: &RoleShared,
-    auth: &RoleAuth,
-) -> Result<Checkout<Box<ServerConn>>, (SqlState, String)> {
-    let limits = RoleLimits {
-        pool_size: u32::try_from(pool_size(shared, auth)).unwrap_or(u32::MAX),
-        weight: 1,
-    };
-    let (mut wait, check_delay) = {
-        let config = shared.config();
-        (config.query_wait_timeout(), config.server_check_delay())
-    };
-    if shared.pause.is_paused(&role.name) {
-        // PAUSE: wait for RESUME within the same query_wait_timeout.
-        let started = tokio::time::Instant::now();
-        if !shared.pause.wait(&role.name, started + wait).await {
-            let message = format!(
-                "role \"{}\" is paused by the administrator and was not resumed within \
-                 query_wait_timeout ({wait:?})",
-                role.name
-            );
-            return Err((SqlState::TOO_MANY_CONNECTIONS, message));
-        }
-        wait = wait.saturating_sub(started.elapsed());
-    }
-    // A server idle for long may have been closed under us (Postgres restarted, an
-    // idle timeout, a network drop): check it first, and take another if it is gone.
-    for _ in 0..3 {
-        let mut server = match shared.pools.checkout(&role.name, limits, wait).await {
-            Ok(server) => server,
-            Err(e) => return checkout_result(Err(e)),
-        };
-        if stale(&mut server) {
-            tracing::info!(role = %role.name, "an idle server closed or spoke unasked; replacing it");
-            server.discard();
-            continue;
-        }
-        if server.idle_for() > check_delay {
-            if let Err(e) = check(&mut server).await {
-                tracing::info!(role = %role.name, error = %e, "an idle server failed its health check");
-                server.discard();
-                continue;
-            }
-        }
-        return Ok(server);
-    }
-    checkout_result(shared.pools.checkout(&role.name, limits, wait).await)
-}
-
-fn pool_size(shared: &Shared, auth: &RoleAuth) -> usize {
-    auth.pool_size.unwrap_or(shared.config().default_pool_size)
 }
 
 /// Notes what the client's last messages may have done to its session; pins it to
@@ -422,21 +261,6 @@ async fn take_effect(
         ..effect
     });
     Ok(())
-}
-
-fn checkout_result(
-    result: Result<Checkout<Box<ServerConn>>, PoolError>,
-) -> Result<Checkout<Box<ServerConn>>, (SqlState, String)> {
-    match result {
-        Ok(server) => Ok(server),
-        Err(e @ PoolError::WaitTimeout { .. }) => {
-            Err((SqlState::TOO_MANY_CONNECTIONS, e.to_string()))
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "no server connection");
-            Err((SqlState::CANNOT_CONNECT_NOW, e.to_string()))
-        }
-    }
 }
 
 /// Relays between the client and its server until the server can be released (in
@@ -658,179 +482,6 @@ async fn link(
             },
         }
     }
-}
-
-/// What the relay knows about the server's side of a linked stretch.
-#[derive(Default)]
-struct ServerScan {
-    cursor: Cursor,
-    tracker: Tracker,
-    replies: Replies,
-    /// Changes to the bytes last scanned, for the client.
-    edits: Vec<Edit>,
-    /// ReadyForQuery messages, and those that said idle (a transaction ended).
-    queries: u64,
-    transactions: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-}
-
-impl ServerScan {
-    /// Adds this stretch's counts to the metrics: once per stretch, not per message.
-    fn count(&self, shared: &Shared, role: &RoleShared) {
-        let m = &shared.metrics;
-        m.transactions.inc_by(self.transactions);
-        m.queries.inc_by(self.queries);
-        m.bytes_received.inc_by(self.bytes_in);
-        m.bytes_sent.inc_by(self.bytes_out);
-        m.prepared_hits.inc_by(self.replies.hits);
-        m.prepared_misses.inc_by(self.replies.misses);
-        role.counts.add(self.transactions, self.queries);
-    }
-
-    /// Walks the server's bytes: ReadyForQuery and copy starts feed the tracker,
-    /// ParameterStatus updates both sides' parameters, replies to what the pooler
-    /// added are dropped. Returns how many bytes may go to the client now.
-    fn server(
-        &mut self,
-        sbuf: &[u8],
-        server: &mut ServerConn,
-        params: &mut crate::session::params::ClientParams,
-        statements: &mut crate::session::prepared::ClientStatements,
-    ) -> Result<usize, String> {
-        let ServerScan {
-            cursor,
-            tracker,
-            replies,
-            edits,
-            queries,
-            transactions,
-            ..
-        } = self;
-        edits.clear();
-        cursor
-            .advance(
-                sbuf,
-                Side::Backend,
-                |tag| matches!(tag, b'Z' | b'S' | b'1' | b'3') || Replies::needs_body(tag),
-                |tag, at, body| {
-                    match tag {
-                        b'S' => {
-                            if let Some((name, value)) = parameter_status(body) {
-                                server.state.record(name, value);
-                                params.record(name, value);
-                            }
-                        }
-                        _ => {
-                            if tag == b'Z' {
-                                *queries += 1;
-                                if body.first() == Some(&b'I') {
-                                    *transactions += 1;
-                                }
-                            }
-                            tracker.server(tag, body);
-                            let len = 5 + body.len();
-                            let action =
-                                replies.server(tag, body, statements, &mut server.statements);
-                            if tag == b'E' {
-                                // Queries the server skipped after an extended error.
-                                tracker.skipped(replies.take_skipped());
-                            }
-                            match action {
-                                Action::Pass => {}
-                                Action::Drop => edits.push(Edit {
-                                    at,
-                                    len,
-                                    with: None,
-                                }),
-                                Action::Replace(with) => edits.push(Edit {
-                                    at,
-                                    len,
-                                    with: Some(with.to_vec()),
-                                }),
-                                Action::Rename { from, to } => {
-                                    let with = renamed_error(&sbuf[at..at + len], &from, &to);
-                                    edits.push(Edit {
-                                        at,
-                                        len,
-                                        with: Some(with),
-                                    });
-                                }
-                            }
-                        }
-                    }
-                    ControlFlow::Continue(())
-                },
-            )
-            .map_err(|e| format!("malformed message from the server: {e}"))
-    }
-}
-
-/// A server message the client gets changed: dropped (`with: None`) or replaced.
-struct Edit {
-    at: usize,
-    len: usize,
-    with: Option<Vec<u8>>,
-}
-
-/// What happened first while forwarding to the server.
-enum Relayed {
-    Wrote(std::io::Result<usize>),
-    Read(std::io::Result<usize>),
-}
-
-/// Writes to the server, or reads its replies if it answers (or stops reading) first.
-/// One stream polled both ways: no split halves to allocate per batch.
-async fn write_or_read(
-    stream: &mut crate::net::stream::Stream,
-    bytes: &[u8],
-    sbuf: &mut BytesMut,
-) -> Relayed {
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = Pin::new(&mut *stream).poll_write(cx, bytes) {
-            return Poll::Ready(Relayed::Wrote(r));
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, sbuf).map(Relayed::Read)
-    })
-    .await
-}
-
-/// Why a read from the server ended the link, if it did.
-fn server_gone(read: std::io::Result<usize>) -> Option<String> {
-    match read {
-        Ok(0) => Some("the server closed the connection".into()),
-        Ok(_) => None,
-        Err(e) => Some(e.to_string()),
-    }
-}
-
-/// Writes `bytes` to the client with `edits` applied.
-async fn write_skipping(
-    stream: &mut crate::net::stream::Stream,
-    bytes: &[u8],
-    edits: &[Edit],
-) -> std::io::Result<()> {
-    let mut from = 0;
-    for edit in edits {
-        if edit.at > from {
-            stream.write_all(&bytes[from..edit.at]).await?;
-        }
-        if let Some(with) = &edit.with {
-            stream.write_all(with).await?;
-        }
-        from = edit.at + edit.len;
-    }
-    if from < bytes.len() {
-        stream.write_all(&bytes[from..]).await?;
-    }
-    Ok(())
-}
-
-fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
-    let mut parts = body.split(|b| *b == 0);
-    let name = std::str::from_utf8(parts.next()?).ok()?;
-    let value = std::str::from_utf8(parts.next()?).ok()?;
-    Some((name, value))
 }
 
 /// Tells the client its server is gone. With a request of its unanswered (a COMMIT

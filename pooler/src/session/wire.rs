@@ -1,0 +1,190 @@
+//! The relay's side of the sockets while linked: the server's bytes walked for what
+//! the pooler must see (ReadyForQuery, ParameterStatus, replies to what it added),
+//! the client's written with the pooler's edits, and one stream polled both ways.
+
+use std::ops::ControlFlow;
+use std::pin::Pin;
+use std::task::Poll;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use super::cursor::Cursor;
+use super::prepared::{Action, Replies, renamed_error};
+use super::tracker::Tracker;
+use crate::backend::ServerConn;
+use crate::proto::frame::Side;
+use crate::shared::{RoleShared, Shared};
+
+/// What the relay knows about the server's side of a linked stretch.
+#[derive(Default)]
+pub(super) struct ServerScan {
+    pub(super) cursor: Cursor,
+    pub(super) tracker: Tracker,
+    pub(super) replies: Replies,
+    /// Changes to the bytes last scanned, for the client.
+    pub(super) edits: Vec<Edit>,
+    /// ReadyForQuery messages, and those that said idle (a transaction ended).
+    pub(super) queries: u64,
+    pub(super) transactions: u64,
+    pub(super) bytes_in: u64,
+    pub(super) bytes_out: u64,
+}
+
+impl ServerScan {
+    /// Adds this stretch's counts to the metrics: once per stretch, not per message.
+    pub(super) fn count(&self, shared: &Shared, role: &RoleShared) {
+        let m = &shared.metrics;
+        m.transactions.inc_by(self.transactions);
+        m.queries.inc_by(self.queries);
+        m.bytes_received.inc_by(self.bytes_in);
+        m.bytes_sent.inc_by(self.bytes_out);
+        m.prepared_hits.inc_by(self.replies.hits);
+        m.prepared_misses.inc_by(self.replies.misses);
+        role.counts.add(self.transactions, self.queries);
+    }
+
+    /// Walks the server's bytes: ReadyForQuery and copy starts feed the tracker,
+    /// ParameterStatus updates both sides' parameters, replies to what the pooler
+    /// added are dropped. Returns how many bytes may go to the client now.
+    pub(super) fn server(
+        &mut self,
+        sbuf: &[u8],
+        server: &mut ServerConn,
+        params: &mut crate::session::params::ClientParams,
+        statements: &mut crate::session::prepared::ClientStatements,
+    ) -> Result<usize, String> {
+        let ServerScan {
+            cursor,
+            tracker,
+            replies,
+            edits,
+            queries,
+            transactions,
+            ..
+        } = self;
+        edits.clear();
+        cursor
+            .advance(
+                sbuf,
+                Side::Backend,
+                |tag| matches!(tag, b'Z' | b'S' | b'1' | b'3') || Replies::needs_body(tag),
+                |tag, at, body| {
+                    match tag {
+                        b'S' => {
+                            if let Some((name, value)) = parameter_status(body) {
+                                server.state.record(name, value);
+                                params.record(name, value);
+                            }
+                        }
+                        _ => {
+                            if tag == b'Z' {
+                                *queries += 1;
+                                if body.first() == Some(&b'I') {
+                                    *transactions += 1;
+                                }
+                            }
+                            tracker.server(tag, body);
+                            let len = 5 + body.len();
+                            let action =
+                                replies.server(tag, body, statements, &mut server.statements);
+                            if tag == b'E' {
+                                // Queries the server skipped after an extended error.
+                                tracker.skipped(replies.take_skipped());
+                            }
+                            match action {
+                                Action::Pass => {}
+                                Action::Drop => edits.push(Edit {
+                                    at,
+                                    len,
+                                    with: None,
+                                }),
+                                Action::Replace(with) => edits.push(Edit {
+                                    at,
+                                    len,
+                                    with: Some(with.to_vec()),
+                                }),
+                                Action::Rename { from, to } => {
+                                    let with = renamed_error(&sbuf[at..at + len], &from, &to);
+                                    edits.push(Edit {
+                                        at,
+                                        len,
+                                        with: Some(with),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                    ControlFlow::Continue(())
+                },
+            )
+            .map_err(|e| format!("malformed message from the server: {e}"))
+    }
+}
+
+/// A server message the client gets changed: dropped (`with: None`) or replaced.
+pub(super) struct Edit {
+    at: usize,
+    len: usize,
+    with: Option<Vec<u8>>,
+}
+
+/// What happened first while forwarding to the server.
+pub(super) enum Relayed {
+    Wrote(std::io::Result<usize>),
+    Read(std::io::Result<usize>),
+}
+
+/// Writes to the server, or reads its replies if it answers (or stops reading) first.
+/// One stream polled both ways: no split halves to allocate per batch.
+pub(super) async fn write_or_read(
+    stream: &mut crate::net::stream::Stream,
+    bytes: &[u8],
+    sbuf: &mut BytesMut,
+) -> Relayed {
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = Pin::new(&mut *stream).poll_write(cx, bytes) {
+            return Poll::Ready(Relayed::Wrote(r));
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, sbuf).map(Relayed::Read)
+    })
+    .await
+}
+
+/// Why a read from the server ended the link, if it did.
+pub(super) fn server_gone(read: std::io::Result<usize>) -> Option<String> {
+    match read {
+        Ok(0) => Some("the server closed the connection".into()),
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// Writes `bytes` to the client with `edits` applied.
+pub(super) async fn write_skipping(
+    stream: &mut crate::net::stream::Stream,
+    bytes: &[u8],
+    edits: &[Edit],
+) -> std::io::Result<()> {
+    let mut from = 0;
+    for edit in edits {
+        if edit.at > from {
+            stream.write_all(&bytes[from..edit.at]).await?;
+        }
+        if let Some(with) = &edit.with {
+            stream.write_all(with).await?;
+        }
+        from = edit.at + edit.len;
+    }
+    if from < bytes.len() {
+        stream.write_all(&bytes[from..]).await?;
+    }
+    Ok(())
+}
+
+fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
+    let mut parts = body.split(|b| *b == 0);
+    let name = std::str::from_utf8(parts.next()?).ok()?;
+    let value = std::str::from_utf8(parts.next()?).ok()?;
+    Some((name, value))
+}
