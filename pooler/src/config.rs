@@ -320,6 +320,14 @@ impl Config {
         if self.auth_pool_size == 0 {
             return bad("auth_pool_size must be at least 1".into());
         }
+        // 0 would refuse every named statement: drivers that name theirs (PgJDBC,
+        // tokio-postgres, asyncpg) could not run a query.
+        if self.max_prepared_statements == 0 || self.max_client_prepared_statements == 0 {
+            return bad(
+                "max_prepared_statements and max_client_prepared_statements must be at least 1"
+                    .into(),
+            );
+        }
         if self.upstream.dbname.is_empty() || self.upstream.auth_user.is_empty() {
             return bad("upstream.dbname and upstream.auth_user must be set".into());
         }
@@ -468,6 +476,11 @@ mod tests {
         assert!(c.validate().is_err());
         let c = Config {
             max_server_connections: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            max_client_prepared_statements: 0,
             ..Config::default()
         };
         assert!(c.validate().is_err());
