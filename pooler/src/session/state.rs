@@ -99,6 +99,14 @@ impl Effect {
         reset_all: true,
         ..Effect::NONE
     };
+    /// Code the pooler cannot see into (`DO`, `CALL`, a FunctionCall): anything a
+    /// session can hold may be left behind, so look once idle (pin if the check finds
+    /// state) and read the tracked parameters back.
+    pub const OPAQUE: Effect = Effect {
+        probe: true,
+        read_back: true,
+        ..Effect::NONE
+    };
     const NONE: Effect = Effect {
         pin: false,
         probe: false,
@@ -217,6 +225,10 @@ fn statement(text: &[u8], customs: &mut Customs) -> Effect {
             _ => Effect::CHECK,
         },
         b"UNLISTEN" | b"DEALLOCATE" | b"CLOSE" | b"DROP" => Effect::CHECK,
+        b"DO" | b"CALL" => {
+            custom_sets(text, customs);
+            Effect::OPAQUE
+        }
         // `SELECT ... INTO TEMP t` creates a temp table.
         b"SELECT" | b"WITH"
             if find_ci(text, b"temp") && contains_word_pair(text, b"INTO", b"TEMP") =>
@@ -579,6 +591,36 @@ fn find_ci_at(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// `a` followed (after blanks) by `b`, anywhere, case-insensitively.
+/// Notes the custom parameters a body may `SET` (`SET app.x = …` in PL/pgSQL): the
+/// state check can see them only by name. `SET LOCAL` is gone at commit; a name the
+/// pooler cannot read (quoted) makes every check report state (Customs).
+fn custom_sets(text: &[u8], customs: &mut Customs) {
+    let ident = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$' | b'.' | b'"');
+    let word = |t: &[u8]| -> usize { t.iter().take_while(|b| ident(**b)).count() };
+    let mut from = 0;
+    while let Some(at) = text.get(from..).and_then(|t| find_ci_at(t, b"set")) {
+        let at = from + at;
+        from = at + 3;
+        let before = at.checked_sub(1).and_then(|i| text.get(i)).copied();
+        let after = text.get(from..).unwrap_or_default();
+        if before.is_some_and(ident) || after.first().is_some_and(|b| ident(*b)) {
+            continue;
+        }
+        let mut rest = after.trim_ascii_start();
+        let mut name = &rest[..word(rest)];
+        if name.eq_ignore_ascii_case(b"LOCAL") {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"SESSION") {
+            rest = rest[name.len()..].trim_ascii_start();
+            name = &rest[..word(rest)];
+        }
+        if name.contains(&b'.') {
+            customs.note(name);
+        }
+    }
+}
+
 fn contains_word_pair(text: &[u8], a: &[u8], b: &[u8]) -> bool {
     let mut words = Words::new(text);
     let mut previous: Option<&[u8]> = None;
@@ -652,6 +694,26 @@ mod tests {
             let e = classify(sql.as_bytes());
             assert!(e.probe && !e.pin, "{sql}");
         }
+    }
+
+    #[test]
+    fn code_the_pooler_cannot_read_is_probed_and_read_back() {
+        for sql in [
+            "DO $$ BEGIN EXECUTE 'LISTEN x'; END $$",
+            "do $$begin perform 1; end$$",
+            "CALL app_proc(1)",
+        ] {
+            let e = classify(sql.as_bytes());
+            assert!(e.probe && e.read_back && !e.pin, "{sql}");
+        }
+        let mut customs = Customs::default();
+        super::classify(
+            b"DO $$ BEGIN SET app.tenant = 'a'; SET LOCAL app.local = 1; \
+              UPDATE t SET x = 1; SET SESSION app.Other TO 2; END $$",
+            &mut customs,
+        );
+        assert_eq!(customs.names, vec!["app.tenant", "app.other"]);
+        assert!(!customs.unknown);
     }
 
     #[test]

@@ -433,3 +433,35 @@ async fn what_may_leave_no_state_needs_no_pin_slot() {
     );
     assert_eq!(role.pinned(), 1);
 }
+
+#[tokio::test]
+async fn state_left_by_a_do_block_pins_and_never_leaks() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(2).await;
+    let x = e.connect(&app).await;
+    let role = e.pooler.shared.roles.get(&app.role).unwrap();
+    // The pooler cannot read the body: it looks once X is idle.
+    x.batch_execute("DO $$ BEGIN EXECUTE 'LISTEN from_do'; END $$")
+        .await
+        .unwrap();
+    pinned_becomes(&role, 1).await;
+    let other = e.connect(&app).await;
+    for _ in 0..10 {
+        let seen = value(
+            &other,
+            "SELECT count(*)::text || '|' || coalesce(current_setting('app.tenant', true), '-') \
+             FROM pg_listening_channels()",
+        )
+        .await;
+        assert!(seen.starts_with("0|"), "X's LISTEN leaked: {seen}");
+    }
+    // A body that leaves nothing costs no pin.
+    let y = e.connect(&app).await;
+    y.batch_execute("DO $$ BEGIN PERFORM 1; END $$")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(role.pinned(), 1, "only X is pinned");
+    x.batch_execute("UNLISTEN *").await.unwrap();
+    pinned_becomes(&role, 0).await;
+}

@@ -211,6 +211,8 @@ impl Rewriter<'_> {
                 out.extend_from_slice(raw);
             }
             b'F' => {
+                // A function the pooler cannot see into: as DO and CALL.
+                self.effect.merge(state::Effect::OPAQUE);
                 self.in_batch(out);
                 self.replies.push(Reply::End { sync: false });
                 out.extend_from_slice(raw);
