@@ -115,40 +115,47 @@ pub(super) async fn terminate_sessions(
     let timeout_ms = i64::try_from(TERMINATE_WAIT.as_millis()).unwrap_or(i64::MAX);
     let rows = client
         .query(
-            "SELECT pg_catalog.pg_terminate_backend(pid, $3) FROM pg_catalog.pg_stat_activity \
+            "SELECT pid, pg_catalog.pg_terminate_backend(pid, $3) FROM pg_catalog.pg_stat_activity \
              WHERE (usename = $1 OR usesysid::int8 = $2) AND pid <> pg_catalog.pg_backend_pid()",
             &[&name.ident(), &oid, &timeout_ms],
         )
         .await?;
-    let lingering = rows
+    // `false` also means the backend had exited before it could be signalled (the
+    // pooler closing its server at the same moment): only those still there linger.
+    let unconfirmed: Vec<i32> = rows
         .iter()
-        .filter(|r| !r.try_get::<_, bool>(0).unwrap_or(false))
-        .count();
-    if lingering > 0 {
+        .filter(|r| !r.try_get::<_, bool>(1).unwrap_or(false))
+        .filter_map(|r| r.try_get::<_, i32>(0).ok())
+        .collect();
+    if !unconfirmed.is_empty() {
         // Say what they are doing, for the operator who has to look.
-        let detail = client
+        let lingering = client
             .query(
                 "SELECT pid, coalesce(state, ''), coalesce(wait_event_type || ':' || wait_event, ''), \
                         left(coalesce(query, ''), 60) FROM pg_catalog.pg_stat_activity \
-                 WHERE (usename = $1 OR usesysid::int8 = $2) AND pid <> pg_catalog.pg_backend_pid()",
-                &[&name.ident(), &oid],
+                 WHERE pid = ANY($1)",
+                &[&unconfirmed],
             )
-            .await?
-            .iter()
-            .map(|r| {
-                format!(
-                    "pid {} {} {} {:?}",
-                    r.get::<_, i32>(0),
-                    r.get::<_, String>(1),
-                    r.get::<_, String>(2),
-                    r.get::<_, String>(3)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Err(ProvisionError::Unavailable(format!(
-            "{lingering} session(s) of {name} did not end within {TERMINATE_WAIT:?} ({detail}); retry"
-        )));
+            .await?;
+        if !lingering.is_empty() {
+            let detail = lingering
+                .iter()
+                .map(|r| {
+                    format!(
+                        "pid {} {} {} {:?}",
+                        r.get::<_, i32>(0),
+                        r.get::<_, String>(1),
+                        r.get::<_, String>(2),
+                        r.get::<_, String>(3)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(ProvisionError::Unavailable(format!(
+                "{} session(s) of {name} did not end within {TERMINATE_WAIT:?} ({detail}); retry",
+                lingering.len()
+            )));
+        }
     }
     if !rows.is_empty() {
         tracing::info!(role = %name, sessions = rows.len(), "terminated the app's sessions");
