@@ -14,7 +14,7 @@ use super::checkout::{checkout, give_back, pool_size};
 use super::cursor::Cursor;
 use super::login::Session;
 use super::prepared::{PreparedLimits, Rewriter};
-use super::signals::{Signals, Stop, wait_readable};
+use super::signals::{Signals, Stop, wait_idle};
 use super::state::Effect;
 use super::tracker::MAX_PENDING;
 use super::upkeep::{settle, sync_params};
@@ -61,22 +61,7 @@ pub async fn run(
     loop {
         // Idle: no server. Wait for a whole message header from the client.
         while s.buf.len() < 5 {
-            let woke = if s.buf.is_empty() {
-                // Nothing pending: wait for readability holding no buffer at all (a
-                // plaintext client; TLS may hold decrypted bytes, so it reads).
-                s.buf = BytesMut::new();
-                wait_readable(&mut s.stream, &mut s.buf, &signals, client).await
-            } else {
-                if s.buf.capacity() - s.buf.len() < 5 {
-                    s.buf.reserve(IDLE_CHUNK);
-                }
-                tokio::select! {
-                    biased;
-                    n = s.stream.read_buf(&mut s.buf) => Ok(n),
-                    stop = signals.wait(client, false) => Err(stop),
-                }
-            };
-            match woke {
+            match wait_idle(&mut s.stream, &mut s.buf, &signals, client).await {
                 Ok(n) => {
                     if n? == 0 {
                         return Ok(());

@@ -62,22 +62,25 @@ impl Signals {
     }
 }
 
-/// An idle client's wait for its next request: `Ok` with a read's result (0: the
-/// client left), or the signal that came first. A plaintext client is read only once
-/// readable, into a buffer allocated then, so an idle one holds none.
-pub(super) async fn wait_readable(
+/// An idle client's wait for (more of) its next request: `Ok` with a read's result
+/// (0: the client left), or the signal that came first. A plaintext client with
+/// nothing pending is read only once readable, into a buffer allocated then, so an
+/// idle one holds none; TLS may hold decrypted bytes, so it reads.
+pub(super) async fn wait_idle(
     stream: &mut crate::net::stream::Stream,
     buf: &mut BytesMut,
     signals: &Signals,
     client: &ClientInfo,
 ) -> Result<std::io::Result<usize>, Stop> {
+    if buf.is_empty() {
+        *buf = BytesMut::new();
+    } else {
+        buf.reserve(IDLE_CHUNK);
+        return read_or_stop(stream, buf, signals, client).await;
+    }
     let crate::net::stream::Stream::Plain(tcp) = stream else {
         buf.reserve(IDLE_CHUNK);
-        return tokio::select! {
-            biased;
-            n = stream.read_buf(buf) => Ok(n),
-            stop = signals.wait(client, false) => Err(stop),
-        };
+        return read_or_stop(stream, buf, signals, client).await;
     };
     loop {
         tokio::select! {
@@ -94,5 +97,19 @@ pub(super) async fn wait_readable(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             read => return Ok(read),
         }
+    }
+}
+
+/// Reads what the client sends, or the signal that came first.
+async fn read_or_stop(
+    stream: &mut crate::net::stream::Stream,
+    buf: &mut BytesMut,
+    signals: &Signals,
+    client: &ClientInfo,
+) -> Result<std::io::Result<usize>, Stop> {
+    tokio::select! {
+        biased;
+        n = stream.read_buf(buf) => Ok(n),
+        stop = signals.wait(client, false) => Err(stop),
     }
 }
