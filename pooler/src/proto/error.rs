@@ -44,6 +44,10 @@ impl SqlState {
     pub const SUCCESSFUL_COMPLETION: SqlState = SqlState("00000");
     /// 01000 warning: a console notice about something that did not take effect.
     pub const WARNING: SqlState = SqlState("01000");
+    /// 25P02 in_failed_sql_transaction: a statement in a transaction that already failed.
+    pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState("25P02");
+    /// 26000 invalid_sql_statement_name: a prepared statement that does not exist.
+    pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState("26000");
     /// 42601 syntax_error: an admin console command the pooler does not know.
     pub const SYNTAX_ERROR: SqlState = SqlState("42601");
     /// 42704 undefined_object: e.g. `KILL` of a role the pooler has never seen.

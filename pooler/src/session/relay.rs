@@ -161,6 +161,7 @@ async fn transaction(
     s.cancel.slot.unlink();
     client.idle();
     match outcome {
+        Ok(Linked::Done) if server.loaded => server.discard(),
         Ok(Linked::Done) => server.release(),
         Ok(Linked::Unknown) => server.discard(),
         Ok(Linked::Drained) => {
@@ -346,6 +347,8 @@ async fn link(
                 return fatal(&mut s.stream, SqlState::PROTOCOL_VIOLATION, message).await;
             }
             let effect = rewriter.effect;
+            // In either mode: a library loaded is there until the connection closes.
+            server.loaded |= effect.discard;
             if !effect.is_none() && !session_mode {
                 take_effect(s, effect, max_pinned).await?;
             }

@@ -218,6 +218,8 @@ pub(super) async fn settle(
             }
         };
         match left {
+            // A loaded library is state no check sees: the client stays pinned.
+            Some(false) if server.loaded => {}
             Some(false) => {
                 if s.pin.take().is_some() {
                     tracing::debug!(role = %s.role.name, "session state gone: client unpinned");

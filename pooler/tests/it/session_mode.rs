@@ -3,17 +3,7 @@
 
 use provisioner::ddl::{LimitsPatch, PoolMode};
 
-use crate::common::{App, Env, env};
-
-async fn one_value(client: &tokio_postgres::Client, sql: &str) -> String {
-    let rows = client.simple_query(sql).await.unwrap();
-    rows.iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .unwrap()
-}
+use crate::common::{App, Env, env, one_value};
 
 async fn keeps_its_server_and_leaves_nothing(e: &Env, app: &App, port: u16) {
     let connect = || {

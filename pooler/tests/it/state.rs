@@ -8,20 +8,7 @@ use std::time::Duration;
 
 use tokio_postgres::{AsyncMessage, Notification};
 
-use crate::common::{App, Env, env, message, sqlstate};
-
-async fn value(client: &tokio_postgres::Client, sql: &str) -> String {
-    client
-        .simple_query(sql)
-        .await
-        .unwrap()
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .unwrap()
-}
+use crate::common::{App, Env, env, message, one_value as value, sqlstate};
 
 /// A client whose notifications arrive on a channel.
 async fn listening_client(

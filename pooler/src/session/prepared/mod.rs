@@ -10,6 +10,7 @@
 //! ParseComplete and CloseComplete to drop. Unnamed statements pass through untouched.
 
 mod replies;
+mod reserved;
 
 use std::collections::HashMap;
 
@@ -249,9 +250,16 @@ impl Rewriter<'_> {
                             undo: Some(undo),
                             emptied,
                             query: true,
+                            answered: false,
                         });
                     }
-                    None => out.extend_from_slice(raw),
+                    None => match reserved::rewrite(text) {
+                        Some(moved) => {
+                            self.replies.reserved = true;
+                            message(out, b'Q', &[&moved, b"\0"]);
+                        }
+                        None => out.extend_from_slice(raw),
+                    },
                 }
                 self.replies.push(Reply::End { sync: false });
             }
@@ -263,6 +271,18 @@ impl Rewriter<'_> {
     fn parse(&mut self, raw: &[u8], body: &[u8], out: &mut BytesMut) -> Result<(), Malformed> {
         let (name, rest) = cstr(body).ok_or(Malformed)?;
         let (query, types) = cstr(rest).ok_or(Malformed)?;
+        let own_deallocate = name.is_empty()
+            && deallocated_name(query).is_some_and(|n| self.client.by_name.contains_key(&n[..]));
+        if !own_deallocate {
+            if let Some(moved) = reserved::rewrite(query) {
+                // The text that reaches the server names no statement of the pooler's
+                // (the moved text has no reserved name left: this recurses once).
+                self.replies.reserved = true;
+                let mut fixed = BytesMut::new();
+                message(&mut fixed, b'P', &[name, b"\0", &moved, b"\0", types]);
+                return self.parse(&fixed, &fixed[5..], out);
+            }
+        }
         let effect = state::classify(query, self.customs);
         self.effect.merge(effect);
         if name.is_empty() {
@@ -401,6 +421,7 @@ impl Rewriter<'_> {
             undo,
             emptied,
             query: false,
+            answered: false,
         });
     }
 

@@ -55,6 +55,9 @@ pub struct Effect {
     pub read_back: bool,
     /// `RESET ALL` or `DISCARD ALL`: parameters are back to the login's.
     pub reset_all: bool,
+    /// `LOAD`: the server can never be made clean again; close it once its client is
+    /// done with it.
+    pub discard: bool,
 }
 
 impl Effect {
@@ -64,6 +67,7 @@ impl Effect {
         self.check |= other.check;
         self.read_back |= other.read_back;
         self.reset_all |= other.reset_all;
+        self.discard |= other.discard;
     }
 
     pub fn is_none(&self) -> bool {
@@ -77,10 +81,11 @@ impl Effect {
         check: true,
         ..Effect::NONE
     };
-    /// A library load: the check cannot see it, so pin and do not look (a later check
-    /// may still unpin; DISCARD ALL does not unload a library either).
+    /// A library load: the check cannot see it and DISCARD ALL does not undo it, so
+    /// pin for good, and close the server when its client is done with it.
     const LOAD: Effect = Effect {
         pin: true,
+        discard: true,
         ..Effect::NONE
     };
     const CHECK: Effect = Effect {
@@ -114,6 +119,7 @@ impl Effect {
         check: false,
         read_back: false,
         reset_all: false,
+        discard: false,
     };
 }
 

@@ -1,0 +1,187 @@
+//! SQL that reaches past the pooler's books: `LOAD`, the pooler's own statement names
+//! (`dp_…`) in `DEALLOCATE`/`EXECUTE`/`PREPARE`, and `DEALLOCATE` in a failed
+//! transaction. Each through the transaction port and the session port.
+
+use crate::common::{App, Env, env, message, one_value, sqlstate};
+
+/// The name tokio-postgres gave a statement on the wire (it shows it only in `Debug`).
+fn statement_name(statement: &tokio_postgres::Statement) -> String {
+    let debug = format!("{statement:?}");
+    let start = debug.find("name: \"").unwrap() + "name: \"".len();
+    let len = debug[start..].find('"').unwrap();
+    debug[start..start + len].to_owned()
+}
+
+/// A pooler with a session port, an app, and both ports. Two servers at most: a
+/// session-mode client holds one for its whole session.
+async fn both_ports(tweak: impl FnOnce(&mut pooler::config::Config)) -> (Env, App, [u16; 2]) {
+    let e = env(|c| {
+        c.session_listen = Some("127.0.0.1:0".parse().unwrap());
+        tweak(c);
+    })
+    .await;
+    let app = e.app_with_pool(2).await;
+    let ports = [e.pooler.addr.port(), e.pooler.session_addr.unwrap().port()];
+    (e, app, ports)
+}
+
+async fn connect(e: &Env, app: &App, port: u16) -> tokio_postgres::Client {
+    dataplane_tests::connect(&e.config_on_port(&app.role, &app.password, port))
+        .await
+        .unwrap()
+}
+
+/// A server a client ran `LOAD` on is closed when the client is done with it, in
+/// either mode: no reset unloads a library, so nobody else may get it.
+#[tokio::test]
+async fn a_server_that_ran_load_is_never_reused() {
+    let (e, app, ports) = both_ports(|_| {}).await;
+    for port in ports {
+        let first = connect(&e, &app, port).await;
+        let pid = one_value(&first, "SELECT pg_backend_pid()").await;
+        // Apps may load only from $libdir/plugins: refused here, which the pooler
+        // cannot tell from a library half-loaded, so it treats both alike.
+        let _ = first.batch_execute("LOAD 'auto_explain'").await;
+        for _ in 0..3 {
+            assert_eq!(
+                one_value(&first, "SELECT pg_backend_pid()").await,
+                pid,
+                "port {port}: the client keeps its server"
+            );
+        }
+        drop(first);
+        let next = connect(&e, &app, port).await;
+        for _ in 0..5 {
+            let now = one_value(&next, "SELECT pg_backend_pid()").await;
+            assert_ne!(now, pid, "port {port}: the loaded server was reused");
+        }
+        // Closed, not parked: its backend goes away (the close is asynchronous).
+        let admin = e.fixture.admin().await;
+        let mut alive = 1;
+        for _ in 0..200 {
+            alive = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1::text::int",
+                    &[&pid],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0);
+            if alive == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert_eq!(alive, 0, "port {port}: the loaded server is closed");
+    }
+}
+
+/// `DEALLOCATE dp_…`, `EXECUTE dp_…` and `PREPARE dp_…` in SQL never touch the
+/// statement the pooler holds under that name for every client of the app: a client
+/// that did not prepare it gets Postgres' own 26000, its transaction fails as it would,
+/// and one that prepares it in SQL has its own.
+#[tokio::test]
+async fn the_poolers_statement_names_are_out_of_sqls_reach() {
+    let (e, app, ports) = both_ports(|_| {}).await;
+    for port in ports {
+        let a = connect(&e, &app, port).await;
+        let b = connect(&e, &app, port).await;
+        let stmt = a.prepare("SELECT 41 + 1").await.unwrap();
+        let theirs = b.prepare("SELECT 41 + 1").await.unwrap();
+        assert_eq!(a.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 42);
+        // The server `a` runs on holds the pooler's name for it.
+        let global = one_value(
+            &a,
+            "SELECT name FROM pg_prepared_statements WHERE NOT from_sql \
+             AND statement = 'SELECT 41 + 1'",
+        )
+        .await;
+        assert!(global.starts_with("dp_"), "{global}");
+
+        for sql in [
+            format!("DEALLOCATE {global}"),
+            format!("DEALLOCATE PREPARE \"{global}\""),
+            format!("EXECUTE {global}"),
+            format!("EXPLAIN EXECUTE {}", global.to_uppercase()),
+        ] {
+            let err = a.batch_execute(&sql).await.unwrap_err();
+            assert_eq!(sqlstate(&err), "26000", "port {port}: {sql}");
+            assert_eq!(
+                message(&err),
+                format!("prepared statement \"{global}\" does not exist"),
+                "port {port}: {sql}"
+            );
+        }
+        // In a transaction it fails the transaction, as Postgres does.
+        a.batch_execute("BEGIN").await.unwrap();
+        let err = a
+            .batch_execute(&format!("DEALLOCATE {global}"))
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err), "26000");
+        let err = a.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(sqlstate(&err), "25P02", "port {port}");
+        a.batch_execute("ROLLBACK").await.unwrap();
+
+        // The client's own SQL statement of that name is its own.
+        a.batch_execute(&format!("PREPARE {global} AS SELECT 7"))
+            .await
+            .unwrap();
+        assert_eq!(one_value(&a, &format!("EXECUTE {global}")).await, "7");
+        a.batch_execute(&format!("DEALLOCATE {global}"))
+            .await
+            .unwrap();
+
+        // Nothing of the pooler's moved: both clients' statements still run.
+        assert_eq!(a.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 42);
+        assert_eq!(
+            b.query_one(&theirs, &[]).await.unwrap().get::<_, i32>(0),
+            42
+        );
+        assert_eq!(
+            one_value(
+                &a,
+                "SELECT count(*) FROM pg_prepared_statements WHERE statement = 'SELECT 41 + 1'"
+            )
+            .await,
+            "1",
+            "port {port}"
+        );
+    }
+}
+
+/// A `DEALLOCATE` of a statement the client has but its server lacks (the pooler would
+/// prepare it on demand, and answers the DEALLOCATE itself): in a transaction that has
+/// already failed Postgres refuses it with 25P02 and keeps the statement, so the
+/// pooler does too.
+#[tokio::test]
+async fn deallocate_in_a_failed_transaction_is_25p02() {
+    // One statement per server: preparing a second one pushes the first off it.
+    let (e, app, ports) = both_ports(|c| c.max_prepared_statements = 1).await;
+    for port in ports {
+        let a = connect(&e, &app, port).await;
+        let first = a.prepare("SELECT 1").await.unwrap();
+        let second = a.prepare("SELECT 2").await.unwrap();
+        assert_eq!(a.query_one(&second, &[]).await.unwrap().get::<_, i32>(0), 2);
+        a.batch_execute("BEGIN").await.unwrap();
+        assert!(a.batch_execute("SELECT 1/0").await.is_err());
+        let err = a
+            .batch_execute(&format!("DEALLOCATE {}", statement_name(&first)))
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err), "25P02", "port {port}: {err}");
+        assert_eq!(
+            message(&err),
+            "current transaction is aborted, commands ignored until end of transaction block"
+        );
+        a.batch_execute("ROLLBACK").await.unwrap();
+        // Still the client's, as Postgres kept it.
+        assert_eq!(a.query_one(&first, &[]).await.unwrap().get::<_, i32>(0), 1);
+        // Outside a failed transaction it is deallocated as asked.
+        a.batch_execute(&format!("DEALLOCATE {}", statement_name(&first)))
+            .await
+            .unwrap();
+        let err = a.query_one(&first, &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "26000", "port {port}");
+    }
+}
