@@ -1,9 +1,9 @@
 //! The operator's controls, shared by the admin console and the HTTP listener:
 //! `PAUSE`/`RESUME`, `KILL` and `SHUTDOWN` (reload is in [`crate::reload`]).
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -33,6 +33,20 @@ impl Paused {
 pub struct Pause {
     any: AtomicBool,
     state: watch::Sender<Paused>,
+    /// Bumped by every change, so a client holding a server looks again at a new pause.
+    version: AtomicU64,
+    /// Clients that hold a server through a pause because their session has state that
+    /// cannot move to another server, by client id: what `PAUSE` reports it waits for.
+    /// At most one entry per client, removed when it lets go or leaves.
+    held: Mutex<BTreeMap<u64, Held>>,
+}
+
+/// A client that keeps its server through a pause, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub role: Arc<str>,
+    /// What is left on its server, e.g. "1 LISTEN channels, 2 temporary relations".
+    pub what: String,
 }
 
 impl Default for Pause {
@@ -40,6 +54,8 @@ impl Default for Pause {
         Pause {
             any: AtomicBool::new(false),
             state: watch::Sender::new(Paused::default()),
+            version: AtomicU64::new(0),
+            held: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -47,6 +63,36 @@ impl Default for Pause {
 impl Pause {
     pub fn is_paused(&self, role: &str) -> bool {
         self.any.load(Ordering::Acquire) && self.state.borrow().covers(role)
+    }
+
+    /// Changes with every pause and resume.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    fn held_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Client `id` keeps its server through the pause, for `what`.
+    pub fn hold(&self, id: u64, held: Held) {
+        self.held_map().insert(id, held);
+    }
+
+    /// Client `id` no longer holds a server for the pause (it let go, acted, or left).
+    pub fn let_go(&self, id: u64) {
+        if self.any.load(Ordering::Acquire) || !self.held_map().is_empty() {
+            self.held_map().remove(&id);
+        }
+    }
+
+    /// The clients holding servers of `role` (or of any role) through the pause.
+    pub fn holders(&self, role: Option<&str>) -> Vec<(u64, Held)> {
+        self.held_map()
+            .iter()
+            .filter(|(_, h)| role.is_none_or(|r| *h.role == *r))
+            .map(|(id, h)| (*id, h.clone()))
+            .collect()
     }
 
     pub fn snapshot(&self) -> Paused {
@@ -82,6 +128,10 @@ impl Pause {
             self.any.store(!p.is_empty(), Ordering::Release);
             *p != before
         });
+        self.version.fetch_add(1, Ordering::AcqRel);
+        if !self.any.load(Ordering::Acquire) {
+            self.held_map().clear();
+        }
         result
     }
 }
@@ -97,10 +147,16 @@ pub enum ControlError {
     )]
     PausedGlobally(String),
     #[error(
-        "paused, but {active} server connection(s) are still in a transaction after {waited:?} \
-         (admin.pause_timeout_ms); new transactions stay held until RESUME"
+        "paused, but {active} server connection(s) are still in use after {waited:?} \
+         (admin.pause_timeout_ms){}; new transactions stay held until RESUME",
+        held_report(*.active, .held)
     )]
-    StillActive { active: u32, waited: Duration },
+    StillActive {
+        active: u32,
+        waited: Duration,
+        /// The idle clients that keep their servers for session state, by client id.
+        held: Vec<(u64, Held)>,
+    },
 }
 
 impl ControlError {
@@ -110,6 +166,25 @@ impl ControlError {
             _ => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
         }
     }
+}
+
+/// What `PAUSE` waits for, beyond transactions in flight: each idle client keeping its
+/// server for session state that cannot move, by its `SHOW CLIENTS` id.
+fn held_report(active: u32, held: &[(u64, Held)]) -> String {
+    if held.is_empty() {
+        return ": in a transaction".to_owned();
+    }
+    let clients = held
+        .iter()
+        .map(|(id, h)| format!("client {id} of role \"{}\" ({})", h.role, h.what))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let in_transaction = (active as usize).saturating_sub(held.len());
+    format!(
+        ": {in_transaction} in a transaction, and {} held by idle clients whose session \
+         state cannot move to another server until they release it or leave: {clients}",
+        held.len()
+    )
 }
 
 fn known(shared: &Shared, role: &str) -> Result<(), ControlError> {
@@ -132,9 +207,12 @@ fn active_servers(shared: &Shared, role: Option<&str>) -> u32 {
 
 /// `PAUSE [role]`, as PgBouncer's: new checkouts of the role (or of all roles) wait for
 /// `RESUME`, running transactions finish, and servers are closed as they come back (a
-/// pause is how a database restart or failover is ridden out). Returns once no server
-/// of the paused roles is in a transaction, or with [`ControlError::StillActive`] after
-/// `admin.pause_timeout_ms`; the pause stays in force either way.
+/// pause is how a database restart or failover is ridden out). Session-mode and pinned
+/// clients let their servers go at their next idle point when their session can move
+/// to another server after the pause. Returns once no server of the paused roles is in
+/// use, or with [`ControlError::StillActive`] after `admin.pause_timeout_ms`, naming
+/// each idle client that keeps its server for session state and what that state is;
+/// the pause stays in force either way.
 pub async fn pause(shared: &Shared, role: Option<&str>) -> Result<(), ControlError> {
     if let Some(r) = role {
         known(shared, r)?;
@@ -161,6 +239,9 @@ pub async fn pause(shared: &Shared, role: Option<&str>) -> Result<(), ControlErr
     for name in &names {
         shared.pools.close_role(name);
     }
+    // Clients that keep a server between transactions (session mode, pinned) let it go
+    // at their next idle point if their session can move (relay.rs).
+    shared.clients.wake_all();
     tracing::info!(role = role.unwrap_or("*"), "paused");
     let timeout = shared.config().admin.pause_timeout();
     let started = tokio::time::Instant::now();
@@ -173,6 +254,7 @@ pub async fn pause(shared: &Shared, role: Option<&str>) -> Result<(), ControlErr
             return Err(ControlError::StillActive {
                 active,
                 waited: started.elapsed(),
+                held: shared.pause.holders(role),
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -14,14 +14,15 @@ use super::checkout::{checkout, give_back, pool_size};
 use super::cursor::Cursor;
 use super::login::Session;
 use super::prepared::{PreparedLimits, Rewriter};
-use super::signals::{Signals, Stop, wait_idle};
+use super::signals::{Signals, Stop, paused, wait_idle};
 use super::state::Effect;
 use super::tracker::MAX_PENDING;
-use super::upkeep::{settle, sync_params};
+use super::upkeep::{settle, sync_params, what_holds};
 use super::wire::{Relayed, ServerScan, server_gone, write_or_read, write_skipping};
 use super::{SessionError, fatal};
 use crate::auth::cache::PoolMode;
 use crate::backend::ServerConn;
+use crate::control::{Held, Pause};
 use crate::proto::SqlState;
 use crate::proto::frame::Side;
 use crate::registry::ClientInfo;
@@ -46,6 +47,10 @@ enum Linked {
     /// Idle, and the pooler is shutting down: the server goes back (reset if the
     /// client had session state), the client is told to leave.
     Drained,
+    /// Idle, its role paused, and nothing on the server that cannot move: a client
+    /// that keeps its server between transactions (session mode, pinned) lets it go
+    /// (reset), and gets another after RESUME.
+    Paused,
 }
 
 pub async fn run(
@@ -139,6 +144,7 @@ async fn transaction(
                 &mut scan,
                 client,
                 signals,
+                &shared.pause,
                 max_prepared,
                 max_pinned,
             )
@@ -164,6 +170,7 @@ async fn transaction(
         Ok(Linked::Done) if server.loaded => server.discard(),
         Ok(Linked::Done) => server.release(),
         Ok(Linked::Unknown) => server.discard(),
+        Ok(Linked::Paused) => give_back(s, server).await,
         Ok(Linked::Drained) => {
             give_back(s, server).await;
             return fatal(
@@ -263,11 +270,20 @@ async fn link(
     scan: &mut ServerScan,
     client: &ClientInfo,
     signals: &Signals,
+    pause: &Pause,
     max_prepared: PreparedLimits,
     max_pinned: usize,
 ) -> Result<Linked, SessionError> {
     // After the pooler's own SETs: a cancel now reaches the client's query only.
     s.cancel.slot.link(server.key);
+    // Under a pause, a client that keeps its server looks once per pause whether its
+    // session can move (and again after it sends anything); what keeps it is reported.
+    let role = s.role.name.clone();
+    let mut looked: Option<u64> = None;
+    let _held = LetGo {
+        pause,
+        client: client.id,
+    };
     let mut client_cursor = Cursor::default();
     // Reused across batches: no allocation per relayed message once warm.
     let mut edits: Vec<(usize, usize, usize, usize)> = Vec::new();
@@ -283,6 +299,9 @@ async fn link(
             _ => {}
         }
         if !s.buf.is_empty() {
+            if looked.take().is_some() {
+                pause.let_go(client.id);
+            }
             let mut too_many = false;
             let mut malformed = false;
             // Named statements are renamed and prepared where needed (prepared.rs):
@@ -433,6 +452,23 @@ async fn link(
         if idle && draining {
             return Ok(Linked::Drained);
         }
+        let holds = idle && (session_mode || s.pin.is_some());
+        if holds && looked != Some(pause.version()) && pause.is_paused(&role) {
+            looked = Some(pause.version());
+            std::mem::swap(&mut server.buf, sbuf);
+            let what = what_holds(s, server).await;
+            std::mem::swap(&mut server.buf, sbuf);
+            match what {
+                None => return Ok(Linked::Paused),
+                Some(what) => pause.hold(
+                    client.id,
+                    Held {
+                        role: role.clone(),
+                        what,
+                    },
+                ),
+            }
+        }
         if s.buf.capacity() - s.buf.len() < 1024 {
             s.buf.reserve(READ_CHUNK);
         }
@@ -462,6 +498,7 @@ async fn link(
                     return Ok(Linked::ClientLeft { clean: idle });
                 }
             }
+            () = paused(pause, &role, client), if holds && looked != Some(pause.version()) => {}
             stop = signals.wait(client, draining) => match stop {
                 Stop::Closing => return closing_error(s, scan.tracker.in_flight()).await,
                 Stop::Revoked => return revoked_error(s).await,
@@ -469,6 +506,18 @@ async fn link(
                 Stop::Draining => draining = true,
             },
         }
+    }
+}
+
+/// Takes a client's entry off the pause's list of holders when its link ends.
+struct LetGo<'a> {
+    pause: &'a Pause,
+    client: u64,
+}
+
+impl Drop for LetGo<'_> {
+    fn drop(&mut self) {
+        self.pause.let_go(self.client);
     }
 }
 

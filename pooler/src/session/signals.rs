@@ -62,6 +62,23 @@ impl Signals {
     }
 }
 
+/// Resolves once `role` is paused: a client that keeps its server between transactions
+/// then looks whether it can let it go. `PAUSE` wakes every client after the switch.
+pub(super) fn paused<'a>(
+    pause: &'a crate::control::Pause,
+    role: &'a str,
+    client: &'a ClientInfo,
+) -> impl std::future::Future<Output = ()> + 'a {
+    std::future::poll_fn(move |cx| {
+        client.signal().register(cx.waker());
+        if pause.is_paused(role) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+}
+
 /// An idle client's wait for (more of) its next request: `Ok` with a read's result
 /// (0: the client left), or the signal that came first. A plaintext client with
 /// nothing pending is read only once readable, into a buffer allocated then, so an

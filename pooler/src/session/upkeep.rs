@@ -311,6 +311,34 @@ async fn read_after_reset(s: &mut Session, server: &mut ServerConn) -> Result<()
     Ok(())
 }
 
+/// Under a pause: whether an idle client that keeps its server (session mode, pinned)
+/// could move to another one. `None`: nothing is left that cannot follow it (its
+/// unreported parameters are read back first, so they do); otherwise what is left,
+/// for `PAUSE` to report.
+pub(super) async fn what_holds(s: &mut Session, server: &mut ServerConn) -> Option<String> {
+    if server.loaded {
+        return Some("a library loaded with LOAD".into());
+    }
+    if let Err(e) = read_back(s, server).await {
+        return Some(format!("its parameters could not be read: {e}"));
+    }
+    let (sql, labels) = state::state_parts_sql(&escape_literal(&s.role.name), &s.customs);
+    let row = match bounded(server, &sql).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return Some("its session state could not be read".into()),
+        Err(e) => return Some(format!("its session state could not be read: {e}")),
+    };
+    let left: Vec<String> = labels
+        .iter()
+        .zip(row)
+        .filter_map(|(label, n)| {
+            let n = n?;
+            (n != "0").then(|| format!("{label}: {n}"))
+        })
+        .collect();
+    (!left.is_empty()).then(|| left.join(", "))
+}
+
 /// Pins a client whose state turned out to be left on its server, or tells it it may
 /// not keep it: the session ends and its server is closed with the state.
 async fn pin_or_refuse(s: &mut Session, max_pinned: usize) -> Result<(), SessionError> {

@@ -8,7 +8,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio_postgres::SimpleQueryMessage;
 
-use crate::common::{ADMIN_PASSWORD, ADMIN_USER, Env, env, message, sqlstate, with_admin};
+use crate::common::{
+    ADMIN_PASSWORD, ADMIN_USER, Env, env, message, one_value, sqlstate, with_admin,
+};
 
 /// The rows of a console command, each as column → text.
 async fn rows(console: &tokio_postgres::Client, sql: &str) -> Vec<HashMap<String, String>> {
@@ -292,6 +294,70 @@ async fn pause_holds_new_transactions_until_resume() {
     assert!(e.pooler.shared.pause.is_paused(&app.role));
     console.simple_query("RESUME").await.unwrap();
     busy.simple_query("SELECT 1").await.unwrap();
+}
+
+/// PAUSE while clients sit idle on servers they keep between transactions: a session-
+/// mode client lets its server go at its idle point and gets another (with its
+/// parameters) after RESUME, so PAUSE completes; a pinned client whose state cannot
+/// move keeps its server, and PAUSE says which client and what it holds.
+#[tokio::test]
+async fn pause_takes_servers_from_idle_clients_that_keep_them() {
+    let e = env(|c| {
+        with_admin(c);
+        c.session_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin.pause_timeout_ms = 1_500;
+    })
+    .await;
+    let app = e.app_with_pool(3).await;
+    let session_port = e.pooler.session_addr.unwrap().port();
+    let console = e.console().await;
+    let in_session =
+        dataplane_tests::connect(&e.config_on_port(&app.role, &app.password, session_port))
+            .await
+            .unwrap();
+    in_session
+        .batch_execute("SET TimeZone = 'Asia/Tokyo'; SET statement_timeout = '7s'")
+        .await
+        .unwrap();
+    let pid = one_value(&in_session, "SELECT pg_backend_pid()").await;
+
+    // Only an idle session-mode client: PAUSE completes.
+    let pause = format!("PAUSE {}", app.role);
+    console.simple_query(&pause).await.unwrap();
+    console
+        .simple_query(&format!("RESUME {}", app.role))
+        .await
+        .unwrap();
+    assert_ne!(
+        one_value(&in_session, "SELECT pg_backend_pid()").await,
+        pid,
+        "a new server after the pause"
+    );
+    assert_eq!(one_value(&in_session, "SHOW TimeZone").await, "Asia/Tokyo");
+    assert_eq!(one_value(&in_session, "SHOW statement_timeout").await, "7s");
+
+    // A pinned client listening on a channel cannot move: PAUSE names it.
+    let listener = e.connect(&app).await;
+    listener.batch_execute("LISTEN somewhere").await.unwrap();
+    in_session.simple_query("SELECT 1").await.unwrap();
+    let err = console.simple_query(&pause).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "55000");
+    let text = message(&err);
+    assert!(text.contains("1 held by idle clients"), "{text}");
+    assert!(
+        text.contains(&format!("of role \"{}\"", app.role)),
+        "{text}"
+    );
+    assert!(text.contains("LISTEN channels: 1"), "{text}");
+    // Once it lets go of its channel it is unpinned and its server goes back.
+    listener.batch_execute("UNLISTEN *").await.unwrap();
+    console.simple_query(&pause).await.unwrap();
+    console
+        .simple_query(&format!("RESUME {}", app.role))
+        .await
+        .unwrap();
+    listener.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(one_value(&in_session, "SHOW TimeZone").await, "Asia/Tokyo");
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@
 //! false "may remove" costs one round trip; neither leaks.
 
 mod sql;
-pub use sql::{read_back_sql, reset_read_sql, state_left_sql};
+pub use sql::{read_back_sql, reset_read_sql, state_left_sql, state_parts_sql};
 
 /// Parameters that follow a client from server to server (set on checkout when the
 /// server's differ), in Postgres' lower-case spelling.

@@ -5,25 +5,70 @@ use postgres_protocol::escape::escape_literal;
 
 use super::{Customs, READ_BACK, TRACKED};
 
-/// The query that tells whether a pinned client's server is clean again: one row, one
-/// column, the number of pieces of session state left (0 = clean). `role` is the login role,
-/// as a quoted literal.
+/// The pieces of session state the check counts, each with what it is called when
+/// PAUSE reports a client it cannot move (`{custom}` and `{role}` are filled in).
 ///
 /// What it sees: untracked settings changed in the session (`pg_settings`, which lists
 /// every built-in parameter), custom parameters by name ([`Customs`]), LISTEN channels,
 /// advisory locks (session ones: transaction ones are gone at idle), SQL prepared
 /// statements, holdable cursors, anything in the session's temporary schema (tables,
 /// views, sequences, functions, types), and a changed role or session authorization.
-pub fn state_left_sql(role_literal: &str, customs: &Customs) -> String {
+const PARTS: &[(&str, &str)] = &[
+    (
+        "changed settings",
+        "(SELECT count(*) FROM pg_catalog.pg_settings \
+         WHERE source = 'session' AND lower(name) NOT IN ({tracked}))",
+    ),
+    ("custom settings", "{custom}"),
+    (
+        "LISTEN channels",
+        "(SELECT count(*) FROM pg_catalog.pg_listening_channels())",
+    ),
+    (
+        "session advisory locks",
+        "(SELECT count(*) FROM pg_catalog.pg_locks \
+         WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid())",
+    ),
+    (
+        "SQL prepared statements",
+        "(SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql)",
+    ),
+    (
+        "holdable cursors",
+        "(SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable)",
+    ),
+    (
+        "temporary relations",
+        "(SELECT count(*) FROM pg_catalog.pg_class \
+         WHERE relnamespace = pg_catalog.pg_my_temp_schema())",
+    ),
+    (
+        "temporary functions",
+        "(SELECT count(*) FROM pg_catalog.pg_proc \
+         WHERE pronamespace = pg_catalog.pg_my_temp_schema())",
+    ),
+    (
+        "temporary types",
+        "(SELECT count(*) FROM pg_catalog.pg_type \
+         WHERE typnamespace = pg_catalog.pg_my_temp_schema())",
+    ),
+    (
+        "a changed role",
+        "(current_user <> session_user OR session_user <> {role})::int",
+    ),
+];
+
+/// Each part's SQL with its placeholders filled in.
+fn parts(role_literal: &str, customs: &Customs) -> impl Iterator<Item = (&'static str, String)> {
     let tracked = TRACKED
         .iter()
         .map(|t| format!("'{t}'"))
         .collect::<Vec<_>>()
         .join(",");
     let custom = if customs.unknown {
-        " + 1".to_owned()
+        "1".to_owned()
     } else if customs.names.is_empty() {
-        String::new()
+        "0".to_owned()
     } else {
         let names = customs
             .names
@@ -32,26 +77,36 @@ pub fn state_left_sql(role_literal: &str, customs: &Customs) -> String {
             .collect::<Vec<_>>()
             .join(",");
         format!(
-            " + (SELECT count(*) FROM pg_catalog.unnest(ARRAY[{names}]::text[]) AS c(name) \
+            "(SELECT count(*) FROM pg_catalog.unnest(ARRAY[{names}]::text[]) AS c(name) \
              WHERE coalesce(pg_catalog.current_setting(c.name, true), '') <> '')"
         )
     };
-    format!(
-        "SELECT (SELECT count(*) FROM pg_catalog.pg_settings \
-             WHERE source = 'session' AND lower(name) NOT IN ({tracked})) \
-         + (SELECT count(*) FROM pg_catalog.pg_listening_channels()) \
-         + (SELECT count(*) FROM pg_catalog.pg_locks \
-             WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
-         + (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
-         + (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
-         + (SELECT count(*) FROM pg_catalog.pg_class \
-             WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
-         + (SELECT count(*) FROM pg_catalog.pg_proc \
-             WHERE pronamespace = pg_catalog.pg_my_temp_schema()) \
-         + (SELECT count(*) FROM pg_catalog.pg_type \
-             WHERE typnamespace = pg_catalog.pg_my_temp_schema()) \
-         + (current_user <> session_user OR session_user <> {role_literal})::int{custom}"
-    )
+    let role = role_literal.to_owned();
+    PARTS.iter().map(move |(label, sql)| {
+        let sql = sql
+            .replace("{tracked}", &tracked)
+            .replace("{custom}", &custom)
+            .replace("{role}", &role);
+        (*label, sql)
+    })
+}
+
+/// The query that tells whether a pinned client's server is clean again: one row, one
+/// column, the number of pieces of session state left (0 = clean). `role` is the login
+/// role, as a quoted literal.
+pub fn state_left_sql(role_literal: &str, customs: &Customs) -> String {
+    let sum = parts(role_literal, customs)
+        .map(|(_, sql)| sql)
+        .collect::<Vec<_>>()
+        .join(" + ");
+    format!("SELECT {sum}")
+}
+
+/// The same look, one column per kind of state, for saying what is left; the labels
+/// in column order come with it.
+pub fn state_parts_sql(role_literal: &str, customs: &Customs) -> (String, Vec<&'static str>) {
+    let (labels, columns): (Vec<_>, Vec<_>) = parts(role_literal, customs).unzip();
+    (format!("SELECT {}", columns.join(", ")), labels)
 }
 
 /// The SQL that reads back the tracked parameters Postgres does not report, in

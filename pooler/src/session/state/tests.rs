@@ -103,7 +103,7 @@ fn custom_parameters_are_remembered_by_name() {
     super::classify(b"SELECT set_config(name, 'v', false) FROM t", &mut customs);
     assert!(customs.unknown, "a name the pooler cannot read");
     let sql = state_left_sql("'r'", &customs);
-    assert!(sql.ends_with(" + 1"), "{sql}");
+    assert!(sql.contains(" + 1 + "), "{sql}");
 }
 
 #[test]
