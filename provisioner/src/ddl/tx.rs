@@ -7,9 +7,14 @@ use std::time::Duration;
 use deadpool_postgres::{Object, Transaction};
 
 use super::ProvisionError;
-use super::execute::OpContext;
 use super::plan::Present;
 use crate::names::{AppName, TenantId};
+
+/// Who asked, for the audit log.
+#[derive(Debug, Clone, Default)]
+pub struct OpContext {
+    pub request_id: Option<String>,
+}
 
 /// `pg_advisory_xact_lock` key serialising every provisioning transaction ("dp_prov").
 const PROVISION_LOCK: i64 = 0x0064_705f_7072_6f76;
