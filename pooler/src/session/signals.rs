@@ -6,7 +6,7 @@ use std::task::Poll;
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 
-use super::relay::IDLE_CHUNK;
+use super::client::IDLE_CHUNK;
 use crate::registry::ClientInfo;
 
 /// The signals a client listens to. Read by version (an atomic load) while the
@@ -65,7 +65,7 @@ impl Signals {
 /// Resolves once `role` is paused: a client that keeps its server between transactions
 /// then looks whether it can let it go. `PAUSE` wakes every client after the switch.
 pub(super) fn paused<'a>(
-    pause: &'a crate::control::Pause,
+    pause: &'a crate::shared::Pause,
     role: &'a str,
     client: &'a ClientInfo,
 ) -> impl std::future::Future<Output = ()> + 'a {

@@ -443,7 +443,7 @@ impl Replies {
             }
         }
         client.by_name.retain(|name, _| names.contains(name));
-        server.used.retain(|global, _| globals.contains(global));
+        server.retain(|global| globals.contains(global));
         self.unnamed = None;
         self.portal = None;
     }
@@ -462,7 +462,7 @@ fn emptied_outcome(
     let mut out = bytes::BytesMut::with_capacity(160);
     if ready.first() == Some(&b'E') {
         restore(undo, client, server);
-        crate::proto::error::write_error(
+        crate::proto::backend::write_error(
             &mut out,
             crate::proto::SqlState::IN_FAILED_SQL_TRANSACTION,
             "current transaction is aborted, commands ignored until end of transaction block",

@@ -221,7 +221,7 @@ fn servers_hold_a_bounded_number_of_statements() {
         )
         .unwrap();
     }
-    assert_eq!(server.used.len(), 3);
+    assert_eq!(server.len(), 3);
     assert_eq!(tags(&out), b"PPPCPCP");
 }
 
@@ -624,7 +624,7 @@ fn the_poolers_names_are_out_of_sqls_reach() {
         Action::Pass
     );
     let mut error = BytesMut::new();
-    crate::proto::error::write_error(
+    crate::proto::backend::write_error(
         &mut error,
         crate::proto::SqlState::INVALID_SQL_STATEMENT_NAME,
         &format!("prepared statement \"{name}$client\" does not exist"),
