@@ -12,6 +12,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use super::client::Session;
+use super::settings::{self, Outcome, Requested};
 use crate::auth::cache::{LookupError, PoolMode, RoleAuth, Status};
 use crate::backend::LoginKeys;
 use crate::backend::params::{ClientParams, ServerParams};
@@ -159,17 +160,48 @@ pub async fn login(
     encoded(msg::authentication_sasl_final(&mut out, &server_final))?;
     msg::authentication_ok(&mut out);
 
-    let params = ClientParams::from_startup_shared(&startup, &role.startup_params);
-    let server_params = match role.params() {
-        Some(p) => p,
-        None => match warm_up(shared, &role, &auth).await {
-            Ok(p) => p,
+    // What the client asked for at startup, checked as Postgres would check it (on a
+    // server only when some of it has not passed before).
+    let requested = settings::requested(&startup);
+    let (server_params, outcome) = match (role.params(), requested.known(&role)) {
+        (Some(p), Some(outcome)) => (p, outcome),
+        _ => match prepare(shared, &role, &auth, &requested).await {
+            Ok(both) => both,
             Err((code, message)) => {
                 stream.write_all(&out).await?;
                 return fatal(&mut stream, code, message).await;
             }
         },
     };
+    let reported = match outcome {
+        Outcome::Accepted { reported, notices } => {
+            for notice in notices {
+                out.extend_from_slice(&notice);
+            }
+            reported
+        }
+        Outcome::Refused {
+            notices,
+            error,
+            code,
+            message,
+        } => {
+            for notice in notices {
+                out.extend_from_slice(&notice);
+            }
+            out.extend_from_slice(&error);
+            // The client may already be gone; the refusal is still the outcome.
+            let _ = stream.write_all(&out).await;
+            let _ = stream.flush().await;
+            return Err(SessionError::Reported { code, message });
+        }
+    };
+    // Reported parameters as Postgres spells them (`utf8` is `UTF8`).
+    let settings = requested.settings.iter().map(|(name, value)| {
+        let value = reported.get(&name.to_ascii_lowercase()).unwrap_or(value);
+        (name.as_str(), value.as_str())
+    });
+    let params = ClientParams::shared_from_settings(settings, &role.startup_params);
     for (name, value) in server_params.announce(&params) {
         // A value the protocol cannot carry (a NUL) is not announced.
         let _ = msg::parameter_status(&mut out, name, value.as_bytes());
@@ -213,19 +245,35 @@ pub async fn login(
     })
 }
 
-/// The first client of a role since start-up: open (and return) a server to learn the
-/// parameters Postgres reports for the role. Later clients log in without Postgres.
-async fn warm_up(
+/// A server of the role, for what a login needs from one: the parameters Postgres
+/// reports for the role (the first client since start-up learns them), and the check
+/// of settings that have not passed before. Later clients log in without Postgres.
+async fn prepare(
     shared: &Shared,
     role: &RoleShared,
     auth: &RoleAuth,
-) -> Result<Arc<ServerParams>, (SqlState, String)> {
-    let server = super::checkout::checkout(shared, role, auth).await?;
-    let params = ServerParams::from_login(&server.params);
-    role.set_params(params);
+    requested: &Requested,
+) -> Result<(Arc<ServerParams>, Outcome), (SqlState, String)> {
+    let mut server = super::checkout::checkout(shared, role, auth).await?;
+    role.set_params(ServerParams::from_login(&server.params));
+    let outcome = match requested.known(role) {
+        Some(outcome) => outcome,
+        None => match requested.check(&mut server, role).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::warn!(role = %role.name, error = %e, "checking startup settings failed");
+                server.discard();
+                return Err((
+                    SqlState::CONNECTION_FAILURE,
+                    format!("the pooler could not check the startup settings: {e}"),
+                ));
+            }
+        },
+    };
     server.release();
-    role.params().ok_or((
+    let params = role.params().ok_or((
         SqlState::CONNECTION_FAILURE,
         "server parameters unavailable".into(),
-    ))
+    ))?;
+    Ok((params, outcome))
 }

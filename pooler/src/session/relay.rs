@@ -17,7 +17,7 @@ use super::prepared::{PreparedLimits, Rewriter};
 use super::signals::{Signals, Stop, paused, wait_idle};
 use super::state::Effect;
 use super::tracker::MAX_PENDING;
-use super::upkeep::{settle, sync_params, what_holds};
+use super::upkeep::{after_reset, settle, sync_params, what_holds};
 use super::wire::{Relayed, ServerScan, server_gone, write_or_read, write_skipping};
 use crate::auth::cache::PoolMode;
 use crate::backend::ServerConn;
@@ -366,6 +366,9 @@ async fn link(
             if !effect.is_none() && !session_mode {
                 take_effect(s, effect, max_pinned).await?;
             }
+            // Session mode keeps no books of its own server's state but one: a reset
+            // must bring back the client's startup values.
+            s.pending.reset_all |= session_mode && effect.reset_all;
             // What goes to the server: the client's bytes, or with edits applied.
             let outgoing: &[u8] = if edits.is_empty() {
                 &s.buf[..n]
@@ -443,6 +446,12 @@ async fn link(
             if s.pin.is_none() {
                 return Ok(Linked::Done);
             }
+        }
+        if idle && session_mode && s.pending.reset_all {
+            std::mem::swap(&mut server.buf, sbuf);
+            let done = after_reset(s, server).await;
+            std::mem::swap(&mut server.buf, sbuf);
+            done?;
         }
         if idle && draining {
             return Ok(Linked::Drained);

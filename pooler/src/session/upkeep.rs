@@ -194,9 +194,12 @@ pub(super) async fn settle(
     max_pinned: usize,
 ) -> Result<bool, SessionError> {
     let pending = std::mem::take(&mut s.pending);
+    let carried = carried(s);
+    // A SET of a parameter the client's startup settings carry pins and asks for a
+    // check: read it back too, so its new value is what follows the client.
     let read = if pending.reset_all {
         read_after_reset(s, server).await
-    } else if pending.read_back {
+    } else if pending.read_back || (!carried.is_empty() && (pending.check || pending.probe)) {
         read_back(s, server).await
     } else {
         Ok(())
@@ -207,7 +210,7 @@ pub(super) async fn settle(
     // A probe may have left state (a lock, a setting) whatever the books say: look even
     // when the client is not pinned. A check only matters to a pinned client.
     if pending.probe || (pending.check && s.pin.is_some()) {
-        let sql = state::state_left_sql(&escape_literal(&s.role.name), &s.customs);
+        let sql = state::state_left_sql(&escape_literal(&s.role.name), &s.customs, &carried);
         let left = match bounded(server, &sql).await {
             Ok(Some(row)) => row.first().cloned().flatten().map(|n| n != "0"),
             Ok(None) => None,
@@ -240,6 +243,9 @@ pub(super) async fn settle(
             }
         }
     }
+    if pending.reset_all && read.is_ok() {
+        resync(s, server).await?;
+    }
     if read.is_err() {
         if s.pin.is_some() {
             // Same server next time: read again then.
@@ -257,12 +263,68 @@ pub(super) async fn settle(
     Ok(true)
 }
 
-/// Reads back the tracked parameters Postgres does not report.
+/// After a reset the server's parameters are at its login values, where a direct
+/// client's are back at its startup values: set those again at once, and tell the
+/// client of each reported one that changed (ParameterStatus), as Postgres tells a
+/// client of every change it makes.
+async fn resync(s: &mut Session, server: &mut ServerConn) -> Result<(), SessionError> {
+    let before: Vec<(String, String)> = server
+        .state
+        .reported_values()
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        .collect();
+    sync_params(s, server).await?;
+    let mut out = BytesMut::new();
+    for (name, value) in server.state.reported_values() {
+        if !before.iter().any(|(n, v)| n == name && v == value) {
+            // A value the protocol cannot carry (a NUL) is not announced.
+            let _ = crate::proto::backend::parameter_status(&mut out, name, value.as_bytes());
+        }
+    }
+    if !out.is_empty() {
+        s.stream.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// Session mode, after the client's `RESET` or `DISCARD ALL`: what `settle` does in
+/// transaction mode for resets (its server is its own, nothing else is looked at).
+pub(super) async fn after_reset(
+    s: &mut Session,
+    server: &mut ServerConn,
+) -> Result<(), SessionError> {
+    s.pending.reset_all = false;
+    match read_after_reset(s, server).await {
+        Ok(()) => resync(s, server).await,
+        Err(e) => {
+            tracing::debug!(role = %s.role.name, error = %e, "reading parameters back failed");
+            Ok(())
+        }
+    }
+}
+
+/// The parameters the pooler sets for this client on every server besides the
+/// tracked ones: its startup settings (`-c work_mem=…`, `app.tenant=…`), lower case.
+fn carried(s: &Session) -> Vec<String> {
+    s.params
+        .iter()
+        .map(|(name, _)| name.to_ascii_lowercase())
+        .filter(|name| !state::TRACKED.contains(&name.as_str()))
+        .collect()
+}
+
+/// Reads back the tracked parameters Postgres does not report, and the client's
+/// carried ones.
 async fn read_back(s: &mut Session, server: &mut ServerConn) -> Result<(), std::io::Error> {
-    let row = bounded(server, &state::read_back_sql())
+    let carried = carried(s);
+    let row = bounded(server, &state::read_back_sql(&carried))
         .await?
         .ok_or_else(|| std::io::Error::other("no row from the read-back"))?;
-    for (name, value) in READ_BACK.iter().zip(row) {
+    let names = READ_BACK
+        .iter()
+        .copied()
+        .chain(carried.iter().map(String::as_str));
+    for (name, value) in names.zip(row) {
         if let Some(value) = value {
             server.state.record(name, &value);
             s.params.record(name, &value);
@@ -321,7 +383,8 @@ pub(super) async fn what_holds(s: &mut Session, server: &mut ServerConn) -> Opti
     if let Err(e) = read_back(s, server).await {
         return Some(format!("its parameters could not be read: {e}"));
     }
-    let (sql, labels) = state::state_parts_sql(&escape_literal(&s.role.name), &s.customs);
+    let carried = carried(s);
+    let (sql, labels) = state::state_parts_sql(&escape_literal(&s.role.name), &s.customs, &carried);
     let row = match bounded(server, &sql).await {
         Ok(Some(row)) => row,
         Ok(None) => return Some("its session state could not be read".into()),

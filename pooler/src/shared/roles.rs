@@ -16,6 +16,18 @@ use crate::registry::{ClientInfo, Registry};
 /// before the pooler tries to log in as it again.
 pub const MISMATCH_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Startup settings remembered per role as accepted; past this the memory starts over.
+pub const MAX_CHECKED_SETTINGS: usize = 256;
+/// A setting longer than this (name and value) is checked every time, not remembered.
+pub const MAX_CHECKED_SETTING_BYTES: usize = 512;
+
+/// A startup setting a server of the role accepted without a notice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckedSetting {
+    /// The value as Postgres reports it (ParameterStatus), for a reported parameter.
+    pub reported: Option<String>,
+}
+
 /// Per-role state that outlives any one client.
 pub struct RoleShared {
     pub name: Arc<str>,
@@ -36,6 +48,9 @@ pub struct RoleShared {
     killed: std::sync::atomic::AtomicBool,
     /// Transactions and requests relayed, for per-role metrics.
     pub counts: RoleCounts,
+    /// Startup settings its servers accepted, by `name\0value`: a client asking for
+    /// only these logs in without a check on a server.
+    checked: Mutex<HashMap<String, Arc<CheckedSetting>>>,
 }
 
 /// A pinned client's place under `max_pinned_per_role`; given back on drop.
@@ -65,7 +80,38 @@ impl RoleShared {
             pinned: Arc::default(),
             killed: Default::default(),
             counts: Default::default(),
+            checked: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// What a server of the role said about startup setting `name = value`, if it
+    /// accepted it before.
+    pub fn checked_setting(&self, name: &str, value: &str) -> Option<Arc<CheckedSetting>> {
+        let map = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if map.is_empty() {
+            return None;
+        }
+        map.get(&format!("{name}\0{value}")).cloned()
+    }
+
+    /// Remembers that a server of the role accepted `name = value`.
+    pub fn remember_setting(&self, name: &str, value: &str, checked: CheckedSetting) {
+        if name.len() + value.len() > MAX_CHECKED_SETTING_BYTES {
+            return;
+        }
+        let mut map = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_CHECKED_SETTINGS {
+            map.clear();
+        }
+        map.insert(format!("{name}\0{value}"), Arc::new(checked));
+    }
+
+    /// The role changed (revoked, rotated): what its servers accepted may change too.
+    fn forget_settings(&self) {
+        self.checked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// The console's KILL: every client of the role is told to leave (57P01), as on a
@@ -147,6 +193,8 @@ impl RoleShared {
         if slot.as_ref().is_some_and(|k| k.generation < generation) {
             *slot = None;
         }
+        drop(slot);
+        self.forget_settings();
         *self
             .mismatch_until
             .lock()
@@ -188,6 +236,7 @@ impl RoleShared {
         self.killed
             .store(false, std::sync::atomic::Ordering::Release);
         *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.forget_settings();
         self.revoked.send_modify(|n| *n += 1);
     }
 

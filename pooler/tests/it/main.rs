@@ -17,5 +17,6 @@ mod protocol;
 mod restart;
 mod revocation;
 mod session_mode;
+mod startup;
 mod state;
 mod tls;

@@ -196,11 +196,10 @@ fn statement(text: &[u8], customs: &mut Customs) -> Effect {
     };
     match first {
         b"SET" => set(&mut words, customs),
-        b"RESET" => match words.next().map(upper).as_deref() {
-            Some(b"ALL") => Effect::RESET_ALL,
-            Some(name) if is_tracked(name) => read_back(name),
-            _ => Effect::CHECK,
-        },
+        // `RESET name` returns a parameter to the value the session started with,
+        // which for a client of the pooler is its startup setting, not the server's:
+        // read like a `RESET ALL`, which finds what went back to its reset value.
+        b"RESET" => Effect::RESET_ALL,
         b"LISTEN" => Effect::PIN,
         b"LOAD" => Effect::LOAD,
         b"PREPARE" => match words.next().map(upper).as_deref() {

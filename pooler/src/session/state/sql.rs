@@ -17,7 +17,7 @@ const PARTS: &[(&str, &str)] = &[
     (
         "changed settings",
         "(SELECT count(*) FROM pg_catalog.pg_settings \
-         WHERE source = 'session' AND lower(name) NOT IN ({tracked}))",
+         WHERE source = 'session' AND lower(name) NOT IN ({tracked}{carried}))",
     ),
     ("custom settings", "{custom}"),
     (
@@ -58,20 +58,34 @@ const PARTS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Each part's SQL with its placeholders filled in.
-fn parts(role_literal: &str, customs: &Customs) -> impl Iterator<Item = (&'static str, String)> {
+/// Each part's SQL with its placeholders filled in. `carried`: the other parameters
+/// the pooler sets for this client on every server (its startup settings), lower case:
+/// not state, whatever their source.
+fn parts(
+    role_literal: &str,
+    customs: &Customs,
+    carried: &[String],
+) -> impl Iterator<Item = (&'static str, String)> {
     let tracked = TRACKED
         .iter()
         .map(|t| format!("'{t}'"))
         .collect::<Vec<_>>()
         .join(",");
+    let carried_list: String = carried
+        .iter()
+        .map(|n| format!(",{}", escape_literal(n)))
+        .collect();
+    let own: Vec<&String> = customs
+        .names
+        .iter()
+        .filter(|n| !carried.contains(n))
+        .collect();
     let custom = if customs.unknown {
         "1".to_owned()
-    } else if customs.names.is_empty() {
+    } else if own.is_empty() {
         "0".to_owned()
     } else {
-        let names = customs
-            .names
+        let names = own
             .iter()
             .map(|n| escape_literal(n))
             .collect::<Vec<_>>()
@@ -85,6 +99,7 @@ fn parts(role_literal: &str, customs: &Customs) -> impl Iterator<Item = (&'stati
     PARTS.iter().map(move |(label, sql)| {
         let sql = sql
             .replace("{tracked}", &tracked)
+            .replace("{carried}", &carried_list)
             .replace("{custom}", &custom)
             .replace("{role}", &role);
         (*label, sql)
@@ -94,8 +109,8 @@ fn parts(role_literal: &str, customs: &Customs) -> impl Iterator<Item = (&'stati
 /// The query that tells whether a pinned client's server is clean again: one row, one
 /// column, the number of pieces of session state left (0 = clean). `role` is the login
 /// role, as a quoted literal.
-pub fn state_left_sql(role_literal: &str, customs: &Customs) -> String {
-    let sum = parts(role_literal, customs)
+pub fn state_left_sql(role_literal: &str, customs: &Customs, carried: &[String]) -> String {
+    let sum = parts(role_literal, customs, carried)
         .map(|(_, sql)| sql)
         .collect::<Vec<_>>()
         .join(" + ");
@@ -104,17 +119,26 @@ pub fn state_left_sql(role_literal: &str, customs: &Customs) -> String {
 
 /// The same look, one column per kind of state, for saying what is left; the labels
 /// in column order come with it.
-pub fn state_parts_sql(role_literal: &str, customs: &Customs) -> (String, Vec<&'static str>) {
-    let (labels, columns): (Vec<_>, Vec<_>) = parts(role_literal, customs).unzip();
+pub fn state_parts_sql(
+    role_literal: &str,
+    customs: &Customs,
+    carried: &[String],
+) -> (String, Vec<&'static str>) {
+    let (labels, columns): (Vec<_>, Vec<_>) = parts(role_literal, customs, carried).unzip();
     (format!("SELECT {}", columns.join(", ")), labels)
 }
 
 /// The SQL that reads back the tracked parameters Postgres does not report, in
-/// [`READ_BACK`] order.
-pub fn read_back_sql() -> String {
+/// [`READ_BACK`] order, then the client's `carried` ones (NULL if unknown).
+pub fn read_back_sql(carried: &[String]) -> String {
     let columns = READ_BACK
         .iter()
         .map(|n| format!("pg_catalog.current_setting('{n}')"))
+        .chain(
+            carried
+                .iter()
+                .map(|n| format!("pg_catalog.current_setting({}, true)", escape_literal(n))),
+        )
         .collect::<Vec<_>>()
         .join(", ");
     format!("SELECT {columns}")
