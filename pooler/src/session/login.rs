@@ -246,8 +246,9 @@ pub async fn login(
 }
 
 /// A server of the role, for what a login needs from one: the parameters Postgres
-/// reports for the role (the first client since start-up learns them), and the check
-/// of settings that have not passed before. Later clients log in without Postgres.
+/// reports for the role and what its functions may leave (the first client since
+/// start-up learns them), and the check of settings that have not passed before.
+/// Later clients log in without Postgres.
 async fn prepare(
     shared: &Shared,
     role: &RoleShared,
@@ -256,6 +257,13 @@ async fn prepare(
 ) -> Result<(Arc<ServerParams>, Outcome), (SqlState, String)> {
     let mut server = super::checkout::checkout(shared, role, auth).await?;
     role.set_params(ServerParams::from_login(&server.params));
+    // The role's first client: what its functions may leave (routines.rs). A failure
+    // leaves the role risky, and the look is tried again after a transaction.
+    if role.routines_due(Instant::now(), super::routines::REFRESH) {
+        if let Err(e) = super::upkeep::look_at_routines(role, &mut server).await {
+            tracing::debug!(role = %role.name, error = %e, "looking at the app's functions failed");
+        }
+    }
     let outcome = match requested.known(role) {
         Some(outcome) => outcome,
         None => match requested.check(&mut server, role).await {

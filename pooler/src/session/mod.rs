@@ -7,6 +7,7 @@ mod cursor;
 mod login;
 pub mod prepared;
 mod relay;
+mod routines;
 mod settings;
 mod signals;
 mod state;

@@ -14,6 +14,7 @@ use super::checkout::{checkout, give_back, pool_size};
 use super::client::{IDLE_CHUNK, Session, server_lost};
 use super::cursor::Cursor;
 use super::prepared::{PreparedLimits, Rewriter};
+use super::routines::REFRESH as ROUTINES_REFRESH;
 use super::signals::{Signals, Stop, paused, wait_idle};
 use super::state::Effect;
 use super::tracker::MAX_PENDING;
@@ -142,6 +143,7 @@ async fn transaction(
                 &shared.pause,
                 max_prepared,
                 max_pinned,
+                s.role.routines_due(linked, ROUTINES_REFRESH),
             )
             .await;
             return_buffer(s, &mut server, small);
@@ -268,6 +270,7 @@ async fn link(
     pause: &Pause,
     max_prepared: PreparedLimits,
     max_pinned: usize,
+    mut look_at_routines: bool,
 ) -> Result<Linked, SessionError> {
     // After the pooler's own SETs: a cancel now reaches the client's query only.
     s.cancel.slot.link(server.key);
@@ -285,6 +288,10 @@ async fn link(
     let mut scratch = BytesMut::new();
     let mut rewritten = BytesMut::new();
     let session_mode = s.mode == PoolMode::Session;
+    // An app whose functions may leave session state behind a plain call has every
+    // transaction looked at once idle (routines.rs); session mode resets instead.
+    let risky = !session_mode && s.role.routines_risky();
+    let mut ran = false;
     let mut draining = *signals.shutdown.borrow();
     loop {
         // Atomic loads: a stream that keeps the reads below ready must not hide these.
@@ -361,6 +368,7 @@ async fn link(
                 return fatal(&mut s.stream, SqlState::PROTOCOL_VIOLATION, message).await;
             }
             let effect = rewriter.effect;
+            ran |= risky;
             // In either mode: a library loaded is there until the connection closes.
             server.loaded |= effect.discard;
             if !effect.is_none() && !session_mode {
@@ -434,10 +442,13 @@ async fn link(
             && scan.cursor.at_boundary()
             && sbuf.is_empty();
         if idle && !session_mode {
-            if !s.pending.is_none() {
+            let routine_kinds = if ran { s.role.routine_kinds() } else { 0 };
+            if !s.pending.is_none() || look_at_routines || routine_kinds != 0 {
                 // settle talks to the server through its own buffer: lend it back.
                 std::mem::swap(&mut server.buf, sbuf);
-                let settled = settle(s, server, max_pinned).await;
+                let settled = settle(s, server, max_pinned, look_at_routines, routine_kinds).await;
+                look_at_routines = false;
+                ran = false;
                 std::mem::swap(&mut server.buf, sbuf);
                 if !settled? {
                     return Ok(Linked::Unknown);

@@ -9,6 +9,7 @@ use postgres_protocol::message::backend::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::client::{Session, server_lost};
+use super::routines;
 use super::state::{self, READ_BACK};
 use crate::backend::ServerConn;
 use crate::frontdoor::{SessionError, fatal};
@@ -188,30 +189,77 @@ pub(super) async fn sync_params(
 /// be closed rather than handed on; a pinned client keeps it and the read-back is
 /// retried. An error: the client made state it may not keep (no pin slot), and was told
 /// so; its server must be closed.
+///
+/// `routines`: the app's functions are due for a look (routines.rs), which then runs
+/// here too; so does it after the client changed one. `routine_kinds`: what the app's
+/// functions may have left in this stretch, to look for (0: nothing).
 pub(super) async fn settle(
     s: &mut Session,
     server: &mut ServerConn,
     max_pinned: usize,
+    routines: bool,
+    routine_kinds: u16,
 ) -> Result<bool, SessionError> {
     let pending = std::mem::take(&mut s.pending);
+    if routines || pending.routines {
+        if let Err(e) = look_at_routines(&s.role, server).await {
+            tracing::debug!(role = %s.role.name, error = %e, "looking at the app's functions failed");
+        }
+    }
     let carried = carried(s);
+    // A probe may have left state (a lock, a setting) whatever the books say: look even
+    // when the client is not pinned. A check only matters to a pinned client. After an
+    // app's function may have run, look for what its functions may leave.
+    let full = pending.probe || (pending.check && s.pin.is_some());
+    let kinds = if full {
+        state::ALL_STATE
+    } else {
+        routine_kinds
+    };
+    let probe = pending.probe || routine_kinds != 0;
+    let check = (kinds != 0).then(|| {
+        let mut customs = s.customs.clone();
+        for name in s.role.routine_customs() {
+            customs.noted(&name);
+        }
+        state::state_left_sql(&escape_literal(&s.role.name), &customs, &carried, kinds)
+    });
     // A SET of a parameter the client's startup settings carry pins and asks for a
-    // check: read it back too, so its new value is what follows the client.
+    // check: read it back too, so its new value is what follows the client; so are
+    // the tracked ones after a function that may set parameters.
+    let read_back_too = pending.read_back
+        || routine_kinds & state::kind::SETTINGS != 0
+        || (!carried.is_empty() && (pending.check || probe));
+    let mut checked = None;
     let read = if pending.reset_all {
         read_after_reset(s, server).await
-    } else if pending.read_back || (!carried.is_empty() && (pending.check || pending.probe)) {
-        read_back(s, server).await
+    } else if read_back_too {
+        // With the check in the same round trip, when both are due.
+        let sql = match &check {
+            Some(check) => format!("{}; {check}", state::read_back_sql(&carried)),
+            None => state::read_back_sql(&carried),
+        };
+        match bounded_rows(server, &sql).await {
+            Ok(rows) => {
+                let mut rows = rows.into_iter();
+                let read = apply_read_back(s, server, &carried, rows.next());
+                checked = check.is_some().then(|| rows.next());
+                read
+            }
+            Err(e) => Err(e),
+        }
     } else {
         Ok(())
     };
     if let Err(e) = &read {
         tracing::debug!(role = %s.role.name, error = %e, "reading parameters back failed");
     }
-    // A probe may have left state (a lock, a setting) whatever the books say: look even
-    // when the client is not pinned. A check only matters to a pinned client.
-    if pending.probe || (pending.check && s.pin.is_some()) {
-        let sql = state::state_left_sql(&escape_literal(&s.role.name), &s.customs, &carried);
-        let left = match bounded(server, &sql).await {
+    if let Some(sql) = &check {
+        let row = match checked {
+            Some(row) => Ok(row),
+            None => bounded(server, sql).await,
+        };
+        let left = match row {
             Ok(Some(row)) => row.first().cloned().flatten().map(|n| n != "0"),
             Ok(None) => None,
             Err(e) => {
@@ -236,8 +284,8 @@ pub(super) async fn settle(
             // state left (the client must not lose a lock it may hold).
             None => {
                 s.pending.check |= pending.check;
-                s.pending.probe |= pending.probe;
-                if pending.probe && s.pin.is_none() {
+                s.pending.probe |= probe;
+                if probe && s.pin.is_none() {
                     pin_or_refuse(s, max_pinned).await?;
                 }
             }
@@ -317,9 +365,18 @@ fn carried(s: &Session) -> Vec<String> {
 /// carried ones.
 async fn read_back(s: &mut Session, server: &mut ServerConn) -> Result<(), std::io::Error> {
     let carried = carried(s);
-    let row = bounded(server, &state::read_back_sql(&carried))
-        .await?
-        .ok_or_else(|| std::io::Error::other("no row from the read-back"))?;
+    let row = bounded(server, &state::read_back_sql(&carried)).await?;
+    apply_read_back(s, server, &carried, row)
+}
+
+/// The row of `read_back_sql` into both sides' books.
+fn apply_read_back(
+    s: &mut Session,
+    server: &mut ServerConn,
+    carried: &[String],
+    row: Option<Row>,
+) -> Result<(), std::io::Error> {
+    let row = row.ok_or_else(|| std::io::Error::other("no row from the read-back"))?;
     let names = READ_BACK
         .iter()
         .copied()
@@ -330,6 +387,28 @@ async fn read_back(s: &mut Session, server: &mut ServerConn) -> Result<(), std::
             s.params.record(name, &value);
         }
     }
+    Ok(())
+}
+
+/// Looks at what the app's functions may leave on a session (routines.rs).
+pub(super) async fn look_at_routines(
+    role: &crate::shared::RoleShared,
+    server: &mut ServerConn,
+) -> Result<(), std::io::Error> {
+    let rows = bounded_rows(server, &routines::routines_sql()).await?;
+    let rows: Vec<(String, Option<String>)> = rows
+        .into_iter()
+        .map(|mut r| {
+            let body = r.get_mut(1).and_then(Option::take);
+            let language = r.into_iter().next().flatten().unwrap_or_default();
+            (language, body)
+        })
+        .collect();
+    let (kinds, customs) = routines::judge(rows.iter().map(|(l, b)| (l.as_str(), b.as_deref())));
+    if (kinds != 0) != role.routines_risky() {
+        tracing::info!(role = %role.name, risky = kinds != 0, "looked at the app's functions: every transaction is checked when they may leave session state");
+    }
+    role.set_routines(kinds, customs.to_names());
     Ok(())
 }
 

@@ -51,6 +51,15 @@ pub struct RoleShared {
     /// Startup settings its servers accepted, by `name\0value`: a client asking for
     /// only these logs in without a check on a server.
     checked: Mutex<HashMap<String, Arc<CheckedSetting>>>,
+    /// The kinds of session state the app's functions may leave (a mask of
+    /// session/state's kinds; session/routines.rs): every transaction of its clients
+    /// is looked at for them. All kinds until first looked at.
+    routine_kinds: std::sync::atomic::AtomicU16,
+    /// When they were last looked at, in ms since `born` (0: never).
+    routines_seen_ms: std::sync::atomic::AtomicU64,
+    born: Instant,
+    /// Custom parameters the app's functions may set, for the state check.
+    routine_customs: Mutex<Vec<String>>,
 }
 
 /// A pinned client's place under `max_pinned_per_role`; given back on drop.
@@ -81,7 +90,55 @@ impl RoleShared {
             killed: Default::default(),
             counts: Default::default(),
             checked: Mutex::new(HashMap::new()),
+            routine_kinds: std::sync::atomic::AtomicU16::new(u16::MAX),
+            routines_seen_ms: std::sync::atomic::AtomicU64::new(0),
+            born: Instant::now(),
+            routine_customs: Mutex::new(Vec::new()),
         }
+    }
+
+    /// What the app's functions may leave behind a plain `SELECT f()` (all, if never
+    /// looked at): every transaction of its clients is looked at for it. 0: nothing.
+    pub fn routine_kinds(&self) -> u16 {
+        self.routine_kinds
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the app's functions may leave session state at all.
+    pub fn routines_risky(&self) -> bool {
+        self.routine_kinds() != 0
+    }
+
+    /// The app's functions have not been looked at within `every` of `now` (an
+    /// instant the caller has anyway: no clock read here).
+    pub fn routines_due(&self, now: Instant, every: Duration) -> bool {
+        let seen = self
+            .routines_seen_ms
+            .load(std::sync::atomic::Ordering::Acquire);
+        let now =
+            u64::try_from(now.saturating_duration_since(self.born).as_millis()).unwrap_or(u64::MAX);
+        seen == 0 || now.saturating_sub(seen) >= u64::try_from(every.as_millis()).unwrap_or(0)
+    }
+
+    /// What a look at the app's functions found: the kinds of state they may leave,
+    /// and the custom parameters they may set.
+    pub fn set_routines(&self, kinds: u16, customs: Vec<String>) {
+        use std::sync::atomic::Ordering;
+        *self
+            .routine_customs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = customs;
+        self.routine_kinds.store(kinds, Ordering::Release);
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.routines_seen_ms.store(now.max(1), Ordering::Release);
+    }
+
+    /// Custom parameters the app's functions may set.
+    pub fn routine_customs(&self) -> Vec<String> {
+        self.routine_customs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// What a server of the role said about startup setting `name = value`, if it

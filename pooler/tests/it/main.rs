@@ -8,6 +8,7 @@ mod admin;
 mod common;
 mod desync;
 mod drain;
+mod functions;
 mod login;
 mod metrics;
 mod names;

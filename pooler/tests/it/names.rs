@@ -25,19 +25,13 @@ async fn both_ports(tweak: impl FnOnce(&mut pooler::config::Config)) -> (Env, Ap
     (e, app, ports)
 }
 
-async fn connect(e: &Env, app: &App, port: u16) -> tokio_postgres::Client {
-    dataplane_tests::connect(&e.config_on_port(&app.role, &app.password, port))
-        .await
-        .unwrap()
-}
-
 /// A server a client ran `LOAD` on is closed when the client is done with it, in
 /// either mode: no reset unloads a library, so nobody else may get it.
 #[tokio::test]
 async fn a_server_that_ran_load_is_never_reused() {
     let (e, app, ports) = both_ports(|_| {}).await;
     for port in ports {
-        let first = connect(&e, &app, port).await;
+        let first = e.connect_on(&app, port).await;
         let pid = one_value(&first, "SELECT pg_backend_pid()").await;
         // Apps may load only from $libdir/plugins: refused here, which the pooler
         // cannot tell from a library half-loaded, so it treats both alike.
@@ -50,7 +44,7 @@ async fn a_server_that_ran_load_is_never_reused() {
             );
         }
         drop(first);
-        let next = connect(&e, &app, port).await;
+        let next = e.connect_on(&app, port).await;
         for _ in 0..5 {
             let now = one_value(&next, "SELECT pg_backend_pid()").await;
             assert_ne!(now, pid, "port {port}: the loaded server was reused");
@@ -84,8 +78,8 @@ async fn a_server_that_ran_load_is_never_reused() {
 async fn the_poolers_statement_names_are_out_of_sqls_reach() {
     let (e, app, ports) = both_ports(|_| {}).await;
     for port in ports {
-        let a = connect(&e, &app, port).await;
-        let b = connect(&e, &app, port).await;
+        let a = e.connect_on(&app, port).await;
+        let b = e.connect_on(&app, port).await;
         let stmt = a.prepare("SELECT 41 + 1").await.unwrap();
         let theirs = b.prepare("SELECT 41 + 1").await.unwrap();
         assert_eq!(a.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 42);
@@ -159,7 +153,7 @@ async fn deallocate_in_a_failed_transaction_is_25p02() {
     // One statement per server: preparing a second one pushes the first off it.
     let (e, app, ports) = both_ports(|c| c.max_prepared_statements = 1).await;
     for port in ports {
-        let a = connect(&e, &app, port).await;
+        let a = e.connect_on(&app, port).await;
         let first = a.prepare("SELECT 1").await.unwrap();
         let second = a.prepare("SELECT 2").await.unwrap();
         assert_eq!(a.query_one(&second, &[]).await.unwrap().get::<_, i32>(0), 2);

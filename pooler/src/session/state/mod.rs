@@ -14,7 +14,7 @@
 //! false "may remove" costs one round trip; neither leaks.
 
 mod sql;
-pub use sql::{read_back_sql, reset_read_sql, state_left_sql, state_parts_sql};
+pub use sql::{ALL_STATE, kind, read_back_sql, reset_read_sql, state_left_sql, state_parts_sql};
 
 /// Parameters that follow a client from server to server (set on checkout when the
 /// server's differ), in Postgres' lower-case spelling.
@@ -58,6 +58,9 @@ pub struct Effect {
     /// `LOAD`: the server can never be made clean again; close it once its client is
     /// done with it.
     pub discard: bool,
+    /// Created, changed or dropped a function or procedure: what the app's functions
+    /// may leave on a session is looked at again (session/routines.rs).
+    pub routines: bool,
 }
 
 impl Effect {
@@ -68,6 +71,7 @@ impl Effect {
         self.read_back |= other.read_back;
         self.reset_all |= other.reset_all;
         self.discard |= other.discard;
+        self.routines |= other.routines;
     }
 
     pub fn is_none(&self) -> bool {
@@ -120,6 +124,7 @@ impl Effect {
         read_back: false,
         reset_all: false,
         discard: false,
+        routines: false,
     };
 }
 
@@ -144,6 +149,22 @@ pub struct Customs {
 const MAX_CUSTOMS: usize = 32;
 
 impl Customs {
+    /// Notes a custom parameter something other than the client's statements may set
+    /// (the app's functions: session/routines.rs); an empty name is one it cannot read.
+    pub fn noted(&mut self, name: &str) {
+        self.note(name.as_bytes());
+    }
+
+    /// The names noted, and an empty one if a name could not be read: what
+    /// [`Customs::noted`] takes back.
+    pub fn to_names(&self) -> Vec<String> {
+        let mut names = self.names.clone();
+        if self.unknown {
+            names.push(String::new());
+        }
+        names
+    }
+
     fn note(&mut self, name: &[u8]) {
         let valid = !name.is_empty()
             && name
@@ -208,17 +229,28 @@ fn statement(text: &[u8], customs: &mut Customs) -> Effect {
             _ => Effect::PIN,
         },
         b"CREATE" => {
-            let temp = words
+            let next: Vec<Vec<u8>> = words.take(4).map(upper).collect();
+            let temp = next
+                .iter()
                 .take(3)
-                .map(upper)
                 .any(|w| w.as_slice() == b"TEMP" || w.as_slice() == b"TEMPORARY");
+            // `CREATE [OR REPLACE] FUNCTION|PROCEDURE`: the app's functions change, and
+            // the new one may run in the same text: probe, and look at them again.
+            let routine = next
+                .iter()
+                .any(|w| w.as_slice() == b"FUNCTION" || w.as_slice() == b"PROCEDURE");
             // `CREATE FUNCTION pg_temp.f`, `CREATE TABLE pg_temp.t`: temporary too.
-            if temp || find_ci(text, b"pg_temp") {
+            let mut effect = if temp || find_ci(text, b"pg_temp") {
                 Effect::PIN
+            } else if routine {
+                Effect::OPAQUE
             } else {
                 Effect::default()
-            }
+            };
+            effect.routines = routine;
+            effect
         }
+        b"ALTER" => routines_change(&mut words, Effect::default()),
         b"DECLARE" => {
             if contains_word_pair(text, b"WITH", b"HOLD") {
                 Effect::PIN
@@ -230,7 +262,8 @@ fn statement(text: &[u8], customs: &mut Customs) -> Effect {
             Some(b"ALL") => Effect::RESET_ALL,
             _ => Effect::CHECK,
         },
-        b"UNLISTEN" | b"DEALLOCATE" | b"CLOSE" | b"DROP" => Effect::CHECK,
+        b"DROP" => routines_change(&mut words, Effect::CHECK),
+        b"UNLISTEN" | b"DEALLOCATE" | b"CLOSE" => Effect::CHECK,
         b"DO" | b"CALL" => {
             custom_sets(text, customs);
             Effect::OPAQUE
@@ -242,6 +275,19 @@ fn statement(text: &[u8], customs: &mut Customs) -> Effect {
             Effect::PIN
         }
         _ => Effect::default(),
+    }
+}
+
+/// `ALTER`/`DROP FUNCTION|PROCEDURE|ROUTINE`: `effect`, and the app's functions are
+/// looked at again.
+fn routines_change(words: &mut Words<'_>, effect: Effect) -> Effect {
+    let routine = words
+        .next()
+        .map(upper)
+        .is_some_and(|w| matches!(w.as_slice(), b"FUNCTION" | b"PROCEDURE" | b"ROUTINE"));
+    Effect {
+        routines: routine,
+        ..effect
     }
 }
 

@@ -102,7 +102,7 @@ fn custom_parameters_are_remembered_by_name() {
     assert!(!customs.unknown);
     super::classify(b"SELECT set_config(name, 'v', false) FROM t", &mut customs);
     assert!(customs.unknown, "a name the pooler cannot read");
-    let sql = state_left_sql("'r'", &customs, &[]);
+    let sql = state_left_sql("'r'", &customs, &[], super::ALL_STATE);
     assert!(sql.contains(" + 1 + "), "{sql}");
 }
 
