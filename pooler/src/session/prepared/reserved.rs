@@ -33,9 +33,9 @@ pub fn is_reserved(name: &[u8]) -> bool {
 /// The text with [`CLIENT_SUFFIX`] after every reserved name that follows `EXECUTE`,
 /// `DEALLOCATE [PREPARE]` or `PREPARE`, or `None` if there is none.
 pub fn rewrite(text: &[u8]) -> Option<Vec<u8>> {
-    // Every keyword looked for starts with one of these letters; most texts have none
-    // of the reserved prefix at all.
-    if !text.windows(3).any(|w| w.eq_ignore_ascii_case(PREFIX)) {
+    // Every Query and Parse comes through here: most texts have no `dp_` at all, and
+    // finding that is one quick pass over the underscores.
+    if !has_prefix(text) {
         return None;
     }
     let mut at = Vec::new();
@@ -78,6 +78,19 @@ pub fn rewrite(text: &[u8]) -> Option<Vec<u8>> {
     }
     out.extend_from_slice(&text[from..]);
     Some(out)
+}
+
+/// Whether `dp_` (any case) occurs in `text`.
+fn has_prefix(text: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(at) = text[from..].iter().position(|b| *b == b'_') {
+        let at = from + at;
+        if at >= 2 && text[at - 2..at].eq_ignore_ascii_case(&PREFIX[..2]) {
+            return true;
+        }
+        from = at + 1;
+    }
+    false
 }
 
 enum Token<'a> {
