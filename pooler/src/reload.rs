@@ -50,6 +50,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "server_tls",
     "metrics_per_role",
     "metrics_max_roles",
+    "worker_threads",
 ];
 
 /// Whether `key` (dotted, as `SHOW CONFIG` names it) takes a restart to change.
