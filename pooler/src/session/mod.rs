@@ -5,6 +5,7 @@ mod checkout;
 mod client;
 mod cursor;
 mod login;
+pub mod park;
 pub mod prepared;
 mod relay;
 mod signals;
@@ -15,6 +16,8 @@ mod wire;
 
 pub use client::Session;
 
+use std::sync::Arc;
+
 use crate::frontdoor::{Arrival, SessionError};
 use crate::registry::ClientIdent;
 use crate::shared::Shared;
@@ -22,7 +25,7 @@ use crate::shared::Shared;
 /// Logs an app's client in and relays for it until it leaves. Never panics on client
 /// input: every failure becomes an ErrorResponse (where the protocol still allows
 /// one) and the caller's log line.
-pub async fn serve(arrival: Arrival, shared: &Shared) -> Result<(), SessionError> {
+pub async fn serve(arrival: Arrival, shared: &Arc<Shared>) -> Result<(), SessionError> {
     let Arrival {
         stream,
         peer,
@@ -52,5 +55,6 @@ pub async fn serve(arrival: Arrival, shared: &Shared) -> Result<(), SessionError
         tls: session.stream.tls_description(),
         admin: false,
     });
-    relay::run(session, shared, &client).await
+    // Just logged in: it parks until it sends something.
+    relay::run(session, shared, client, true).await
 }

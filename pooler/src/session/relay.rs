@@ -6,6 +6,7 @@
 //! has been written to the client.
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncReadExt;
@@ -13,8 +14,9 @@ use tokio::io::AsyncReadExt;
 use super::checkout::{checkout, give_back, pool_size};
 use super::client::{IDLE_CHUNK, Session, server_lost};
 use super::cursor::Cursor;
+use super::park::park;
 use super::prepared::{PreparedLimits, Rewriter};
-use super::signals::{Signals, Stop, wait_idle};
+use super::signals::{Signals, Stop, Woke, wait_idle};
 use super::state::Effect;
 use super::tracker::MAX_PENDING;
 use super::upkeep::{settle, sync_params};
@@ -24,7 +26,7 @@ use crate::backend::ServerConn;
 use crate::frontdoor::{SessionError, fatal};
 use crate::proto::SqlState;
 use crate::proto::frame::Side;
-use crate::registry::ClientInfo;
+use crate::registry::{ClientInfo, Registered};
 use crate::shared::Shared;
 
 /// A linked stretch's read buffers; grow only while a message we must see whole is
@@ -44,10 +46,14 @@ enum Linked {
     Drained,
 }
 
-pub async fn run(
+/// Relays for a logged-in client until it leaves or parks (park.rs): `park_now`
+/// parks it at its first idle moment (just logged in), else it parks when the sweep
+/// asks. Parked, it returns `Ok` and the client lives on without this task.
+pub(super) async fn run(
     mut s: Box<Session>,
-    shared: &Shared,
-    client: &ClientInfo,
+    shared: &Arc<Shared>,
+    client: Registered<ClientInfo>,
+    mut park_now: bool,
 ) -> Result<(), SessionError> {
     let signals = Signals {
         revoked: s.revoked.clone(),
@@ -57,14 +63,20 @@ pub async fn run(
     loop {
         // Idle: no server. Wait for a whole message header from the client.
         while s.buf.len() < 5 {
-            match wait_idle(&mut s.stream, &mut s.buf, &signals, client).await {
-                Ok(n) => {
+            if park_now && s.buf.is_empty() {
+                park(s, client, shared);
+                return Ok(());
+            }
+            client.idle_in_task(shared.lot.epoch());
+            match wait_idle(&mut s.stream, &mut s.buf, &signals, &client).await {
+                Woke::Read(n) => {
                     if n? == 0 {
                         return Ok(());
                     }
                 }
-                Err(Stop::Revoked) => return revoked_error(&mut s).await,
-                Err(Stop::Draining | Stop::Closing) => {
+                Woke::Park => park_now = true,
+                Woke::Stop(Stop::Revoked) => return revoked_error(&mut s).await,
+                Woke::Stop(Stop::Draining | Stop::Closing) => {
                     return fatal(
                         &mut s.stream,
                         SqlState::ADMIN_SHUTDOWN,
@@ -79,12 +91,14 @@ pub async fn run(
         }
         // Boxed: a task's future is as big as its biggest state, and only a linked
         // client should carry a server, its buffers and the link's state.
-        if Box::pin(transaction(&mut s, shared, client, &signals))
+        if Box::pin(transaction(&mut s, shared, &client, &signals))
             .await?
             .is_break()
         {
             return Ok(());
         }
+        // Busy again: it parks when the sweep next finds it idle for long.
+        park_now = false;
     }
 }
 
