@@ -387,7 +387,12 @@ impl<S: Send + 'static> Pools<S> {
             }
             std::mem::swap(&mut actions, &mut next);
         }
-        actions
+        // Both are empty now; the one that held the first round has the capacity.
+        if next.capacity() > actions.capacity() {
+            next
+        } else {
+            actions
+        }
     }
 
     fn open(&self, server: ServerId, role: RoleId) {

@@ -89,9 +89,9 @@ pub(super) async fn run(
         if s.buf[0] == b'X' {
             return Ok(());
         }
-        // Boxed: a task's future is as big as its biggest state, and only a linked
-        // client should carry a server, its buffers and the link's state.
-        if Box::pin(transaction(&mut s, shared, &client, &signals))
+        // Not boxed (an allocation per transaction): the task of a client that is
+        // idle for long ends when it parks, so its size costs only busy clients.
+        if transaction(&mut s, shared, &client, &signals)
             .await?
             .is_break()
         {
