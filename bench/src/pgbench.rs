@@ -134,6 +134,19 @@ pub async fn run(run: PgbenchRun<'_>, probe: &Probe) -> PgbenchOutcome {
         let key = line.split_once("ERROR:").map_or(line, |(_, m)| m).trim();
         *outcome.errors.entry(mask_numbers(key)).or_default() += 1;
     }
+    if output.status.success() && outcome.tps.is_none() {
+        let said: String = stdout
+            .lines()
+            .chain(stderr.lines())
+            .filter(|l| !l.trim().is_empty())
+            .take(4)
+            .collect::<Vec<_>>()
+            .join(" / ");
+        outcome.error = Some(format!(
+            "pgbench reported no tps: {}",
+            said.chars().take(300).collect::<String>()
+        ));
+    }
     if !output.status.success() {
         let aborted = stderr.matches("aborted in command").count();
         let first = stderr
