@@ -74,7 +74,14 @@ pub async fn run(run: PgbenchRun<'_>, probe: &Probe) -> PgbenchOutcome {
     let clients = run.clients.to_string();
     let threads = run.threads.min(run.clients).max(1).to_string();
     let mode = if run.prepared { "prepared" } else { "simple" };
-    let secs = run.duration.as_secs().max(1).to_string();
+    // pgbench's -T clock runs while its clients log in (SCRAM, one PBKDF2 each on
+    // pgbench's side): a short run of many clients on a busy machine could end
+    // before the first transaction. A second per 20 clients leaves room for that.
+    let secs = run
+        .duration
+        .as_secs()
+        .max(1 + run.clients as u64 / 20)
+        .to_string();
     let mut cmd = tokio::process::Command::new(run.pgbench);
     cmd.args([
         "-h",
