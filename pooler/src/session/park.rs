@@ -14,8 +14,8 @@
 //! - "something to send" ([`has_output`]): whoever queues output for an idle client
 //!   (LISTEN's notifications) makes it visible there, then rings the same doorbell.
 //!
-//! Resumed, it gets a task again, which runs the relay from its idle wait: the wait
-//! sees at once what woke it.
+//! Resumed, it gets a task again (the session's [`Resume`], which runs the relay
+//! from its idle wait: the wait sees at once what woke it).
 
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
@@ -25,7 +25,6 @@ use bytes::BytesMut;
 
 use super::Session;
 use super::signals::Signals;
-use crate::frontdoor;
 use crate::net::Hold;
 use crate::net::park::Parked;
 use crate::registry::{ClientInfo, Parking, Registered};
@@ -35,6 +34,9 @@ use crate::shared::Shared;
 /// a client parks after one to two periods without a request.
 pub const PARK_SWEEP: Duration = Duration::from_secs(1);
 
+/// Gives a resumed client a task of its own again; called with it counted as live.
+pub(super) type Resume = fn(Box<Session>, Registered<ClientInfo>, Arc<Shared>, Hold);
+
 /// A parked client: what it needs to resume, and nothing else (no read buffer, no
 /// task, no future).
 struct ParkedClient {
@@ -42,7 +44,8 @@ struct ParkedClient {
     client: Registered<ClientInfo>,
     shared: Arc<Shared>,
     /// Counts it as live while it has no task, so a drain waits for it.
-    _hold: Hold,
+    hold: Hold,
+    resume: Resume,
 }
 
 /// Parks an idle client with nothing buffered: its task may end.
@@ -50,6 +53,7 @@ pub(super) fn park(
     mut session: Box<Session>,
     client: Registered<ClientInfo>,
     shared: &Arc<Shared>,
+    resume: Resume,
 ) {
     session.buf = BytesMut::new();
     client.set_parking(Parking::Parked);
@@ -57,7 +61,8 @@ pub(super) fn park(
         session,
         client,
         shared: shared.clone(),
-        _hold: shared.tasks.hold(),
+        hold: shared.tasks.hold(),
+        resume,
     };
     shared.lot.park(Box::new(parked));
 }
@@ -89,18 +94,11 @@ impl Parked for ParkedClient {
             session,
             client,
             shared,
-            _hold,
+            hold,
+            resume,
         } = *self;
         client.set_parking(Parking::InTask);
-        let tasks = shared.tasks.clone();
-        // Counted by its task from here; the hold goes once the task holds it.
-        tasks.spawn(async move {
-            drop(_hold);
-            let span = tracing::info_span!("client", id = client.id, peer = %client.addr);
-            let run = super::relay::run(session, &shared, client, false);
-            let result = tracing::Instrument::instrument(run, span.clone()).await;
-            frontdoor::report(&shared, &span, result);
-        });
+        resume(session, client, shared, hold);
     }
 }
 

@@ -6,7 +6,6 @@
 //! has been written to the client.
 
 use std::ops::ControlFlow;
-use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncReadExt;
@@ -14,7 +13,6 @@ use tokio::io::AsyncReadExt;
 use super::checkout::{checkout, give_back, pool_size};
 use super::client::{IDLE_CHUNK, Session, server_lost};
 use super::cursor::Cursor;
-use super::park::park;
 use super::prepared::{PreparedLimits, Rewriter};
 use super::signals::{Signals, Stop, Woke, wait_idle};
 use super::state::Effect;
@@ -46,15 +44,17 @@ enum Linked {
     Drained,
 }
 
-/// Relays for a logged-in client until it leaves or parks (park.rs): `park_now`
-/// parks it at its first idle moment (just logged in), else it parks when the sweep
-/// asks. Parked, it returns `Ok` and the client lives on without this task.
+/// An idle client with nothing buffered, for its caller to park (park.rs).
+pub(super) type ToPark = (Box<Session>, Registered<ClientInfo>);
+
+/// Relays for a logged-in client until it leaves (`None`) or is to be parked:
+/// `park_now` at its first idle moment (just logged in), else when the sweep asks.
 pub(super) async fn run(
     mut s: Box<Session>,
-    shared: &Arc<Shared>,
+    shared: &Shared,
     client: Registered<ClientInfo>,
     mut park_now: bool,
-) -> Result<(), SessionError> {
+) -> Result<Option<ToPark>, SessionError> {
     let signals = Signals {
         revoked: s.revoked.clone(),
         shutdown: shared.shutdown.clone(),
@@ -64,14 +64,13 @@ pub(super) async fn run(
         // Idle: no server. Wait for a whole message header from the client.
         while s.buf.len() < 5 {
             if park_now && s.buf.is_empty() {
-                park(s, client, shared);
-                return Ok(());
+                return Ok(Some((s, client)));
             }
             client.idle_in_task(shared.lot.epoch());
             match wait_idle(&mut s.stream, &mut s.buf, &signals, &client).await {
                 Woke::Read(n) => {
                     if n? == 0 {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
                 Woke::Park => park_now = true,
@@ -87,7 +86,7 @@ pub(super) async fn run(
             }
         }
         if s.buf[0] == b'X' {
-            return Ok(());
+            return Ok(None);
         }
         // Not boxed (an allocation per transaction): the task of a client that is
         // idle for long ends when it parks, so its size costs only busy clients.
@@ -95,7 +94,7 @@ pub(super) async fn run(
             .await?
             .is_break()
         {
-            return Ok(());
+            return Ok(None);
         }
         // Busy again: it parks when the sweep next finds it idle for long.
         park_now = false;
