@@ -5,6 +5,8 @@
 //! * this module: [`Pools`], the async shell around it. It owns the connector, performs
 //!   the scheduler's [`scheduler::Action`]s (hand a server to a waiter, log one in,
 //!   close one) and runs maintenance.
+//! * [`share`]: the pure computation of this replica's share of the cluster's budget
+//!   when several replicas run (registry rows in, shares out).
 //! * [`Checkout`] (`guard.rs`): a checked-out server. `release()` returns it clean;
 //!   dropping it any other way closes it, so a client that dies mid-transaction can
 //!   never hand on a dirty server.
@@ -22,6 +24,7 @@
 
 mod guard;
 pub mod scheduler;
+pub mod share;
 mod slab;
 #[cfg(test)]
 mod tests;
