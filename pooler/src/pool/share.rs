@@ -239,6 +239,14 @@ impl Member {
     pub fn released(&mut self, holding: u32) {
         self.granted = holding;
     }
+
+    /// Whether the next heartbeat should come early: this replica waits for slots the
+    /// others have yet to release, or still has slots of its own to release once its
+    /// busy servers come back. Either way a quicker heartbeat moves the slots sooner,
+    /// and a settled replica heartbeats at the normal pace.
+    pub fn unsettled(&self, servers: u32) -> bool {
+        self.target > self.granted || self.cap.max(servers) < self.granted
+    }
 }
 
 #[cfg(test)]
@@ -349,8 +357,7 @@ mod tests {
         let mut m = Member::default();
         assert_eq!(m.cap(), 0);
         // Alone: the share is the budget, claimed, then usable.
-        let me = row(1, 0, 0);
-        assert_eq!(m.observed(1, &[me.clone()], 2_000), Step::Claim(40));
+        assert_eq!(m.observed(1, &[row(1, 0, 0)], 2_000), Step::Claim(40));
         assert_eq!(m.cap(), 0, "nothing usable before the grant");
         assert_eq!(m.granted_now(40), 40);
         // A busy newcomer: the share falls to 1; the cap follows at once, the
@@ -369,5 +376,12 @@ mod tests {
         let rows = [row(1, 0, 10), row(2, 100, 0)];
         assert_eq!(m.observed(2, &rows, 2_000), Step::Claim(39));
         assert_eq!(m.granted_now(30), 30);
+        assert!(m.unsettled(30), "9 more to claim");
+        assert_eq!(m.granted_now(39), 39);
+        assert!(!m.unsettled(39));
+        assert!(
+            !m.unsettled(0),
+            "idle servers below the cap are not a release"
+        );
     }
 }

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
+mod replicas;
+
 #[derive(Clone, Copy)]
 struct Workload {
     /// Clients per role, one entry per role.
