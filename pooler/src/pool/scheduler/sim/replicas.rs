@@ -7,11 +7,10 @@
 //! a while and drain. At every event the servers of all replicas together stay within
 //! the budget. `--nocapture` prints the shares over time.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::super::*;
+use super::Timeline;
 use crate::pool::share::{self, Member, ReplicaId, Report, Row, Step};
 
 const BUDGET: u32 = 40;
@@ -141,15 +140,10 @@ impl Registry {
 type Sample = (u64, Vec<(u32, u32, u32)>);
 
 struct Multi {
-    base: Instant,
-    now_us: u64,
-    seq: u64,
-    queue: BinaryHeap<Reverse<(u64, u64)>>,
-    events: HashMap<u64, Event>,
+    clock: Timeline<Event>,
     replicas: Vec<Replica>,
     clients: Vec<Client>,
     registry: Registry,
-    rng: u64,
     samples: Vec<Sample>,
     peak_total: u32,
 }
@@ -157,15 +151,10 @@ struct Multi {
 impl Multi {
     fn new(replicas: usize, clients_each: usize) -> Self {
         let mut m = Multi {
-            base: Instant::now(),
-            now_us: 0,
-            seq: 0,
-            queue: BinaryHeap::new(),
-            events: HashMap::new(),
+            clock: Timeline::new(0x2545_f491_4f6c_dd1d),
             replicas: Vec::new(),
             clients: Vec::new(),
             registry: Registry::default(),
-            rng: 0x2545_f491_4f6c_dd1d,
             samples: Vec::new(),
             peak_total: 0,
         };
@@ -210,31 +199,27 @@ impl Multi {
     }
 
     fn jitter(&mut self, d: u64) -> u64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        d / 2 + self.rng % d.max(1)
+        self.clock.jitter(d)
     }
 
     fn at(&mut self, delay_us: u64, e: Event) {
-        self.seq += 1;
-        self.queue.push(Reverse((self.now_us + delay_us, self.seq)));
-        self.events.insert(self.seq, e);
+        self.clock.at(delay_us, e);
     }
 
     fn script(&mut self, at_s: f64, e: Event) {
-        let t = (at_s * 1e6) as u64;
-        self.seq += 1;
-        self.queue.push(Reverse((t, self.seq)));
-        self.events.insert(self.seq, e);
+        self.clock.at_us((at_s * 1e6) as u64, e);
     }
 
     fn now(&self) -> Instant {
-        self.base + Duration::from_micros(self.now_us)
+        self.clock.now()
+    }
+
+    fn now_us(&self) -> u64 {
+        self.clock.now_us
     }
 
     fn now_ms(&self) -> i64 {
-        (self.now_us / 1000) as i64
+        (self.clock.now_us / 1000) as i64
     }
 
     fn live(&self, r: usize) -> bool {
@@ -384,27 +369,21 @@ impl Multi {
                 assert!(
                     servers <= holding,
                     "t={} µs replica {i}: {servers} servers, registry says {holding}",
-                    self.now_us
+                    self.now_us()
                 );
             }
         }
         assert!(
             total <= BUDGET,
             "t={} µs: {total} servers over the budget",
-            self.now_us
+            self.now_us()
         );
         self.peak_total = self.peak_total.max(total);
     }
 
     fn run(&mut self, seconds: u64) {
-        let end = seconds * 1_000_000;
-        while let Some(Reverse((t, seq))) = self.queue.pop() {
-            if t > end {
-                break;
-            }
-            self.now_us = t;
+        while let Some(e) = self.clock.next(seconds * 1_000_000) {
             let now = self.now();
-            let e = self.events.remove(&seq).unwrap();
             self.step(e, now);
             self.check();
         }
@@ -466,7 +445,7 @@ impl Multi {
             }
             Event::Heartbeat(r) => self.heartbeat(r),
             Event::AtDb(r, call) => {
-                let answer = if self.now_us < self.replicas[r].cut_until_us {
+                let answer = if self.now_us() < self.replicas[r].cut_until_us {
                     None
                 } else if let Call::Leave = call {
                     self.registry.rows.retain(|(i, _)| *i != r);
@@ -508,7 +487,7 @@ impl Multi {
                     self.clients[c].on = false;
                 }
             }
-            Event::Unreachable(r, us) => self.replicas[r].cut_until_us = self.now_us + us,
+            Event::Unreachable(r, us) => self.replicas[r].cut_until_us = self.now_us() + us,
             Event::Sample => {
                 let row = self
                     .replicas
@@ -522,7 +501,7 @@ impl Multi {
                         _ => (0, 0, 0),
                     })
                     .collect();
-                self.samples.push((self.now_us / 1_000_000, row));
+                self.samples.push((self.now_us() / 1_000_000, row));
                 self.at(1_000_000, Event::Sample);
             }
         }
