@@ -31,6 +31,7 @@ pub mod pool;
 pub mod proto;
 pub mod registry;
 pub mod reload;
+pub mod replicas;
 pub mod session;
 pub mod shared;
 mod start;
