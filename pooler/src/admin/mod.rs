@@ -42,10 +42,10 @@ pub fn app(state: AdminState) -> Router {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let shared = &state.shared;
-    let replicas = shared.replicas.stats();
+    let replicas = shared.replicas.stats().sample();
     match shared
         .metrics
-        .render(&shared.pools.stats(), &shared.roles, &replicas)
+        .render(&shared.pools.stats(), &shared.roles.samples(), &replicas)
     {
         Ok(text) => (
             [(

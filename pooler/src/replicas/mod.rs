@@ -78,6 +78,25 @@ pub struct ReplicaStats {
     pub forwards: [u64; Outcome::ALL.len()],
 }
 
+impl ReplicaStats {
+    /// What `/metrics` shows of it.
+    pub fn sample(&self) -> crate::metrics::ReplicaSample {
+        crate::metrics::ReplicaSample {
+            share: self.share,
+            demand: self.demand,
+            replicas: self.view.peers.len(),
+            heartbeat_age: self.heartbeat_age,
+            heartbeats_ok: self.heartbeats_ok,
+            heartbeats_failed: self.heartbeats_failed,
+            forwards: Outcome::ALL
+                .iter()
+                .map(|o| o.as_str())
+                .zip(self.forwards)
+                .collect(),
+        }
+    }
+}
+
 /// This replica's membership: its identity in the registry, its last view of the
 /// others, and the cancel forwarder.
 pub struct Replicas {
