@@ -140,3 +140,59 @@ async fn send(addr: &str, pid: i32, secret: i32) -> std::io::Result<()> {
     let _ = tcp.read(&mut sink).await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::View;
+    use super::super::registry::Peer;
+    use super::*;
+    use crate::pool::share::Row;
+
+    fn peer(id: ReplicaId, addr: Option<&str>, heartbeat_ms: i64) -> Peer {
+        Peer {
+            row: Row {
+                id,
+                started_ms: 0,
+                heartbeat_ms,
+                lease_ms: 5_000,
+                budget: 10,
+                demand: 0,
+                holding: 1,
+            },
+            addr: addr.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_key_goes_once_to_its_live_owner_and_nowhere_else() {
+        let r = Replicas::new(10).unwrap();
+        assert_eq!(r.route(key::mint_pid(2, 5)), Route::Unknown, "no view yet");
+        r.observed(View {
+            me: 1,
+            peers: vec![
+                peer(1, Some("10.0.0.1:5432"), 10_000),
+                peer(2, Some("10.0.0.2:5432"), 10_000),
+                peer(3, None, 10_000),
+                peer(4, Some("10.0.0.4:5432"), 1_000),
+            ],
+            shares: Default::default(),
+            now_ms: 10_000,
+            at: Some(tokio::time::Instant::now()),
+        });
+        let forward = Route::Forward {
+            owner: 2,
+            addr: "10.0.0.2:5432".into(),
+        };
+        assert_eq!(r.route(key::mint_pid(2, 5)), forward);
+        assert_eq!(
+            r.route(key::mark_forwarded(key::mint_pid(2, 5))),
+            Route::Drop,
+            "forwarded once already"
+        );
+        assert_eq!(r.route(key::mint_pid(1, 5)), Route::Drop, "its own");
+        assert_eq!(r.route(key::mint_pid(0, 5)), Route::Drop, "no replica's");
+        assert_eq!(r.route(key::mint_pid(3, 5)), Route::Unknown, "no address");
+        assert_eq!(r.route(key::mint_pid(4, 5)), Route::Unknown, "lease over");
+        assert_eq!(r.route(key::mint_pid(9, 5)), Route::Unknown, "never seen");
+    }
+}

@@ -17,15 +17,8 @@ use provisioner::ddl::LimitsPatch;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
+use crate::common::free_port;
 use crate::metrics::http_get;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One pooler process.
 struct Replica {
@@ -429,6 +422,74 @@ async fn sigterm_drain_of_one_replica_under_load_loses_no_committed_transaction(
     }
     println!("replicas: {total} committed transactions, all present after the drain");
     assert!(total > 100);
+}
+
+#[tokio::test]
+async fn without_the_registry_a_replica_keeps_its_share_and_never_grows() {
+    const BUDGET: u32 = 6;
+    let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
+    let app = app(&fixture, 6).await;
+    let (r0, r1) = (
+        Replica::start(&fixture, BUDGET).await,
+        Replica::start(&fixture, BUDGET).await,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = sample_backends(&fixture, vec![app.role.clone()], stop.clone());
+    let stop0 = Arc::new(AtomicBool::new(false));
+    let l0 = load(r0.config(&fixture, &app), 8, "0.02", stop0.clone());
+    let settled = within(Duration::from_secs(20), async || {
+        r0.cap().await == 5 && r1.cap().await == 1
+    })
+    .await;
+    assert!(settled.is_some(), "the busy replica has all but one slot");
+
+    // The registry stops answering (as when Postgres refuses dp_pooler).
+    let admin = fixture.admin().await;
+    let heartbeat = "dataplane_auth.replica_heartbeat(text, text, integer, integer, integer, \
+                     integer, integer, integer)";
+    admin
+        .batch_execute(&format!(
+            "REVOKE EXECUTE ON FUNCTION {heartbeat} FROM dp_pooler"
+        ))
+        .await
+        .unwrap();
+    let failing = within(Duration::from_secs(10), async || {
+        let mut all = true;
+        for r in [&r0, &r1] {
+            all &= r.replicas().await["heartbeats"]["failed"].as_u64() > Some(0);
+        }
+        all
+    })
+    .await;
+    assert!(failing.is_some(), "both heartbeats fail");
+    // Demand moves to r1, which may not grow: it serves with the one slot it has.
+    stop0.store(true, Ordering::Relaxed);
+    finished(l0).await;
+    let stop1 = Arc::new(AtomicBool::new(false));
+    let l1 = load(r1.config(&fixture, &app), 8, "0.02", stop1.clone());
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            (r0.cap().await, r1.cap().await),
+            (5, 1),
+            "a share changed without the registry"
+        );
+    }
+
+    // Back: the shares follow the demand again.
+    admin
+        .batch_execute(&format!(
+            "GRANT EXECUTE ON FUNCTION {heartbeat} TO dp_pooler"
+        ))
+        .await
+        .unwrap();
+    let moved = within(Duration::from_secs(20), async || r1.cap().await == 5).await;
+    assert!(moved.is_some(), "the share never followed the demand again");
+    stop1.store(true, Ordering::Relaxed);
+    assert!(finished(l1).await > 0, "r1 served its clients throughout");
+    stop.store(true, Ordering::Relaxed);
+    let (peak, _) = sampler.await.unwrap();
+    assert!(peak <= i64::from(BUDGET), "{peak} backends over the budget");
 }
 
 /// A CancelRequest with a key, sent as the first packet of a connection to `to`.
