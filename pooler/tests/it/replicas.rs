@@ -132,6 +132,15 @@ async fn app(fixture: &MigratedDb, pool_size: i32) -> App {
     .await
 }
 
+/// A fresh database, an app with `pool_size`, and two replicas with `budget`.
+async fn two_replicas(budget: u32, pool_size: i32) -> (MigratedDb, App, Replica, Replica) {
+    let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
+    let app = app(&fixture, pool_size).await;
+    let r0 = Replica::start(&fixture, budget).await;
+    let r1 = Replica::start(&fixture, budget).await;
+    (fixture, app, r0, r1)
+}
+
 /// Samples the apps' server connections in `pg_stat_activity` until stopped; the
 /// highest count seen.
 fn sample_backends(
@@ -258,12 +267,7 @@ async fn two_then_three_replicas_under_load_never_exceed_the_budget() {
 #[tokio::test]
 async fn an_idle_replica_gives_its_share_to_a_busy_one() {
     const BUDGET: u32 = 6;
-    let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
-    let app = app(&fixture, 6).await;
-    let (r0, r1) = (
-        Replica::start(&fixture, BUDGET).await,
-        Replica::start(&fixture, BUDGET).await,
-    );
+    let (fixture, app, r0, r1) = two_replicas(BUDGET, 6).await;
     let stop0 = Arc::new(AtomicBool::new(false));
     let stop1 = Arc::new(AtomicBool::new(false));
     let l0 = load(r0.config(&fixture, &app), 8, "0.02", stop0.clone());
@@ -338,10 +342,7 @@ async fn survivors_take_a_killed_replicas_share() {
 #[tokio::test]
 async fn sigterm_drain_of_one_replica_under_load_loses_no_committed_transaction() {
     const BUDGET: u32 = 6;
-    let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
-    let app = app(&fixture, 6).await;
-    let mut r0 = Replica::start(&fixture, BUDGET).await;
-    let r1 = Replica::start(&fixture, BUDGET).await;
+    let (fixture, app, mut r0, r1) = two_replicas(BUDGET, 6).await;
     let setup = dataplane_tests::connect(&r1.config(&fixture, &app))
         .await
         .unwrap();
@@ -427,12 +428,7 @@ async fn sigterm_drain_of_one_replica_under_load_loses_no_committed_transaction(
 #[tokio::test]
 async fn without_the_registry_a_replica_keeps_its_share_and_never_grows() {
     const BUDGET: u32 = 6;
-    let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
-    let app = app(&fixture, 6).await;
-    let (r0, r1) = (
-        Replica::start(&fixture, BUDGET).await,
-        Replica::start(&fixture, BUDGET).await,
-    );
+    let (fixture, app, r0, r1) = two_replicas(BUDGET, 6).await;
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = sample_backends(&fixture, vec![app.role.clone()], stop.clone());
     let stop0 = Arc::new(AtomicBool::new(false));
@@ -509,12 +505,7 @@ async fn send_cancel(to: SocketAddr, pid: i32, secret: i32) {
 
 #[tokio::test]
 async fn a_query_through_one_replica_is_cancelled_through_another() {
-    let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
-    let app = app(&fixture, 4).await;
-    let (r0, r1) = (
-        Replica::start(&fixture, 8).await,
-        Replica::start(&fixture, 8).await,
-    );
+    let (fixture, app, r0, r1) = two_replicas(8, 4).await;
     let client = dataplane_tests::connect(&r0.config(&fixture, &app))
         .await
         .unwrap();
@@ -552,12 +543,7 @@ async fn a_query_through_one_replica_is_cancelled_through_another() {
 
 #[tokio::test]
 async fn bogus_cancel_keys_do_nothing_on_any_replica() {
-    let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
-    let app = app(&fixture, 4).await;
-    let (r0, r1) = (
-        Replica::start(&fixture, 8).await,
-        Replica::start(&fixture, 8).await,
-    );
+    let (fixture, app, r0, r1) = two_replicas(8, 4).await;
     let mut ids = Vec::new();
     for r in [&r0, &r1] {
         ids.push(r.replicas().await["id"].as_i64().unwrap() as i32);
@@ -593,12 +579,7 @@ async fn bogus_cancel_keys_do_nothing_on_any_replica() {
 
 #[tokio::test]
 async fn cancel_forwards_are_rate_limited_per_client_address() {
-    let fixture = dataplane_tests::fixtures::shared_migrated_database().await;
-    let app = app(&fixture, 4).await;
-    let (r0, r1) = (
-        Replica::start(&fixture, 8).await,
-        Replica::start(&fixture, 8).await,
-    );
+    let (fixture, app, r0, r1) = two_replicas(8, 4).await;
     let owner = r0.replicas().await["id"].as_i64().unwrap() as i32;
     // A flood from one address of keys naming r0, sent to r1: forwarded up to the
     // per-address limit (600 a minute), then dropped without leaving r1.
