@@ -128,6 +128,9 @@ impl Replicas {
         cache: Arc<VerifierCache>,
         settings: impl Fn() -> Settings + Send + 'static,
     ) {
+        // Nothing may open before the registry grants a share: set before any client
+        // can be accepted, not when the task first runs.
+        pools.set_share(0);
         let task = tokio::spawn(self.clone().run(pools, cache, settings));
         *self.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
     }
@@ -138,8 +141,6 @@ impl Replicas {
         cache: Arc<VerifierCache>,
         settings: impl Fn() -> Settings,
     ) {
-        // Nothing may open before the registry grants a share.
-        pools.set_share(0);
         let mut member = Member::default();
         let mut client: Option<tokio_postgres::Client> = None;
         let mut stop = self.stop.subscribe();
