@@ -147,20 +147,23 @@ impl Replicas {
         let mut failing = false;
         loop {
             let s = settings();
-            let result = connected(&mut client, &cache, &s).await;
             let demand = pools.take_demand_peak();
-            let result = match result {
-                Ok(c) => {
-                    let round = Round {
-                        replicas: &self,
-                        pools: &pools,
-                        client: c,
-                        settings: &s,
-                        demand,
-                    };
-                    round.run(&mut member).await
-                }
-                Err(e) => Err(e),
+            let round = async {
+                let c = connected(&mut client, &cache, &s).await?;
+                let round = Round {
+                    replicas: &self,
+                    pools: &pools,
+                    client: c,
+                    settings: &s,
+                    demand,
+                };
+                round.run(&mut member).await
+            };
+            // A round cut short changes nothing unsafe: a grant the registry made but
+            // this replica never used only leaves a slot idle until the next round.
+            let result = tokio::select! {
+                r = round => r,
+                _ = stop.wait_for(|stopped| *stopped) => return,
             };
             match result {
                 Ok(()) => {
@@ -187,7 +190,9 @@ impl Replicas {
                 p.cap = member.cap();
                 p.demand = demand;
             });
-            let pause = if member.unsettled(pools.servers()) {
+            // Quicker while slots move, but never against a registry that is failing:
+            // a restarting Postgres gets one attempt per heartbeat from each replica.
+            let pause = if !failing && member.unsettled(pools.servers()) {
                 s.heartbeat / 4
             } else {
                 s.heartbeat
