@@ -257,6 +257,7 @@ mod tests {
             auth_cache_ttl_ms: 1,
             auth_failures_per_role_per_minute: 1,
             auth_failures_per_address_per_minute: 1,
+            cancel_forwards_per_address_per_minute: 1,
             auth_pool_size: 9,
             auth_mock_secret: Some(Secret::new("x")),
             ..Config::default()
