@@ -61,6 +61,9 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// `worker_threads` above this is surely a typo (a thread per client is not a design).
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// The whole configuration. Every field's doc states its default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -156,6 +159,11 @@ pub struct Config {
     /// What is logged: `tracing` filter directives such as `info` or
     /// `pooler=debug,info`. `RUST_LOG`, when set, takes its place. Default `info`.
     pub log_level: String,
+    /// Threads that run client sessions (tokio's worker threads); 0: one per CPU.
+    /// Fewer threads cost less CPU per transaction (less cross-thread waking and
+    /// stealing: on 2 vCPUs one worker used about 10% less), more reach more
+    /// throughput when the pooler has cores to itself. Takes a restart. Default 0.
+    pub worker_threads: usize,
     pub upstream: Upstream,
     pub client_tls: ClientTls,
     pub server_tls: ServerTls,
@@ -251,6 +259,7 @@ impl Default for Config {
             max_client_prepared_statements: 10_000,
             max_pinned_per_role: None,
             log_level: "info".into(),
+            worker_threads: 0,
             metrics_per_role: false,
             metrics_max_roles: 50,
             upstream: Upstream::default(),
@@ -343,6 +352,11 @@ impl Config {
         }
         if self.auth_pool_size == 0 {
             return bad("auth_pool_size must be at least 1".into());
+        }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return bad(format!(
+                "worker_threads must be at most {MAX_WORKER_THREADS} (0: one per CPU)"
+            ));
         }
         // 0 would refuse every named statement: drivers that name theirs (PgJDBC,
         // tokio-postgres, asyncpg) could not run a query.
@@ -549,6 +563,11 @@ mod tests {
         assert!(c.validate().is_err());
         let c = Config {
             max_client_prepared_statements: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            worker_threads: MAX_WORKER_THREADS + 1,
             ..Config::default()
         };
         assert!(c.validate().is_err());

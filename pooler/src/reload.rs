@@ -52,6 +52,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "server_tls",
     "metrics_per_role",
     "metrics_max_roles",
+    "worker_threads",
 ];
 
 /// Whether `key` (dotted, as `SHOW CONFIG` names it) takes a restart to change.
@@ -80,6 +81,7 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
     new.server_tls = old.server_tls.clone();
     new.metrics_per_role = old.metrics_per_role;
     new.metrics_max_roles = old.metrics_max_roles;
+    new.worker_threads = old.worker_threads;
     new
 }
 
@@ -267,6 +269,7 @@ mod tests {
         c.server_tls.mode = TlsMode::Require;
         c.metrics_per_role = true;
         c.metrics_max_roles = 7;
+        c.worker_threads = 3;
         c
     }
 

@@ -20,6 +20,7 @@ use crate::config::{Config, ConfigError};
 use crate::frontdoor::{self, Listener, SessionError};
 use crate::limits::{OpenFilesError, pool_config};
 use crate::metrics::Metrics;
+use crate::net::park::Lot;
 use crate::net::{self, Tracker, tls};
 use crate::pool::Pools;
 use crate::replicas::Replicas;
@@ -162,6 +163,8 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         reloading: Default::default(),
         closing: closing_rx,
         metrics,
+        tasks: Tracker::default(),
+        lot: Lot::start(),
     });
 
     tokio::spawn(cache.clone().run_listener(shutdown_rx.clone()));
@@ -171,7 +174,8 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         replica_settings(&c)
     });
     tokio::spawn(shared::apply_changes(cache.clone(), roles, pools));
-    let tasks = Tracker::default();
+    let tasks = shared.tasks.clone();
+    tokio::spawn(session::park::sweep(Arc::downgrade(&shared)));
     let on = |listener: Listener| {
         let shared = shared.clone();
         move |tcp, peer| serve_client(tcp, peer, shared.clone(), listener)

@@ -14,7 +14,7 @@ use super::checkout::{checkout, give_back, pool_size};
 use super::client::{IDLE_CHUNK, Session, server_lost};
 use super::cursor::Cursor;
 use super::prepared::{PreparedLimits, Rewriter};
-use super::signals::{Signals, Stop, wait_idle};
+use super::signals::{Signals, Stop, Woke, wait_idle};
 use super::state::Effect;
 use super::tracker::MAX_PENDING;
 use super::upkeep::{settle, sync_params};
@@ -24,7 +24,7 @@ use crate::backend::ServerConn;
 use crate::frontdoor::{SessionError, fatal};
 use crate::proto::SqlState;
 use crate::proto::frame::Side;
-use crate::registry::ClientInfo;
+use crate::registry::{ClientInfo, Registered};
 use crate::shared::Shared;
 
 /// A linked stretch's read buffers; grow only while a message we must see whole is
@@ -44,11 +44,17 @@ enum Linked {
     Drained,
 }
 
-pub async fn run(
+/// An idle client with nothing buffered, for its caller to park (park.rs).
+pub(super) type ToPark = (Box<Session>, Registered<ClientInfo>);
+
+/// Relays for a logged-in client until it leaves (`None`) or is to be parked:
+/// `park_now` at its first idle moment (just logged in), else when the sweep asks.
+pub(super) async fn run(
     mut s: Box<Session>,
     shared: &Shared,
-    client: &ClientInfo,
-) -> Result<(), SessionError> {
+    client: Registered<ClientInfo>,
+    mut park_now: bool,
+) -> Result<Option<ToPark>, SessionError> {
     let signals = Signals {
         revoked: s.revoked.clone(),
         shutdown: shared.shutdown.clone(),
@@ -57,14 +63,19 @@ pub async fn run(
     loop {
         // Idle: no server. Wait for a whole message header from the client.
         while s.buf.len() < 5 {
-            match wait_idle(&mut s.stream, &mut s.buf, &signals, client).await {
-                Ok(n) => {
+            if park_now && s.buf.is_empty() {
+                return Ok(Some((s, client)));
+            }
+            client.idle_in_task(shared.lot.epoch());
+            match wait_idle(&mut s.stream, &mut s.buf, &signals, &client).await {
+                Woke::Read(n) => {
                     if n? == 0 {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
-                Err(Stop::Revoked) => return revoked_error(&mut s).await,
-                Err(Stop::Draining | Stop::Closing) => {
+                Woke::Park => park_now = true,
+                Woke::Stop(Stop::Revoked) => return revoked_error(&mut s).await,
+                Woke::Stop(Stop::Draining | Stop::Closing) => {
                     return fatal(
                         &mut s.stream,
                         SqlState::ADMIN_SHUTDOWN,
@@ -75,16 +86,18 @@ pub async fn run(
             }
         }
         if s.buf[0] == b'X' {
-            return Ok(());
+            return Ok(None);
         }
-        // Boxed: a task's future is as big as its biggest state, and only a linked
-        // client should carry a server, its buffers and the link's state.
-        if Box::pin(transaction(&mut s, shared, client, &signals))
+        // Not boxed (an allocation per transaction): the task of a client that is
+        // idle for long ends when it parks, so its size costs only busy clients.
+        if transaction(&mut s, shared, &client, &signals)
             .await?
             .is_break()
         {
-            return Ok(());
+            return Ok(None);
         }
+        // Busy again: it parks when the sweep next finds it idle for long.
+        park_now = false;
     }
 }
 

@@ -10,6 +10,7 @@ mod desync;
 mod drain;
 mod login;
 mod metrics;
+mod parking;
 mod pooling;
 mod prepared;
 mod protocol;
