@@ -5,7 +5,8 @@
 //! the provisioner library, a table each) → for each target in turn, [`targets`]
 //! (start the `pooler` binary, PgBouncer, or nothing for direct) → [`scenarios`] (what
 //! each run is and the [`scenarios::Row`] it yields) → [`load`] (our clients) or
-//! [`pgbench`], with [`procfs`] (CPU, RSS, server logins) → [`report`] and [`chart`]
+//! [`pgbench`], with [`procfs`] (CPU, RSS, server logins) and [`syscalls`] (the
+//! target's system calls, by `perf stat`) → [`report`] and [`chart`]
 //! (Markdown, JSON, SVG under `bench/results/`).
 
 mod chart;
@@ -15,6 +16,7 @@ mod pgbench;
 mod procfs;
 mod report;
 mod scenarios;
+mod syscalls;
 mod targets;
 
 use std::path::PathBuf;
@@ -56,7 +58,8 @@ struct Args {
     /// Only these targets, comma-separated. Default: all three.
     #[arg(long, value_delimiter = ',')]
     targets: Vec<TargetKind>,
-    /// Only these scenarios by key (a, b, c, d, e, e-pgbench, f, g), comma-separated.
+    /// Only these scenarios by key (a, a-pgbench, a-pgbench-prepared, b, c, d, e,
+    /// e-pgbench, f, g), comma-separated.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Only rewrite the Markdown and chart from a results JSON of an earlier run (into
@@ -238,7 +241,7 @@ async fn run(
     let work_dir = tempfile::tempdir()?;
     let mut rows = Vec::new();
     for kind in kinds {
-        let mut running: Option<Target> = None;
+        let mut running: Option<(Target, Budget)> = None;
         let mut start_failed: Option<String> = None;
         for s in &scenarios {
             if let Some(why) = &start_failed {
@@ -246,10 +249,16 @@ async fn run(
                 progress.inc(1);
                 continue;
             }
+            // A scenario with a budget of its own (the hot app's pool) gets a process
+            // started with it, also under --one-process.
+            let wanted = s.budget(&budget);
+            if let Some((t, _)) = running.take_if(|(_, b)| *b != wanted) {
+                t.stop().await;
+            }
             if running.is_none() {
                 progress.set_message(format!("starting {}", kind.label()));
-                match start_healthy(kind, &fixture, &budget, &bins).await {
-                    Ok(t) => running = Some(t),
+                match start_healthy(kind, &fixture, &wanted, &bins).await {
+                    Ok(t) => running = Some((t, wanted)),
                     Err(e) => {
                         eprintln!("bench: {}: {e:#}", kind.label());
                         let why = format!("target did not start: {e:#}");
@@ -260,7 +269,7 @@ async fn run(
                     }
                 }
             }
-            let Some(target) = running.as_ref() else {
+            let Some((target, _)) = running.as_ref() else {
                 continue;
             };
             let probe = Probe {
@@ -292,14 +301,14 @@ async fn run(
             // scenario left behind (idle servers, a scheduler's memory of who was
             // served) must not decide the next one's numbers.
             if !args.one_process
-                && let Some(t) = running.take()
+                && let Some((t, _)) = running.take()
             {
                 t.stop().await;
             }
             // Clients of the last scenario are logging out; let Postgres settle.
             tokio::time::sleep(Duration::from_millis(if args.quick { 200 } else { 1000 })).await;
         }
-        if let Some(t) = running.take() {
+        if let Some((t, _)) = running.take() {
             t.stop().await;
         }
     }

@@ -45,12 +45,14 @@ pub const RESTART_KEYS: &[&str] = &[
     "auth_cache_ttl_ms",
     "auth_failures_per_role_per_minute",
     "auth_failures_per_address_per_minute",
+    "cancel_forwards_per_address_per_minute",
     "auth_pool_size",
     "auth_mock_secret",
     "upstream",
     "server_tls",
     "metrics_per_role",
     "metrics_max_roles",
+    "worker_threads",
 ];
 
 /// Whether `key` (dotted, as `SHOW CONFIG` names it) takes a restart to change.
@@ -72,12 +74,14 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
     new.auth_cache_ttl_ms = old.auth_cache_ttl_ms;
     new.auth_failures_per_role_per_minute = old.auth_failures_per_role_per_minute;
     new.auth_failures_per_address_per_minute = old.auth_failures_per_address_per_minute;
+    new.cancel_forwards_per_address_per_minute = old.cancel_forwards_per_address_per_minute;
     new.auth_pool_size = old.auth_pool_size;
     new.auth_mock_secret = old.auth_mock_secret.clone();
     new.upstream = old.upstream.clone();
     new.server_tls = old.server_tls.clone();
     new.metrics_per_role = old.metrics_per_role;
     new.metrics_max_roles = old.metrics_max_roles;
+    new.worker_threads = old.worker_threads;
     new
 }
 
@@ -110,7 +114,12 @@ pub fn flatten(config: &Config) -> BTreeMap<String, String> {
         walk("", &value, &mut out);
     }
     // Optional keys that are unset still exist; show them empty.
-    for key in ["session_listen", "max_pinned_per_role", "admin.user"] {
+    for key in [
+        "session_listen",
+        "max_pinned_per_role",
+        "admin.user",
+        "advertise_addr",
+    ] {
         out.entry(key.to_owned()).or_default();
     }
     out
@@ -250,6 +259,7 @@ mod tests {
             auth_cache_ttl_ms: 1,
             auth_failures_per_role_per_minute: 1,
             auth_failures_per_address_per_minute: 1,
+            cancel_forwards_per_address_per_minute: 1,
             auth_pool_size: 9,
             auth_mock_secret: Some(Secret::new("x")),
             ..Config::default()
@@ -259,6 +269,7 @@ mod tests {
         c.server_tls.mode = TlsMode::Require;
         c.metrics_per_role = true;
         c.metrics_max_roles = 7;
+        c.worker_threads = 3;
         c
     }
 

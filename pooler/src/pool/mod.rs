@@ -5,6 +5,8 @@
 //! * this module: [`Pools`], the async shell around it. It owns the connector, performs
 //!   the scheduler's [`scheduler::Action`]s (hand a server to a waiter, log one in,
 //!   close one) and runs maintenance.
+//! * [`share`]: the pure computation of this replica's share of the cluster's budget
+//!   when several replicas run (registry rows in, shares out).
 //! * [`Checkout`] (`guard.rs`): a checked-out server. `release()` returns it clean;
 //!   dropping it any other way closes it, so a client that dies mid-transaction can
 //!   never hand on a dirty server.
@@ -22,6 +24,7 @@
 
 mod guard;
 pub mod scheduler;
+pub mod share;
 mod slab;
 #[cfg(test)]
 mod tests;
@@ -40,8 +43,16 @@ pub use types::{
     ConnectError, Connector, PoolConfig, PoolError, PoolStats, RoleLimits, RolePoolStats,
 };
 
-/// What a waiter receives: a server, or the error of the login made for it.
-type Grant<S> = Result<Checkout<S>, ConnectError>;
+/// What a waiter receives: a server, or why it gets none.
+type Grant<S> = Result<Checkout<S>, Denied>;
+
+/// Why a queued checkout ends without a server.
+enum Denied {
+    /// The login made for it failed.
+    Connect(ConnectError),
+    /// Its deadline passed (the maintenance tick times waiters out: no timer per wait).
+    TimedOut,
+}
 type Tx<S> = oneshot::Sender<Grant<S>>;
 type Actions<S> = Vec<Action<S, Tx<S>>>;
 
@@ -69,6 +80,12 @@ struct State<S: Send + 'static> {
     /// RoleId index → name, for logins and stats.
     names: Vec<Arc<str>>,
     config: PoolConfig,
+    /// An emptied action list kept for the next release: most releases hand the
+    /// server to a waiter, and a fresh list would be an allocation per transaction.
+    spare: Actions<S>,
+    /// This replica's share of the cluster's budget (`share.rs`), when several replicas
+    /// share it; the scheduler's budget is then the smaller of the two.
+    share: Option<u32>,
 }
 
 impl<S: Send + 'static> State<S> {
@@ -96,6 +113,19 @@ impl<S: Send + 'static> State<S> {
         r
     }
 
+    /// What the scheduler may open: the configured budget, or this replica's share.
+    fn budget(&self) -> u32 {
+        let configured = self.config.max_server_connections;
+        self.share.map_or(configured, |s| s.min(configured))
+    }
+
+    fn scheduler_config(&self) -> scheduler::SchedulerConfig {
+        scheduler::SchedulerConfig {
+            max_server_connections: self.budget(),
+            ..self.config.scheduler()
+        }
+    }
+
     fn name(&self, r: RoleId) -> Arc<str> {
         self.names
             .get(r.index())
@@ -121,6 +151,8 @@ impl<S: Send + 'static> Pools<S> {
                 by_name: HashMap::new(),
                 names: Vec::new(),
                 config,
+                spare: Vec::new(),
+                share: None,
             }),
             connector,
         });
@@ -142,6 +174,8 @@ impl<S: Send + 'static> Pools<S> {
     }
 
     /// A server logged in as `role`, waiting up to `wait_timeout` in the role's queue.
+    /// The wait is timed out by the maintenance tick, so it ends up to one
+    /// `maintenance_interval` after `wait_timeout`; no timer is armed per wait.
     ///
     /// Cancel-safe: dropping the future while it waits leaves the queue, and a server
     /// granted at that moment goes back to the pool.
@@ -163,7 +197,11 @@ impl<S: Send + 'static> Pools<S> {
                 return Ok(Checkout::new(self.clone(), server, conn, idle_for));
             }
             let (tx, rx) = oneshot::channel();
-            let enqueued = st.sched.enqueue(r, tx, now, &mut out).map(|id| (id, rx));
+            let deadline = now.checked_add(wait_timeout);
+            let enqueued = st
+                .sched
+                .enqueue_until(r, tx, now, deadline, &mut out)
+                .map(|id| (id, rx));
             (r, enqueued)
         };
         self.run(out);
@@ -174,16 +212,16 @@ impl<S: Send + 'static> Pools<S> {
         };
         // Armed before the first await: from here on, dropping this future dequeues.
         let mut waiter = waiter::Waiter::new(self.clone(), id, rx);
-        match tokio::time::timeout(wait_timeout, waiter.recv()).await {
-            Ok(Ok(Ok(checkout))) => Ok(checkout),
-            Ok(Ok(Err(source))) => Err(PoolError::Connect {
+        match waiter.recv().await {
+            Ok(Ok(checkout)) => Ok(checkout),
+            Ok(Err(Denied::Connect(source))) => Err(PoolError::Connect {
                 role: Arc::from(role),
                 source,
             }),
-            Ok(Err(_)) => Err(PoolError::Dropped {
+            Err(_) => Err(PoolError::Dropped {
                 role: Arc::from(role),
             }),
-            Err(_elapsed) => {
+            Ok(Err(Denied::TimedOut)) => {
                 drop(waiter);
                 let st = self.lock();
                 let stats = st.sched.role_stats(r).unwrap_or_default();
@@ -194,7 +232,7 @@ impl<S: Send + 'static> Pools<S> {
                     active: stats.active,
                     waiting: stats.waiting,
                     in_use: st.sched.total_servers(),
-                    max_server_connections: st.config.max_server_connections,
+                    max_server_connections: st.budget(),
                 })
             }
         }
@@ -233,17 +271,57 @@ impl<S: Send + 'static> Pools<S> {
         let mut out = Vec::new();
         {
             let mut st = self.lock();
-            st.sched.set_config(config.scheduler(), now(), &mut out);
             st.config = config;
+            let sched = st.scheduler_config();
+            st.sched.set_config(sched, now(), &mut out);
         }
         self.run(out);
+    }
+
+    /// This replica's share of the cluster's budget: a lower one closes idle servers
+    /// now (oldest first) and busy ones as they are released; a higher one is filled
+    /// from the waiters. Returns the servers still open (or logging in) afterwards,
+    /// which the replica must go on reporting as held until they are gone.
+    pub fn set_share(&self, share: u32) -> u32 {
+        let mut out = Vec::new();
+        let servers = {
+            let mut st = self.lock();
+            st.share = Some(share);
+            let sched = st.scheduler_config();
+            st.sched.set_config(sched, now(), &mut out);
+            st.sched.total_servers()
+        };
+        // Closing happens here, outside the lock; the count above already left the
+        // closed ones out.
+        self.run(out);
+        servers
+    }
+
+    /// Servers open or logging in, all roles.
+    pub fn servers(&self) -> u32 {
+        self.lock().sched.total_servers()
+    }
+
+    /// The replica's demand since the last call (see
+    /// [`scheduler::Scheduler::take_demand_peak`]).
+    pub fn take_demand_peak(&self) -> u32 {
+        self.lock().sched.take_demand_peak()
     }
 
     /// One round of maintenance; the task spawned by [`Pools::new`] calls this every
     /// `maintenance_interval`.
     pub fn tick(&self) {
         let mut out = Vec::new();
-        self.lock().sched.tick(now(), &mut out);
+        let expired = {
+            let mut st = self.lock();
+            let now = now();
+            st.sched.tick(now, &mut out);
+            st.sched.expire_waiters(now)
+        };
+        for waiter in expired {
+            // Its future may be gone already; then nobody needs the answer.
+            let _ = waiter.send(Err(Denied::TimedOut));
+        }
         self.run(out);
     }
 
@@ -268,7 +346,9 @@ impl<S: Send + 'static> Pools<S> {
         PoolStats {
             roles,
             servers_in_use: st.sched.total_servers(),
-            max_server_connections: st.config.max_server_connections,
+            max_server_connections: st.budget(),
+            cluster_budget: st.config.max_server_connections,
+            demand: st.sched.demand(),
             counters: st.sched.counters(),
         }
     }
@@ -284,12 +364,27 @@ impl<S: Send + 'static> Pools<S> {
     }
 
     pub(crate) fn release_server(&self, server: ServerId, conn: S) {
-        let mut out = Vec::new();
-        let res = self.lock().sched.release(server, conn, now(), &mut out);
-        if let Err(error) = res {
-            tracing::error!(%error, "pool: release of an unknown server; closed it");
+        let res = {
+            let mut st = self.lock();
+            let mut out = std::mem::take(&mut st.spare);
+            st.sched
+                .release(server, conn, now(), &mut out)
+                .map(|()| out)
+        };
+        match res {
+            Ok(out) => {
+                let spare = self.run(out);
+                // Kept only if nobody holds the lock: never wait for a spare list.
+                if let Ok(mut st) = self.shared.state.try_lock() {
+                    if st.spare.capacity() == 0 {
+                        st.spare = spare;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "pool: release of an unknown server; closed it");
+            }
         }
-        self.run(out);
     }
 
     pub(crate) fn discard_server(&self, server: ServerId) {
@@ -302,15 +397,15 @@ impl<S: Send + 'static> Pools<S> {
     }
 
     /// Removes a waiter that gave up; `None` if it was already granted or failed.
-    pub(crate) fn cancel_waiter(&self, id: WaiterId) -> Option<Tx<S>> {
+    fn cancel_waiter(&self, id: WaiterId) -> Option<Tx<S>> {
         self.lock().sched.cancel(id, now())
     }
 
-    /// Performs the scheduler's decisions, outside the lock.
-    fn run(&self, mut actions: Actions<S>) {
+    /// Performs the scheduler's decisions, outside the lock; returns the emptied list.
+    fn run(&self, mut actions: Actions<S>) -> Actions<S> {
+        let mut next = Vec::new();
         while !actions.is_empty() {
-            let mut next = Vec::new();
-            for action in actions {
+            for action in actions.drain(..) {
                 match action {
                     Action::Grant {
                         waiter,
@@ -343,7 +438,13 @@ impl<S: Send + 'static> Pools<S> {
                     }
                 }
             }
-            actions = next;
+            std::mem::swap(&mut actions, &mut next);
+        }
+        // Both are empty now; the one that held the first round has the capacity.
+        if next.capacity() > actions.capacity() {
+            next
+        } else {
+            actions
         }
     }
 
@@ -372,7 +473,7 @@ impl<S: Send + 'static> Pools<S> {
                     let failed = pools.lock().sched.open_failed(server, now(), &mut out);
                     if let Ok(Some(waiter)) = failed {
                         // Its future may be gone; then nobody needs the error.
-                        let _ = waiter.send(Err(error));
+                        let _ = waiter.send(Err(Denied::Connect(error)));
                     }
                 }
             }

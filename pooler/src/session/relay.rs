@@ -15,7 +15,7 @@ use super::client::{IDLE_CHUNK, Session, server_lost};
 use super::cursor::Cursor;
 use super::prepared::{PreparedLimits, Rewriter};
 use super::routines::REFRESH as ROUTINES_REFRESH;
-use super::signals::{Signals, Stop, paused, wait_idle};
+use super::signals::{Signals, Stop, Woke, paused, wait_idle};
 use super::state::Effect;
 use super::tracker::MAX_PENDING;
 use super::upkeep::{after_reset, settle, sync_params, what_holds};
@@ -25,7 +25,7 @@ use crate::backend::ServerConn;
 use crate::frontdoor::{SessionError, fatal};
 use crate::proto::SqlState;
 use crate::proto::frame::Side;
-use crate::registry::ClientInfo;
+use crate::registry::{ClientInfo, Registered};
 use crate::shared::{Held, Pause, Shared};
 
 /// A linked stretch's read buffers; grow only while a message we must see whole is
@@ -49,11 +49,17 @@ enum Linked {
     Paused,
 }
 
-pub async fn run(
+/// An idle client with nothing buffered, for its caller to park (park.rs).
+pub(super) type ToPark = (Box<Session>, Registered<ClientInfo>);
+
+/// Relays for a logged-in client until it leaves (`None`) or is to be parked:
+/// `park_now` at its first idle moment (just logged in), else when the sweep asks.
+pub(super) async fn run(
     mut s: Box<Session>,
     shared: &Shared,
-    client: &ClientInfo,
-) -> Result<(), SessionError> {
+    client: Registered<ClientInfo>,
+    mut park_now: bool,
+) -> Result<Option<ToPark>, SessionError> {
     let signals = Signals {
         revoked: s.revoked.clone(),
         shutdown: shared.shutdown.clone(),
@@ -62,14 +68,19 @@ pub async fn run(
     loop {
         // Idle: no server. Wait for a whole message header from the client.
         while s.buf.len() < 5 {
-            match wait_idle(&mut s.stream, &mut s.buf, &signals, client).await {
-                Ok(n) => {
+            if park_now && s.buf.is_empty() {
+                return Ok(Some((s, client)));
+            }
+            client.idle_in_task(shared.lot.epoch());
+            match wait_idle(&mut s.stream, &mut s.buf, &signals, &client).await {
+                Woke::Read(n) => {
                     if n? == 0 {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
-                Err(Stop::Revoked) => return revoked_error(&mut s).await,
-                Err(Stop::Draining | Stop::Closing) => {
+                Woke::Park => park_now = true,
+                Woke::Stop(Stop::Revoked) => return revoked_error(&mut s).await,
+                Woke::Stop(Stop::Draining | Stop::Closing) => {
                     return fatal(
                         &mut s.stream,
                         SqlState::ADMIN_SHUTDOWN,
@@ -80,16 +91,18 @@ pub async fn run(
             }
         }
         if s.buf[0] == b'X' {
-            return Ok(());
+            return Ok(None);
         }
-        // Boxed: a task's future is as big as its biggest state, and only a linked
-        // client should carry a server, its buffers and the link's state.
-        if Box::pin(transaction(&mut s, shared, client, &signals))
+        // Not boxed (an allocation per transaction): the task of a client that is
+        // idle for long ends when it parks, so its size costs only busy clients.
+        if transaction(&mut s, shared, &client, &signals)
             .await?
             .is_break()
         {
-            return Ok(());
+            return Ok(None);
         }
+        // Busy again: it parks when the sweep next finds it idle for long.
+        park_now = false;
     }
 }
 
@@ -278,9 +291,10 @@ async fn link(
     // session can move (and again after it sends anything); what keeps it is reported.
     let role = s.role.name.clone();
     let mut looked: Option<u64> = None;
-    let _held = LetGo {
+    let mut held = LetGo {
         pause,
         client: client.id,
+        held: false,
     };
     let mut client_cursor = Cursor::default();
     // Reused across batches: no allocation per relayed message once warm.
@@ -301,9 +315,8 @@ async fn link(
             _ => {}
         }
         if !s.buf.is_empty() {
-            if looked.take().is_some() {
-                pause.let_go(client.id);
-            }
+            looked = None;
+            held.let_go();
             let mut too_many = false;
             let mut malformed = false;
             // Named statements are renamed and prepared where needed (prepared.rs):
@@ -475,13 +488,16 @@ async fn link(
             std::mem::swap(&mut server.buf, sbuf);
             match what {
                 None => return Ok(Linked::Paused),
-                Some(what) => pause.hold(
-                    client.id,
-                    Held {
-                        role: role.clone(),
-                        what,
-                    },
-                ),
+                Some(what) => {
+                    held.held = true;
+                    pause.hold(
+                        client.id,
+                        Held {
+                            role: role.clone(),
+                            what,
+                        },
+                    );
+                }
             }
         }
         if s.buf.capacity() - s.buf.len() < 1024 {
@@ -524,15 +540,26 @@ async fn link(
     }
 }
 
-/// Takes a client's entry off the pause's list of holders when its link ends.
+/// Takes a client's entry off the pause's list of holders when it acts or its link
+/// ends; only a client that was put on it touches the list (a lock every client
+/// shares).
 struct LetGo<'a> {
     pause: &'a Pause,
     client: u64,
+    held: bool,
+}
+
+impl LetGo<'_> {
+    fn let_go(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.pause.let_go(self.client);
+        }
+    }
 }
 
 impl Drop for LetGo<'_> {
     fn drop(&mut self) {
-        self.pause.let_go(self.client);
+        self.let_go();
     }
 }
 

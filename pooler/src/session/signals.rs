@@ -79,54 +79,75 @@ pub(super) fn paused<'a>(
     })
 }
 
-/// An idle client's wait for (more of) its next request: `Ok` with a read's result
-/// (0: the client left), or the signal that came first. A plaintext client with
-/// nothing pending is read only once readable, into a buffer allocated then, so an
-/// idle one holds none; TLS may hold decrypted bytes, so it reads.
+/// What ended an idle client's wait.
+pub(super) enum Woke {
+    /// A read's result (0: the client left).
+    Read(std::io::Result<usize>),
+    Stop(Stop),
+    /// The parking sweep found it idle for a whole period: park it (park.rs).
+    Park,
+}
+
+impl Signals {
+    /// An idle client's signals: a stop, or a request to park.
+    fn idle<'a>(&'a self, client: &'a ClientInfo) -> impl std::future::Future<Output = Woke> + 'a {
+        std::future::poll_fn(move |cx| {
+            client.signal().register(cx.waker());
+            if let Some(stop) = self.fired(false) {
+                Poll::Ready(Woke::Stop(stop))
+            } else if client.take_park_request() {
+                Poll::Ready(Woke::Park)
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// An idle client's wait for (more of) its next request, a signal, or a request to
+/// park. A plaintext client is read only once readable, and then with one read that,
+/// when it comes back short, tells tokio the socket is drained: the relay's next read
+/// does not find it empty first (a `recvfrom` per transaction). Its small buffer is
+/// kept while it runs in a task (parking drops it); one grown past a few chunks by a
+/// large request is dropped here. TLS may hold decrypted bytes, so it reads.
 pub(super) async fn wait_idle(
     stream: &mut crate::net::stream::Stream,
     buf: &mut BytesMut,
     signals: &Signals,
     client: &ClientInfo,
-) -> Result<std::io::Result<usize>, Stop> {
-    if buf.is_empty() {
+) -> Woke {
+    if buf.is_empty() && buf.capacity() > IDLE_CHUNK * 4 {
         *buf = BytesMut::new();
-    } else {
-        buf.reserve(IDLE_CHUNK);
-        return read_or_stop(stream, buf, signals, client).await;
     }
     let crate::net::stream::Stream::Plain(tcp) = stream else {
         buf.reserve(IDLE_CHUNK);
-        return read_or_stop(stream, buf, signals, client).await;
+        return tokio::select! {
+            biased;
+            n = stream.read_buf(buf) => Woke::Read(n),
+            woke = signals.idle(client) => woke,
+        };
     };
     loop {
         tokio::select! {
             biased;
             ready = tcp.readable() => {
                 if let Err(e) = ready {
-                    return Ok(Err(e));
+                    return Woke::Read(Err(e));
                 }
             }
-            stop = signals.wait(client, false) => return Err(stop),
+            woke = signals.idle(client) => return woke,
         }
         buf.reserve(IDLE_CHUNK);
-        match tcp.try_read_buf(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            read => return Ok(read),
+        // Once: a spurious readiness leaves our waker registered, and the loop waits.
+        let read = std::future::poll_fn(|cx| {
+            match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *tcp), cx, buf) {
+                Poll::Pending => Poll::Ready(None),
+                Poll::Ready(r) => Poll::Ready(Some(r)),
+            }
+        })
+        .await;
+        if let Some(read) = read {
+            return Woke::Read(read);
         }
-    }
-}
-
-/// Reads what the client sends, or the signal that came first.
-async fn read_or_stop(
-    stream: &mut crate::net::stream::Stream,
-    buf: &mut BytesMut,
-    signals: &Signals,
-    client: &ClientInfo,
-) -> Result<std::io::Result<usize>, Stop> {
-    tokio::select! {
-        biased;
-        n = stream.read_buf(buf) => Ok(n),
-        stop = signals.wait(client, false) => Err(stop),
     }
 }

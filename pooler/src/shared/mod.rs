@@ -33,6 +33,9 @@ pub struct Shared {
     pub roles: Arc<Roles>,
     pub pools: Pools<Box<ServerConn>>,
     pub cancels: Arc<CancelMap>,
+    /// This replica's membership: its id (in the cancel keys it mints), its share of
+    /// the cluster's budget, the other replicas, cancel forwarding.
+    pub replicas: Arc<crate::replicas::Replicas>,
     pub limiter: AuthLimiter,
     pub target: Target,
     /// Keys the mock verifiers of unknown roles, so they are stable but unguessable.
@@ -54,6 +57,10 @@ pub struct Shared {
     pub hooks: Hooks,
     /// One reload at a time.
     pub(crate) reloading: tokio::sync::Mutex<()>,
+    /// Live clients, in a task or parked: shutdown waits for them.
+    pub tasks: crate::net::Tracker,
+    /// Idle app clients parked without a task (session/park.rs).
+    pub lot: crate::net::park::Lot,
 }
 
 impl Shared {

@@ -76,9 +76,7 @@ impl Pause {
 
     /// Client `id` no longer holds a server for the pause (it let go, acted, or left).
     pub fn let_go(&self, id: u64) {
-        if self.any.load(Ordering::Acquire) || !self.held_map().is_empty() {
-            self.held_map().remove(&id);
-        }
+        self.held_map().remove(&id);
     }
 
     /// The clients holding servers of `role` (or of any role) through the pause.
