@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
 
 use super::cancel::CancelHandle;
 use super::params::{ClientParams, ServerParams};
@@ -193,7 +192,7 @@ pub async fn login(
         None => match warm_up(shared, &role, &auth).await {
             Ok(p) => p,
             Err((code, message)) => {
-                stream.write_all(&out).await?;
+                super::write_within(&mut stream, &out, deadline).await?;
                 return fatal(&mut stream, code, message).await;
             }
         },
@@ -215,7 +214,7 @@ pub async fn login(
     };
     msg::backend_key_data(&mut out, cancel.key.pid, cancel.key.secret);
     msg::ready_for_query(&mut out, TransactionStatus::Idle);
-    stream.write_all(&out).await?;
+    super::write_within(&mut stream, &out, deadline).await?;
 
     let mode = if listener == Listener::Session {
         PoolMode::Session
@@ -262,7 +261,7 @@ pub(crate) async fn scram_exchange(
 ) -> Result<Proof, SessionError> {
     let mut out = BytesMut::with_capacity(256);
     encoded(msg::authentication_sasl(&mut out, &[MECHANISM]))?;
-    stream.write_all(&out).await?;
+    super::write_within(stream, &out, deadline).await?;
     out.clear();
 
     let nonce = match crate::auth::random_nonce() {
@@ -301,7 +300,7 @@ pub(crate) async fn scram_exchange(
         Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
     };
     encoded(msg::authentication_sasl_continue(&mut out, &server_first))?;
-    stream.write_all(&out).await?;
+    super::write_within(stream, &out, deadline).await?;
 
     let last = read_sasl(stream, buf, deadline).await?;
     let last = match frontend::parse_sasl_response(&last) {
@@ -345,26 +344,29 @@ async fn warm_up(
     ))
 }
 
-/// Reads one SASL message ('p') from the client.
+/// Reads one SASL message ('p') from the client. Any other type is refused at its
+/// first byte, before its length is even read: a `Q` announcing 1 GiB here is not
+/// buffered. A `p` is within `PG_MAX_AUTH_TOKEN_LENGTH` (frame.rs) by its header.
 async fn read_sasl(
     stream: &mut Stream,
     buf: &mut BytesMut,
     deadline: tokio::time::Instant,
 ) -> Result<Bytes, SessionError> {
     loop {
+        if let Some(&tag) = buf.first().filter(|&&t| t != b'p') {
+            return fatal(
+                stream,
+                SqlState::PROTOCOL_VIOLATION,
+                format!(
+                    "expected a SASL response, got message type {:?}",
+                    char::from(tag)
+                ),
+            )
+            .await;
+        }
         match frame::split(buf, Side::Frontend) {
-            Ok(Some((b'p', body))) => return Ok(body),
-            Ok(Some((tag, _))) => {
-                return fatal(
-                    stream,
-                    SqlState::PROTOCOL_VIOLATION,
-                    format!(
-                        "expected a SASL response, got message type {:?}",
-                        char::from(tag)
-                    ),
-                )
-                .await;
-            }
+            // A `p`: any other type was refused above.
+            Ok(Some((_, body))) => return Ok(body),
             Ok(None) => super::read_within(stream, buf, deadline).await?,
             Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
         }

@@ -4,7 +4,9 @@
 // Test code: a failed unwrap is a failed test with its message, which is what we want.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod abuse;
 mod admin;
+mod binary;
 mod common;
 mod desync;
 mod drain;
@@ -13,6 +15,7 @@ mod metrics;
 mod pooling;
 mod prepared;
 mod protocol;
+mod raw;
 mod restart;
 mod revocation;
 mod session_mode;
