@@ -123,7 +123,7 @@ impl Rewriter<'_> {
             Refusal::TooLong => crate::proto::SqlState::PROGRAM_LIMIT_EXCEEDED,
         };
         let mut error = BytesMut::new();
-        crate::proto::error::write_error(&mut error, code, reason);
+        crate::proto::backend::write_error(&mut error, code, reason);
         message(
             out,
             b'P',

@@ -13,8 +13,6 @@ mod books;
 mod limits;
 mod replies;
 
-use std::collections::HashMap;
-
 use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
@@ -25,50 +23,12 @@ use replies::{Deallocating, Reply, Undo};
 
 use super::cursor::Need;
 use super::state::{self, Effect};
+use crate::backend::statements::ServerStatements;
 
 /// A Parse, Bind, Describe or Close whose names are not NUL-terminated.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("malformed extended-protocol message")]
 pub struct Malformed;
-
-/// The statements one server holds, least recently used first out.
-#[derive(Debug, Default)]
-pub struct ServerStatements {
-    used: HashMap<Bytes, u64>,
-    clock: u64,
-}
-
-impl ServerStatements {
-    pub fn has(&self, global: &[u8]) -> bool {
-        self.used.contains_key(global)
-    }
-
-    fn touch(&mut self, global: &Bytes) {
-        self.clock += 1;
-        self.used.insert(global.clone(), self.clock);
-    }
-
-    fn forget(&mut self, global: &[u8]) {
-        self.used.remove(global);
-    }
-
-    /// All of them are gone (DISCARD ALL, DEALLOCATE ALL, a reset).
-    pub fn clear(&mut self) {
-        self.used.clear();
-    }
-
-    /// The least recently used statement other than `keep`, once more than `max` are held.
-    fn evictable(&self, max: usize, keep: &[u8]) -> Option<Bytes> {
-        if self.used.len() <= max {
-            return None;
-        }
-        self.used
-            .iter()
-            .filter(|(name, _)| name.as_ref() != keep)
-            .min_by_key(|(_, stamp)| **stamp)
-            .map(|(name, _)| name.clone())
-    }
-}
 
 /// Splits a NUL-terminated string off the front of `body`.
 fn cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {

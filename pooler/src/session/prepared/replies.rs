@@ -400,7 +400,7 @@ impl Replies {
             }
         }
         client.retain(|name| names.contains(name));
-        server.used.retain(|global, _| globals.contains(global));
+        server.retain(|global| globals.contains(global));
         self.unnamed = None;
         self.portal = None;
     }
