@@ -407,16 +407,32 @@ async fn client_and_server_sockets_have_keepalive() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let pid = format!("pid={},", bin.pid());
-    let clients = ss(format!("( sport = :{} )", bin.addr.port()));
-    let servers = ss(format!("( dport = :{} )", e.fixture.cluster.port()));
-    let ours = |lines: &str| -> Vec<String> {
+    let ours = |lines: String| -> Vec<String> {
         lines
             .lines()
             .filter(|l| l.contains(&pid))
             .map(str::to_owned)
             .collect()
     };
-    let (clients, servers) = (ours(&clients), ours(&servers));
+    // A socket with bytes not yet acknowledged shows its retransmission timer instead:
+    // look again until every one is quiet.
+    let mut seen = (Vec::new(), Vec::new());
+    for _ in 0..100 {
+        seen = (
+            ours(ss(format!("( sport = :{} )", bin.addr.port()))),
+            ours(ss(format!("( dport = :{} )", e.fixture.cluster.port()))),
+        );
+        let quiet = seen
+            .0
+            .iter()
+            .chain(&seen.1)
+            .all(|l| !l.contains("timer:(on"));
+        if quiet {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (clients, servers) = seen;
     assert!(
         !clients.is_empty() && !servers.is_empty(),
         "{clients:?} {servers:?}"
