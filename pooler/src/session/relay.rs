@@ -383,8 +383,12 @@ async fn link(
                     }
                 },
             );
-            for (total, n) in scan.refused.iter_mut().zip(rewriter.refused) {
-                *total += n;
+            if rewriter.refused.iter().any(|&n| n > 0) {
+                // Told to the client in its batch's error; logged here under its id.
+                tracing::info!(role = %s.role.name, refused = ?rewriter.refused, "prepared statements refused (count, bytes, too long)");
+                for (total, n) in scan.refused.iter_mut().zip(rewriter.refused) {
+                    *total += n;
+                }
             }
             let n = match walked {
                 Ok(n) if !malformed => n,
