@@ -207,6 +207,19 @@ async fn named_statements_share_their_text_and_their_bytes_are_bounded() {
     );
 
     let mut raw = Raw::connect_to(bin.addr, &e.fixture.db, &attacker).await;
+    // A named statement whose text is over max_message_bytes (1 MiB): the pooler
+    // would have to keep it whole, so it is refused for its batch, and its 3 MiB
+    // stream past without being held.
+    let huge = format!("SELECT 1 -- {}", "h".repeat(3 * MIB));
+    let mut bytes = crate::raw::parse("huge", &huge);
+    bytes.extend(sync());
+    raw.send(&bytes).await;
+    let replies = raw.until_ready(1).await;
+    let error = crate::raw::errors(&replies).join(" ");
+    assert!(
+        error.starts_with("54000") && error.contains("max_message_bytes"),
+        "{error}"
+    );
     let mut refused = None;
     for i in 0..12 {
         let text = format!("SELECT {i} -- {}", "u".repeat(MIB - 4096));
