@@ -52,15 +52,13 @@ impl ServerScan {
         m.prepared_hits.inc_by(self.replies.hits);
         m.prepared_misses.inc_by(self.replies.misses);
         role.counts.add(self.transactions, self.queries);
-        for (kind, n) in [
-            (Limit::PreparedStatements, Refusal::Count),
-            (Limit::PreparedBytes, Refusal::Bytes),
-            (Limit::MessageTooLong, Refusal::TooLong),
-        ]
-        .map(|(limit, r)| (limit, self.refused[r as usize]))
-        {
-            if n > 0 {
-                m.limit(kind, n);
+        if self.refused != [0; Refusal::KINDS] {
+            for (limit, refusal) in [
+                (Limit::PreparedStatements, Refusal::Count),
+                (Limit::PreparedBytes, Refusal::Bytes),
+                (Limit::MessageTooLong, Refusal::TooLong),
+            ] {
+                m.limit(limit, self.refused[refusal as usize]);
             }
         }
         if let Some(limit) = self.cut_off {
