@@ -342,10 +342,12 @@ pub async fn fatal<T>(
     let mut out = BytesMut::new();
     msg::write_fatal(&mut out, code, &message);
     // The client may already be gone; the error is still the session's outcome.
-    let _ = tokio::time::timeout(FATAL_WRITE_LIMIT, async {
+    // Boxed: the timer would otherwise make every future that can end in a FATAL
+    // (the relay's, once per transaction) bigger, and its allocation slower.
+    let _ = Box::pin(tokio::time::timeout(FATAL_WRITE_LIMIT, async {
         stream.write_all(&out).await?;
         stream.flush().await
-    })
+    }))
     .await;
     Err(SessionError::Reported { code, message })
 }
