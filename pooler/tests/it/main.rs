@@ -16,6 +16,7 @@ mod pooling;
 mod prepared;
 mod protocol;
 mod raw;
+mod replicas;
 mod restart;
 mod revocation;
 mod session_mode;
