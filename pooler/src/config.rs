@@ -120,6 +120,37 @@ pub struct Config {
     /// like any error in its batch (the rest is skipped up to Sync); closing
     /// statements makes room again. Default 10000.
     pub max_client_prepared_statements: usize,
+    /// Bytes of prepared-statement names and texts one client connection may hold
+    /// (a text is held once however many names use it). A Parse that would go past
+    /// it fails with 53400 like `max_client_prepared_statements`. Default 8 MiB
+    /// (8388608), room for PgJDBC's default statement cache (5 MiB).
+    pub max_client_prepared_bytes: usize,
+    /// The largest message the pooler holds whole: a named Parse (its text is kept
+    /// to prepare it again on another server), the head of a Query, Bind or
+    /// FunctionCall, a server's ErrorResponse, a console command. Longer Queries,
+    /// unnamed Parses, Binds, CopyData and rows are streamed through in pieces
+    /// whatever their size; a longer named Parse fails with 54000 (the rest of its
+    /// batch skipped up to Sync). At least 32768. Default 1 MiB (1048576).
+    pub max_message_bytes: usize,
+    /// A client linked to a server that makes no progress for this long (it reads
+    /// nothing of what the server sent, or does not finish a message or a COPY it
+    /// started) loses its server (closed, so its transaction rolls back) and gets
+    /// 08006. Also bounds every write of an error to a client. Default 10 s.
+    pub client_stall_timeout_ms: u64,
+    /// A client idle inside a transaction (or an unsynced extended-protocol batch)
+    /// for this long loses its server (closed, rolled back) and gets 25P03, like
+    /// PgBouncer's `idle_transaction_timeout`. 0 turns it off; Postgres's own
+    /// `idle_in_transaction_session_timeout`, which the provisioner sets per app, still
+    /// applies unless the app changes it. Default 0 (off).
+    pub idle_transaction_timeout_ms: u64,
+    /// TCP keepalive on client and server sockets: idle time before the first probe
+    /// (0 turns keepalive off). A peer that vanished without a FIN (a node lost, a
+    /// cable cut) is then noticed after about idle + 3 × interval instead of the
+    /// kernel's two hours. Default 60 s.
+    pub tcp_keepalive_idle_ms: u64,
+    /// TCP keepalive: time between probes (3 unanswered probes close the socket).
+    /// Default 10 s.
+    pub tcp_keepalive_interval_ms: u64,
     /// Clients of one role that may be pinned to a server at once by session state
     /// (LISTEN, temp tables, advisory locks, SQL PREPARE, SET ROLE, untracked SET).
     /// Unset: half the role's pool size, at least 1. Past it the client gets an error
@@ -257,6 +288,12 @@ impl Default for Config {
             auth_mock_secret: None,
             max_prepared_statements: 200,
             max_client_prepared_statements: 10_000,
+            max_client_prepared_bytes: 8 << 20,
+            max_message_bytes: 1 << 20,
+            client_stall_timeout_ms: 10_000,
+            idle_transaction_timeout_ms: 0,
+            tcp_keepalive_idle_ms: 60_000,
+            tcp_keepalive_interval_ms: 10_000,
             max_pinned_per_role: None,
             log_level: "info".into(),
             worker_threads: 0,
@@ -310,6 +347,10 @@ impl Default for ServerTls {
         }
     }
 }
+
+/// The smallest `max_message_bytes`: every short message of the protocol
+/// (`PQ_SMALL_MESSAGE_LIMIT`, libpq's 30000 for backend short messages) must fit.
+pub const MIN_MESSAGE_BYTES: usize = 32 * 1024;
 
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
@@ -366,6 +407,21 @@ impl Config {
                     .into(),
             );
         }
+        if self.max_message_bytes < MIN_MESSAGE_BYTES {
+            return bad(format!(
+                "max_message_bytes must be at least {MIN_MESSAGE_BYTES} (the protocol's short messages)"
+            ));
+        }
+        if self.max_client_prepared_bytes < self.max_message_bytes {
+            return bad(
+                "max_client_prepared_bytes must be at least max_message_bytes: a named \
+                 statement of the largest message could never be held"
+                    .into(),
+            );
+        }
+        if self.tcp_keepalive_idle_ms > 0 && self.tcp_keepalive_interval_ms == 0 {
+            return bad("tcp_keepalive_interval_ms must be greater than 0".into());
+        }
         if self.upstream.dbname.is_empty() || self.upstream.auth_user.is_empty() {
             return bad("upstream.dbname and upstream.auth_user must be set".into());
         }
@@ -374,6 +430,7 @@ impl Config {
             ("client_login_timeout_ms", self.client_login_timeout_ms),
             ("server_connect_timeout_ms", self.server_connect_timeout_ms),
             ("switch_quantum_ms", self.switch_quantum_ms),
+            ("client_stall_timeout_ms", self.client_stall_timeout_ms),
             ("admin.pause_timeout_ms", self.admin.pause_timeout_ms),
         ] {
             if v == 0 {
@@ -478,6 +535,22 @@ impl Config {
     }
     pub fn auth_cache_ttl(&self) -> Duration {
         ms(self.auth_cache_ttl_ms)
+    }
+    pub fn client_stall_timeout(&self) -> Duration {
+        ms(self.client_stall_timeout_ms)
+    }
+    /// `None` when off.
+    pub fn idle_transaction_timeout(&self) -> Option<Duration> {
+        (self.idle_transaction_timeout_ms > 0).then(|| ms(self.idle_transaction_timeout_ms))
+    }
+    /// `None` when off.
+    pub fn tcp_keepalive(&self) -> Option<(Duration, Duration)> {
+        (self.tcp_keepalive_idle_ms > 0).then(|| {
+            (
+                ms(self.tcp_keepalive_idle_ms),
+                ms(self.tcp_keepalive_interval_ms),
+            )
+        })
     }
 }
 

@@ -85,6 +85,7 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         dbname: config.upstream.dbname.clone(),
         tls: server_tls,
         connect_timeout: config.server_connect_timeout(),
+        keepalive: config.tcp_keepalive(),
     };
     let cache = VerifierCache::new(
         config.upstream.clone(),

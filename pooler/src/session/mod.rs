@@ -9,6 +9,7 @@ pub mod park;
 pub mod prepared;
 mod relay;
 mod signals;
+mod stall;
 mod state;
 mod tracker;
 mod upkeep;
