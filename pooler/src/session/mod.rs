@@ -9,7 +9,7 @@ pub mod params;
 pub mod prepared;
 mod relay;
 mod signals;
-mod state;
+pub(crate) mod state;
 mod tracker;
 mod upkeep;
 mod wire;
