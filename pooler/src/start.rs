@@ -166,10 +166,11 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         roles: roles.clone(),
         pools: pools.clone(),
         cancels: Arc::new(CancelMap::default()),
-        limiter: AuthLimiter::new(
-            config.auth_failures_per_role_per_minute,
-            config.auth_failures_per_address_per_minute,
-        ),
+        limiter: AuthLimiter::new(crate::auth::limiter::Limits {
+            per_source: config.auth_failures_per_address_per_minute,
+            per_role_source: config.auth_failures_per_role_per_address_per_minute,
+            max_entries: config.auth_throttle_max_entries,
+        }),
         target,
         mock_secret,
         client_tls: ArcSwapOption::from_pointee(client_tls),
