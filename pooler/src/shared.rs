@@ -361,8 +361,7 @@ async fn resync(cache: &VerifierCache, roles: &Roles, pools: &Pools<Box<ServerCo
         .cloned()
         .collect();
     for name in names {
-        cache.invalidate(&name);
-        match cache.get(&name).await {
+        match cache.reread(&name).await {
             Ok(auth) if auth.status != crate::auth::cache::Status::Ok => {
                 roles.bump();
                 if let Some(r) = roles.get(&name) {

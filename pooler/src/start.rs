@@ -111,7 +111,14 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
     let cache = VerifierCache::new(
         config.upstream.clone(),
         target.tls.clone(),
-        config.auth_cache_ttl(),
+        crate::auth::cache::CacheLimits {
+            ttl: config.auth_cache_ttl(),
+            negative_ttl: config.auth_negative_cache_ttl(),
+            max_roles: config.auth_cache_max_roles,
+            max_negative: config.auth_negative_cache_max,
+            queue: config.auth_lookup_queue,
+            notify_queue: config.auth_notify_queue,
+        },
         config.auth_pool_size,
     );
     let roles = Arc::new(Roles::default());
@@ -185,7 +192,12 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         metrics,
     });
 
-    tokio::spawn(cache.clone().run_listener(shutdown_rx.clone()));
+    // A notification naming a role with clients here matters even when its cache entry
+    // was evicted; every other name is ignored without a lookup (cache/listen.rs).
+    let connected = roles.clone();
+    let interest: crate::auth::cache::Interest =
+        Arc::new(move |name| connected.get(name).is_some());
+    tokio::spawn(cache.clone().run_listener(shutdown_rx.clone(), interest));
     tokio::spawn(shared::apply_changes(cache.clone(), roles, pools));
     let tasks = Tracker::default();
     tokio::spawn(net::accept_loop(
