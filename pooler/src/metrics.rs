@@ -17,6 +17,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::auth::cache::VerifierCache;
 use crate::pool::PoolStats;
 use crate::shared::{RoleShared, Roles};
 
@@ -36,10 +37,12 @@ pub enum AuthResult {
     Throttled,
     PassthroughMismatch,
     Error,
+    /// Refused (53300) before authentication: too many lookups of unknown names wait.
+    LookupBusy,
 }
 
 impl AuthResult {
-    const ALL: [AuthResult; 7] = [
+    const ALL: [AuthResult; 8] = [
         AuthResult::Ok,
         AuthResult::BadProof,
         AuthResult::UnknownRole,
@@ -47,6 +50,7 @@ impl AuthResult {
         AuthResult::Throttled,
         AuthResult::PassthroughMismatch,
         AuthResult::Error,
+        AuthResult::LookupBusy,
     ];
 
     fn label(self) -> &'static str {
@@ -58,6 +62,7 @@ impl AuthResult {
             AuthResult::Throttled => "throttled",
             AuthResult::PassthroughMismatch => "passthrough_mismatch",
             AuthResult::Error => "error",
+            AuthResult::LookupBusy => "lookup_busy",
         }
     }
 }
@@ -184,6 +189,33 @@ impl Metrics {
         if let Some(c) = self.auth.get(result as usize) {
             c.inc();
         }
+    }
+
+    /// Exports the verifier cache's own counters (lookups, NOTIFY hints) when scraped.
+    pub fn watch_auth(&self, cache: Arc<VerifierCache>) -> Result<(), MetricsError> {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                name("auth_lookups_total"),
+                "Role names to authenticate that were not cached: queried (dataplane_auth.lookup ran), \
+                 refused (the queue for unknown names was full), too_long (over 63 bytes: unknown, not queried).",
+            ),
+            &["result"],
+        )?;
+        let notifications = IntCounterVec::new(
+            Opts::new(
+                name("auth_notifications_total"),
+                "NOTIFY dataplane_auth payloads: queued for a re-read, coalesced (already queued), \
+                 ignored (no role this pooler knows), overflow (the queue was dropped and every role re-read).",
+            ),
+            &["outcome"],
+        )?;
+        self.registry.register(Box::new(AuthCollector {
+            cache,
+            lookups,
+            notifications,
+            scrape: std::sync::Mutex::new(()),
+        }))?;
+        Ok(())
     }
 
     /// A connection ended with an error the pooler sent (its SQLSTATE).
@@ -359,6 +391,44 @@ impl Metrics {
             .take(self.max_roles)
             .map(|(_, n)| (n.to_owned(), ()))
             .collect()
+    }
+}
+
+/// The verifier cache's atomics, copied into counters when scraped: the cache lies
+/// below this module and knows nothing of Prometheus.
+struct AuthCollector {
+    cache: Arc<VerifierCache>,
+    lookups: IntCounterVec,
+    notifications: IntCounterVec,
+    /// One scrape at a time sets the copies.
+    scrape: std::sync::Mutex<()>,
+}
+
+impl prometheus::core::Collector for AuthCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d = self.lookups.desc();
+        d.extend(self.notifications.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        let c = &self.cache.counters;
+        let set = |vec: &IntCounterVec, label: &str, v: &std::sync::atomic::AtomicU64| {
+            let counter = vec.with_label_values(&[label]);
+            counter.reset();
+            counter.inc_by(v.load(Ordering::Relaxed));
+        };
+        set(&self.lookups, "queried", &c.lookups);
+        set(&self.lookups, "refused", &c.lookups_refused);
+        set(&self.lookups, "too_long", &c.names_too_long);
+        set(&self.notifications, "queued", &c.notify_queued);
+        set(&self.notifications, "coalesced", &c.notify_coalesced);
+        set(&self.notifications, "ignored", &c.notify_ignored);
+        set(&self.notifications, "overflow", &c.notify_overflows);
+        let mut families = self.lookups.collect();
+        families.extend(self.notifications.collect());
+        families
     }
 }
 

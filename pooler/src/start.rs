@@ -127,6 +127,7 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         config.metrics_per_role,
         config.metrics_max_roles,
     )?);
+    metrics.watch_auth(cache.clone())?;
     let connector = Arc::new(PassThrough {
         roles: roles.clone(),
         target: target.clone(),

@@ -100,6 +100,17 @@ pub async fn login(
         .unwrap_or_else(|_| Err(LookupError::Unavailable("lookup timed out".into())))
     {
         Ok(a) => a,
+        Err(LookupError::Busy) => {
+            tracing::warn!(role = %user, "too many lookups of unknown names waiting: login refused");
+            shared.metrics.auth(AuthResult::LookupBusy);
+            return fatal(
+                &mut stream,
+                SqlState::TOO_MANY_CONNECTIONS,
+                "too many logins are waiting for a credentials lookup (auth_lookup_queue); try again shortly"
+                    .into(),
+            )
+            .await;
+        }
         Err(e) => {
             tracing::warn!(error = %e, "verifier lookup failed");
             shared.metrics.auth(AuthResult::Error);

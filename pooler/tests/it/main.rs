@@ -8,6 +8,7 @@ mod admin;
 mod common;
 mod desync;
 mod drain;
+mod flood;
 mod login;
 mod metrics;
 mod pooling;
