@@ -212,38 +212,6 @@ impl AuthLimiter {
         self.settled.notify_waiters();
     }
 
-    /// Whether `role` from `addr` is over a limit on failures alone (no record).
-    pub fn throttled(&self, role: &str, addr: IpAddr, now: Instant) -> bool {
-        let source = source(addr);
-        let mut maps = self.maps();
-        let over = |w: Option<&mut Window>, limit: u32| {
-            w.is_some_and(|w| {
-                w.refresh(now);
-                w.failures >= limit
-            })
-        };
-        let Maps { sources, pairs } = &mut *maps;
-        over(sources.get(&source), self.limits.per_source)
-            || over(
-                pairs.get(&(role_key(role), source)),
-                self.limits.per_role_source,
-            )
-    }
-
-    /// Counts a failure that was not admitted first.
-    pub fn failed(&self, role: &str, addr: IpAddr, now: Instant) {
-        let source = source(addr);
-        let mut maps = self.maps();
-        let Maps { sources, pairs } = &mut *maps;
-        for w in [
-            sources.get_or_insert_with(source, || Window::new(now)),
-            pairs.get_or_insert_with((role_key(role), source), || Window::new(now)),
-        ] {
-            w.refresh(now);
-            w.failures = w.failures.saturating_add(1);
-        }
-    }
-
     /// Entries held, per map (sources, (role, source) pairs).
     pub fn len(&self) -> (usize, usize) {
         let maps = self.maps();

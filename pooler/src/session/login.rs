@@ -15,6 +15,7 @@ use super::cancel::CancelHandle;
 use super::params::{ClientParams, ServerParams};
 use super::{Listener, SessionError, fatal};
 use crate::auth::cache::{LookupError, PoolMode, RoleAuth, Status};
+use crate::auth::limiter::AdmitError;
 use crate::auth::scram::{ScramError, ServerExchange};
 use crate::auth::verifier;
 use crate::backend::LoginKeys;
@@ -85,15 +86,12 @@ pub async fn login(
         )
         .await;
     }
-    if shared.limiter.throttled(&user, peer.ip(), Instant::now()) {
-        shared.metrics.auth(AuthResult::Throttled);
-        return fatal(
-            &mut stream,
-            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-            "too many failed login attempts; try again in a minute".into(),
-        )
-        .await;
-    }
+    // Recorded before the lookup and the exchange, so guesses sent in parallel count
+    // (limiter.rs); settled below, and a client that leaves mid-exchange counts.
+    let attempt = match shared.limiter.admit(&user, peer.ip(), deadline).await {
+        Ok(a) => a,
+        Err(e) => return refused_attempt(&mut stream, shared, e).await,
+    };
     let epoch = shared.roles.epoch();
     let lookup = tokio::time::timeout_at(deadline, shared.cache.get(&user)).await;
     let auth = match lookup
@@ -101,6 +99,7 @@ pub async fn login(
     {
         Ok(a) => a,
         Err(LookupError::Busy) => {
+            attempt.withdrawn();
             tracing::warn!(role = %user, "too many lookups of unknown names waiting: login refused");
             shared.metrics.auth(AuthResult::LookupBusy);
             return fatal(
@@ -112,6 +111,7 @@ pub async fn login(
             .await;
         }
         Err(e) => {
+            attempt.withdrawn();
             tracing::warn!(error = %e, "verifier lookup failed");
             shared.metrics.auth(AuthResult::Error);
             return fatal(
@@ -133,9 +133,12 @@ pub async fn login(
         Proof::Valid {
             server_final,
             client_key,
-        } if auth.status == Status::Ok => (server_final, client_key),
+        } if auth.status == Status::Ok => {
+            attempt.succeeded();
+            (server_final, client_key)
+        }
         Proof::Valid { .. } | Proof::Invalid => {
-            shared.limiter.failed(&user, peer.ip(), Instant::now());
+            attempt.failed();
             tracing::info!(role = %user, reason = auth.status.as_str(), "authentication failed");
             shared.metrics.auth(match auth.status {
                 Status::Ok => AuthResult::BadProof,
@@ -326,6 +329,31 @@ pub(crate) async fn scram_exchange(
         }),
         Err(ScramError::InvalidProof) => Ok(Proof::Invalid),
         Err(e) => fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
+    }
+}
+
+/// A login the throttle did not let start: too many failures from its address, or the
+/// login deadline passed while attempts in flight settled.
+pub(crate) async fn refused_attempt<T>(
+    stream: &mut Stream,
+    shared: &Shared,
+    error: AdmitError,
+) -> Result<T, SessionError> {
+    match error {
+        AdmitError::Throttled => {
+            shared.metrics.auth(AuthResult::Throttled);
+            let message = "too many failed login attempts; try again in a minute";
+            fatal(
+                stream,
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                message.into(),
+            )
+            .await
+        }
+        AdmitError::TimedOut => {
+            let message = "login not completed within client_login_timeout".to_owned();
+            fatal(stream, SqlState::PROTOCOL_VIOLATION, message).await
+        }
     }
 }
 

@@ -10,13 +10,13 @@ pub mod command;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use self::command::{Command, Show};
 use super::tables::{self, Kind, Table};
+use crate::auth::verifier::ScramSecret;
 use crate::control;
 use crate::metrics::AuthResult;
 use crate::net::stream::Stream;
@@ -26,7 +26,7 @@ use crate::proto::error::write_error;
 use crate::proto::frame::{self, Side};
 use crate::proto::frontend;
 use crate::registry::{ClientIdent, ClientInfo};
-use crate::session::login::{Proof, encoded, password_failed, scram_exchange};
+use crate::session::login::{Proof, encoded, password_failed, refused_attempt, scram_exchange};
 use crate::session::params::ClientParams;
 use crate::session::{SessionError, fatal};
 use crate::shared::Shared;
@@ -85,22 +85,25 @@ pub async fn serve(
         let message = "the admin console is disabled: no admin.user and verifier are configured";
         return fatal(&mut stream, refuse, message.into()).await;
     };
-    if user != admin_user {
-        let message = format!(
-            "role \"{user}\" may not use the admin console: only the pooler's admin role may \
-             connect to database \"{database}\""
-        );
-        return fatal(&mut stream, refuse, message).await;
-    }
-    if shared.limiter.throttled(user, peer.ip(), Instant::now()) {
-        shared.metrics.auth(AuthResult::Throttled);
-        let message = "too many failed login attempts; try again in a minute";
-        return fatal(&mut stream, refuse, message.into()).await;
-    }
+    let attempt = match shared.limiter.admit(user, peer.ip(), deadline).await {
+        Ok(a) => a,
+        Err(e) => return refused_attempt(&mut stream, shared, e).await,
+    };
+    // Any other name runs the same exchange against a mock verifier and fails the same
+    // way as a wrong admin password: the console never says which role is the admin.
+    let is_admin = user == admin_user;
+    let secret = if is_admin {
+        secret
+    } else {
+        ScramSecret::mock(user, &shared.mock_secret)
+    };
     let server_final = match scram_exchange(&mut stream, &mut buf, secret, deadline).await? {
-        Proof::Valid { server_final, .. } => server_final,
-        Proof::Invalid => {
-            shared.limiter.failed(user, peer.ip(), Instant::now());
+        Proof::Valid { server_final, .. } if is_admin => {
+            attempt.succeeded();
+            server_final
+        }
+        Proof::Valid { .. } | Proof::Invalid => {
+            attempt.failed();
             shared.metrics.auth(AuthResult::BadProof);
             tracing::info!(role = %user, "admin console authentication failed");
             return password_failed(&mut stream, user).await;
