@@ -25,6 +25,8 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod control;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod net;
 pub mod pool;
