@@ -8,11 +8,12 @@
 use bytes::BytesMut;
 
 use crate::auth::scram::ServerExchange;
-use crate::auth::verifier::ScramSecret;
+use crate::backend::statements::ServerStatements;
 use crate::proto::frame::{self, Side};
 use crate::proto::{frontend, startup};
-use crate::session::prepared::{ClientStatements, Replies, Rewriter, ServerStatements};
+use crate::session::prepared::{ClientStatements, Replies, Rewriter};
 use crate::session::state;
+use crate::verifier::ScramSecret;
 
 /// A fuzz target's entry point.
 pub type Target = fn(&[u8]);

@@ -23,7 +23,7 @@ mod gate;
 mod listen;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,8 +31,9 @@ use tokio::sync::{OnceCell, broadcast};
 
 use super::limiter::MAX_NAME;
 use super::lru::Lru;
-use super::verifier::ScramSecret;
 use crate::config::Upstream;
+use crate::metrics::AuthCounters;
+use crate::verifier::ScramSecret;
 pub use gate::Lane;
 pub use listen::Interest;
 
@@ -124,24 +125,6 @@ pub struct CacheLimits {
     pub notify_queue: usize,
 }
 
-/// What the cache did, for `/metrics`.
-#[derive(Debug, Default)]
-pub struct CacheCounters {
-    /// Queries of `dataplane_auth.lookup`.
-    pub lookups: AtomicU64,
-    /// Logins refused because the gate's queue for unknown names was full.
-    pub lookups_refused: AtomicU64,
-    /// Names answered as unknown without a lookup: longer than 63 bytes.
-    pub names_too_long: AtomicU64,
-    /// `NOTIFY dataplane_auth` payloads: queued for a re-read, dropped as a duplicate of
-    /// one already queued, ignored (no role this pooler knows), or dropped with the whole
-    /// queue when it overflowed.
-    pub notify_queued: AtomicU64,
-    pub notify_coalesced: AtomicU64,
-    pub notify_ignored: AtomicU64,
-    pub notify_overflows: AtomicU64,
-}
-
 /// A role found (status `ok`). Kept past its TTL, stale, as the mark of a role that
 /// really logs in here (its lookups use the known lane).
 struct Found {
@@ -180,7 +163,8 @@ pub struct VerifierCache {
     changes: broadcast::Sender<Change>,
     listening: AtomicBool,
     notices: listen::Notices,
-    pub counters: CacheCounters,
+    /// What the cache did, for `/metrics`.
+    pub counters: Arc<AuthCounters>,
 }
 
 const LOOKUP_SQL: &str = "SELECT role_name, scram_verifier, generation, pool_size, pool_mode, max_client_conn, status \
@@ -249,7 +233,7 @@ impl VerifierCache {
             changes,
             listening: AtomicBool::new(false),
             notices: listen::Notices::new(limits.notify_queue),
-            counters: CacheCounters::default(),
+            counters: Arc::default(),
         })
     }
 
