@@ -76,13 +76,16 @@ pub fn scram_client(data: &[u8]) {
     let _ = exchange.client_final(last);
 }
 
-/// What the classifier may cost per byte of text (state/tests.rs holds it to less).
-const CLASSIFIER_STEPS_PER_BYTE: u64 = 64;
+/// What the classifier may cost per byte of text, whole and as a fragment together
+/// (state/tests.rs holds it to less).
+const CLASSIFIER_STEPS_PER_BYTE: u64 = 80;
 
-/// The session-state classifier on the bytes as a statement text.
+/// The session-state classifier on the bytes as a statement text, and as a fragment.
 pub fn classifier(data: &[u8]) {
     let mut customs = state::Customs::default();
-    let steps = state::classify_steps(data, &mut customs);
+    let _ = state::classify(data, &mut customs);
+    let _ = state::classify_fragment(data, &mut customs);
+    let steps = state::classify_steps(data, &mut state::Customs::default());
     assert!(
         steps <= CLASSIFIER_STEPS_PER_BYTE * (data.len() as u64 + 1),
         "{steps} steps for {} bytes",

@@ -19,18 +19,38 @@ struct Out<'c> {
     steps: u64,
 }
 
+/// Where a text to classify comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Text {
+    /// A whole statement text: it starts outside any quote.
+    Whole,
+    /// A piece cut from the middle of a longer text (a window of one that streams):
+    /// it may start inside a string, a comment or a `DO` body, so it is read raw from
+    /// its first byte, and every `SET app.x` in it is noted as if in a `DO` body.
+    Fragment,
+}
+
 /// The effect of a statement text, and the bytes examined to learn it (a measure of
 /// the work done, for the linearity tests).
-pub(super) fn classify_counted(sql: &[u8], customs: &mut Customs) -> (Effect, u64) {
+pub(super) fn classify_counted(sql: &[u8], text: Text, customs: &mut Customs) -> (Effect, u64) {
     let mut out = Out {
         effect: Effect::default(),
         customs,
         steps: 0,
     };
-    let mut lexer = Lexer::new(sql);
+    let fragment = text == Text::Fragment;
+    let mut lexer = if fragment {
+        Lexer::raw(sql)
+    } else {
+        Lexer::new(sql)
+    };
     let mut stmt = Statement::default();
-    let mut calls = Calls::new(sql, false);
+    let mut calls = Calls::new(sql, fragment);
+    let mut sets = SetScan::Idle;
     while let Some(t) = lexer.next_token() {
+        if fragment {
+            sets.token(t.token, &mut out);
+        }
         if t.token == Token::Punct(b';') {
             stmt.end(&mut out);
             stmt = Statement::default();
@@ -47,6 +67,7 @@ pub(super) fn classify_counted(sql: &[u8], customs: &mut Customs) -> (Effect, u6
     }
     stmt.end(&mut out);
     calls.end_statement(&mut out);
+    sets.end(&mut out);
     (out.effect, lexer.steps() + out.steps)
 }
 

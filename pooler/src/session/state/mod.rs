@@ -171,12 +171,23 @@ impl Customs {
 /// statements, or a Parse's); custom parameters it may set are noted in `customs`.
 /// One pass of the lexer (lex.rs): linear in the text's length, whatever it holds.
 pub fn classify(sql: &[u8], customs: &mut Customs) -> Effect {
-    classify::classify_counted(sql, customs).0
+    classify::classify_counted(sql, classify::Text::Whole, customs).0
 }
 
-/// The bytes [`classify`] examines for `sql` (for the fuzz target's linearity check).
+/// The effect of a piece cut from the middle of a statement text (a window of one too
+/// long to hold whole): read without trusting any quote, since the piece may start
+/// inside one, and with every `SET app.x` noted, since it may lie in a `DO` body.
+/// Linear like [`classify`].
+pub fn classify_fragment(sql: &[u8], customs: &mut Customs) -> Effect {
+    classify::classify_counted(sql, classify::Text::Fragment, customs).0
+}
+
+/// The bytes [`classify`] and [`classify_fragment`] examine for `sql` (for the fuzz
+/// target's linearity check).
 pub fn classify_steps(sql: &[u8], customs: &mut Customs) -> u64 {
-    classify::classify_counted(sql, customs).1
+    let mut fragment = customs.clone();
+    classify::classify_counted(sql, classify::Text::Whole, customs).1
+        + classify::classify_counted(sql, classify::Text::Fragment, &mut fragment).1
 }
 
 fn read_back(name: &[u8]) -> Effect {
