@@ -14,6 +14,7 @@
 //! answer unpins. So a false "may create" costs a round trip (and a pin until it), and a
 //! false "may remove" costs one round trip; neither leaks.
 
+mod calls;
 mod classify;
 pub(crate) mod lex;
 mod sql;
