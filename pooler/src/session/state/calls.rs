@@ -3,9 +3,8 @@
 //! a bounded stack of open calls (exact mode), or by a short pattern (raw mode). Each
 //! token costs a bounded amount of work, however deep the calls nest.
 
-use super::classify::{Out, is};
 use super::lex::{Lexed, Token, contains_ci, undouble};
-use super::{Effect, is_tracked, read_back};
+use super::{Effect, Out, is, is_tracked, read_back};
 
 /// `set_config(` calls open inside one another that are read argument by argument;
 /// a deeper one counts as unreadable (the safe side: a check, and its name unknown).

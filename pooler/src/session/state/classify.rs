@@ -8,14 +8,7 @@
 
 use super::calls::Calls;
 use super::lex::{Lexer, Token, contains_ci, undouble};
-use super::{Customs, Effect, MAX_CUSTOM_NAME, is_tracked, read_back};
-
-/// What the pass learns, and the work it did beyond the lexer's.
-pub(super) struct Out<'c> {
-    pub effect: Effect,
-    pub customs: &'c mut Customs,
-    pub steps: u64,
-}
+use super::{Customs, Effect, MAX_CUSTOM_NAME, Out, is, is_tracked, read_back};
 
 /// Where a text to classify comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,10 +108,6 @@ impl Default for Statement<'_> {
             sets: SetScan::Idle,
         }
     }
-}
-
-pub(super) fn is(word: &[u8], keyword: &[u8]) -> bool {
-    word.eq_ignore_ascii_case(keyword)
 }
 
 fn word(t: Token<'_>) -> Option<&[u8]> {

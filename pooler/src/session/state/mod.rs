@@ -191,6 +191,19 @@ pub fn classify_steps(sql: &[u8], customs: &mut Customs) -> u64 {
         + classify::classify_counted(sql, classify::Text::Fragment, &mut fragment).1
 }
 
+/// What a classifying pass learns (classify.rs, calls.rs), and the work it did beyond
+/// the lexer's.
+struct Out<'c> {
+    effect: Effect,
+    customs: &'c mut Customs,
+    steps: u64,
+}
+
+/// A keyword, as SQL compares them.
+fn is(word: &[u8], keyword: &[u8]) -> bool {
+    word.eq_ignore_ascii_case(keyword)
+}
+
 fn read_back(name: &[u8]) -> Effect {
     let unreported = READ_BACK
         .iter()
