@@ -14,6 +14,8 @@
 //!   login throttling;
 //! - [`backend`]: server connections: log in *as the app's role* with its ClientKey
 //!   (SCRAM pass-through), what a server reports and what is prepared on it;
+//! - [`replicas`]: several pooler replicas acting as one through a registry in
+//!   Postgres: this replica's share of the cluster's budget, cancel forwarding;
 //! - [`shared`]: what every client task shares: per-role state, cancel keys, the
 //!   pause switch, and the connector that opens servers for the pools;
 //! - [`limits`]: what a configuration asks of the process (open files) and the pools;
@@ -43,6 +45,7 @@ pub mod metrics;
 pub mod net;
 pub mod auth;
 pub mod backend;
+pub mod replicas;
 pub mod shared;
 pub mod limits;
 pub mod control;

@@ -51,6 +51,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "auth_negative_cache_max",
     "auth_lookup_queue",
     "auth_notify_queue",
+    "cancel_forwards_per_address_per_minute",
     "auth_pool_size",
     "auth_mock_secret",
     "upstream",
@@ -85,6 +86,7 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
     new.auth_negative_cache_max = old.auth_negative_cache_max;
     new.auth_lookup_queue = old.auth_lookup_queue;
     new.auth_notify_queue = old.auth_notify_queue;
+    new.cancel_forwards_per_address_per_minute = old.cancel_forwards_per_address_per_minute;
     new.auth_pool_size = old.auth_pool_size;
     new.auth_mock_secret = old.auth_mock_secret.clone();
     new.upstream = old.upstream.clone();
@@ -123,7 +125,12 @@ pub fn flatten(config: &Config) -> BTreeMap<String, String> {
         walk("", &value, &mut out);
     }
     // Optional keys that are unset still exist; show them empty.
-    for key in ["session_listen", "max_pinned_per_role", "admin.user"] {
+    for key in [
+        "session_listen",
+        "max_pinned_per_role",
+        "admin.user",
+        "advertise_addr",
+    ] {
         out.entry(key.to_owned()).or_default();
     }
     out
@@ -269,6 +276,7 @@ mod tests {
             auth_negative_cache_max: 1,
             auth_lookup_queue: 1,
             auth_notify_queue: 1,
+            cancel_forwards_per_address_per_minute: 1,
             auth_pool_size: 9,
             auth_mock_secret: Some(Secret::new("x")),
             ..Config::default()

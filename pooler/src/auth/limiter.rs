@@ -268,6 +268,40 @@ impl Drop for Attempt<'_> {
     }
 }
 
+/// Counts every attempt (not only failures) per client address, with the same
+/// window and address unit as [`AuthLimiter`]: for requests that cost the pooler
+/// work on someone else's behalf, such as forwarding a cancel to another replica.
+pub struct PerAddress {
+    limit: u32,
+    /// Counts per source, the least recently used forgotten first past
+    /// [`PER_ADDRESS_MAX_ENTRIES`].
+    addresses: Mutex<Lru<IpAddr, Window>>,
+}
+
+/// Sources [`PerAddress`] remembers.
+const PER_ADDRESS_MAX_ENTRIES: usize = 100_000;
+
+impl PerAddress {
+    pub fn new(limit: u32) -> Self {
+        PerAddress {
+            limit,
+            addresses: Mutex::new(Lru::new(PER_ADDRESS_MAX_ENTRIES)),
+        }
+    }
+
+    /// Whether one more request from `addr` is allowed now; an allowed one counts.
+    pub fn allow(&self, addr: IpAddr, now: Instant) -> bool {
+        let mut addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        let w = addresses.get_or_insert_with(source(addr), || Window::new(now));
+        w.refresh(now);
+        if w.failures >= self.limit {
+            return false;
+        }
+        w.failures = w.failures.saturating_add(1);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,5 +428,19 @@ mod tests {
             Some(AdmitError::Throttled),
             "dropped mid-exchange: a failure"
         );
+    }
+
+    #[test]
+    fn per_address_counts_every_request() {
+        let l = PerAddress::new(2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "fd00::1".parse().unwrap();
+        let b_too: IpAddr = "fd00::2".parse().unwrap();
+        let t0 = Instant::now();
+        assert!(l.allow(a, t0) && l.allow(a, t0));
+        assert!(!l.allow(a, t0));
+        assert!(l.allow(b, t0) && l.allow(b_too, t0));
+        assert!(!l.allow(b, t0), "one /64 is one source");
+        assert!(l.allow(a, t0 + WINDOW));
     }
 }

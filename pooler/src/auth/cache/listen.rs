@@ -177,7 +177,7 @@ impl VerifierCache {
             interest: interest.clone(),
             closed: Some(closed_tx),
         };
-        let (client, driver) = self.open(Some(sink)).await?;
+        let (client, driver) = self.open(Some(sink), "dataplane-pooler-auth").await?;
         let result = async {
             client
                 .batch_execute("LISTEN dataplane_auth")
