@@ -10,6 +10,7 @@ mod binary;
 mod common;
 mod desync;
 mod drain;
+mod flood;
 mod login;
 mod metrics;
 mod parking;
