@@ -107,11 +107,39 @@ pub struct Config {
     pub switch_quantum_ms: u64,
     /// Cached verifiers are re-read after this even without a NOTIFY. Default 60 s.
     pub auth_cache_ttl_ms: u64,
-    /// Failed logins allowed per role per minute before further attempts are refused
-    /// outright. Default 20.
-    pub auth_failures_per_role_per_minute: u32,
-    /// Failed logins allowed per client address per minute. Default 50.
+    /// Failed logins allowed per role from one client address (an IPv4 address, an IPv6
+    /// /64) per minute; past it that address's attempts for that role are refused with
+    /// 28000 until the minute is over. Never per role alone: strangers' failures cannot
+    /// refuse a role's right password from another address. Attempts in flight count,
+    /// so parallel guesses cannot overshoot it. (`auth_failures_per_role_per_minute`,
+    /// its old name, is still read.) Default 20.
+    #[serde(alias = "auth_failures_per_role_per_minute")]
+    pub auth_failures_per_role_per_address_per_minute: u32,
+    /// Failed logins allowed per client address (an IPv4 address, an IPv6 /64) per
+    /// minute, over all roles. Default 50.
     pub auth_failures_per_address_per_minute: u32,
+    /// Addresses, and (role, address) pairs, the throttle remembers (each map; the least
+    /// recently used goes first). Default 100000.
+    pub auth_throttle_max_entries: usize,
+    /// Roles whose verifier is cached (the least recently used goes first, never the
+    /// whole cache). A role cached once counts as known: its lookups never wait behind
+    /// names nobody has logged in with. Default 100000.
+    pub auth_cache_max_roles: usize,
+    /// How long a name the lookup did not find (or found disabled) is answered from
+    /// memory; a NOTIFY for the name ends it at once (a new app logs in at once).
+    /// Default 5000 ms.
+    pub auth_negative_cache_ttl_ms: u64,
+    /// Names remembered as not found (least recently used first out). Default 10000.
+    pub auth_negative_cache_max: usize,
+    /// Lookups of names this pooler does not know (never logged in here) that may wait
+    /// for a lookup connection at once; past it a login is refused with 53300 before
+    /// authentication. Such lookups also use at most all but one of the lookup
+    /// connections, so known roles always find one. Default 64.
+    pub auth_lookup_queue: usize,
+    /// Role names from `NOTIFY dataplane_auth` waiting to be re-read (each at most once:
+    /// duplicates are dropped while it waits). Past it the queue is dropped and every
+    /// known role re-read, as after a lost LISTEN connection. Default 10000.
+    pub auth_notify_queue: usize,
     /// Named prepared statements kept per server connection (least recently used
     /// are closed past it). Default 200.
     pub max_prepared_statements: usize,
@@ -120,6 +148,37 @@ pub struct Config {
     /// like any error in its batch (the rest is skipped up to Sync); closing
     /// statements makes room again. Default 10000.
     pub max_client_prepared_statements: usize,
+    /// Bytes of prepared-statement names and texts one client connection may hold
+    /// (a text is held once however many names use it). A Parse that would go past
+    /// it fails with 53400 like `max_client_prepared_statements`. Default 8 MiB
+    /// (8388608), room for PgJDBC's default statement cache (5 MiB).
+    pub max_client_prepared_bytes: usize,
+    /// The largest message the pooler holds whole: a named Parse (its text is kept
+    /// to prepare it again on another server), the head of a Query, Bind or
+    /// FunctionCall, a server's ErrorResponse, a console command. Longer Queries,
+    /// unnamed Parses, Binds, CopyData and rows are streamed through in pieces
+    /// whatever their size; a longer named Parse fails with 54000 (the rest of its
+    /// batch skipped up to Sync). At least 32768. Default 1 MiB (1048576).
+    pub max_message_bytes: usize,
+    /// A client linked to a server that makes no progress for this long (it reads
+    /// nothing of what the server sent, or does not finish a message or a COPY it
+    /// started) loses its server (closed, so its transaction rolls back) and gets
+    /// 08006. Also bounds every write of an error to a client. Default 10 s.
+    pub client_stall_timeout_ms: u64,
+    /// A client idle inside a transaction (or an unsynced extended-protocol batch)
+    /// for this long loses its server (closed, rolled back) and gets 25P03, like
+    /// PgBouncer's `idle_transaction_timeout`. 0 turns it off; Postgres's own
+    /// `idle_in_transaction_session_timeout`, which the provisioner sets per app, still
+    /// applies unless the app changes it. Default 0 (off).
+    pub idle_transaction_timeout_ms: u64,
+    /// TCP keepalive on client and server sockets: idle time before the first probe
+    /// (0 turns keepalive off). A peer that vanished without a FIN (a node lost, a
+    /// cable cut) is then noticed after about idle + 3 × interval instead of the
+    /// kernel's two hours. Default 60 s.
+    pub tcp_keepalive_idle_ms: u64,
+    /// TCP keepalive: time between probes (3 unanswered probes close the socket).
+    /// Default 10 s.
+    pub tcp_keepalive_interval_ms: u64,
     /// Clients of one role that may be pinned to a server at once by session state
     /// (LISTEN, temp tables, advisory locks, SQL PREPARE, SET ROLE, untracked SET).
     /// Unset: half the role's pool size, at least 1. Past it the client gets an error
@@ -247,8 +306,14 @@ impl Default for Config {
             min_idle_before_evict_ms: 1_000,
             switch_quantum_ms: 500,
             auth_cache_ttl_ms: 60_000,
-            auth_failures_per_role_per_minute: 20,
+            auth_failures_per_role_per_address_per_minute: 20,
             auth_failures_per_address_per_minute: 50,
+            auth_throttle_max_entries: 100_000,
+            auth_cache_max_roles: 100_000,
+            auth_negative_cache_ttl_ms: 5_000,
+            auth_negative_cache_max: 10_000,
+            auth_lookup_queue: 64,
+            auth_notify_queue: 10_000,
             auth_pool_size: 2,
             advertise_addr: None,
             replica_heartbeat_ms: 1_000,
@@ -257,6 +322,12 @@ impl Default for Config {
             auth_mock_secret: None,
             max_prepared_statements: 200,
             max_client_prepared_statements: 10_000,
+            max_client_prepared_bytes: 8 << 20,
+            max_message_bytes: 1 << 20,
+            client_stall_timeout_ms: 10_000,
+            idle_transaction_timeout_ms: 0,
+            tcp_keepalive_idle_ms: 60_000,
+            tcp_keepalive_interval_ms: 10_000,
             max_pinned_per_role: None,
             log_level: "info".into(),
             worker_threads: 0,
@@ -310,6 +381,10 @@ impl Default for ServerTls {
         }
     }
 }
+
+/// The smallest `max_message_bytes`: every short message of the protocol
+/// (`PQ_SMALL_MESSAGE_LIMIT`, libpq's 30000 for backend short messages) must fit.
+pub const MIN_MESSAGE_BYTES: usize = 32 * 1024;
 
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
@@ -366,6 +441,40 @@ impl Config {
                     .into(),
             );
         }
+        if self.max_message_bytes < MIN_MESSAGE_BYTES {
+            return bad(format!(
+                "max_message_bytes must be at least {MIN_MESSAGE_BYTES} (the protocol's short messages)"
+            ));
+        }
+        if self.max_client_prepared_bytes < self.max_message_bytes {
+            return bad(
+                "max_client_prepared_bytes must be at least max_message_bytes: a named \
+                 statement of the largest message could never be held"
+                    .into(),
+            );
+        }
+        if self.tcp_keepalive_idle_ms > 0 && self.tcp_keepalive_interval_ms == 0 {
+            return bad("tcp_keepalive_interval_ms must be greater than 0".into());
+        }
+        for (name, v) in [
+            (
+                "auth_failures_per_role_per_address_per_minute",
+                self.auth_failures_per_role_per_address_per_minute as usize,
+            ),
+            (
+                "auth_failures_per_address_per_minute",
+                self.auth_failures_per_address_per_minute as usize,
+            ),
+            ("auth_throttle_max_entries", self.auth_throttle_max_entries),
+            ("auth_cache_max_roles", self.auth_cache_max_roles),
+            ("auth_negative_cache_max", self.auth_negative_cache_max),
+            ("auth_lookup_queue", self.auth_lookup_queue),
+            ("auth_notify_queue", self.auth_notify_queue),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
         if self.upstream.dbname.is_empty() || self.upstream.auth_user.is_empty() {
             return bad("upstream.dbname and upstream.auth_user must be set".into());
         }
@@ -374,6 +483,7 @@ impl Config {
             ("client_login_timeout_ms", self.client_login_timeout_ms),
             ("server_connect_timeout_ms", self.server_connect_timeout_ms),
             ("switch_quantum_ms", self.switch_quantum_ms),
+            ("client_stall_timeout_ms", self.client_stall_timeout_ms),
             ("admin.pause_timeout_ms", self.admin.pause_timeout_ms),
         ] {
             if v == 0 {
@@ -478,6 +588,25 @@ impl Config {
     }
     pub fn auth_cache_ttl(&self) -> Duration {
         ms(self.auth_cache_ttl_ms)
+    }
+    pub fn client_stall_timeout(&self) -> Duration {
+        ms(self.client_stall_timeout_ms)
+    }
+    /// `None` when off.
+    pub fn idle_transaction_timeout(&self) -> Option<Duration> {
+        (self.idle_transaction_timeout_ms > 0).then(|| ms(self.idle_transaction_timeout_ms))
+    }
+    /// `None` when off.
+    pub fn tcp_keepalive(&self) -> Option<(Duration, Duration)> {
+        (self.tcp_keepalive_idle_ms > 0).then(|| {
+            (
+                ms(self.tcp_keepalive_idle_ms),
+                ms(self.tcp_keepalive_interval_ms),
+            )
+        })
+    }
+    pub fn auth_negative_cache_ttl(&self) -> Duration {
+        ms(self.auth_negative_cache_ttl_ms)
     }
 }
 
@@ -613,5 +742,11 @@ mod tests {
         let text = toml::to_string(&c).unwrap();
         assert!(!text.contains("hunter2"));
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_old_name_of_the_per_role_throttle_is_still_read() {
+        let c = Config::from_toml("auth_failures_per_role_per_minute = 7").unwrap();
+        assert_eq!(c.auth_failures_per_role_per_address_per_minute, 7);
     }
 }

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -65,10 +65,12 @@ pub enum AuthResult {
     Throttled,
     PassthroughMismatch,
     Error,
+    /// Refused (53300) before authentication: too many lookups of unknown names wait.
+    LookupBusy,
 }
 
 impl AuthResult {
-    const ALL: [AuthResult; 7] = [
+    const ALL: [AuthResult; 8] = [
         AuthResult::Ok,
         AuthResult::BadProof,
         AuthResult::UnknownRole,
@@ -76,6 +78,7 @@ impl AuthResult {
         AuthResult::Throttled,
         AuthResult::PassthroughMismatch,
         AuthResult::Error,
+        AuthResult::LookupBusy,
     ];
 
     fn label(self) -> &'static str {
@@ -87,6 +90,44 @@ impl AuthResult {
             AuthResult::Throttled => "throttled",
             AuthResult::PassthroughMismatch => "passthrough_mismatch",
             AuthResult::Error => "error",
+            AuthResult::LookupBusy => "lookup_busy",
+        }
+    }
+}
+
+/// A bound the pooler enforced on one client (`limit_refusals_total{kind}`): each
+/// is a config key or a protocol limit (README, "Limits and abuse").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// A message the pooler must hold whole over `max_message_bytes`, or a login
+    /// message over PostgreSQL's own limits (or of a type not allowed there).
+    MessageTooLong,
+    /// A named statement past `max_client_prepared_statements`.
+    PreparedStatements,
+    /// A named statement past `max_client_prepared_bytes`.
+    PreparedBytes,
+    /// A linked client that made no progress for `client_stall_timeout_ms`.
+    ClientStall,
+    /// A client idle in a transaction past `idle_transaction_timeout_ms`.
+    IdleTransaction,
+}
+
+impl Limit {
+    const ALL: [Limit; 5] = [
+        Limit::MessageTooLong,
+        Limit::PreparedStatements,
+        Limit::PreparedBytes,
+        Limit::ClientStall,
+        Limit::IdleTransaction,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Limit::MessageTooLong => "message_too_long",
+            Limit::PreparedStatements => "prepared_statements",
+            Limit::PreparedBytes => "prepared_bytes",
+            Limit::ClientStall => "client_stall",
+            Limit::IdleTransaction => "idle_transaction",
         }
     }
 }
@@ -109,6 +150,7 @@ pub struct Metrics {
     pub prepared_misses: IntCounter,
     pub checkout_timeouts: IntCounter,
     errors: IntCounterVec,
+    limits: Vec<IntCounter>,
 }
 
 fn name(short: &str) -> String {
@@ -185,6 +227,18 @@ impl Metrics {
             &["kind"],
         )?;
         registry.register(Box::new(errors.clone()))?;
+        let limits_vec = IntCounterVec::new(
+            Opts::new(
+                name("limit_refusals_total"),
+                "Clients refused or cut off by a per-client bound, by kind.",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(limits_vec.clone()))?;
+        let limits = Limit::ALL
+            .iter()
+            .map(|l| limits_vec.with_label_values(&[l.label()]))
+            .collect();
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -205,6 +259,7 @@ impl Metrics {
             prepared_misses: prepared.with_label_values(&["miss"]),
             checkout_timeouts,
             errors,
+            limits,
             registry,
         })
     }
@@ -213,6 +268,40 @@ impl Metrics {
         if let Some(c) = self.auth.get(result as usize) {
             c.inc();
         }
+    }
+
+    /// `n` clients refused or cut off by `limit`.
+    pub fn limit(&self, limit: Limit, n: u64) {
+        if let Some(c) = self.limits.get(limit as usize) {
+            c.inc_by(n);
+        }
+    }
+
+    /// Exports the verifier cache's own counters (lookups, NOTIFY hints) when scraped.
+    pub fn watch_auth(&self, counters: Arc<AuthCounters>) -> Result<(), MetricsError> {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                name("auth_lookups_total"),
+                "Role names to authenticate that were not cached: queried (dataplane_auth.lookup ran), \
+                 refused (the queue for unknown names was full), too_long (over 63 bytes: unknown, not queried).",
+            ),
+            &["result"],
+        )?;
+        let notifications = IntCounterVec::new(
+            Opts::new(
+                name("auth_notifications_total"),
+                "NOTIFY dataplane_auth payloads: queued for a re-read, coalesced (already queued), \
+                 ignored (no role this pooler knows), overflow (the queue was dropped and every role re-read).",
+            ),
+            &["outcome"],
+        )?;
+        self.registry.register(Box::new(AuthCollector {
+            counters,
+            lookups,
+            notifications,
+            scrape: std::sync::Mutex::new(()),
+        }))?;
+        Ok(())
     }
 
     /// A connection ended with an error the pooler sent (its SQLSTATE).
@@ -397,6 +486,61 @@ impl Metrics {
     }
 }
 
+/// What the verifier cache (auth/cache.rs) did: atomics it adds to, read when scraped.
+#[derive(Debug, Default)]
+pub struct AuthCounters {
+    /// Queries of `dataplane_auth.lookup`.
+    pub lookups: AtomicU64,
+    /// Logins refused because the gate's queue for unknown names was full.
+    pub lookups_refused: AtomicU64,
+    /// Names answered as unknown without a lookup: longer than 63 bytes.
+    pub names_too_long: AtomicU64,
+    /// `NOTIFY dataplane_auth` payloads: queued for a re-read, dropped as a duplicate of
+    /// one already queued, ignored (no role this pooler knows), or dropped with the whole
+    /// queue when it overflowed.
+    pub notify_queued: AtomicU64,
+    pub notify_coalesced: AtomicU64,
+    pub notify_ignored: AtomicU64,
+    pub notify_overflows: AtomicU64,
+}
+
+/// [`AuthCounters`] copied into Prometheus counters when scraped.
+struct AuthCollector {
+    counters: Arc<AuthCounters>,
+    lookups: IntCounterVec,
+    notifications: IntCounterVec,
+    /// One scrape at a time sets the copies.
+    scrape: std::sync::Mutex<()>,
+}
+
+impl prometheus::core::Collector for AuthCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d = self.lookups.desc();
+        d.extend(self.notifications.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        let c = &self.counters;
+        let set = |vec: &IntCounterVec, label: &str, v: &AtomicU64| {
+            let counter = vec.with_label_values(&[label]);
+            counter.reset();
+            counter.inc_by(v.load(Ordering::Relaxed));
+        };
+        set(&self.lookups, "queried", &c.lookups);
+        set(&self.lookups, "refused", &c.lookups_refused);
+        set(&self.lookups, "too_long", &c.names_too_long);
+        set(&self.notifications, "queued", &c.notify_queued);
+        set(&self.notifications, "coalesced", &c.notify_coalesced);
+        set(&self.notifications, "ignored", &c.notify_ignored);
+        set(&self.notifications, "overflow", &c.notify_overflows);
+        let mut families = self.lookups.collect();
+        families.extend(self.notifications.collect());
+        families
+    }
+}
+
 /// The replica's share of the cluster's budget, its demand and heartbeat, the other
 /// replicas, and the cancels it forwarded.
 fn scrape_replicas(
@@ -488,6 +632,8 @@ fn error_kind(sqlstate: &str) -> &'static str {
         "57P03" => "cannot_connect_now",
         "0A000" => "feature_not_supported",
         "08006" => "connection_failure",
+        "54000" => "program_limit_exceeded",
+        "25P03" => "idle_in_transaction_timeout",
         _ => "other",
     }
 }

@@ -1,5 +1,6 @@
 //! Accepting clients: one task per connection, a shutdown signal that stops accepting.
 
+pub mod keepalive;
 pub mod park;
 pub mod stream;
 pub mod tls;

@@ -4,6 +4,7 @@
 mod checkout;
 mod client;
 mod cursor;
+mod hold;
 mod login;
 pub mod park;
 pub mod prepared;
@@ -11,12 +12,14 @@ mod relay;
 mod routines;
 mod settings;
 mod signals;
-mod state;
+mod stall;
+pub(crate) mod state;
 mod tracker;
 mod upkeep;
 mod wire;
 
 pub use client::Session;
+pub use cursor::Need;
 
 use std::sync::Arc;
 

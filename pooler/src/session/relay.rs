@@ -7,26 +7,31 @@
 
 use std::ops::ControlFlow;
 
+use std::time::Duration;
+
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncReadExt;
 
 use super::checkout::{checkout, give_back, pool_size};
 use super::client::{IDLE_CHUNK, Session, server_lost};
-use super::cursor::Cursor;
-use super::prepared::{PreparedLimits, Rewriter};
+use super::cursor::{Cursor, CursorError, Event, Need};
+use super::hold::Hold;
+use super::prepared::{PreparedLimits, Rest, Rewriter, StreamedText};
 use super::routines::REFRESH as ROUTINES_REFRESH;
-use super::signals::{Signals, Stop, Woke, paused, wait_idle};
-use super::state::Effect;
+use super::signals::{Signals, Stop, Woke, wait_idle};
+use super::stall::{Wait, Watch};
+use super::state::{Effect, Windows};
 use super::tracker::MAX_PENDING;
-use super::upkeep::{after_reset, settle, sync_params, what_holds};
+use super::upkeep::{after_reset, settle, sync_params};
 use super::wire::{Relayed, ServerScan, server_gone, write_or_read, write_skipping};
 use crate::auth::cache::PoolMode;
 use crate::backend::ServerConn;
 use crate::frontdoor::{SessionError, fatal};
+use crate::metrics::Limit;
 use crate::proto::SqlState;
 use crate::proto::frame::Side;
 use crate::registry::{ClientInfo, Registered};
-use crate::shared::{Held, Pause, Shared};
+use crate::shared::{Pause, Shared};
 
 /// A linked stretch's read buffers; grow only while a message we must see whole is
 /// larger.
@@ -45,7 +50,7 @@ enum Linked {
     Drained,
     /// Idle, its role paused, and nothing on the server that cannot move: a client
     /// that keeps its server between transactions (session mode, pinned) lets it go
-    /// (reset), and gets another after RESUME.
+    /// (reset), and gets another after RESUME (hold.rs).
     Paused,
 }
 
@@ -131,17 +136,26 @@ async fn transaction(
         .checkout_wait
         .observe((linked - asked).as_secs_f64());
     client.active(server.id());
-    let (max_pinned, max_prepared) = {
+    let limits = {
         let config = shared.config();
-        (
-            config.max_pinned(pool_size(shared, &s.auth)),
-            PreparedLimits {
+        Limits {
+            max_pinned: config.max_pinned(pool_size(shared, &s.auth)),
+            prepared: PreparedLimits {
                 per_server: config.max_prepared_statements,
                 per_client: config.max_client_prepared_statements,
+                client_bytes: config.max_client_prepared_bytes,
+                message: config.max_message_bytes,
             },
-        )
+            stall: config.client_stall_timeout(),
+            idle_transaction: config.idle_transaction_timeout(),
+            pause: &shared.pause,
+            routines_due: s.role.routines_due(linked, ROUTINES_REFRESH),
+        }
     };
-    let mut scan = ServerScan::default();
+    let mut scan = ServerScan {
+        max_message: limits.prepared.message,
+        ..ServerScan::default()
+    };
     let outcome = match sync_params(s, &mut server).await {
         Ok(()) => {
             let mut sbuf = std::mem::take(&mut server.buf);
@@ -153,14 +167,15 @@ async fn transaction(
                 &mut scan,
                 client,
                 signals,
-                &shared.pause,
-                max_prepared,
-                max_pinned,
-                s.role.routines_due(linked, ROUTINES_REFRESH),
+                &limits,
             )
             .await;
             return_buffer(s, &mut server, small);
             if server.buf.is_empty() {
+                // A large message grew it: an idle server keeps a small one.
+                if sbuf.capacity() > KEEP_CAPACITY {
+                    sbuf = BytesMut::new();
+                }
                 server.buf = sbuf;
             }
             outcome
@@ -207,6 +222,25 @@ async fn transaction(
     Ok(ControlFlow::Continue(()))
 }
 
+/// A linked stretch's bounds, read from the configuration once per stretch, and what
+/// else it may have to look at.
+struct Limits<'a> {
+    max_pinned: usize,
+    prepared: PreparedLimits,
+    /// `client_stall_timeout`.
+    stall: Duration,
+    /// `idle_transaction_timeout`, when on.
+    idle_transaction: Option<Duration>,
+    /// The pause a client that keeps its server looks at (hold.rs).
+    pause: &'a Pause,
+    /// The app's functions are due for a look (routines.rs).
+    routines_due: bool,
+}
+
+/// A read buffer grown past this for a large message is not kept once the stretch
+/// is over (a server parked with a 1 MiB buffer per connection adds up).
+const KEEP_CAPACITY: usize = 4 * READ_CHUNK;
+
 /// Lends the server's big read buffer to its client for a linked stretch, carrying
 /// over what the client has sent so far; returns the client's own small buffer.
 fn borrow_buffer(s: &mut Session, server: &mut ServerConn) -> BytesMut {
@@ -227,7 +261,11 @@ fn return_buffer(s: &mut Session, server: &mut ServerConn, mut small: BytesMut) 
     }
     small.clear();
     small.extend_from_slice(&s.buf);
-    server.client_buf = std::mem::replace(&mut s.buf, small);
+    let mut big = std::mem::replace(&mut s.buf, small);
+    if big.capacity() > KEEP_CAPACITY {
+        big = BytesMut::new();
+    }
+    server.client_buf = big;
 }
 
 /// Notes what the client's last messages may have done to its session; pins it to
@@ -272,7 +310,6 @@ async fn take_effect(
 /// Writes to either side go on while the other side is read: a client pipelining more
 /// than the sockets buffer while Postgres answers as much would otherwise deadlock
 /// (each side blocked writing to the other).
-#[allow(clippy::too_many_arguments)]
 async fn link(
     s: &mut Session,
     server: &mut ServerConn,
@@ -280,23 +317,21 @@ async fn link(
     scan: &mut ServerScan,
     client: &ClientInfo,
     signals: &Signals,
-    pause: &Pause,
-    max_prepared: PreparedLimits,
-    max_pinned: usize,
-    mut look_at_routines: bool,
+    limits: &Limits<'_>,
 ) -> Result<Linked, SessionError> {
+    let max_pinned = limits.max_pinned;
+    let max_prepared = limits.prepared;
     // After the pooler's own SETs: a cancel now reaches the client's query only.
     s.cancel.slot.link(server.key);
-    // Under a pause, a client that keeps its server looks once per pause whether its
-    // session can move (and again after it sends anything); what keeps it is reported.
-    let role = s.role.name.clone();
-    let mut looked: Option<u64> = None;
-    let mut held = LetGo {
-        pause,
-        client: client.id,
-        held: false,
-    };
+    let mut hold = Hold::new(limits.pause, client.id, s.role.name.clone());
+    let mut look_at_routines = limits.routines_due;
     let mut client_cursor = Cursor::default();
+    // What becomes of the rest of a client message streamed past its head, and the
+    // classification of its text (prepared.rs, state/window.rs).
+    let mut rest = Rest::Pass;
+    let mut windows = Windows::default();
+    let mut streamed = StreamedText::default();
+    let mut watch = Watch::default();
     // Reused across batches: no allocation per relayed message once warm.
     let mut edits: Vec<(usize, usize, usize, usize)> = Vec::new();
     let mut scratch = BytesMut::new();
@@ -315,8 +350,7 @@ async fn link(
             _ => {}
         }
         if !s.buf.is_empty() {
-            looked = None;
-            held.let_go();
+            hold.acted();
             let mut too_many = false;
             let mut malformed = false;
             // Named statements are renamed and prepared where needed (prepared.rs):
@@ -328,38 +362,72 @@ async fn link(
                 replies: &mut scan.replies,
                 max_per_server: max_prepared.per_server,
                 max_per_client: max_prepared.per_client,
+                max_client_bytes: max_prepared.client_bytes,
+                max_message: max_prepared.message,
+                refused: Default::default(),
                 effect: Effect::default(),
                 customs: &mut s.customs,
+                streamed: &mut streamed,
             };
             let walked = client_cursor.advance(
                 &s.buf,
                 Side::Frontend,
-                Rewriter::needs_body,
-                |tag, at, body| {
-                    match scan.tracker.client(tag) {
-                        Ok(ControlFlow::Break(())) => return ControlFlow::Break(()),
-                        Ok(ControlFlow::Continue(())) => {}
-                        Err(_) => {
-                            too_many = true;
-                            return ControlFlow::Break(());
+                max_prepared.message,
+                Rewriter::need,
+                |event| match event {
+                    Event::Message { tag, at, body, len } => {
+                        match scan.tracker.client(tag) {
+                            Ok(ControlFlow::Break(())) => return ControlFlow::Break(()),
+                            Ok(ControlFlow::Continue(())) => {}
+                            Err(_) => {
+                                too_many = true;
+                                return ControlFlow::Break(());
+                            }
                         }
-                    }
-                    if Rewriter::needs_body(tag) {
+                        if Rewriter::need(tag) == Need::Header {
+                            return ControlFlow::Continue(());
+                        }
                         let raw = &s.buf[at..at + 5 + body.len()];
                         let start = scratch.len();
-                        if rewriter.message(tag, raw, &mut scratch).is_err() {
-                            malformed = true;
-                            return ControlFlow::Break(());
+                        match rewriter.head(tag, raw, len - body.len(), &mut scratch) {
+                            Ok(r) => rest = r,
+                            Err(_) => {
+                                malformed = true;
+                                return ControlFlow::Break(());
+                            }
+                        }
+                        if rest == Rest::Classify {
+                            windows.start(body);
                         }
                         if &scratch[start..] != raw {
                             edits.push((at, raw.len(), start, scratch.len()));
                         } else {
                             scratch.truncate(start);
                         }
+                        ControlFlow::Continue(())
                     }
-                    ControlFlow::Continue(())
+                    Event::Tail { at, bytes, last } => {
+                        match rest {
+                            Rest::Pass => {}
+                            Rest::Classify => {
+                                let effect = windows.feed(bytes, last, rewriter.customs);
+                                rewriter.effect.merge(effect);
+                                rewriter.effect.discard |= rewriter.streamed.feed(bytes);
+                            }
+                            // The rest of a refused message goes nowhere.
+                            Rest::Drop => edits.push((at, bytes.len(), 0, 0)),
+                        }
+                        ControlFlow::Continue(())
+                    }
                 },
             );
+            if rewriter.refused.iter().any(|&n| n > 0) {
+                // Told to the client in its batch's error; logged here under its id.
+                tracing::info!(role = %s.role.name, refused = ?rewriter.refused, "prepared statements refused (count, bytes, too long)");
+                for (total, n) in scan.refused.iter_mut().zip(rewriter.refused) {
+                    *total += n;
+                }
+            }
             let n = match walked {
                 Ok(n) if !malformed => n,
                 Ok(_) => {
@@ -367,6 +435,15 @@ async fn link(
                         &mut s.stream,
                         SqlState::PROTOCOL_VIOLATION,
                         "malformed extended-protocol message".into(),
+                    )
+                    .await;
+                }
+                Err(e @ CursorError::TooLong { .. }) => {
+                    scan.cut_off = Some(Limit::MessageTooLong);
+                    return fatal(
+                        &mut s.stream,
+                        SqlState::PROGRAM_LIMIT_EXCEEDED,
+                        e.to_string(),
                     )
                     .await;
                 }
@@ -433,9 +510,17 @@ async fn link(
                                 Ok(k) => k,
                                 Err(e) => return server_lost(s, scan.tracker.in_flight(), e).await,
                             };
-                        write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
+                        write_skipping(
+                            &mut s.stream,
+                            &sbuf[..to_client],
+                            &scan.edits,
+                            limits.stall,
+                        )
+                        .await
+                        .map_err(|e| not_reading(scan, limits, e))?;
                         scan.bytes_out += to_client as u64;
                         sbuf.advance(to_client);
+                        watch.progress += 1;
                     }
                 }
             }
@@ -460,9 +545,8 @@ async fn link(
                 // settle talks to the server through its own buffer: lend it back.
                 std::mem::swap(&mut server.buf, sbuf);
                 let settled = settle(s, server, max_pinned, look_at_routines, routine_kinds).await;
-                look_at_routines = false;
-                ran = false;
                 std::mem::swap(&mut server.buf, sbuf);
+                (look_at_routines, ran) = (false, false);
                 if !settled? {
                     return Ok(Linked::Unknown);
                 }
@@ -481,25 +565,20 @@ async fn link(
             return Ok(Linked::Drained);
         }
         let holds = idle && (session_mode || s.pin.is_some());
-        if holds && looked != Some(pause.version()) && pause.is_paused(&role) {
-            looked = Some(pause.version());
-            std::mem::swap(&mut server.buf, sbuf);
-            let what = what_holds(s, server).await;
-            std::mem::swap(&mut server.buf, sbuf);
-            match what {
-                None => return Ok(Linked::Paused),
-                Some(what) => {
-                    held.held = true;
-                    pause.hold(
-                        client.id,
-                        Held {
-                            role: role.clone(),
-                            what,
-                        },
-                    );
-                }
-            }
+        if hold.due(holds) && hold.look(s, server, sbuf).await {
+            return Ok(Linked::Paused);
         }
+        // Waiting on the client: for the rest of a message or a COPY it started (the
+        // server waits), or, in a transaction, for its next request.
+        let owes = !s.buf.is_empty() || !client_cursor.at_boundary() || scan.tracker.copying_in();
+        watch.arm(if owes {
+            Some((Wait::Stall, limits.stall))
+        } else {
+            limits
+                .idle_transaction
+                .filter(|_| scan.tracker.idle_in_transaction() && sbuf.is_empty())
+                .map(|limit| (Wait::IdleTransaction, limit))
+        });
         if s.buf.capacity() - s.buf.len() < 1024 {
             s.buf.reserve(READ_CHUNK);
         }
@@ -519,17 +598,22 @@ async fn link(
                     Err(e) => return server_lost(s, scan.tracker.in_flight(), e).await,
                 };
                 if to_client > 0 {
-                    write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
+                    write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits, limits.stall)
+                        .await
+                        .map_err(|e| not_reading(scan, limits, e))?;
                     scan.bytes_out += to_client as u64;
                     sbuf.advance(to_client);
+                    watch.progress += 1;
                 }
             }
             n = s.stream.read_buf(&mut s.buf) => {
                 if n? == 0 {
                     return Ok(Linked::ClientLeft { clean: idle });
                 }
+                watch.progress += 1;
             }
-            () = paused(pause, &role, client), if holds && looked != Some(pause.version()) => {}
+            wait = watch.expired() => return stalled(s, scan, limits, wait).await,
+            () = hold.wait(holds, client) => {}
             stop = signals.wait(client, draining) => match stop {
                 Stop::Closing => return closing_error(s, scan.tracker.in_flight()).await,
                 Stop::Revoked => return revoked_error(s).await,
@@ -540,27 +624,54 @@ async fn link(
     }
 }
 
-/// Takes a client's entry off the pause's list of holders when it acts or its link
-/// ends; only a client that was put on it touches the list (a lock every client
-/// shares).
-struct LetGo<'a> {
-    pause: &'a Pause,
-    client: u64,
-    held: bool,
-}
-
-impl LetGo<'_> {
-    fn let_go(&mut self) {
-        if std::mem::take(&mut self.held) {
-            self.pause.let_go(self.client);
-        }
+/// A write to the client failed; one that timed out is a client that stopped
+/// reading: its server is closed (the caller discards it), and nothing can be told to
+/// a client that reads nothing.
+fn not_reading(scan: &mut ServerScan, limits: &Limits<'_>, e: std::io::Error) -> SessionError {
+    if e.kind() != std::io::ErrorKind::TimedOut {
+        return e.into();
+    }
+    scan.cut_off = Some(Limit::ClientStall);
+    SessionError::Reported {
+        code: SqlState::CONNECTION_FAILURE,
+        message: format!(
+            "the client read nothing of its results for client_stall_timeout ({} ms); \
+             its server connection was closed and its transaction rolled back",
+            limits.stall.as_millis()
+        ),
     }
 }
 
-impl Drop for LetGo<'_> {
-    fn drop(&mut self) {
-        self.let_go();
-    }
+/// The client kept its server waiting past a limit: it is told (within the stall
+/// limit), and the caller closes the server, which rolls its transaction back.
+async fn stalled<T>(
+    s: &mut Session,
+    scan: &mut ServerScan,
+    limits: &Limits<'_>,
+    wait: Wait,
+) -> Result<T, SessionError> {
+    let (limit, code, message) = match wait {
+        Wait::Stall => (
+            Limit::ClientStall,
+            SqlState::CONNECTION_FAILURE,
+            format!(
+                "the client left a message or COPY unfinished for client_stall_timeout \
+                 ({} ms); its server connection was closed and its transaction rolled back",
+                limits.stall.as_millis()
+            ),
+        ),
+        Wait::IdleTransaction => (
+            Limit::IdleTransaction,
+            SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
+            format!(
+                "terminating connection due to idle-in-transaction timeout \
+                 (idle_transaction_timeout = {} ms); the transaction was rolled back",
+                limits.idle_transaction.unwrap_or_default().as_millis()
+            ),
+        ),
+    };
+    scan.cut_off = Some(limit);
+    fatal(&mut s.stream, code, message).await
 }
 
 /// The grace period after SIGTERM is over and the client is still linked.

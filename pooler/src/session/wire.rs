@@ -6,13 +6,17 @@ use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::task::Poll;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use std::time::Duration;
 
-use super::cursor::Cursor;
-use super::prepared::{Action, Replies, renamed_error};
+use bytes::BytesMut;
+use tokio::io::AsyncWrite;
+
+use super::cursor::{Cursor, Event, Need};
+use super::prepared::{Action, Refusal, Replies, renamed_error};
+use super::stall::write_all_within;
 use super::tracker::Tracker;
 use crate::backend::ServerConn;
+use crate::metrics::Limit;
 use crate::proto::frame::Side;
 use crate::shared::{RoleShared, Shared};
 
@@ -29,6 +33,12 @@ pub(super) struct ServerScan {
     pub(super) transactions: u64,
     pub(super) bytes_in: u64,
     pub(super) bytes_out: u64,
+    /// `max_message_bytes`: the most of one server message held whole.
+    pub(super) max_message: usize,
+    /// Named statements the rewriter refused, by `prepared::Refusal`.
+    pub(super) refused: [u64; Refusal::KINDS],
+    /// The bound that ended the stretch, if one did.
+    pub(super) cut_off: Option<Limit>,
 }
 
 impl ServerScan {
@@ -42,6 +52,18 @@ impl ServerScan {
         m.prepared_hits.inc_by(self.replies.hits);
         m.prepared_misses.inc_by(self.replies.misses);
         role.counts.add(self.transactions, self.queries);
+        if self.refused != [0; Refusal::KINDS] {
+            for (limit, refusal) in [
+                (Limit::PreparedStatements, Refusal::Count),
+                (Limit::PreparedBytes, Refusal::Bytes),
+                (Limit::MessageTooLong, Refusal::TooLong),
+            ] {
+                m.limit(limit, self.refused[refusal as usize]);
+            }
+        }
+        if let Some(limit) = self.cut_off {
+            m.limit(limit, 1);
+        }
     }
 
     /// Walks the server's bytes: ReadyForQuery and copy starts feed the tracker,
@@ -61,6 +83,7 @@ impl ServerScan {
             edits,
             queries,
             transactions,
+            max_message,
             ..
         } = self;
         edits.clear();
@@ -68,8 +91,18 @@ impl ServerScan {
             .advance(
                 sbuf,
                 Side::Backend,
-                |tag| matches!(tag, b'Z' | b'S' | b'1' | b'3') || Replies::needs_body(tag),
-                |tag, at, body| {
+                *max_message,
+                |tag| match tag {
+                    b'Z' | b'S' | b'1' | b'3' | b'C' => Need::Whole,
+                    // An ErrorResponse can be as long as the client makes it (RAISE
+                    // with a long message): its head has the fields the pooler reads.
+                    b'E' => Need::Head,
+                    _ => Need::Header,
+                },
+                |event| {
+                    let Event::Message { tag, at, body, len } = event else {
+                        return ControlFlow::Continue(());
+                    };
                     match tag {
                         b'S' => {
                             if let Some((name, value)) = parameter_status(body) {
@@ -85,7 +118,8 @@ impl ServerScan {
                                 }
                             }
                             tracker.server(tag, body);
-                            let len = 5 + body.len();
+                            let whole = body.len() == len;
+                            let len = 5 + len;
                             let action =
                                 replies.server(tag, body, statements, &mut server.statements);
                             if tag == b'E' {
@@ -99,6 +133,10 @@ impl ServerScan {
                                     len,
                                     with: None,
                                 }),
+                                // Only errors are renamed or replaced, and only those
+                                // of the pooler's own Parses, which are short: one too
+                                // long to hold passes as the server wrote it.
+                                Action::Replace(_) | Action::Rename { .. } if !whole => {}
                                 Action::Replace(with) => edits.push(Edit {
                                     at,
                                     len,
@@ -160,24 +198,26 @@ pub(super) fn server_gone(read: std::io::Result<usize>) -> Option<String> {
     }
 }
 
-/// Writes `bytes` to the client with `edits` applied.
+/// Writes `bytes` to the client with `edits` applied; `TimedOut` when the client
+/// takes nothing for `stall` (stall.rs).
 pub(super) async fn write_skipping(
     stream: &mut crate::net::stream::Stream,
     bytes: &[u8],
     edits: &[Edit],
+    stall: Duration,
 ) -> std::io::Result<()> {
     let mut from = 0;
     for edit in edits {
         if edit.at > from {
-            stream.write_all(&bytes[from..edit.at]).await?;
+            write_all_within(stream, &bytes[from..edit.at], stall).await?;
         }
         if let Some(with) = &edit.with {
-            stream.write_all(with).await?;
+            write_all_within(stream, with, stall).await?;
         }
         from = edit.at + edit.len;
     }
     if from < bytes.len() {
-        stream.write_all(&bytes[from..]).await?;
+        write_all_within(stream, &bytes[from..], stall).await?;
     }
     Ok(())
 }

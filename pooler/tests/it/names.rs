@@ -179,3 +179,36 @@ async fn deallocate_in_a_failed_transaction_is_25p02() {
         assert_eq!(sqlstate(&err), "26000", "port {port}");
     }
 }
+
+/// A text too long to hold whole streams past its head, so a name of the pooler's in
+/// it cannot be moved: the server it reached is closed once its client is done, and
+/// the app's other clients never find the pooler's books wrong.
+#[tokio::test]
+async fn a_streamed_text_naming_the_poolers_statement_costs_its_server_only() {
+    let e = env(|c| c.max_message_bytes = pooler::config::MIN_MESSAGE_BYTES).await;
+    let app = e.app_with_pool(1).await;
+    let a = e.connect(&app).await;
+    let b = e.connect(&app).await;
+    let theirs = b.prepare("SELECT 41 + 1").await.unwrap();
+    assert_eq!(
+        b.query_one(&theirs, &[]).await.unwrap().get::<_, i32>(0),
+        42
+    );
+    let global = one_value(
+        &a,
+        "SELECT name FROM pg_prepared_statements WHERE statement = 'SELECT 41 + 1'",
+    )
+    .await;
+    let pid = one_value(&a, "SELECT pg_backend_pid()").await;
+    let long = format!(
+        "DEALLOCATE {global}; SELECT 1 /* {} */",
+        "x".repeat(64 * 1024)
+    );
+    a.batch_execute(&long).await.unwrap();
+    // pool_size 1: the next transaction is on a new server, where it is prepared again.
+    assert_eq!(
+        b.query_one(&theirs, &[]).await.unwrap().get::<_, i32>(0),
+        42
+    );
+    assert_ne!(one_value(&b, "SELECT pg_backend_pid()").await, pid);
+}

@@ -9,7 +9,6 @@ pub mod command;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,9 +18,10 @@ use super::tables::{self, Kind, Table};
 use crate::backend::params::ClientParams;
 use crate::control;
 use crate::frontdoor::{
-    Arrival, Proof, SessionError, encoded, fatal, password_failed, scram_exchange,
+    Arrival, Proof, SessionError, encoded, fatal, password_failed, refused_attempt, scram_exchange,
+    write_within,
 };
-use crate::metrics::AuthResult;
+use crate::metrics::{AuthResult, Limit};
 use crate::net::stream::Stream;
 use crate::proto::SqlState;
 use crate::proto::backend::{self as msg, Diagnostic, Severity, TransactionStatus};
@@ -29,6 +29,7 @@ use crate::proto::frame::{self, Side};
 use crate::proto::frontend;
 use crate::registry::ClientIdent;
 use crate::shared::Shared;
+use crate::verifier::ScramSecret;
 
 /// Parameters announced when no server has reported the cluster's own yet.
 const FALLBACK_PARAMS: &[(&str, &str)] = &[
@@ -67,22 +68,25 @@ pub async fn serve(arrival: Arrival, shared: &Shared) -> Result<(), SessionError
         let message = "the admin console is disabled: no admin.user and verifier are configured";
         return fatal(&mut stream, refuse, message.into()).await;
     };
-    if user != admin_user {
-        let message = format!(
-            "role \"{user}\" may not use the admin console: only the pooler's admin role may \
-             connect to database \"{database}\""
-        );
-        return fatal(&mut stream, refuse, message).await;
-    }
-    if shared.limiter.throttled(user, peer.ip(), Instant::now()) {
-        shared.metrics.auth(AuthResult::Throttled);
-        let message = "too many failed login attempts; try again in a minute";
-        return fatal(&mut stream, refuse, message.into()).await;
-    }
+    let attempt = match shared.limiter.admit(user, peer.ip(), deadline).await {
+        Ok(a) => a,
+        Err(e) => return refused_attempt(&mut stream, shared, e).await,
+    };
+    // Any other name runs the same exchange against a mock verifier and fails the same
+    // way as a wrong admin password: the console never says which role is the admin.
+    let is_admin = user == admin_user;
+    let secret = if is_admin {
+        secret
+    } else {
+        ScramSecret::mock(user, &shared.mock_secret)
+    };
     let server_final = match scram_exchange(&mut stream, &mut buf, secret, deadline).await? {
-        Proof::Valid { server_final, .. } => server_final,
-        Proof::Invalid => {
-            shared.limiter.failed(user, peer.ip(), Instant::now());
+        Proof::Valid { server_final, .. } if is_admin => {
+            attempt.succeeded();
+            server_final
+        }
+        Proof::Valid { .. } | Proof::Invalid => {
+            attempt.failed();
             shared.metrics.auth(AuthResult::BadProof);
             tracing::info!(role = %user, "admin console authentication failed");
             return password_failed(&mut stream, user).await;
@@ -109,7 +113,7 @@ pub async fn serve(arrival: Arrival, shared: &Shared) -> Result<(), SessionError
     // No cancel key: nothing the console runs can be cancelled.
     msg::backend_key_data(&mut out, 0, 0);
     msg::ready_for_query(&mut out, TransactionStatus::Idle);
-    stream.write_all(&out).await?;
+    write_within(&mut stream, &out, deadline).await?;
     out.clear();
     client.logged_in(ClientIdent {
         user: Arc::from(user),
@@ -157,6 +161,19 @@ impl Console<'_> {
         let mut shutdown = self.shared.shutdown.clone();
         loop {
             let (tag, body) = loop {
+                // Held whole, so bounded like every message the pooler holds whole.
+                let cap = self.shared.config().max_message_bytes;
+                if let Ok(Some(header)) = frame::peek(&self.buf, Side::Frontend) {
+                    if header.len - frame::HEADER_LEN > cap {
+                        self.shared.metrics.limit(Limit::MessageTooLong, 1);
+                        let message = format!(
+                            "a console message of {} bytes is over max_message_bytes ({cap})",
+                            header.len - frame::HEADER_LEN
+                        );
+                        return fatal(&mut self.stream, SqlState::PROGRAM_LIMIT_EXCEEDED, message)
+                            .await;
+                    }
+                }
                 match frame::split(&mut self.buf, Side::Frontend) {
                     Ok(Some(m)) => break m,
                     Ok(None) => {}

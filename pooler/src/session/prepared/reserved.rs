@@ -80,6 +80,36 @@ pub fn rewrite(text: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Whether the text of a message too long to hold whole (it streams past its head, so
+/// nothing in it can be moved) may name a statement of the pooler's: `dp_` anywhere in
+/// it, fed piece by piece. The server it reaches is then closed once its client is done
+/// with it, so the books die with it rather than disagree with it.
+#[derive(Debug, Default)]
+pub struct Streamed {
+    /// The last two bytes of the previous piece: `dp_` may straddle two.
+    carry: [u8; 2],
+    seen: bool,
+}
+
+impl Streamed {
+    /// Feeds the next piece; `true` once `dp_` has been seen.
+    pub fn feed(&mut self, piece: &[u8]) -> bool {
+        if !self.seen {
+            let mut joined = [0u8; 4];
+            joined[..2].copy_from_slice(&self.carry);
+            let head = piece.len().min(2);
+            joined[2..2 + head].copy_from_slice(&piece[..head]);
+            self.seen = has_prefix(&joined[..2 + head]) || has_prefix(piece);
+            if let Some(tail) = piece.len().checked_sub(2) {
+                self.carry.copy_from_slice(&piece[tail..]);
+            } else if let Some(&last) = piece.last() {
+                self.carry = [self.carry[1], last];
+            }
+        }
+        self.seen
+    }
+}
+
 /// Whether `dp_` (any case) occurs in `text`.
 fn has_prefix(text: &[u8]) -> bool {
     let mut from = 0;
@@ -302,6 +332,19 @@ mod tests {
         ] {
             assert_eq!(moved(&text), None, "{text}");
         }
+    }
+
+    #[test]
+    fn a_streamed_text_is_watched_across_pieces() {
+        let mut s = Streamed::default();
+        assert!(!s.feed(b"SELECT 1; DEALLOCATE d"));
+        assert!(s.feed(b"p_0123"));
+        let mut s = Streamed::default();
+        assert!(!s.feed(b"x d"));
+        assert!(!s.feed(b"p"));
+        assert!(s.feed(b"_"));
+        let mut s = Streamed::default();
+        assert!(!s.feed(b"SELECT 1 -- nothing"));
     }
 
     #[test]
