@@ -212,3 +212,77 @@ async fn a_streamed_text_naming_the_poolers_statement_costs_its_server_only() {
     );
     assert_ne!(one_value(&b, "SELECT pg_backend_pid()").await, pid);
 }
+
+/// What a client reads of one message: its tag and body, an error's or notice's body
+/// cut to severity, code and message (a pooler's own error has no file or line).
+fn readable(msgs: &[crate::raw::Msg]) -> Vec<(char, String)> {
+    msgs.iter()
+        .map(|(tag, body)| {
+            let text = if matches!(tag, b'E' | b'N') {
+                body.split(|b| *b == 0)
+                    .filter(|f| matches!(f.first(), Some(b'V' | b'C' | b'M')))
+                    .map(|f| String::from_utf8_lossy(f).into_owned())
+                    .collect::<Vec<_>>()
+                    .join("|")
+            } else {
+                String::from_utf8_lossy(body).into_owned()
+            };
+            (*tag as char, text)
+        })
+        .collect()
+}
+
+/// `DEALLOCATE` of a statement its server lacks, in a transaction that already failed,
+/// by a simple Query and by Parse/Bind/Execute (psycopg 3 deallocates so): a client
+/// through either port reads the very messages a client straight to Postgres reads
+/// (the 25P02 where Postgres gives it, the statement kept), and afterwards the same.
+#[tokio::test]
+async fn deallocate_in_a_failed_transaction_reads_as_postgres_over_both_protocols() {
+    use crate::raw::{Raw, batch, bind, execute, parse, query, sync};
+    // One statement per server: preparing s2 pushes s1 off the pooler's server.
+    let (e, app, ports) = both_ports(|c| c.max_prepared_statements = 1).await;
+    let direct = std::net::SocketAddr::from(([127, 0, 0, 1], e.fixture.cluster.port()));
+    let addrs = [
+        direct,
+        std::net::SocketAddr::from(([127, 0, 0, 1], ports[0])),
+        std::net::SocketAddr::from(([127, 0, 0, 1], ports[1])),
+    ];
+    let extended = || batch(&[parse("", "DEALLOCATE s1"), bind(""), execute(), sync()]);
+    let run_s1 = || batch(&[bind("s1"), execute(), sync()]);
+    let steps: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "prepare",
+            batch(&[
+                parse("s1", "SELECT 1"),
+                parse("s2", "SELECT 2"),
+                bind("s2"),
+                execute(),
+                sync(),
+            ]),
+        ),
+        ("begin", query("BEGIN")),
+        ("fail", query("SELECT 1/0")),
+        ("extended, failed", extended()),
+        ("simple, failed", query("DEALLOCATE s1")),
+        ("rollback", query("ROLLBACK")),
+        ("s1 kept", run_s1()),
+        ("s2 pushes s1 off", batch(&[bind("s2"), execute(), sync()])),
+        ("extended", extended()),
+        ("s1 gone", run_s1()),
+    ];
+    let mut seen = Vec::new();
+    for addr in addrs {
+        let mut c = Raw::connect_to(addr, &e.fixture.db, &app).await;
+        let mut answers = Vec::new();
+        for (step, bytes) in &steps {
+            c.send(bytes).await;
+            answers.push((*step, readable(&c.until_ready(1).await)));
+        }
+        seen.push(answers);
+    }
+    for (port, ours) in ports.iter().zip(&seen[1..]) {
+        for ((step, theirs), (_, ours)) in seen[0].iter().zip(ours) {
+            assert_eq!(ours, theirs, "port {port}, step {step}");
+        }
+    }
+}

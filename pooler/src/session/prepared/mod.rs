@@ -137,11 +137,14 @@ impl Rewriter<'_> {
             return self.streamed(tag, raw, tail, out);
         }
         let body = raw.get(5..).ok_or(Malformed)?;
+        // Read before this message counts as sent: nothing outstanding means the last
+        // ReadyForQuery's status is the server's now.
+        let failed = self.replies.failed_now();
         if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C') {
             self.replies.unsynced = true;
         }
         match tag {
-            b'P' => self.parse(raw, body, out)?,
+            b'P' => self.parse(raw, body, failed, out)?,
             b'B' => {
                 let (portal, rest) = cstr(body).ok_or(Malformed)?;
                 let (name, rest) = cstr(rest).ok_or(Malformed)?;
@@ -260,7 +263,14 @@ impl Rewriter<'_> {
         }
     }
 
-    fn parse(&mut self, raw: &[u8], body: &[u8], out: &mut BytesMut) -> Result<(), Malformed> {
+    /// `failed`: the server is known to be in a transaction that has failed.
+    fn parse(
+        &mut self,
+        raw: &[u8],
+        body: &[u8],
+        failed: bool,
+        out: &mut BytesMut,
+    ) -> Result<(), Malformed> {
         let (name, rest) = cstr(body).ok_or(Malformed)?;
         let (query, types) = cstr(rest).ok_or(Malformed)?;
         let own_deallocate = name.is_empty()
@@ -272,7 +282,7 @@ impl Rewriter<'_> {
                 self.replies.reserved = true;
                 let mut fixed = BytesMut::new();
                 message(&mut fixed, b'P', &[name, b"\0", &moved, b"\0", types]);
-                return self.parse(&fixed, &fixed[5..], out);
+                return self.parse(&fixed, &fixed[5..], failed, out);
             }
         }
         let effect = state::classify(query, self.customs);
@@ -291,6 +301,14 @@ impl Rewriter<'_> {
                 deallocated_name(query).and_then(|n| self.client.get_key_value(n.as_slice()))
             {
                 let emptied = !self.server.has(&stmt.global);
+                if emptied && failed {
+                    // Postgres refuses this Parse itself (25P02, whatever it names;
+                    // postgres.c, exec_parse_message) and skips the rest up to Sync,
+                    // where an empty one would parse and only its Bind fail: the
+                    // client's own text gets the very refusal, and the books stay.
+                    out.extend_from_slice(raw);
+                    return Ok(());
+                }
                 if emptied {
                     message(out, b'P', &[b"\0\0", types]);
                 } else {

@@ -136,6 +136,8 @@ pub struct Replies {
     /// A statement name of the pooler's was moved to the client's space in this
     /// stretch (reserved.rs): errors may name it with its suffix.
     pub(super) reserved: bool,
+    /// The last ReadyForQuery said the transaction has failed (a stretch starts idle).
+    failed: bool,
 }
 
 /// What an unnamed statement's `DEALLOCATE` removes when it runs.
@@ -149,6 +151,12 @@ impl Replies {
     /// No reply is due.
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    /// The server is in a failed transaction now: its last ReadyForQuery said so and
+    /// nothing was sent since (a message not yet answered could end the transaction).
+    pub(super) fn failed_now(&self) -> bool {
+        self.failed && !self.unsynced && self.queue.is_empty()
     }
 
     pub(super) fn push(&mut self, reply: Reply) {
@@ -250,6 +258,7 @@ impl Replies {
                 _ => Action::Pass,
             },
             b'Z' => {
+                self.failed = body.first() == Some(&b'E');
                 let mut instead = None;
                 while let Some(r) = self.queue.pop_front() {
                     match r {

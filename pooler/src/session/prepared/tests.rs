@@ -351,6 +351,85 @@ fn deallocate_in_a_failed_transaction_is_25p02_and_keeps_the_statement() {
     assert!(client.by_name.contains_key(&b"s1"[..]));
 }
 
+/// `DEALLOCATE s1` by Parse/Bind/Execute on a server that lacks `s1`, once the
+/// server said its transaction failed: the client's own Parse goes, for Postgres to
+/// refuse it as it would (25P02 at Parse, the rest skipped), and the books keep `s1`.
+/// With a reply still due (a ROLLBACK, say) the status may be stale: the empty Parse,
+/// as outside a failed transaction.
+#[test]
+fn extended_deallocate_in_a_known_failed_transaction_goes_as_sent() {
+    let mut client = ClientStatements::default();
+    let (mut first, mut second) = (ServerStatements::default(), ServerStatements::default());
+    let mut replies = Replies::default();
+    let mut rw = rewriter(&mut client, &mut first, &mut replies, 200);
+    let parse = msg(b'P', &[b"s1\0", b"SELECT 1\0", &0u16.to_be_bytes()]);
+    rw.message(b'P', &parse, &mut BytesMut::new()).unwrap();
+    let mut replies = Replies::default();
+    let deallocate = msg(b'P', &[b"\0", b"DEALLOCATE s1\0", &0u16.to_be_bytes()]);
+    let rest = [
+        msg(b'B', &[b"\0\0", &[0, 0, 0, 0, 0, 0]]),
+        msg(b'E', &[b"\0", &0i32.to_be_bytes()]),
+        msg(b'S', &[]),
+    ];
+    let error = |code, text| {
+        let mut e = BytesMut::new();
+        crate::proto::backend::write_error(&mut e, code, text);
+        e.split_off(5)
+    };
+    let failed = error(crate::proto::SqlState::INTERNAL_ERROR, "division by zero");
+    let aborted = error(
+        crate::proto::SqlState::IN_FAILED_SQL_TRANSACTION,
+        "current transaction is aborted, commands ignored until end of transaction block",
+    );
+    let mut rw = rewriter(&mut client, &mut second, &mut replies, 200);
+    rw.message(b'Q', &msg(b'Q', &[b"SELECT 1/0\0"]), &mut BytesMut::new())
+        .unwrap();
+    for (tag, body) in [(b'E', &failed[..]), (b'Z', b"E")] {
+        rw.replies.server(tag, body, rw.client, rw.server);
+    }
+    // Nothing is due and the last ReadyForQuery said failed: as sent.
+    let mut out = BytesMut::new();
+    rw.message(b'P', &deallocate, &mut out).unwrap();
+    assert_eq!(&out[..], &deallocate[..]);
+    for m in &rest {
+        rw.message(m[0], m, &mut BytesMut::new()).unwrap();
+    }
+    for (tag, body) in [(b'E', &aborted[..]), (b'Z', b"E")] {
+        assert_eq!(
+            rw.replies.server(tag, body, rw.client, rw.server),
+            Action::Pass
+        );
+    }
+    assert!(rw.replies.is_empty());
+    assert!(rw.client.by_name.contains_key(&b"s1"[..]));
+
+    // A ROLLBACK not answered yet ends the failed transaction first: the empty Parse,
+    // and the DEALLOCATE is done.
+    rw.message(b'Q', &msg(b'Q', &[b"ROLLBACK\0"]), &mut BytesMut::new())
+        .unwrap();
+    let mut out = BytesMut::new();
+    rw.message(b'P', &deallocate, &mut out).unwrap();
+    assert_eq!(&out[..], &msg(b'P', &[b"\0\0", &0u16.to_be_bytes()])[..]);
+    for m in &rest {
+        rw.message(m[0], m, &mut BytesMut::new()).unwrap();
+    }
+    for (tag, body) in [
+        (b'C', &b"ROLLBACK\0"[..]),
+        (b'Z', b"I"),
+        (b'1', b""),
+        (b'2', b""),
+    ] {
+        rw.replies.server(tag, body, rw.client, rw.server);
+    }
+    assert_eq!(
+        rw.replies.server(b'I', b"", rw.client, rw.server),
+        Action::Replace(Bytes::from_static(b"C\0\0\0\x0fDEALLOCATE\0"))
+    );
+    rw.replies.server(b'Z', b"I", rw.client, rw.server);
+    assert!(rw.replies.is_empty());
+    assert!(rw.client.by_name.is_empty());
+}
+
 #[test]
 fn discard_all_spares_what_was_sent_after_it() {
     let mut client = ClientStatements::default();
