@@ -346,27 +346,39 @@ async fn pause_takes_servers_from_idle_clients_that_keep_them() {
     assert_eq!(one_value(&in_session, "SHOW TimeZone").await, "Asia/Tokyo");
     assert_eq!(one_value(&in_session, "SHOW statement_timeout").await, "7s");
 
-    // A pinned client listening on a channel cannot move: PAUSE names it.
+    // A pinned client listening on a channel cannot move, nor can a session-mode
+    // client holding a session advisory lock: PAUSE names both, and what each holds.
     let listener = e.connect(&app).await;
     listener.batch_execute("LISTEN somewhere").await.unwrap();
+    let locker = e.connect_on(&app, session_port).await;
+    locker
+        .batch_execute("SELECT pg_advisory_lock(42)")
+        .await
+        .unwrap();
     in_session.simple_query("SELECT 1").await.unwrap();
     let err = console.simple_query(&pause).await.unwrap_err();
     assert_eq!(sqlstate(&err), "55000");
     let text = message(&err);
-    assert!(text.contains("1 held by idle clients"), "{text}");
+    assert!(text.contains("2 held by idle clients"), "{text}");
     assert!(
         text.contains(&format!("of role \"{}\"", app.role)),
         "{text}"
     );
     assert!(text.contains("LISTEN channels: 1"), "{text}");
-    // Once it lets go of its channel it is unpinned and its server goes back.
+    assert!(text.contains("session advisory locks: 1"), "{text}");
+    // Once they let go of what they hold, their servers go back.
     listener.batch_execute("UNLISTEN *").await.unwrap();
+    locker
+        .batch_execute("SELECT pg_advisory_unlock(42)")
+        .await
+        .unwrap();
     console.simple_query(&pause).await.unwrap();
     console
         .simple_query(&format!("RESUME {}", app.role))
         .await
         .unwrap();
     listener.simple_query("SELECT 1").await.unwrap();
+    locker.simple_query("SELECT 1").await.unwrap();
     assert_eq!(one_value(&in_session, "SHOW TimeZone").await, "Asia/Tokyo");
 }
 
