@@ -37,6 +37,8 @@ struct Seen {
     error: Option<Report>,
     authenticated: bool,
     ready: bool,
+    /// NegotiateProtocolVersion: the newest minor version, the options not recognised.
+    negotiated: Option<(u32, Vec<String>)>,
 }
 
 fn report(mut fields: ErrorFields<'_>) -> Report {
@@ -65,7 +67,11 @@ fn report(mut fields: ErrorFields<'_>) -> Report {
 async fn log_in(port: u16, app: &App, db: &str, params: &[(&str, &str)]) -> Seen {
     let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut out = BytesMut::new();
-    let mut all = vec![("user", app.role.as_str()), ("database", db)];
+    // A packet that names its own database (or an empty one) sends that instead.
+    let mut all = vec![("user", app.role.as_str())];
+    if !params.iter().any(|(k, _)| *k == "database") {
+        all.push(("database", db));
+    }
     all.extend_from_slice(params);
     frontend::startup_message(all.iter().copied(), &mut out).unwrap();
     tcp.write_all(&out).await.unwrap();
@@ -74,6 +80,22 @@ async fn log_in(port: u16, app: &App, db: &str, params: &[(&str, &str)]) -> Seen
     let mut scram = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
+        // NegotiateProtocolVersion, which postgres-protocol does not parse: the newest
+        // minor version and the options not recognised.
+        if buf.len() >= 5 && buf[0] == b'v' {
+            let len = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
+            if buf.len() > len {
+                let body = buf.split_to(1 + len).split_off(5);
+                let minor = u32::from_be_bytes(body[..4].try_into().unwrap());
+                let names = body[8..]
+                    .split(|b| *b == 0)
+                    .filter(|n| !n.is_empty())
+                    .map(|n| String::from_utf8_lossy(n).into_owned())
+                    .collect();
+                seen.negotiated = Some((minor, names));
+                continue;
+            }
+        }
         let message = match Message::parse(&mut buf).unwrap() {
             Some(m) => m,
             None => {
@@ -189,6 +211,26 @@ async fn the_session_port_answers_a_startup_packet_as_postgres_does() {
             ("client_min_messages", "warning"),
             ("application_name", long_name.as_str()),
         ],
+        // A walsender: refused after authentication, before the settings are read.
+        vec![("replication", "database")],
+        vec![("replication", "on"), ("options", "-c nonsense=1")],
+        vec![("replication", "true"), ("replication", "no")],
+        // Refused as the packet is read, before authentication.
+        vec![("replication", "maybe")],
+        vec![("options", "-c nonsense=1"), ("replication", "")],
+        // Refused after authentication: no database is the user's name.
+        vec![("database", "")],
+        vec![
+            ("database", "no_such_database"),
+            ("options", "-c nonsense=1"),
+        ],
+        // Protocol options nobody knows: NegotiateProtocolVersion, then on as 3.0.
+        vec![("_pq_.no_such_option", "1")],
+        vec![("options", "-c role=postgres")],
+        vec![("session_authorization", "postgres")],
+        vec![("options", "-c transaction_isolation=serializable")],
+        vec![("options", "-c lc_messages=C")],
+        vec![("default_transaction_isolation", "serializable")],
     ];
     for packet in &packets {
         // Twice through the pooler: the second login may use what the first learned.
