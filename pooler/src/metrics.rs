@@ -145,6 +145,8 @@ pub struct Metrics {
     auth: Vec<IntCounter>,
     /// Server logins refused because the verifier and `pg_authid` disagree.
     pub server_login_mismatches: IntCounter,
+    /// Server logins refused because the server did not prove it holds the verifier.
+    pub server_login_unverified: IntCounter,
     pub cancels: IntCounter,
     pub prepared_hits: IntCounter,
     pub prepared_misses: IntCounter,
@@ -206,6 +208,11 @@ impl Metrics {
             "server_login_mismatches_total",
             "Server logins refused because the credentials table's verifier differs from pg_authid.",
         )?;
+        let server_login_unverified = counter(
+            "server_login_unverified_total",
+            "Server logins refused because the server let the pooler in without proving it holds the role's \
+             verifier (no SASLFinal, a wrong signature, or no authentication at all).",
+        )?;
         let cancels = counter("cancels_total", "Cancel requests forwarded to Postgres.")?;
         let prepared = IntCounterVec::new(
             Opts::new(
@@ -254,6 +261,7 @@ impl Metrics {
             bytes_sent,
             auth,
             server_login_mismatches,
+            server_login_unverified,
             cancels,
             prepared_hits: prepared.with_label_values(&["hit"]),
             prepared_misses: prepared.with_label_values(&["miss"]),
