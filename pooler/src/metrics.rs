@@ -110,15 +110,22 @@ pub enum Limit {
     ClientStall,
     /// A client idle in a transaction past `idle_transaction_timeout_ms`.
     IdleTransaction,
+    /// An admin HTTP connection closed for a newer one past `admin_max_connections`.
+    AdminConnections,
+    /// An admin HTTP connection that sent no whole request head within
+    /// `admin_header_timeout_ms`.
+    AdminHeaderTimeout,
 }
 
 impl Limit {
-    const ALL: [Limit; 5] = [
+    const ALL: [Limit; 7] = [
         Limit::MessageTooLong,
         Limit::PreparedStatements,
         Limit::PreparedBytes,
         Limit::ClientStall,
         Limit::IdleTransaction,
+        Limit::AdminConnections,
+        Limit::AdminHeaderTimeout,
     ];
 
     fn label(self) -> &'static str {
@@ -128,6 +135,8 @@ impl Limit {
             Limit::PreparedBytes => "prepared_bytes",
             Limit::ClientStall => "client_stall",
             Limit::IdleTransaction => "idle_transaction",
+            Limit::AdminConnections => "admin_connections",
+            Limit::AdminHeaderTimeout => "admin_header_timeout",
         }
     }
 }
