@@ -239,14 +239,10 @@ async fn a_suspension_arrives_through_a_flood_of_bogus_notifications() {
         .expect("the suspended app's client is still connected");
     eprintln!(
         "suspension committed in {} ms; the client was disconnected {} ms later, behind \
-         100,000 bogus notifications ({} build)",
+         100,000 bogus notifications ({:?})",
         committed.as_millis(),
         (start.elapsed() - committed).as_millis(),
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        }
+        crate::binary::program(),
     );
     let ignored = bin
         .metric("dataplane_pooler_auth_notifications_total{outcome=\"ignored\"}")
