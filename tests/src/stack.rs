@@ -40,7 +40,11 @@ pub fn pooler_config(fixture: &MigratedDb) -> Config {
 
 /// Starts the pooler on a runtime of its own, as in production: the test's clients
 /// (SCRAM logins cost CPU) then cannot starve it, and it cannot starve them. Returns
-/// once its LISTEN connection is up: before that, a revocation could be missed.
+/// once its LISTEN connection is up: before that, a revocation could be missed. It
+/// serves until the returned [`Running`] is dropped (or shut down), then leaves the
+/// replica registry and its runtime ends, closing its connections: a test binary
+/// starts a pooler per test against one Postgres, and poolers kept to the end of the
+/// process held enough connections between them to reach its `max_connections`.
 pub async fn start_pooler(config: Config) -> Running {
     start_pooler_with(config, pooler::Hooks::default()).await
 }
@@ -58,10 +62,16 @@ pub async fn start_pooler_with(config: Config, hooks: pooler::Hooks) -> Running 
             let running = pooler::start_with(config, hooks)
                 .await
                 .expect("the pooler starts");
+            let shared = running.shared.clone();
+            // Closed when the `Running` (which holds the switch) is dropped.
+            let mut switch = shared.shutdown.clone();
             let _ = tx.send(running);
-            // Serve until the test process ends.
-            std::future::pending::<()>().await;
+            while switch.changed().await.is_ok() {}
+            // As at the end of a drain: its servers closed, its row gone, so the
+            // poolers of later tests get its share at once.
+            shared.replicas.leave(&shared.pools, &shared.cache).await;
         });
+        // The runtime drops here: every task ends, every socket closes.
     });
     let running = rx.await.expect("the pooler's thread hands it over");
     wait_ready(&running).await;
