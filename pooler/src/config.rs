@@ -116,10 +116,25 @@ pub struct Config {
     /// statements makes room again. Default 10000.
     pub max_client_prepared_statements: usize,
     /// Clients of one role that may be pinned to a server at once by session state
-    /// (LISTEN, temp tables, advisory locks, SQL PREPARE, SET ROLE, untracked SET).
+    /// (temp tables, advisory locks, SQL PREPARE, SET ROLE, untracked SET; LISTEN does
+    /// not pin, see `max_listener_servers`).
     /// Unset: half the role's pool size, at least 1. Past it the client gets an error
     /// that points to session mode.
     pub max_pinned_per_role: Option<usize>,
+    /// LISTEN in transaction mode: each app role with listening clients gets one
+    /// listener server (outside its pool_size, inside `max_server_connections`) that
+    /// listens on the union of their channels. At most this many such servers exist at
+    /// once; a client whose LISTEN would need one more gets 53400 and is disconnected.
+    /// Unset: a quarter of `max_server_connections`, at least 1.
+    pub max_listener_servers: Option<usize>,
+    /// Channels one client may LISTEN on at once in transaction mode; a transaction
+    /// that leaves it with more ends the session with 53400. Default 100.
+    pub max_client_listen_channels: usize,
+    /// Notifications waiting for one client (a busy or slow one) at most, in bytes
+    /// (with 64 bytes per notification for the bookkeeping); a client past it is not
+    /// reading and is disconnected with 53400. At least 16384 (one notification of
+    /// Postgres' 8000-byte maximum always fits). Default 1048576.
+    pub max_client_notification_bytes: usize,
     /// Per-role series on `/metrics` (clients, servers, transactions by role). Off by
     /// default: thousands of apps would make thousands of series. Default false.
     pub metrics_per_role: bool,
@@ -226,6 +241,9 @@ impl Default for Config {
             max_prepared_statements: 200,
             max_client_prepared_statements: 10_000,
             max_pinned_per_role: None,
+            max_listener_servers: None,
+            max_client_listen_channels: 100,
+            max_client_notification_bytes: 1 << 20,
             log_level: "info".into(),
             metrics_per_role: false,
             metrics_max_roles: 50,
@@ -278,6 +296,10 @@ impl Default for ServerTls {
     }
 }
 
+/// The smallest `max_client_notification_bytes`: a NotificationResponse with
+/// Postgres' largest payload (8000 bytes) and channel, plus its bookkeeping, fits.
+pub const MIN_NOTIFICATION_BYTES: usize = 16 * 1024;
+
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
@@ -328,6 +350,16 @@ impl Config {
                     .into(),
             );
         }
+        if self.max_listener_servers == Some(0) || self.max_client_listen_channels == 0 {
+            return bad(
+                "max_listener_servers and max_client_listen_channels must be at least 1".into(),
+            );
+        }
+        if self.max_client_notification_bytes < MIN_NOTIFICATION_BYTES {
+            return bad(format!(
+                "max_client_notification_bytes must be at least {MIN_NOTIFICATION_BYTES},                  so that one notification of the largest size fits"
+            ));
+        }
         if self.upstream.dbname.is_empty() || self.upstream.auth_user.is_empty() {
             return bad("upstream.dbname and upstream.auth_user must be set".into());
         }
@@ -374,6 +406,12 @@ impl Config {
             return bad(format!("log_level {:?}: {e}", self.log_level));
         }
         self.admin.validate()
+    }
+
+    /// How many roles may have a listener server at once.
+    pub fn max_listener_servers(&self) -> usize {
+        self.max_listener_servers
+            .unwrap_or((self.max_server_connections / 4).max(1))
     }
 
     /// The pin bound for a role with this pool size.
@@ -484,6 +522,23 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+        for c in [
+            Config {
+                max_listener_servers: Some(0),
+                ..Config::default()
+            },
+            Config {
+                max_client_listen_channels: 0,
+                ..Config::default()
+            },
+            Config {
+                max_client_notification_bytes: 1000,
+                ..Config::default()
+            },
+        ] {
+            assert!(c.validate().is_err());
+        }
+        assert_eq!(Config::default().max_listener_servers(), 10);
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod config;
 pub mod control;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod pool;
 pub mod proto;
 pub mod registry;

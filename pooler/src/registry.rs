@@ -84,6 +84,12 @@ impl<T> Registry<T> {
         self.len() == 0
     }
 
+    /// The first answer `f` gives for an entry, looked for under the lock without
+    /// copying the map (for small registries, such as the servers').
+    pub fn find_map<R>(&self, f: impl FnMut(&T) -> Option<R>) -> Option<R> {
+        self.lock().values().map(|e| &**e).find_map(f)
+    }
+
     /// Every entry now, oldest id first.
     pub fn snapshot(&self) -> Vec<Arc<T>> {
         let mut all: Vec<(u64, Arc<T>)> =
