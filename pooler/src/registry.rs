@@ -238,6 +238,18 @@ pub struct ServerInfo {
     pub local: Option<SocketAddr>,
     /// TLS version and cipher, empty for plaintext.
     pub tls: String,
+    /// Held by its role's LISTEN multiplexer rather than by the role's clients.
+    pub listener: std::sync::atomic::AtomicBool,
+}
+
+impl ServerInfo {
+    pub fn mark_listener(&self) {
+        self.listener.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_listener(&self) -> bool {
+        self.listener.load(Ordering::Relaxed)
+    }
 }
 
 /// Ids of server connections, for `SHOW SERVERS` and the `link` columns.

@@ -109,6 +109,9 @@ const MAX_SLOTS: usize = 100_000;
 const LOOKUP_SQL: &str = "SELECT role_name, scram_verifier, generation, pool_size, pool_mode, max_client_conn, status \
                           FROM dataplane_auth.lookup($1)";
 
+const BACKEND_ROLES_SQL: &str = "SELECT pid, usename::text FROM pg_catalog.pg_stat_activity \
+                                 WHERE pid = ANY($1) AND usename IS NOT NULL";
+
 impl VerifierCache {
     pub fn new(
         upstream: Upstream,
@@ -196,6 +199,31 @@ impl VerifierCache {
     }
 
     async fn lookup(&self, role: &str) -> Result<Arc<RoleAuth>, LookupError> {
+        match self.rows(LOOKUP_SQL, &[&role]).await?.as_slice() {
+            [row] => Ok(Arc::new(parse_row(role, row))),
+            rows => Err(LookupError::Unavailable(format!(
+                "the lookup returned {} rows instead of one",
+                rows.len()
+            ))),
+        }
+    }
+
+    /// The roles of the sessions among `pids` (`pg_stat_activity` shows every session's
+    /// user to every role): for telling which app sent a notification.
+    pub async fn backend_roles(&self, pids: &[i32]) -> Result<Vec<(i32, String)>, LookupError> {
+        let rows = self.rows(BACKEND_ROLES_SQL, &[&pids]).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
+            .collect())
+    }
+
+    /// Runs one statement on one of the auth connections.
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, LookupError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let mut conn = self.conns[i].lock().await;
         // One retry on a fresh connection: the cached one may have died since.
@@ -206,8 +234,8 @@ impl VerifierCache {
             let Some(client) = conn.as_ref() else {
                 continue;
             };
-            match client.query_one(LOOKUP_SQL, &[&role]).await {
-                Ok(row) => return Ok(Arc::new(parse_row(role, &row))),
+            match client.query(sql, params).await {
+                Ok(rows) => return Ok(rows),
                 Err(e) if attempt == 0 && (e.is_closed() || e.code().is_none()) => {
                     *conn = None;
                 }

@@ -159,6 +159,13 @@ impl Union {
         self.by_channel.get(channel).map_or(&[], Vec::as_slice)
     }
 
+    /// The channel by its name, with its listeners, if anyone listens on it.
+    pub fn channel(&self, name: &str) -> Option<(&Channel, &[u64])> {
+        self.by_channel
+            .get_key_value(name)
+            .map(|(c, l)| (c, l.as_slice()))
+    }
+
     pub fn channels_of(&self, client: u64) -> Option<&BTreeSet<Channel>> {
         self.by_client.get(&client)
     }

@@ -8,8 +8,14 @@
 //! * [`senders`]: the role of the backend that sent a notification, for the isolation
 //!   check every notification passes before a client sees it.
 //! * [`sql`]: what the listener server and a client's transaction server are asked.
+//! * [`hub`]: per role with listening clients, one listener (its task, `listener.rs`,
+//!   holds the server); each client's [`Subscription`] and its inbox.
 
 pub mod channels;
+pub mod hub;
 pub mod inbox;
+mod listener;
 pub mod senders;
 pub mod sql;
+
+pub use hub::{Hub, Limits, ListenError, Subscription};

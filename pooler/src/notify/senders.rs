@@ -38,6 +38,16 @@ pub trait LookupPids: Send + Sync + 'static {
     fn roles(&self, pids: Vec<i32>) -> BoxFuture<'static, Result<Vec<(i32, String)>, String>>;
 }
 
+/// `pg_stat_activity` through the pooler's auth connections.
+pub struct PgStatActivity(pub Arc<crate::auth::cache::VerifierCache>);
+
+impl LookupPids for PgStatActivity {
+    fn roles(&self, pids: Vec<i32>) -> BoxFuture<'static, Result<Vec<(i32, String)>, String>> {
+        let cache = self.0.clone();
+        Box::pin(async move { cache.backend_roles(&pids).await.map_err(|e| e.to_string()) })
+    }
+}
+
 /// The cache of foreign pids (pure: time passed in).
 #[derive(Debug, Default)]
 pub struct SenderCache {
@@ -243,6 +253,7 @@ mod tests {
                     remote_pid: 500,
                     local: None,
                     tls: String::new(),
+                    listener: Default::default(),
                 },
                 usize::MAX,
             )
