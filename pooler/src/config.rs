@@ -460,7 +460,7 @@ impl Admin {
                  POOLER_ADMIN_PASSWORD, from which the pooler derives one)",
             ),
             (None, Some(_)) => bad("an admin verifier is set but admin.user is not"),
-            (Some(_), Some(v)) => match crate::auth::verifier::ScramSecret::parse(v.expose()) {
+            (Some(_), Some(v)) => match crate::verifier::ScramSecret::parse(v.expose()) {
                 Ok(_) => Ok(()),
                 // The error names what is malformed, never the verifier itself.
                 Err(e) => Err(ConfigError::Invalid(format!("the admin verifier: {e}"))),
@@ -473,10 +473,9 @@ impl Admin {
     }
 
     /// The admin role and its parsed verifier, when the console is configured.
-    pub fn credentials(&self) -> Option<(&str, crate::auth::verifier::ScramSecret)> {
+    pub fn credentials(&self) -> Option<(&str, crate::verifier::ScramSecret)> {
         let user = self.user.as_deref()?;
-        let secret =
-            crate::auth::verifier::ScramSecret::parse(self.scram_verifier.as_ref()?.expose());
+        let secret = crate::verifier::ScramSecret::parse(self.scram_verifier.as_ref()?.expose());
         Some((user, secret.ok()?))
     }
 }

@@ -1,41 +1,57 @@
 //! The pooler: a PostgreSQL wire-protocol pooler for many small apps on one cluster.
 //!
-//! The path of a client connection through the modules (design.md, "Pooler"):
-//! 1. [`net`] accepts it (a semaphore bounds clients), answers SSLRequest/GSSENCRequest
-//!    and routes a CancelRequest to the server the client is linked to;
-//! 2. [`proto`] (no I/O) frames every message, with a maximum length per type checked
-//!    before anything is allocated;
-//! 3. [`session`] reads the startup packet and runs [`auth`]: the verifier comes from
-//!    `dataplane_auth.lookup()` (cached, single-flight, dropped on NOTIFY), and the
-//!    SCRAM exchange recovers the client's ClientKey;
-//! 4. [`pool`] checks a server out of the role's pool under the global budget (a pure
-//!    scheduler decides who gets a slot), and [`backend`] opens servers by logging in
-//!    *as the same role* with that ClientKey (SCRAM pass-through);
-//! 5. [`session`] relays a transaction at a time and gives the server back on
-//!    ReadyForQuery `I`;
-//! 6. [`admin`] serves `/healthz`, `/readyz`, `/v1/pools` and `/v1/reload` over HTTP,
-//!    and the PgBouncer-style console (`psql -d pgbouncer`), which [`session`] hands
-//!    a client to instead of logging it in as an app; [`control`] (pause, kill,
-//!    shutdown) and [`reload`] are what both offer; [`registry`] knows who is
-//!    connected; [`config`] is the one place defaults live; [`shared`] is what all
-//!    client tasks share.
+//! The modules, bottom to top: each names only modules above it in this list, never
+//! one below (a test in `tests/tests/layering.rs` holds the order).
+//!
+//! - [`proto`]: the wire protocol without I/O: framing, startup, messages, errors;
+//! - [`verifier`]: stored SCRAM-SHA-256 verifiers, and mock ones for unknown roles;
+//! - [`config`]: the one place defaults live;
+//! - [`pool`]: per-role pools under one budget (a pure scheduler decides who gets a slot);
+//! - [`registry`]: who is connected (`SHOW CLIENTS`, `SHOW SERVERS`);
+//! - [`metrics`]: the counters the hot path adds to, and their Prometheus text;
+//! - [`net`]: the accept loop, client and server streams, TLS;
+//! - [`auth`]: SCRAM exchanges, the verifier cache behind `dataplane_auth.lookup()`,
+//!   login throttling;
+//! - [`backend`]: server connections: log in *as the app's role* with its ClientKey
+//!   (SCRAM pass-through), what a server reports and what is prepared on it;
+//! - [`notify`]: LISTEN in transaction mode: one listener server per role with
+//!   listening clients, their inboxes, and the sender check that keeps apps apart;
+//! - [`shared`]: what every client task shares: per-role state, cancel keys, the
+//!   pause switch, and the connector that opens servers for the pools;
+//! - [`limits`]: what a configuration asks of the process (open files) and the pools;
+//! - [`control`]: the operator's pause, resume, kill and shutdown;
+//! - [`reload`]: re-reading the configuration without dropping a client;
+//! - [`frontdoor`]: TLS negotiation, cancel requests, the startup packet, the SCRAM
+//!   exchange with a client, FATAL errors;
+//! - [`session`]: an app client's life after the door: login, then relay a
+//!   transaction at a time (or the session), giving the server back on ReadyForQuery `I`;
+//! - [`admin`]: HTTP (`/metrics`, `/healthz`, `/readyz`, `/v1/…`) and the
+//!   PgBouncer-style console (`psql -d pgbouncer`);
+//! - `start`: builds the shared state, binds the listeners, and hands each accepted
+//!   connection to the front door, then to a session or the console.
+//!
+//! The path of a client connection: [`net`] accepts it; [`frontdoor`] negotiates TLS,
+//! serves a CancelRequest, and reads the startup packet; [`session`] authenticates it
+//! with [`auth`] and relays, checking servers out of [`pool`] that [`backend`] opened.
 
-pub mod admin;
-pub mod auth;
-pub mod backend;
+pub mod proto;
+pub mod verifier;
 pub mod config;
-pub mod control;
+pub mod pool;
+pub mod registry;
 pub mod metrics;
 pub mod net;
+pub mod auth;
+pub mod backend;
 pub mod notify;
-pub mod pool;
-pub mod proto;
-pub mod registry;
-pub mod reload;
-pub mod session;
 pub mod shared;
+pub mod limits;
+pub mod control;
+pub mod reload;
+pub mod frontdoor;
+pub mod session;
+pub mod admin;
 mod start;
 
-pub use start::{
-    Hooks, LoadConfig, Running, SetLogFilter, StartError, raise_open_files, start, start_with,
-};
+pub use shared::{Hooks, LoadConfig, SetLogFilter};
+pub use start::{Running, StartError, raise_open_files, start, start_with};

@@ -1,7 +1,7 @@
 //! Prometheus metrics, served as `/metrics` on the admin listener. Names and labels
 //! are a contract with the dashboard and the alerts (`deploy/`).
 //!
-//! The relay's hot path only adds to atomics: per role in [`RoleShared`], or
+//! The relay's hot path only adds to atomics: per role in [`RoleCounts`], or
 //! prometheus counters whose label values are resolved once here. Gauges and per-role
 //! series are computed when scraped, from the pools' and roles' own books, so they
 //! cannot drift and an idle pooler costs nothing. Per-role series are off by default
@@ -18,7 +18,19 @@ use prometheus::{
 };
 
 use crate::pool::PoolStats;
-use crate::shared::{RoleShared, Roles};
+
+/// One role's books at a scrape: what the per-role series and the idle-client gauge
+/// are computed from.
+#[derive(Debug, Clone)]
+pub struct RoleSample {
+    pub name: Arc<str>,
+    /// Clients of the role connected now.
+    pub clients: usize,
+    /// Of those, pinned to a server by session state.
+    pub pinned: usize,
+    pub transactions: u64,
+    pub queries: u64,
+}
 
 const PREFIX: &str = "dataplane_pooler";
 
@@ -192,7 +204,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of everything.
-    pub fn render(&self, pools: &PoolStats, roles: &Roles) -> Result<String, MetricsError> {
+    pub fn render(&self, pools: &PoolStats, roles: &[RoleSample]) -> Result<String, MetricsError> {
         let scrape = Registry::new();
         self.scrape_gauges(&scrape, pools, roles)?;
         let mut families = self.registry.gather();
@@ -207,7 +219,7 @@ impl Metrics {
         &self,
         scrape: &Registry,
         pools: &PoolStats,
-        roles: &Roles,
+        all_roles: &[RoleSample],
     ) -> Result<(), MetricsError> {
         let role_label: &[&str] = if self.per_role {
             &["state", "role"]
@@ -229,8 +241,7 @@ impl Metrics {
             ),
             if self.per_role { &["role"] } else { &[] },
         )?;
-        let all_roles = roles.all();
-        let shown = self.shown_roles(&all_roles);
+        let shown = self.shown_roles(all_roles);
         let label = |role: &str| -> String {
             if shown.contains_key(role) {
                 role.to_owned()
@@ -255,8 +266,7 @@ impl Metrics {
         if !self.per_role {
             add(&pinned, None, "", 0);
         }
-        let by_name: HashMap<&str, &Arc<RoleShared>> =
-            all_roles.iter().map(|r| (&*r.name, r)).collect();
+        let by_name: HashMap<&str, &RoleSample> = all_roles.iter().map(|r| (&*r.name, r)).collect();
         for p in &pools.roles {
             add(&servers, Some("active"), &p.role, i64::from(p.active));
             add(&servers, Some("idle"), &p.role, i64::from(p.idle));
@@ -265,7 +275,7 @@ impl Metrics {
             add(&clients, Some("waiting"), &p.role, i64::from(p.waiting));
             if let Some(r) = by_name.get(&*p.role) {
                 let busy = u64::from(p.active) + u64::from(p.waiting);
-                let idle = (r.client_count() as u64).saturating_sub(busy);
+                let idle = (r.clients as u64).saturating_sub(busy);
                 add(
                     &clients,
                     Some("idle"),
@@ -274,12 +284,12 @@ impl Metrics {
                 );
             }
         }
-        for r in &all_roles {
+        for r in all_roles {
             if pools.role(&r.name).is_none() {
-                let n = i64::try_from(r.client_count()).unwrap_or(i64::MAX);
+                let n = i64::try_from(r.clients).unwrap_or(i64::MAX);
                 add(&clients, Some("idle"), &r.name, n);
             }
-            let pins = i64::try_from(r.pinned()).unwrap_or(i64::MAX);
+            let pins = i64::try_from(r.pinned).unwrap_or(i64::MAX);
             if pins > 0 || self.per_role {
                 add(&pinned, None, &r.name, pins);
             }
@@ -327,9 +337,9 @@ impl Metrics {
             .inc_by(pools.counters.open_failures);
         scrape.register(Box::new(logins))?;
         if self.per_role {
-            let per = |short: &str, help: &str, get: fn(&RoleShared) -> u64| {
+            let per = |short: &str, help: &str, get: fn(&RoleSample) -> u64| {
                 let v = IntCounterVec::new(Opts::new(name(short), help), &["role"])?;
-                for r in &all_roles {
+                for r in all_roles {
                     v.with_label_values(&[&label(&r.name)]).inc_by(get(r));
                 }
                 scrape.register(Box::new(v))?;
@@ -338,21 +348,22 @@ impl Metrics {
             per(
                 "role_transactions_total",
                 "Transactions relayed, per role.",
-                |r| r.counts().0,
+                |r| r.transactions,
             )?;
             per("role_queries_total", "Requests relayed, per role.", |r| {
-                r.counts().1
+                r.queries
             })?;
         }
         Ok(())
     }
 
     /// The roles that get their own series: the busiest `max_roles` by transactions.
-    fn shown_roles(&self, all: &[Arc<RoleShared>]) -> HashMap<String, ()> {
+    fn shown_roles(&self, all: &[RoleSample]) -> HashMap<String, ()> {
         if !self.per_role {
             return HashMap::new();
         }
-        let mut by_load: Vec<(u64, &str)> = all.iter().map(|r| (r.counts().0, &*r.name)).collect();
+        let mut by_load: Vec<(u64, &str)> =
+            all.iter().map(|r| (r.transactions, &*r.name)).collect();
         by_load.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
         by_load
             .into_iter()

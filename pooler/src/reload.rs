@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::config::{Config, ConfigError, TlsMode};
+use crate::limits::{OpenFilesError, check_open_files, open_files_needed, pool_config};
 use crate::net::tls;
 use crate::pool::RoleLimits;
 use crate::shared::Shared;
@@ -23,7 +24,7 @@ pub enum ReloadError {
     #[error("log_level: {0}")]
     LogLevel(String),
     #[error(transparent)]
-    OpenFiles(Box<crate::StartError>),
+    OpenFiles(#[from] OpenFilesError),
 }
 
 /// What a reload changed.
@@ -194,13 +195,12 @@ async fn apply(shared: &Shared) -> Result<ReloadReport, ReloadError> {
 
     // What can fail, first.
     let acceptor = client_acceptor(&effective)?;
-    if crate::start::open_files_needed(&effective) > crate::start::open_files_needed(&old) {
+    if open_files_needed(&effective) > open_files_needed(&old) {
         // Raised client or server limits must still fit the descriptors the process has.
         let (soft, hard) = rlimit::Resource::NOFILE
             .get()
-            .map_err(|e| ReloadError::OpenFiles(Box::new(crate::StartError::OpenFilesLimit(e))))?;
-        crate::start::check_open_files(&effective, soft, hard)
-            .map_err(|e| ReloadError::OpenFiles(Box::new(e)))?;
+            .map_err(OpenFilesError::Limit)?;
+        check_open_files(&effective, soft, hard)?;
     }
     if effective.log_level != old.log_level {
         if let Some(set) = &shared.hooks.set_log_filter {
@@ -211,8 +211,8 @@ async fn apply(shared: &Shared) -> Result<ReloadReport, ReloadError> {
     shared.client_tls.store(acceptor.map(Arc::new));
     let effective = Arc::new(effective);
     shared.config.store(effective.clone());
-    let pool = crate::start::pool_config(&effective);
-    if pool != crate::start::pool_config(&old) {
+    let pool = pool_config(&effective);
+    if pool != pool_config(&old) {
         shared.pools.set_config(pool);
     }
     if effective.default_pool_size != old.default_pool_size {

@@ -10,17 +10,20 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use tokio::net::TcpStream;
+
 use crate::admin::{self, AdminState};
 use crate::auth::cache::VerifierCache;
 use crate::auth::limiter::AuthLimiter;
-use crate::backend::{PassThrough, Target};
+use crate::backend::Target;
 use crate::config::{Config, ConfigError};
+use crate::frontdoor::{self, Listener, SessionError};
+use crate::limits::{OpenFilesError, pool_config};
 use crate::metrics::Metrics;
 use crate::net::{self, Tracker, tls};
-use crate::pool::{PoolConfig, Pools};
-use crate::session::Listener;
-use crate::session::cancel::CancelMap;
-use crate::shared::{self, Roles, Shared};
+use crate::pool::Pools;
+use crate::session;
+use crate::shared::{self, CancelMap, Hooks, PassThrough, Roles, Shared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -36,37 +39,10 @@ pub enum StartError {
     },
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
-    #[error("reading or raising the open-files limit: {0}")]
-    OpenFilesLimit(std::io::Error),
-    #[error(
-        "max_client_conn = {clients} and max_server_connections = {servers} need about {need} open \
-         files, but the limit is {soft} (hard limit {hard}); raise the hard limit (ulimit -Hn, \
-         LimitNOFILE, or the container runtime's nofile) or lower max_client_conn"
-    )]
-    OpenFiles {
-        clients: usize,
-        servers: usize,
-        need: u64,
-        soft: u64,
-        hard: u64,
-    },
+    #[error(transparent)]
+    OpenFiles(#[from] OpenFilesError),
     #[error("the operating system's random source failed: {0}")]
     Random(getrandom::Error),
-}
-
-/// Re-reads the configuration as the binary built it at start (file, environment,
-/// flags). A reload calls it.
-pub type LoadConfig = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
-/// Replaces the log filter (a validated `log_level`).
-pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
-
-/// What the embedding program lends the pooler for reloads.
-#[derive(Default)]
-pub struct Hooks {
-    /// Without it, a reload is refused.
-    pub load_config: Option<LoadConfig>,
-    /// Without it, `log_level` changes on reload are recorded but not applied.
-    pub set_log_filter: Option<SetLogFilter>,
 }
 
 /// A started pooler.
@@ -187,18 +163,20 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
     tokio::spawn(cache.clone().run_listener(shutdown_rx.clone()));
     tokio::spawn(shared::apply_changes(cache.clone(), roles, pools));
     let tasks = Tracker::default();
+    let on = |listener: Listener| {
+        let shared = shared.clone();
+        move |tcp, peer| serve_client(tcp, peer, shared.clone(), listener)
+    };
     tokio::spawn(net::accept_loop(
         main,
-        Listener::Main,
-        shared.clone(),
+        on(Listener::Main),
         shutdown_rx.clone(),
         tasks.clone(),
     ));
     if let Some(l) = session {
         tokio::spawn(net::accept_loop(
             l,
-            Listener::Session,
-            shared.clone(),
+            on(Listener::Session),
             shutdown_rx.clone(),
             tasks.clone(),
         ));
@@ -232,64 +210,35 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
     })
 }
 
+/// One client connection from accept to close: through the front door, then to the
+/// admin console or an app's session, whichever its startup packet asked for.
+async fn serve_client(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, listener: Listener) {
+    let (id, span) = frontdoor::span(peer);
+    let served = async {
+        let Some(arrival) = frontdoor::arrive(id, tcp, peer, &shared, listener).await? else {
+            return Ok::<(), SessionError>(());
+        };
+        if arrival.console {
+            // Boxed: an idle app client should not carry the console's state.
+            Box::pin(admin::console::serve(arrival, &shared)).await
+        } else {
+            session::serve(arrival, &shared).await
+        }
+    };
+    let result = tracing::Instrument::instrument(served, span.clone()).await;
+    frontdoor::report(&shared, &span, result);
+}
+
 /// Raises the soft open-files limit to the hard limit (a default soft limit of 1,024
 /// would refuse clients past about a thousand) and refuses a configuration whose
 /// client and server limits cannot fit under it. For the binary: tests and embedders
 /// keep their process's limits.
 pub fn raise_open_files(config: &Config) -> Result<(), StartError> {
-    use rlimit::Resource;
-    let (soft, hard) = Resource::NOFILE.get().map_err(StartError::OpenFilesLimit)?;
-    let raised = if soft < hard {
-        rlimit::increase_nofile_limit(hard).map_err(StartError::OpenFilesLimit)?
-    } else {
-        soft
-    };
-    if raised != soft {
-        tracing::info!(
-            from = soft,
-            to = raised,
-            "raised the open-files soft limit to the hard limit"
-        );
-    }
-    check_open_files(config, raised, hard)
-}
-
-/// One descriptor per client and per server, plus listeners, the auth lookup
-/// connections, the LISTEN connection and some slack.
-pub(crate) fn open_files_needed(config: &Config) -> u64 {
-    (config.max_client_conn + config.max_server_connections + config.auth_pool_size) as u64 + 64
-}
-
-/// Whether `config`'s limits fit under the soft limit `raised`.
-pub(crate) fn check_open_files(config: &Config, raised: u64, hard: u64) -> Result<(), StartError> {
-    let need = open_files_needed(config);
-    if raised < need {
-        return Err(StartError::OpenFiles {
-            clients: config.max_client_conn,
-            servers: config.max_server_connections,
-            need,
-            soft: raised,
-            hard,
-        });
-    }
-    Ok(())
+    Ok(crate::limits::raise_open_files(config)?)
 }
 
 /// After the grace period, how long closing clients get to be told.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-
-/// The pool's settings, from the configuration's.
-pub(crate) fn pool_config(c: &Config) -> PoolConfig {
-    PoolConfig {
-        max_server_connections: u32::try_from(c.max_server_connections).unwrap_or(u32::MAX),
-        min_idle_before_evict: c.min_idle_before_evict(),
-        switch_quantum: c.switch_quantum(),
-        server_idle_timeout: c.server_idle_timeout(),
-        server_lifetime: c.server_lifetime(),
-        connect_timeout: c.server_connect_timeout(),
-        ..PoolConfig::default()
-    }
-}
 
 impl Running {
     /// Resolves when the admin console asked for `SHUTDOWN`; the caller then runs

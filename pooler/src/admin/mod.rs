@@ -41,7 +41,10 @@ pub fn app(state: AdminState) -> Router {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let shared = &state.shared;
-    match shared.metrics.render(&shared.pools.stats(), &shared.roles) {
+    match shared
+        .metrics
+        .render(&shared.pools.stats(), &shared.roles.samples())
+    {
         Ok(text) => (
             [(
                 header::CONTENT_TYPE,

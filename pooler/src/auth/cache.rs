@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::sync::{OnceCell, broadcast};
 
-use super::verifier::ScramSecret;
 use crate::config::Upstream;
+use crate::verifier::ScramSecret;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolMode {

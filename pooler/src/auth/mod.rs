@@ -1,7 +1,5 @@
 //! SCRAM, verifiers and the verifier cache.
 //!
-//! - [`verifier`]: parsing stored SCRAM-SHA-256 verifiers, and mock verifiers for
-//!   unknown roles;
 //! - [`scram`]: the pure SCRAM exchanges, server side (recovering the ClientKey) and
 //!   client side (logging in to PostgreSQL with it);
 //! - [`cache`]: verifiers from `dataplane_auth.lookup()`, cached, single-flight, and
@@ -10,10 +8,8 @@
 //! - [`random_nonce`]: the one place randomness enters, kept out of the state machines.
 
 pub mod cache;
-mod crypto;
 pub mod limiter;
 pub mod scram;
-pub mod verifier;
 
 #[cfg(test)]
 mod tests;

@@ -31,10 +31,10 @@ use self::parse::{
     Gs2, as_text, attr, check_extensions, decode_32, is_nonce, parse_client_first_bare,
     parse_gs2_header, parse_iterations,
 };
-use super::crypto::{hmac, sha256, xor};
-use super::verifier::ScramSecret;
 use crate::proto::SqlState;
 use crate::proto::frontend::MAX_SASL_MESSAGE_LEN;
+use crate::verifier::ScramSecret;
+use crate::verifier::crypto::{hmac, sha256, xor};
 
 /// The mechanism name advertised in AuthenticationSASL.
 pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";

@@ -12,14 +12,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::scram::{ClientExchange, ClientKey, ScramError};
-use crate::auth::verifier::ScramSecret;
 use crate::net::stream::Stream;
 use crate::proto::startup;
-use crate::session::params::ServerParams;
+use crate::verifier::ScramSecret;
 
-mod connector;
+pub mod params;
+pub mod statements;
 
-pub use connector::PassThrough;
+use params::ServerParams;
+use statements::ServerStatements;
 
 /// Where and how servers are opened.
 #[derive(Clone)]
@@ -86,7 +87,7 @@ pub struct ServerConn {
     /// The session's parameters now, as the relay has changed them.
     pub state: ServerParams,
     /// The pooler-named prepared statements this server holds.
-    pub statements: crate::session::prepared::ServerStatements,
+    pub statements: ServerStatements,
     pub generation: i64,
     pub created: Instant,
     /// Bytes read past the last message the login consumed (normally none).

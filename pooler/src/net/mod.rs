@@ -6,30 +6,29 @@ mod tracker;
 
 pub use tracker::Tracker;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::net::SocketAddr;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::session::{self, Listener};
-use crate::shared::Shared;
-
-/// Accepts until `shutdown` fires. Client tasks are tracked in `tasks`, so the caller
-/// can wait for them to finish.
-pub async fn accept_loop(
+/// Accepts until `shutdown` fires, running `serve` for each connection in a task of
+/// its own. Client tasks are tracked in `tasks`, so the caller can wait for them to
+/// finish. The caller says what a connection is served with: this loop knows sockets,
+/// not sessions.
+pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
-    kind: Listener,
-    shared: Arc<Shared>,
+    serve: F,
     mut shutdown: watch::Receiver<bool>,
     tasks: Tracker,
-) {
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    let shared = shared.clone();
-                    tasks.spawn(session::serve(tcp, peer, shared, kind));
-                }
+                Ok((tcp, peer)) => tasks.spawn(serve(tcp, peer)),
                 Err(e) => {
                     // Out of descriptors, typically: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");

@@ -512,3 +512,18 @@ pub fn parse_negotiate_protocol_version(body: &[u8]) -> Result<(u32, Vec<&str>),
     r.end()?;
     Ok((version & 0xffff, names))
 }
+
+/// Appends an ErrorResponse with severity FATAL: what the pooler sends right before it
+/// closes a client connection (authentication failures, protocol violations, shutdown).
+///
+/// Never fails: an error report must always be deliverable, so interior NULs are
+/// dropped and the text is capped (see [`error_response`]).
+pub fn write_fatal(buf: &mut BytesMut, code: SqlState, message: &str) {
+    error_response(buf, &Diagnostic::new(Severity::Fatal, code, message));
+}
+
+/// Appends an ErrorResponse with severity ERROR: the session goes on (the client gets
+/// ReadyForQuery next).
+pub fn write_error(buf: &mut BytesMut, code: SqlState, message: &str) {
+    error_response(buf, &Diagnostic::new(Severity::Error, code, message));
+}

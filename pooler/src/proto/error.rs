@@ -1,12 +1,9 @@
-//! SQLSTATE codes the pooler reports, the errors of encoding and decoding message bodies,
-//! and the one-call helpers that write an ErrorResponse.
+//! SQLSTATE codes the pooler reports, and the errors of encoding and decoding message
+//! bodies.
 //!
 //! Codes are from the PostgreSQL docs, Appendix A "PostgreSQL Error Codes".
 
-use bytes::BytesMut;
 use thiserror::Error;
-
-use super::backend::{self, Diagnostic, Severity};
 
 /// A five-character SQLSTATE. Only the constants below exist, so a code is always valid
 /// on the wire (five ASCII characters, no NUL).
@@ -114,24 +111,11 @@ impl ParseError {
     }
 }
 
-/// Appends an ErrorResponse with severity FATAL: what the pooler sends right before it
-/// closes a client connection (authentication failures, protocol violations, shutdown).
-///
-/// Never fails: an error report must always be deliverable, so interior NULs are
-/// dropped and the text is capped (see [`backend::error_response`]).
-pub fn write_fatal(buf: &mut BytesMut, code: SqlState, message: &str) {
-    backend::error_response(buf, &Diagnostic::new(Severity::Fatal, code, message));
-}
-
-/// Appends an ErrorResponse with severity ERROR: the session goes on (the client gets
-/// ReadyForQuery next).
-pub fn write_error(buf: &mut BytesMut, code: SqlState, message: &str) {
-    backend::error_response(buf, &Diagnostic::new(Severity::Error, code, message));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::backend::{self, write_fatal};
+    use bytes::BytesMut;
 
     #[test]
     fn codes_are_five_ascii_characters() {

@@ -1,6 +1,6 @@
 //! Getting a server for a client's next transaction, and giving it back.
 
-use super::login::Session;
+use super::client::Session;
 use super::upkeep::{check, reset, stale};
 use crate::auth::cache::{PoolMode, RoleAuth};
 use crate::backend::ServerConn;

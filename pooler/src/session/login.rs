@@ -8,50 +8,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use super::cancel::CancelHandle;
-use super::params::{ClientParams, ServerParams};
-use super::{Listener, SessionError, fatal};
+use super::client::Session;
 use crate::auth::cache::{LookupError, PoolMode, RoleAuth, Status};
-use crate::auth::scram::{ScramError, ServerExchange};
-use crate::auth::verifier;
 use crate::backend::LoginKeys;
+use crate::backend::params::{ClientParams, ServerParams};
+use crate::frontdoor::{
+    Listener, Proof, SessionError, encoded, fatal, password_failed, scram_exchange,
+};
 use crate::metrics::AuthResult;
 use crate::net::stream::Stream;
 use crate::proto::SqlState;
 use crate::proto::backend::{self as msg, TransactionStatus};
-use crate::proto::frame::{self, Side};
-use crate::proto::frontend;
-use crate::shared::{ClientSlot, RoleShared, Shared};
-
-/// A logged-in client, ready to relay.
-pub struct Session {
-    pub stream: Stream,
-    pub role: Arc<RoleShared>,
-    pub auth: Arc<RoleAuth>,
-    pub params: ClientParams,
-    pub mode: PoolMode,
-    pub cancel: CancelHandle,
-    /// Fires when the role is revoked; subscribed during login, so a revocation that
-    /// lands while the client authenticates is not missed.
-    pub revoked: tokio::sync::watch::Receiver<u64>,
-    /// This client's place under the app's max_client_conn.
-    pub _slot: ClientSlot,
-    /// The client's named prepared statements.
-    pub statements: super::prepared::ClientStatements,
-    /// Held while the client has session state on its server (state.rs).
-    pub pin: Option<crate::shared::PinSlot>,
-    /// What the client's messages since the last settle may have changed.
-    pub pending: super::state::Effect,
-    /// Custom parameters the client may have set, for the state check.
-    pub customs: super::state::Customs,
-    /// Client bytes read past the login messages.
-    pub buf: BytesMut,
-}
-
-const MECHANISM: &str = "SCRAM-SHA-256";
+use crate::shared::{RoleShared, Shared};
+use crate::verifier;
 
 pub async fn login(
     mut stream: Stream,
@@ -241,93 +213,6 @@ pub async fn login(
     })
 }
 
-/// How a SCRAM exchange that ran to its end came out.
-pub(crate) enum Proof {
-    Valid {
-        server_final: Vec<u8>,
-        client_key: crate::auth::scram::ClientKey,
-    },
-    /// A wrong password, or a mock verifier: the caller reports it as 28P01.
-    Invalid,
-}
-
-/// Runs SCRAM-SHA-256 with the client against `secret`, from AuthenticationSASL to
-/// the verdict. A broken exchange ends the session here (08P01); a wrong proof is
-/// returned, so each caller fails it the same way whatever the reason.
-pub(crate) async fn scram_exchange(
-    stream: &mut Stream,
-    buf: &mut BytesMut,
-    secret: verifier::ScramSecret,
-    deadline: tokio::time::Instant,
-) -> Result<Proof, SessionError> {
-    let mut out = BytesMut::with_capacity(256);
-    encoded(msg::authentication_sasl(&mut out, &[MECHANISM]))?;
-    stream.write_all(&out).await?;
-    out.clear();
-
-    let nonce = match crate::auth::random_nonce() {
-        Ok(n) => n,
-        Err(e) => {
-            return fatal(
-                stream,
-                SqlState::CONNECTION_FAILURE,
-                format!("no randomness: {e}"),
-            )
-            .await;
-        }
-    };
-    let mut exchange = match ServerExchange::new(secret, &nonce) {
-        Ok(x) => x,
-        Err(e) => return fatal(stream, SqlState::INTERNAL_ERROR, e.to_string()).await,
-    };
-    let first = read_sasl(stream, buf, deadline).await?;
-    let first = match frontend::parse_sasl_initial_response(&first) {
-        Ok(frontend::SaslInitialResponse {
-            mechanism,
-            data: Some(data),
-        }) if mechanism == MECHANISM => data.to_vec(),
-        Ok(frontend::SaslInitialResponse { mechanism, .. }) => {
-            return fatal(
-                stream,
-                SqlState::PROTOCOL_VIOLATION,
-                format!("SASL mechanism {mechanism:?} is not offered; use {MECHANISM}"),
-            )
-            .await;
-        }
-        Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
-    };
-    let server_first = match exchange.client_first(&first) {
-        Ok(m) => m,
-        Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
-    };
-    encoded(msg::authentication_sasl_continue(&mut out, &server_first))?;
-    stream.write_all(&out).await?;
-
-    let last = read_sasl(stream, buf, deadline).await?;
-    let last = match frontend::parse_sasl_response(&last) {
-        Ok(data) => data.to_vec(),
-        Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
-    };
-    match exchange.client_final(&last) {
-        Ok((server_final, client_key)) => Ok(Proof::Valid {
-            server_final,
-            client_key,
-        }),
-        Err(ScramError::InvalidProof) => Ok(Proof::Invalid),
-        Err(e) => fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
-    }
-}
-
-/// The message PostgreSQL itself sends (auth.c), whatever the reason.
-pub(crate) async fn password_failed<T>(stream: &mut Stream, user: &str) -> Result<T, SessionError> {
-    fatal(
-        stream,
-        SqlState::INVALID_PASSWORD,
-        format!("password authentication failed for user \"{user}\""),
-    )
-    .await
-}
-
 /// The first client of a role since start-up: open (and return) a server to learn the
 /// parameters Postgres reports for the role. Later clients log in without Postgres.
 async fn warm_up(
@@ -343,39 +228,4 @@ async fn warm_up(
         SqlState::CONNECTION_FAILURE,
         "server parameters unavailable".into(),
     ))
-}
-
-/// Reads one SASL message ('p') from the client.
-async fn read_sasl(
-    stream: &mut Stream,
-    buf: &mut BytesMut,
-    deadline: tokio::time::Instant,
-) -> Result<Bytes, SessionError> {
-    loop {
-        match frame::split(buf, Side::Frontend) {
-            Ok(Some((b'p', body))) => return Ok(body),
-            Ok(Some((tag, _))) => {
-                return fatal(
-                    stream,
-                    SqlState::PROTOCOL_VIOLATION,
-                    format!(
-                        "expected a SASL response, got message type {:?}",
-                        char::from(tag)
-                    ),
-                )
-                .await;
-            }
-            Ok(None) => super::read_within(stream, buf, deadline).await?,
-            Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
-        }
-    }
-}
-
-/// Our own messages are small and NUL-free; failing to encode one is a bug, reported
-/// to the client as such rather than a panic.
-pub(crate) fn encoded(r: Result<(), crate::proto::error::EncodeError>) -> Result<(), SessionError> {
-    r.map_err(|e| SessionError::Reported {
-        code: SqlState::INTERNAL_ERROR,
-        message: format!("encoding a message: {e}"),
-    })
 }

@@ -11,17 +11,17 @@ use bytes::{Buf, BytesMut};
 use tokio::io::AsyncReadExt;
 
 use super::checkout::{checkout, give_back, pool_size};
+use super::client::{IDLE_CHUNK, Session, server_lost};
 use super::cursor::Cursor;
-use super::login::Session;
 use super::prepared::{PreparedLimits, Rewriter};
 use super::signals::{Signals, Stop, wait_idle};
 use super::state::Effect;
 use super::tracker::MAX_PENDING;
 use super::upkeep::{settle, sync_params};
 use super::wire::{Relayed, ServerScan, server_gone, write_or_read, write_skipping};
-use super::{SessionError, fatal};
 use crate::auth::cache::PoolMode;
 use crate::backend::ServerConn;
+use crate::frontdoor::{SessionError, fatal};
 use crate::proto::SqlState;
 use crate::proto::frame::Side;
 use crate::registry::ClientInfo;
@@ -30,10 +30,6 @@ use crate::shared::Shared;
 /// A linked stretch's read buffers; grow only while a message we must see whole is
 /// larger.
 const READ_CHUNK: usize = 16 * 1024;
-
-/// What an idle client keeps for the start of its next request: the big buffers are
-/// the server's, lent for the stretch (10,000 idle clients must cost little memory).
-pub(super) const IDLE_CHUNK: usize = 256;
 
 /// How a linked stretch ended.
 enum Linked {
@@ -467,33 +463,6 @@ async fn link(
             },
         }
     }
-}
-
-/// Tells the client its server is gone. With a request of its unanswered (a COMMIT
-/// perhaps) nobody knows whether its transaction committed: 08007, as libpq-based
-/// drivers and JDBC expect for that case; with nothing in flight an open transaction
-/// was certainly rolled back.
-pub(super) async fn server_lost<T>(
-    s: &mut Session,
-    in_flight: bool,
-    why: String,
-) -> Result<T, SessionError> {
-    tracing::warn!(role = %s.role.name, why = %why, "server connection lost");
-    let (code, message) = if in_flight {
-        (
-            SqlState::TRANSACTION_RESOLUTION_UNKNOWN,
-            format!(
-                "the server connection was lost ({why}) while a request was unanswered; \
-                 whether its transaction committed is unknown"
-            ),
-        )
-    } else {
-        (
-            SqlState::ADMIN_SHUTDOWN,
-            format!("the server connection was lost ({why}); an open transaction was rolled back"),
-        )
-    };
-    fatal(&mut s.stream, code, message).await
 }
 
 /// The grace period after SIGTERM is over and the client is still linked.

@@ -6,7 +6,7 @@ use std::task::Poll;
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 
-use super::relay::IDLE_CHUNK;
+use super::client::IDLE_CHUNK;
 use crate::registry::ClientInfo;
 
 /// The signals a client listens to. Read by version (an atomic load) while the

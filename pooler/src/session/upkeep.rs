@@ -8,11 +8,10 @@ use postgres_protocol::escape::escape_literal;
 use postgres_protocol::message::backend::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::login::Session;
-use super::relay::server_lost;
+use super::client::{Session, server_lost};
 use super::state::{self, READ_BACK};
-use super::{SessionError, fatal};
 use crate::backend::ServerConn;
+use crate::frontdoor::{SessionError, fatal};
 use crate::proto::SqlState;
 
 /// Runs one simple query on an idle server and reads its reply up to ReadyForQuery,
@@ -121,7 +120,7 @@ pub(super) fn stale(server: &mut ServerConn) -> bool {
 pub(super) async fn reset(server: &mut ServerConn) -> Result<(), std::io::Error> {
     bounded(server, "DISCARD ALL").await?;
     server.statements.clear();
-    server.state = crate::session::params::ServerParams::from_login(&server.params);
+    server.state = crate::backend::params::ServerParams::from_login(&server.params);
     Ok(())
 }
 

@@ -51,8 +51,8 @@ impl ServerScan {
         &mut self,
         sbuf: &[u8],
         server: &mut ServerConn,
-        params: &mut crate::session::params::ClientParams,
-        statements: &mut crate::session::prepared::ClientStatements,
+        params: &mut crate::backend::params::ClientParams,
+        statements: &mut super::prepared::ClientStatements,
     ) -> Result<usize, String> {
         let ServerScan {
             cursor,

@@ -20,15 +20,22 @@ async fn the_pooler_recovers_from_a_postgres_restart() {
     let e = env_on(fixture, |c| c.query_wait_timeout_ms = 2_000).await;
     let app = e.app_with_pool(4).await;
 
+    // Successes so far, so the restart waits for the load to be under way (on a busy
+    // machine the first logins can take longer than any fixed pause).
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load = |n: usize| {
         let config = e.config(&app.role, &app.password);
+        let served = served.clone();
         tokio::spawn(async move {
             let mut ok = 0usize;
             let mut errors = Vec::new();
             for _ in 0..n {
                 match dataplane_tests::connect(&config).await {
                     Ok(c) => match c.simple_query("SELECT 1").await {
-                        Ok(_) => ok += 1,
+                        Ok(_) => {
+                            ok += 1;
+                            served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         Err(e) => errors.push(e.to_string()),
                     },
                     Err(e) => errors.push(e.to_string()),
@@ -39,7 +46,12 @@ async fn the_pooler_recovers_from_a_postgres_restart() {
         })
     };
     let before = load(50);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..600 {
+        if served.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tokio::task::spawn_blocking(move || cluster.restart())
         .await
         .unwrap()

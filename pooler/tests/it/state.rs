@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tokio_postgres::{AsyncMessage, Notification};
 
+use provisioner::ddl::PROVISION_LOCK;
+
 use crate::common::{App, Env, env, message, sqlstate};
 
 async fn value(client: &tokio_postgres::Client, sql: &str) -> String {
@@ -66,9 +68,12 @@ async fn state_never_leaks_and_its_maker_keeps_it() {
     let app = e.app_with_pool(1).await;
     // Apps may not make temp tables by default (the isolation REVOKEs); this one may.
     let admin = e.fixture.admin().await;
+    // Under the provisioner's global lock: concurrent GRANTs on the one pg_database row
+    // (other tests provisioning apps) fail with "tuple concurrently updated".
     admin
         .batch_execute(&format!(
-            "GRANT TEMPORARY ON DATABASE \"{}\" TO \"{}\"",
+            "BEGIN; SELECT pg_advisory_xact_lock({PROVISION_LOCK}); \
+             GRANT TEMPORARY ON DATABASE \"{}\" TO \"{}\"; COMMIT",
             e.fixture.db, app.role
         ))
         .await

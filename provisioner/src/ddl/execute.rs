@@ -10,16 +10,12 @@ use deadpool_postgres::{Object, Pool, Transaction};
 use tokio_postgres::Row;
 
 use super::plan::{self, Present};
-use super::tx::{audit, begin, observe, retry, role_oid, tenant_i64, terminate_sessions};
+use super::tx::{
+    OpContext, audit, begin, observe, retry, role_oid, tenant_i64, terminate_sessions,
+};
 use super::{AppRecord, Limits, LimitsPatch, PoolLimits, PoolMode, ProvisionError, RoleLimits};
 use crate::names::{AppName, TenantId};
 use crate::secret::Password;
-
-/// Who asked, for the audit log.
-#[derive(Debug, Clone, Default)]
-pub struct OpContext {
-    pub request_id: Option<String>,
-}
 
 #[derive(Debug)]
 pub enum EnsureOutcome {

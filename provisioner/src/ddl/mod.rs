@@ -7,7 +7,8 @@ mod tx;
 
 use serde::{Deserialize, Serialize};
 
-pub use execute::{EnsureOutcome, OpContext, Provisioner, RotateOutcome};
+pub use execute::{EnsureOutcome, Provisioner, RotateOutcome};
+pub use tx::{OpContext, PROVISION_LOCK};
 
 /// How the pooler serves an app's clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

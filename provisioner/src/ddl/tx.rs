@@ -7,12 +7,18 @@ use std::time::Duration;
 use deadpool_postgres::{Object, Transaction};
 
 use super::ProvisionError;
-use super::execute::OpContext;
 use super::plan::Present;
 use crate::names::{AppName, TenantId};
 
-/// `pg_advisory_xact_lock` key serialising every provisioning transaction ("dp_prov").
-const PROVISION_LOCK: i64 = 0x0064_705f_7072_6f76;
+/// Who asked, for the audit log.
+#[derive(Debug, Clone, Default)]
+pub struct OpContext {
+    pub request_id: Option<String>,
+}
+
+/// `pg_advisory_xact_lock` key serialising every provisioning transaction ("dp_prov"); tests
+/// that GRANT on the database take it too.
+pub const PROVISION_LOCK: i64 = 0x0064_705f_7072_6f76;
 
 /// How long delete and suspend wait for an app's sessions to end.
 const TERMINATE_WAIT: Duration = Duration::from_secs(10);

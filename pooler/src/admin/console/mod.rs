@@ -8,7 +8,6 @@
 pub mod command;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,37 +16,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use self::command::{Command, Show};
 use super::tables::{self, Kind, Table};
+use crate::backend::params::ClientParams;
 use crate::control;
+use crate::frontdoor::{
+    Arrival, Proof, SessionError, encoded, fatal, password_failed, scram_exchange,
+};
 use crate::metrics::AuthResult;
 use crate::net::stream::Stream;
 use crate::proto::SqlState;
 use crate::proto::backend::{self as msg, Diagnostic, Severity, TransactionStatus};
-use crate::proto::error::write_error;
 use crate::proto::frame::{self, Side};
 use crate::proto::frontend;
-use crate::registry::{ClientIdent, ClientInfo};
-use crate::session::login::{Proof, encoded, password_failed, scram_exchange};
-use crate::session::params::ClientParams;
-use crate::session::{SessionError, fatal};
+use crate::registry::ClientIdent;
 use crate::shared::Shared;
-
-/// The database names that mean the console.
-pub const DATABASES: &[&str] = &["pgbouncer", "admin"];
-
-fn startup_param<'a>(startup: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    startup
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-}
-
-/// Whether a startup packet asks for the console (libpq's default database is the
-/// user name, as in the app path).
-pub fn is_console(startup: &[(String, String)]) -> bool {
-    startup_param(startup, "database")
-        .or_else(|| startup_param(startup, "user"))
-        .is_some_and(|db| DATABASES.contains(&db))
-}
 
 /// Parameters announced when no server has reported the cluster's own yet.
 const FALLBACK_PARAMS: &[(&str, &str)] = &[
@@ -59,17 +40,20 @@ const FALLBACK_PARAMS: &[(&str, &str)] = &[
 ];
 
 /// Logs the admin in and serves the console until the client leaves.
-pub async fn serve(
-    mut stream: Stream,
-    peer: SocketAddr,
-    shared: &Shared,
-    startup: Vec<(String, String)>,
-    mut buf: BytesMut,
-    deadline: tokio::time::Instant,
-    client: &ClientInfo,
-) -> Result<(), SessionError> {
+pub async fn serve(arrival: Arrival, shared: &Shared) -> Result<(), SessionError> {
     let refuse = SqlState::INVALID_AUTHORIZATION_SPECIFICATION;
-    let Some(user) = startup_param(&startup, "user") else {
+    let user = arrival.param("user").map(str::to_owned);
+    let database = arrival.param("database").map(str::to_owned);
+    let Arrival {
+        mut stream,
+        peer,
+        startup,
+        mut buf,
+        deadline,
+        client,
+        ..
+    } = arrival;
+    let Some(user) = user.as_deref() else {
         return fatal(
             &mut stream,
             refuse,
@@ -77,9 +61,7 @@ pub async fn serve(
         )
         .await;
     };
-    let database = startup_param(&startup, "database")
-        .unwrap_or(user)
-        .to_owned();
+    let database = database.unwrap_or_else(|| user.to_owned());
     let admin = shared.config().admin.clone();
     let Some((admin_user, secret)) = admin.credentials() else {
         let message = "the admin console is disabled: no admin.user and verifier are configured";
@@ -218,7 +200,7 @@ impl Console<'_> {
                 _ if self.skipping => {}
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
                     if let Err((code, message)) = self.extended(tag, &body).await? {
-                        write_error(&mut self.out, code, &message);
+                        msg::write_error(&mut self.out, code, &message);
                         self.skipping = true;
                     }
                 }
@@ -254,7 +236,7 @@ impl Console<'_> {
                 Err(e) => Err((e.sqlstate(), e.to_string())),
             };
             if let Err((code, message)) = result {
-                write_error(&mut self.out, code, &message);
+                msg::write_error(&mut self.out, code, &message);
                 break;
             }
         }

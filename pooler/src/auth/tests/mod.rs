@@ -10,8 +10,8 @@ use subtle::ConstantTimeEq;
 
 use super::random_nonce;
 use super::scram::{ClientExchange, ClientKey, ScramError, ServerExchange};
-use super::verifier::{ScramSecret, VerifierError};
 use crate::proto::SqlState;
+use crate::verifier::{ScramSecret, VerifierError};
 
 mod client;
 mod secrets;

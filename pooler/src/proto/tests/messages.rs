@@ -145,7 +145,7 @@ fn error_and_notice_responses_round_trip() {
     // NULs are dropped and long text is cut at a character boundary.
     b.clear();
     let long = format!("a\0b{}", "é".repeat(10_000));
-    crate::proto::error::write_error(&mut b, SqlState::INTERNAL_ERROR, &long);
+    crate::proto::backend::write_error(&mut b, SqlState::INTERNAL_ERROR, &long);
     let (_, raw) = split_one(&b, Side::Backend);
     let parsed = backend::parse_error_response(&raw).unwrap();
     assert!(parsed.message.starts_with("abé"));

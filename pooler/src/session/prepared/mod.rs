@@ -20,6 +20,7 @@ pub use replies::{Action, Replies, renamed_error};
 use replies::{Deallocating, Reply, Undo};
 
 use super::state::{self, Effect};
+use crate::backend::statements::ServerStatements;
 
 /// A Parse, Bind, Describe or Close whose names are not NUL-terminated.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -41,45 +42,6 @@ pub struct Statement {
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     by_name: HashMap<Bytes, Statement>,
-}
-
-/// The statements one server holds, least recently used first out.
-#[derive(Debug, Default)]
-pub struct ServerStatements {
-    used: HashMap<Bytes, u64>,
-    clock: u64,
-}
-
-impl ServerStatements {
-    pub fn has(&self, global: &[u8]) -> bool {
-        self.used.contains_key(global)
-    }
-
-    fn touch(&mut self, global: &Bytes) {
-        self.clock += 1;
-        self.used.insert(global.clone(), self.clock);
-    }
-
-    fn forget(&mut self, global: &[u8]) {
-        self.used.remove(global);
-    }
-
-    /// All of them are gone (DISCARD ALL, DEALLOCATE ALL, a reset).
-    pub fn clear(&mut self) {
-        self.used.clear();
-    }
-
-    /// The least recently used statement other than `keep`, once more than `max` are held.
-    fn evictable(&self, max: usize, keep: &[u8]) -> Option<Bytes> {
-        if self.used.len() <= max {
-            return None;
-        }
-        self.used
-            .iter()
-            .filter(|(name, _)| name.as_ref() != keep)
-            .min_by_key(|(_, stamp)| **stamp)
-            .map(|(name, _)| name.clone())
-    }
 }
 
 /// Splits a NUL-terminated string off the front of `body`.
@@ -454,7 +416,7 @@ impl Rewriter<'_> {
     /// the ordinary error path, and the statement text says why in the server's log.
     fn refuse(&mut self, out: &mut BytesMut) {
         let mut error = BytesMut::new();
-        crate::proto::error::write_error(
+        crate::proto::backend::write_error(
             &mut error,
             crate::proto::SqlState::CONFIGURATION_LIMIT_EXCEEDED,
             &format!(

@@ -403,7 +403,7 @@ impl Replies {
             }
         }
         client.by_name.retain(|name, _| names.contains(name));
-        server.used.retain(|global, _| globals.contains(global));
+        server.retain(|global| globals.contains(global));
         self.unnamed = None;
         self.portal = None;
     }

@@ -221,7 +221,7 @@ fn servers_hold_a_bounded_number_of_statements() {
         )
         .unwrap();
     }
-    assert_eq!(server.used.len(), 3);
+    assert_eq!(server.len(), 3);
     assert_eq!(tags(&out), b"PPPCPCP");
 }
 

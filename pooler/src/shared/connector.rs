@@ -6,11 +6,12 @@ use std::time::Instant;
 
 use futures_util::future::BoxFuture;
 
-use super::{BackendError, ServerConn, Target};
+use super::Roles;
+use crate::backend::params::ServerParams;
+use crate::backend::{BackendError, ServerConn, Target};
+use crate::metrics::Metrics;
 use crate::pool::{ConnectError, Connector};
 use crate::registry::{Registry, ServerInfo, next_server_id};
-use crate::session::params::ServerParams;
-use crate::shared::Roles;
 
 pub struct PassThrough {
     pub roles: Arc<Roles>,
@@ -20,7 +21,7 @@ pub struct PassThrough {
     pub backoff: Arc<std::sync::Mutex<Backoff>>,
     /// Where servers are listed for `SHOW SERVERS`.
     pub servers: Arc<Registry<ServerInfo>>,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Default)]

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::STANDARD;
 use thiserror::Error;
 use zeroize::Zeroize;
 
-use super::crypto;
+pub(crate) mod crypto;
 
 /// PostgreSQL's default `scram_iterations`, and the count every mock verifier uses, so a
 /// mock looks like a real verifier made with the defaults.

@@ -1,64 +1,20 @@
-//! What every client task shares: configuration, the verifier cache, per-role state,
-//! the pools, cancel keys, who is connected, and the operator's controls.
+//! Per-role state that outlives any one client: the pass-through keys, the client and
+//! pin counts, the parameters its servers report, revocation.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
 
-use crate::auth::cache::{Change, VerifierCache};
-use crate::auth::limiter::AuthLimiter;
-use crate::backend::{LoginKeys, ServerConn, Target};
-use crate::config::Config;
-use crate::control::Pause;
-use crate::pool::Pools;
-use crate::registry::{ClientInfo, Registry, ServerInfo};
-use crate::session::cancel::CancelMap;
-use crate::session::params::ServerParams;
+use crate::backend::LoginKeys;
+use crate::backend::params::{ParamMap, ServerParams};
+use crate::metrics::{RoleCounts, RoleSample};
+use crate::registry::{ClientInfo, Registry};
 
 /// How long clients of a role whose verifier disagrees with `pg_authid` are refused
 /// before the pooler tries to log in as it again.
 pub const MISMATCH_BACKOFF: Duration = Duration::from_secs(30);
-
-pub struct Shared {
-    /// Swapped whole by a reload; read through [`Shared::config`].
-    pub(crate) config: ArcSwap<Config>,
-    pub cache: Arc<VerifierCache>,
-    pub roles: Arc<Roles>,
-    pub pools: Pools<Box<ServerConn>>,
-    pub cancels: Arc<CancelMap>,
-    pub limiter: AuthLimiter,
-    pub target: Target,
-    /// Keys the mock verifiers of unknown roles, so they are stable but unguessable.
-    pub mock_secret: [u8; 32],
-    /// Swapped by a reload, so renewed certificate files take effect for new clients.
-    pub client_tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
-    /// Connected clients, at most `max_client_conn` (admin sessions included).
-    pub clients: Arc<Registry<ClientInfo>>,
-    pub servers: Arc<Registry<ServerInfo>>,
-    /// `PAUSE`: checkouts of paused roles wait for `RESUME`.
-    pub pause: Pause,
-    /// Shutdown started: stop taking new transactions.
-    pub shutdown: watch::Receiver<bool>,
-    /// The shutdown's grace period is over: close every client.
-    pub closing: watch::Receiver<bool>,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Set by the console's `SHUTDOWN`; the binary then drains as on SIGTERM.
-    pub shutdown_requested: watch::Sender<bool>,
-    pub hooks: crate::Hooks,
-    /// One reload at a time.
-    pub(crate) reloading: tokio::sync::Mutex<()>,
-}
-
-impl Shared {
-    /// The configuration in force. Cheap (no lock, no reference count on the hot path);
-    /// hold it only briefly, and never across a reload you wait for.
-    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
-        self.config.load()
-    }
-}
 
 /// Per-role state that outlives any one client.
 pub struct RoleShared {
@@ -70,8 +26,8 @@ pub struct RoleShared {
     min_generation: std::sync::atomic::AtomicI64,
     params: Mutex<Option<Arc<ServerParams>>>,
     /// The startup parameters of the role's latest client, shared with the next
-    /// client that sends the same (session/params.rs).
-    pub startup_params: Mutex<Option<crate::session::params::ParamMap>>,
+    /// client that sends the same (backend/params.rs).
+    pub startup_params: Mutex<Option<ParamMap>>,
     revoked: watch::Sender<u64>,
     mismatch_until: Mutex<Option<Instant>>,
     /// Clients pinned to a server by session state now.
@@ -79,7 +35,7 @@ pub struct RoleShared {
     /// Set by the console's KILL: tells the clients it disconnects why.
     killed: std::sync::atomic::AtomicBool,
     /// Transactions and requests relayed, for per-role metrics.
-    pub counts: crate::metrics::RoleCounts,
+    pub counts: RoleCounts,
 }
 
 /// A pinned client's place under `max_pinned_per_role`; given back on drop.
@@ -278,7 +234,7 @@ impl Roles {
         self.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn bump(&self) {
+    pub(super) fn bump(&self) {
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
@@ -303,82 +259,38 @@ impl Roles {
             .collect()
     }
 
+    /// Every role's books, for a metrics scrape.
+    pub fn samples(&self) -> Vec<RoleSample> {
+        self.all()
+            .iter()
+            .map(|r| {
+                let (transactions, queries) = r.counts();
+                RoleSample {
+                    name: r.name.clone(),
+                    clients: r.client_count(),
+                    pinned: r.pinned(),
+                    transactions,
+                    queries,
+                }
+            })
+            .collect()
+    }
+
+    /// The names of every role that has had a client since start-up.
+    pub fn names(&self) -> Vec<Arc<str>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     pub fn get(&self, role: &str) -> Option<Arc<RoleShared>> {
         self.map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(role)
             .cloned()
-    }
-}
-
-/// Applies what the LISTEN connection learns: a revoked role loses its keys, its
-/// clients are told to leave and its servers are closed; a rotated one loses keys of
-/// older generations. Runs until the cache's channel closes.
-pub async fn apply_changes(
-    cache: Arc<VerifierCache>,
-    roles: Arc<Roles>,
-    pools: Pools<Box<ServerConn>>,
-) {
-    let mut changes = cache.subscribe();
-    loop {
-        match changes.recv().await {
-            Ok(Change::Revoked(role)) => {
-                roles.bump();
-                if let Some(r) = roles.get(&role) {
-                    r.revoke();
-                    roles.clients.wake_all();
-                }
-                pools.close_role(&role);
-            }
-            Ok(Change::Rotated { role, generation }) => {
-                roles.bump();
-                if let Some(r) = roles.get(&role) {
-                    r.rotated(generation);
-                }
-            }
-            Ok(Change::Resync) => resync(&cache, &roles, &pools).await,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(
-                    missed = n,
-                    "credential changes arrived faster than applied; re-checking every role"
-                );
-                resync(&cache, &roles, &pools).await;
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        }
-    }
-}
-
-/// Looks every known role up again and revokes those that may no longer log in: for
-/// when notifications may have been lost.
-async fn resync(cache: &VerifierCache, roles: &Roles, pools: &Pools<Box<ServerConn>>) {
-    let names: Vec<Arc<str>> = roles
-        .map
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .keys()
-        .cloned()
-        .collect();
-    for name in names {
-        cache.invalidate(&name);
-        match cache.get(&name).await {
-            Ok(auth) if auth.status != crate::auth::cache::Status::Ok => {
-                roles.bump();
-                if let Some(r) = roles.get(&name) {
-                    r.revoke();
-                    roles.clients.wake_all();
-                }
-                pools.close_role(&name);
-            }
-            Ok(auth) => {
-                if let Some(r) = roles.get(&name) {
-                    r.rotated(auth.generation);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(role = %name, error = %e, "re-checking a role failed");
-            }
-        }
     }
 }
