@@ -21,6 +21,8 @@ use crate::frontdoor::{self, Listener, SessionError};
 use crate::limits::{OpenFilesError, pool_config};
 use crate::metrics::Metrics;
 use crate::net::{self, Tracker, tls};
+use crate::notify::Hub;
+use crate::notify::senders::{PgStatActivity, Senders};
 use crate::pool::Pools;
 use crate::session;
 use crate::shared::{self, CancelMap, Hooks, PassThrough, Roles, Shared};
@@ -91,7 +93,7 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         config.auth_pool_size,
     );
     let roles = Arc::new(Roles::default());
-    let servers = Arc::default();
+    let servers: Arc<crate::registry::Registry<crate::registry::ServerInfo>> = Arc::default();
     let metrics = Arc::new(Metrics::new(
         config.metrics_per_role,
         config.metrics_max_roles,
@@ -150,7 +152,7 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         mock_secret,
         client_tls: ArcSwapOption::from_pointee(client_tls),
         clients: roles.clients.clone(),
-        servers,
+        servers: servers.clone(),
         pause: Default::default(),
         shutdown: shutdown_rx.clone(),
         shutdown_requested: watch::Sender::new(false),
@@ -158,6 +160,13 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         reloading: Default::default(),
         closing: closing_rx,
         metrics,
+        notify: Hub::new(
+            pools.clone(),
+            Arc::new(Senders::new(
+                servers.clone(),
+                Arc::new(PgStatActivity(cache.clone())),
+            )),
+        ),
     });
 
     tokio::spawn(cache.clone().run_listener(shutdown_rx.clone()));

@@ -7,6 +7,13 @@
 //! and acknowledged by version: a client whose LISTEN added a channel waits until a
 //! batch at least as new as its change has been applied on the server, so a
 //! notification sent after its LISTEN returned is never missed.
+//!
+//! A channel a client adds counts for it only from that batch on, even when the server
+//! listened on it already for others: Postgres sends a session the notifications
+//! committed before a command ends ahead of the command's ReadyForQuery, so what the
+//! listener reads before that batch's answer was sent before the client's LISTEN, and
+//! the client must not get it (as from Postgres it would not). A channel it drops stops
+//! at once.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -82,8 +89,9 @@ impl Batch {
 #[derive(Debug, Default)]
 pub struct Union {
     by_client: HashMap<u64, BTreeSet<Channel>>,
-    /// Listeners of each channel, in the order they subscribed; never empty.
-    by_channel: HashMap<Channel, Vec<u64>>,
+    /// Listeners of each channel, in the order they subscribed, with the version from
+    /// which the channel counts for each; never empty.
+    by_channel: HashMap<Channel, Vec<(u64, u64)>>,
     /// What the server listens on (as far as applied batches tell).
     applied: HashSet<Channel>,
     /// Channels whose membership changed since the last batch was taken.
@@ -94,6 +102,9 @@ pub struct Union {
     applied_version: u64,
     /// A batch is on its way to the server.
     in_flight: bool,
+    /// A batch is owed even with nothing dirty: a client waits for the server's word
+    /// that notifications from now on count for it.
+    sync: bool,
 }
 
 impl Union {
@@ -116,26 +127,25 @@ impl Union {
         for c in &dropped {
             self.leave(c, client);
         }
-        let mut needs_server = false;
-        for c in channels.difference(&old) {
-            let listeners = self.by_channel.entry(c.clone()).or_default();
-            listeners.push(client);
-            if listeners.len() == 1 {
-                self.dirty.insert(c.clone());
-            }
-            // Not on the server yet, or on its way: wait for the batch that has it.
-            needs_server |= !self.applied.contains(c) || self.dirty.contains(c);
+        let added: Vec<&Channel> = channels.difference(&old).collect();
+        if !added.is_empty() {
+            // Every addition waits for a batch of its own version: its channels count
+            // from that batch's answer on.
+            self.version += 1;
+            self.sync = true;
         }
+        for c in &added {
+            let listeners = self.by_channel.entry((*c).clone()).or_default();
+            listeners.push((client, self.version));
+            if listeners.len() == 1 {
+                self.dirty.insert((*c).clone());
+            }
+        }
+        let wait_for = (!added.is_empty()).then_some(self.version);
         if !channels.is_empty() {
             self.by_client.insert(client, channels);
         }
-        if needs_server || !self.dirty.is_empty() {
-            self.version += 1;
-        }
-        Ok(Changed {
-            wait_for: needs_server.then_some(self.version),
-            dropped,
-        })
+        Ok(Changed { wait_for, dropped })
     }
 
     /// The client left: its channels go.
@@ -146,7 +156,7 @@ impl Union {
 
     fn leave(&mut self, channel: &Channel, client: u64) {
         if let Some(listeners) = self.by_channel.get_mut(channel) {
-            listeners.retain(|&c| c != client);
+            listeners.retain(|&(c, _)| c != client);
             if listeners.is_empty() {
                 self.by_channel.remove(channel);
                 self.dirty.insert(channel.clone());
@@ -154,16 +164,23 @@ impl Union {
         }
     }
 
-    /// The clients listening on `channel`, in the order they subscribed.
-    pub fn listeners(&self, channel: &str) -> &[u64] {
-        self.by_channel.get(channel).map_or(&[], Vec::as_slice)
+    /// The clients a notification on `channel` read now goes to (its channel counts
+    /// for them by the batches applied so far), in the order they subscribed.
+    pub fn listeners(&self, channel: &str) -> impl Iterator<Item = u64> + '_ {
+        self.channel(channel).into_iter().flat_map(|(_, l)| l)
     }
 
-    /// The channel by its name, with its listeners, if anyone listens on it.
-    pub fn channel(&self, name: &str) -> Option<(&Channel, &[u64])> {
-        self.by_channel
-            .get_key_value(name)
-            .map(|(c, l)| (c, l.as_slice()))
+    /// The channel by its name, with the clients a notification on it read now goes
+    /// to, if anyone listens on it.
+    pub fn channel(&self, name: &str) -> Option<(&Channel, impl Iterator<Item = u64> + '_)> {
+        let applied = self.applied_version;
+        self.by_channel.get_key_value(name).map(|(c, l)| {
+            let live = l
+                .iter()
+                .filter(move |(_, since)| *since <= applied)
+                .map(|(client, _)| *client);
+            (c, live)
+        })
     }
 
     pub fn channels_of(&self, client: u64) -> Option<&BTreeSet<Channel>> {
@@ -189,15 +206,11 @@ impl Union {
         self.applied_version
     }
 
-    /// The next batch for the server, unless one is in flight or nothing changed. A
-    /// channel that came and went since the last batch is in neither list.
+    /// The next batch for the server, unless one is in flight or nothing is owed. A
+    /// channel that came and went since the last batch is in neither list; a batch with
+    /// neither is still sent when a client waits for the server's word (`sync`).
     pub fn take_batch(&mut self) -> Option<Batch> {
-        if self.in_flight {
-            return None;
-        }
-        if self.dirty.is_empty() {
-            // Nothing to send, but a waiter may be owed an acknowledgement.
-            self.applied_version = self.version;
+        if self.in_flight || (self.dirty.is_empty() && !self.sync) {
             return None;
         }
         let mut batch = Batch {
@@ -211,10 +224,10 @@ impl Union {
                 _ => {}
             }
         }
-        if batch.is_empty() {
-            self.applied_version = self.version;
+        if batch.is_empty() && !self.sync {
             return None;
         }
+        self.sync = false;
         self.in_flight = true;
         Some(batch)
     }
@@ -237,6 +250,7 @@ impl Union {
         self.in_flight = false;
         self.applied.clear();
         self.dirty = self.by_channel.keys().cloned().collect();
+        self.sync = true;
         self.version += 1;
     }
 }
@@ -276,14 +290,25 @@ mod tests {
         assert!(batch.unlisten.is_empty());
         assert_eq!(batch.version, v2);
         assert!(u.take_batch().is_none(), "one batch in flight at a time");
+        assert_eq!(
+            u.listeners("y").count(),
+            0,
+            "nobody hears what is read before the LISTEN is answered"
+        );
         u.applied(batch);
         assert!(u.applied_version() >= v2);
-        assert_eq!(u.listeners("y"), &[1, 2]);
+        assert_eq!(u.listeners("y").collect::<Vec<_>>(), [1, 2]);
 
-        // A channel already on the server costs a newcomer no wait.
+        // A channel already on the server still waits for the server's word, with an
+        // empty batch: what the server sent before it is not the newcomer's.
         let c = u.set(3, set(&["x"]), 10).unwrap();
-        assert_eq!(c.wait_for, None);
-        assert!(u.take_batch().is_none());
+        let wait = c.wait_for.unwrap();
+        assert_eq!(u.listeners("x").collect::<Vec<_>>(), [1]);
+        let sync = u.take_batch().unwrap();
+        assert!(sync.is_empty());
+        u.applied(sync);
+        assert!(u.applied_version() >= wait);
+        assert_eq!(u.listeners("x").collect::<Vec<_>>(), [1, 3]);
 
         // Client 2 leaves: z goes, y stays for client 1.
         u.remove(2);
@@ -291,15 +316,18 @@ mod tests {
         assert!(batch.listen.is_empty());
         assert_eq!(names(&batch.unlisten), ["z"]);
         u.applied(batch);
-        assert_eq!(u.listeners("y"), &[1]);
+        assert_eq!(u.listeners("y").collect::<Vec<_>>(), [1]);
         assert_eq!(u.clients(), 2);
     }
 
     #[test]
-    fn a_channel_that_came_and_went_between_batches_costs_nothing() {
+    fn a_channel_that_came_and_went_between_batches_costs_no_listen() {
         let mut u = Union::default();
         u.set(1, set(&["x"]), 10).unwrap();
         u.set(1, set(&[]), 10).unwrap();
+        let b = u.take_batch().unwrap();
+        assert!(b.is_empty(), "only the owed word");
+        u.applied(b);
         assert!(u.take_batch().is_none());
         assert!(u.is_empty());
         assert_eq!(u.applied_version(), u.version);

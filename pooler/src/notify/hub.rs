@@ -8,13 +8,13 @@
 //! the union; the last one out closes the listener server.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::channels::{Channel, TooManyChannels, Union};
+use super::channels::{Channel, TooManyChannels};
 use super::inbox::Inbox;
 use super::listener;
+use super::role::{Common, Counts, RoleListener, Subscriber};
 use super::senders::Senders;
 use crate::backend::ServerConn;
 use crate::pool::Pools;
@@ -50,48 +50,9 @@ pub enum ListenError {
     NotApplied(Duration),
 }
 
-/// What passed through the hub since start, for `/metrics`.
-#[derive(Debug, Default)]
-pub struct Counts {
-    /// Notifications queued for clients (one per client).
-    pub delivered: AtomicU64,
-    /// Notifications from sessions of another role (or of no known role), dropped.
-    pub foreign: AtomicU64,
-    /// Clients disconnected because they did not read their notifications.
-    pub overflows: AtomicU64,
-    /// Listener servers lost (and re-established while clients listen).
-    pub losses: AtomicU64,
-}
-
+/// Every role's listener.
 pub struct Hub {
-    pub(super) pools: Pools<Box<ServerConn>>,
-    pub senders: Arc<Senders>,
-    /// The listeners by role. Locked before a listener's own state, never after.
-    pub(super) listeners: Mutex<HashMap<Arc<str>, Arc<RoleListener>>>,
-    pub counts: Arc<Counts>,
-}
-
-/// One role's listener: its clients' channels and inboxes, and the task that holds the
-/// server.
-pub(super) struct RoleListener {
-    pub(super) role: Arc<str>,
-    pub(super) state: Mutex<State>,
-    /// Wakes the task: a batch is owed, or the last client left.
-    pub(super) changed: tokio::sync::Notify,
-    /// Every change up to this version is on the server.
-    pub(super) applied: tokio::sync::watch::Sender<u64>,
-}
-
-pub(super) struct State {
-    pub(super) union: Union,
-    pub(super) subscribers: HashMap<u64, Subscriber>,
-    /// The task has stopped: a newcomer needs a new listener.
-    pub(super) closed: bool,
-}
-
-pub(super) struct Subscriber {
-    pub(super) client: Arc<ClientInfo>,
-    pub(super) inbox: Arc<Inbox>,
+    common: Arc<Common>,
 }
 
 /// A client's place in its role's listener; leaving it (drop) takes its channels out.
@@ -104,7 +65,7 @@ pub struct Subscription {
 
 impl Subscription {
     /// The client's notifications waiting for it.
-    pub fn inbox(&self) -> &Inbox {
+    pub fn inbox(&self) -> &Arc<Inbox> {
         &self.inbox
     }
 
@@ -127,29 +88,31 @@ impl Drop for Subscription {
     }
 }
 
-impl RoleListener {
-    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 impl Hub {
-    pub fn new(pools: Pools<Box<ServerConn>>, senders: Arc<Senders>) -> Arc<Hub> {
-        Arc::new(Hub {
-            pools,
-            senders,
-            listeners: Mutex::new(HashMap::new()),
-            counts: Arc::default(),
-        })
+    pub fn new(pools: Pools<Box<ServerConn>>, senders: Arc<Senders>) -> Hub {
+        Hub {
+            common: Arc::new(Common {
+                pools,
+                senders,
+                listeners: Mutex::new(HashMap::new()),
+                counts: Counts::default(),
+            }),
+        }
     }
 
-    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<RoleListener>>> {
-        self.listeners.lock().unwrap_or_else(|p| p.into_inner())
+    /// Who sent a notification: also what pinned and session-mode servers'
+    /// notifications are checked against.
+    pub fn senders(&self) -> &Senders {
+        &self.common.senders
+    }
+
+    pub fn counts(&self) -> &Counts {
+        &self.common.counts
     }
 
     /// Roles with a listener now.
     pub fn listeners(&self) -> usize {
-        self.lock().len()
+        self.common.lock().len()
     }
 
     /// Gives `client` (of `role`) exactly `channels`, replacing what `current` held; an
@@ -159,7 +122,7 @@ impl Hub {
     /// Cancel-safe: the books change before the wait, and a dropped call leaves the
     /// client subscribed to what it asked for, as `current` says.
     pub async fn listen(
-        self: &Arc<Self>,
+        &self,
         current: &mut Option<Subscription>,
         role: &Arc<str>,
         client: &Arc<ClientInfo>,
@@ -222,48 +185,17 @@ impl Hub {
     }
 
     /// The role's running listener, or a new one if fewer than `max` roles have one.
-    fn listener_for(
-        self: &Arc<Self>,
-        role: &Arc<str>,
-        max: usize,
-    ) -> Result<Arc<RoleListener>, ListenError> {
-        let mut map = self.lock();
+    fn listener_for(&self, role: &Arc<str>, max: usize) -> Result<Arc<RoleListener>, ListenError> {
+        let mut map = self.common.lock();
         if let Some(l) = map.get(role) {
             return Ok(l.clone());
         }
         if map.len() >= max {
             return Err(ListenError::TooManyListeners { max });
         }
-        let listener = Arc::new(RoleListener {
-            role: role.clone(),
-            state: Mutex::new(State {
-                union: Union::default(),
-                subscribers: HashMap::new(),
-                closed: false,
-            }),
-            changed: tokio::sync::Notify::new(),
-            applied: tokio::sync::watch::Sender::new(0),
-        });
+        let listener = Arc::new(RoleListener::new(role.clone()));
         map.insert(role.clone(), listener.clone());
-        tokio::spawn(listener::run(self.clone(), listener.clone()));
+        tokio::spawn(listener::run(self.common.clone(), listener.clone()));
         Ok(listener)
-    }
-
-    /// Stops `listener` if nobody listens: it leaves the map (a newcomer makes a new
-    /// one) and is marked closed under both locks, so no subscription can slip in.
-    pub(super) fn close_if_unused(&self, listener: &Arc<RoleListener>) -> bool {
-        let mut map = self.lock();
-        let mut st = listener.lock();
-        if !st.subscribers.is_empty() {
-            return false;
-        }
-        st.closed = true;
-        if map
-            .get(&listener.role)
-            .is_some_and(|l| Arc::ptr_eq(l, listener))
-        {
-            map.remove(&listener.role);
-        }
-        true
     }
 }

@@ -130,6 +130,11 @@ impl Inbox {
         q.held = held;
     }
 
+    /// The bound was passed: the client is to be disconnected.
+    pub fn overflowed(&self) -> bool {
+        self.lock().overflowed
+    }
+
     /// Bytes held now (with per-item overhead).
     pub fn held(&self) -> usize {
         self.lock().held

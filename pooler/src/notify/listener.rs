@@ -15,7 +15,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::channels::Batch;
-use super::hub::{Hub, RoleListener, State};
+use super::role::{Common, RoleListener, State};
 use super::sql;
 use crate::backend::ServerConn;
 use crate::proto::SqlState;
@@ -53,7 +53,7 @@ enum Command {
     Batch(Batch),
 }
 
-pub(super) async fn run(hub: Arc<Hub>, listener: Arc<RoleListener>) {
+pub(super) async fn run(hub: Arc<Common>, listener: Arc<RoleListener>) {
     let mut retry = RETRY_FIRST;
     loop {
         if hub.close_if_unused(&listener) {
@@ -136,7 +136,7 @@ fn publish(listener: &RoleListener, st: &State) {
     });
 }
 
-async fn serve(hub: &Hub, listener: &Arc<RoleListener>, server: &mut ServerConn) -> Ended {
+async fn serve(hub: &Common, listener: &Arc<RoleListener>, server: &mut ServerConn) -> Ended {
     let mut buf = std::mem::take(&mut server.buf);
     let mut out = BytesMut::new();
     if let Err(e) = postgres_protocol::message::frontend::query(SETUP, &mut out) {
@@ -243,7 +243,7 @@ async fn serve(hub: &Hub, listener: &Arc<RoleListener>, server: &mut ServerConn)
 }
 
 /// The pids of the complete notifications in `buf` whose role is not known yet.
-fn unknown_senders(buf: &[u8], hub: &Hub) -> Vec<i32> {
+fn unknown_senders(buf: &[u8], hub: &Common) -> Vec<i32> {
     let mut pids = Vec::new();
     let _ = frame::for_each_message(buf, Side::Backend, |tag, body| {
         if tag == b'A' {
@@ -260,7 +260,7 @@ fn unknown_senders(buf: &[u8], hub: &Hub) -> Vec<i32> {
 
 /// Queues a notification (a whole message) for every client of the role listening on
 /// its channel, if a session of the role sent it.
-fn deliver(hub: &Hub, listener: &RoleListener, message: &[u8]) -> Result<(), String> {
+fn deliver(hub: &Common, listener: &RoleListener, message: &[u8]) -> Result<(), String> {
     let n = msg::parse_notification_response(&message[5..])
         .map_err(|e| format!("malformed notification: {e}"))?;
     let own = hub.senders.known(n.pid).flatten().as_deref() == Some(&*listener.role);
@@ -281,7 +281,7 @@ fn deliver(hub: &Hub, listener: &RoleListener, message: &[u8]) -> Result<(), Str
     // client's inbox would otherwise keep whole.
     let bytes = Bytes::copy_from_slice(message);
     for id in clients {
-        let Some(sub) = st.subscribers.get(id) else {
+        let Some(sub) = st.subscribers.get(&id) else {
             continue;
         };
         match sub.inbox.push(bytes.clone(), Some(channel)) {

@@ -15,7 +15,10 @@ pub mod channels;
 pub mod hub;
 pub mod inbox;
 mod listener;
+mod role;
 pub mod senders;
 pub mod sql;
 
 pub use hub::{Hub, Limits, ListenError, Subscription};
+pub use inbox::Inbox;
+pub use role::Counts;

@@ -10,6 +10,8 @@ use crate::auth::cache::{PoolMode, RoleAuth};
 use crate::backend::params::ClientParams;
 use crate::frontdoor::{SessionError, fatal};
 use crate::net::stream::Stream;
+use crate::notify::Subscription;
+use crate::notify::sql::Primed;
 use crate::proto::SqlState;
 use crate::shared::{CancelHandle, ClientSlot, PinSlot, RoleShared};
 
@@ -34,6 +36,11 @@ pub struct Session {
     pub pending: Effect,
     /// Custom parameters the client may have set, for the state check.
     pub customs: Customs,
+    /// Its channels on its role's listener, and its inbox (transaction mode); boxed,
+    /// so a client that never listens carries one pointer.
+    pub listening: Option<Box<Subscription>>,
+    /// Whether its server holds its channels for the transaction under way (listen.rs).
+    pub primed: Primed,
     /// Client bytes read past the login messages.
     pub buf: BytesMut,
 }

@@ -20,6 +20,7 @@ use crate::frontdoor::{
 };
 use crate::metrics::AuthResult;
 use crate::net::stream::Stream;
+use crate::notify::sql::Primed;
 use crate::proto::SqlState;
 use crate::proto::backend::{self as msg, TransactionStatus};
 use crate::shared::{RoleShared, Shared};
@@ -209,6 +210,8 @@ pub async fn login(
         pin: None,
         pending: Default::default(),
         customs: Default::default(),
+        listening: None,
+        primed: Primed::No,
         buf,
     })
 }

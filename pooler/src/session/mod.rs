@@ -4,6 +4,7 @@
 mod checkout;
 mod client;
 mod cursor;
+mod listen;
 mod login;
 pub mod prepared;
 mod relay;
@@ -52,5 +53,5 @@ pub async fn serve(arrival: Arrival, shared: &Shared) -> Result<(), SessionError
         tls: session.stream.tls_description(),
         admin: false,
     });
-    relay::run(session, shared, &client).await
+    relay::run(session, shared, &client.entry).await
 }

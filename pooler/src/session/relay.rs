@@ -5,23 +5,27 @@
 //! not sent half of a message or an unsynced extended-protocol batch, and everything
 //! has been written to the client.
 
+use std::collections::BTreeSet;
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::checkout::{checkout, give_back, pool_size};
 use super::client::{IDLE_CHUNK, Session, server_lost};
 use super::cursor::Cursor;
+use super::listen::{self, Filter, READY_IDLE};
 use super::prepared::{PreparedLimits, Rewriter};
 use super::signals::{Signals, Stop, wait_idle};
 use super::state::Effect;
 use super::tracker::MAX_PENDING;
 use super::upkeep::{settle, sync_params};
-use super::wire::{Relayed, ServerScan, server_gone, write_or_read, write_skipping};
+use super::wire::{Notes, Relayed, ServerScan, server_gone, write_or_read, write_skipping};
 use crate::auth::cache::PoolMode;
 use crate::backend::ServerConn;
 use crate::frontdoor::{SessionError, fatal};
+use crate::notify::channels::Channel;
 use crate::proto::SqlState;
 use crate::proto::frame::Side;
 use crate::registry::ClientInfo;
@@ -47,7 +51,7 @@ enum Linked {
 pub async fn run(
     mut s: Box<Session>,
     shared: &Shared,
-    client: &ClientInfo,
+    client: &Arc<ClientInfo>,
 ) -> Result<(), SessionError> {
     let signals = Signals {
         revoked: s.revoked.clone(),
@@ -55,14 +59,25 @@ pub async fn run(
         closing: shared.closing.clone(),
     };
     loop {
-        // Idle: no server. Wait for a whole message header from the client.
+        // Idle: no server. Wait for a whole message header from the client, and give
+        // it its notifications as they come.
         while s.buf.len() < 5 {
-            match wait_idle(&mut s.stream, &mut s.buf, &signals, client).await {
+            let inbox = s.listening.as_deref().map(|sub| sub.inbox().clone());
+            let waited = wait_idle(
+                &mut s.stream,
+                &mut s.buf,
+                &signals,
+                client,
+                inbox.as_deref(),
+            )
+            .await;
+            match waited {
                 Ok(n) => {
                     if n? == 0 {
                         return Ok(());
                     }
                 }
+                Err(Stop::Deliver) => listen::deliver(&mut s, shared, &signals, client).await?,
                 Err(Stop::Revoked) => return revoked_error(&mut s).await,
                 Err(Stop::Draining | Stop::Closing) => {
                     return fatal(
@@ -93,7 +108,7 @@ pub async fn run(
 async fn transaction(
     s: &mut Session,
     shared: &Shared,
-    client: &ClientInfo,
+    client: &Arc<ClientInfo>,
     signals: &Signals,
 ) -> Result<ControlFlow<()>, SessionError> {
     client.waiting();
@@ -133,10 +148,13 @@ async fn transaction(
                 &mut server,
                 &mut sbuf,
                 &mut scan,
-                client,
-                signals,
-                max_prepared,
-                max_pinned,
+                Context {
+                    shared,
+                    client,
+                    signals,
+                    max_prepared,
+                    max_pinned,
+                },
             )
             .await;
             return_buffer(s, &mut server, small);
@@ -210,12 +228,17 @@ fn return_buffer(s: &mut Session, server: &mut ServerConn, mut small: BytesMut) 
 
 /// Notes what the client's last messages may have done to its session; pins it to
 /// its server (within the role's bound) when they may have made state that cannot
-/// follow it. Runs before those messages are forwarded, so a refused pin leaves
-/// nothing behind.
+/// follow it, and gives the server the client's channels before an UNLISTEN. Runs
+/// before those messages are forwarded, so a refused pin leaves nothing behind.
+/// `quiet`: the server's transaction status, if none of the client's requests is in
+/// flight.
 async fn take_effect(
     s: &mut Session,
     effect: Effect,
     max_pinned: usize,
+    server: &mut ServerConn,
+    sbuf: &mut BytesMut,
+    quiet: Option<u8>,
 ) -> Result<(), SessionError> {
     if effect.pin && s.pin.is_none() {
         match s.role.try_pin(max_pinned) {
@@ -223,9 +246,9 @@ async fn take_effect(
             None => {
                 let message = format!(
                     "too many clients of role \"{}\" hold session state (max_pinned_per_role = {max_pinned}); \
-                     LISTEN, temporary tables, session advisory locks, SQL PREPARE, SET ROLE and \
-                     SET of untracked parameters need session mode: connect to the session port \
-                     or set the app's pool_mode to session",
+                     temporary tables, session advisory locks, SQL PREPARE, SET ROLE and SET of \
+                     untracked parameters need session mode: connect to the session port or set \
+                     the app's pool_mode to session",
                     s.role.name
                 );
                 return fatal(
@@ -237,11 +260,95 @@ async fn take_effect(
             }
         }
     }
+    if effect.unlisten {
+        // The prime talks to the server through its own buffer, empty while quiet.
+        std::mem::swap(&mut server.buf, sbuf);
+        let primed = listen::prime(s, server, quiet).await;
+        std::mem::swap(&mut server.buf, sbuf);
+        primed?;
+    }
     s.pending.merge(Effect {
         pin: false,
         ..effect
     });
     Ok(())
+}
+
+/// What a linked stretch works with besides the session and its server.
+struct Context<'a> {
+    shared: &'a Shared,
+    client: &'a Arc<ClientInfo>,
+    signals: &'a Signals,
+    max_prepared: PreparedLimits,
+    max_pinned: usize,
+}
+
+/// The parts of a session the server's bytes go to (borrowed apart from its read
+/// buffer, which may hold what is being forwarded meanwhile).
+struct ClientSide<'a> {
+    stream: &'a mut crate::net::stream::Stream,
+    params: &'a mut crate::backend::params::ClientParams,
+    statements: &'a mut super::prepared::ClientStatements,
+    role: &'a str,
+    mine: Option<&'a BTreeSet<Channel>>,
+    /// A ReadyForQuery ending the stretch is held back (listen.rs).
+    hold_ready: bool,
+}
+
+impl<'a> ClientSide<'a> {
+    fn of(s: &'a mut Session, hold_ready: bool) -> Self {
+        ClientSide {
+            stream: &mut s.stream,
+            params: &mut s.params,
+            statements: &mut s.statements,
+            role: &s.role.name,
+            mine: s.listening.as_deref().map(|sub| sub.channels()),
+            hold_ready,
+        }
+    }
+}
+
+/// Why relaying the server's bytes stopped.
+enum Gone {
+    Server(String),
+    Client(std::io::Error),
+}
+
+/// Walks what the server sent and writes to the client what it may see, looking up
+/// the senders of notifications as needed; what is left in `sbuf` is an incomplete
+/// message.
+async fn from_server(
+    c: ClientSide<'_>,
+    server: &mut ServerConn,
+    sbuf: &mut BytesMut,
+    scan: &mut ServerScan,
+    shared: &Shared,
+) -> Result<(), Gone> {
+    loop {
+        let notes = Notes {
+            filter: Filter {
+                role: c.role,
+                senders: shared.notify.senders(),
+                mine: c.mine,
+                foreign: &shared.notify.counts().foreign,
+            },
+            hold_ready: c.hold_ready,
+        };
+        let to_client = scan
+            .server(sbuf, server, c.params, c.statements, &notes)
+            .map_err(Gone::Server)?;
+        if to_client > 0 {
+            write_skipping(c.stream, &sbuf[..to_client], &scan.edits)
+                .await
+                .map_err(Gone::Client)?;
+            scan.bytes_out += to_client as u64;
+            sbuf.advance(to_client);
+        }
+        match scan.unresolved.take() {
+            Some(pid) => shared.notify.senders().resolve(&[pid]).await,
+            None => return Ok(()),
+        }
+    }
 }
 
 /// Relays between the client and its server until the server can be released (in
@@ -250,17 +357,20 @@ async fn take_effect(
 /// Writes to either side go on while the other side is read: a client pipelining more
 /// than the sockets buffer while Postgres answers as much would otherwise deadlock
 /// (each side blocked writing to the other).
-#[allow(clippy::too_many_arguments)]
 async fn link(
     s: &mut Session,
     server: &mut ServerConn,
     sbuf: &mut BytesMut,
     scan: &mut ServerScan,
-    client: &ClientInfo,
-    signals: &Signals,
-    max_prepared: PreparedLimits,
-    max_pinned: usize,
+    cx: Context<'_>,
 ) -> Result<Linked, SessionError> {
+    let Context {
+        shared,
+        client,
+        signals,
+        max_prepared,
+        max_pinned,
+    } = cx;
     // After the pooler's own SETs: a cancel now reaches the client's query only.
     s.cancel.slot.link(server.key);
     let mut client_cursor = Cursor::default();
@@ -278,6 +388,10 @@ async fn link(
             _ => {}
         }
         if !s.buf.is_empty() {
+            // Before this batch: the server's status, if nothing of the client's is in
+            // flight (a prime may then go first).
+            let quiet = (!scan.tracker.in_flight() && sbuf.is_empty() && scan.cursor.at_boundary())
+                .then(|| scan.tracker.status());
             let mut too_many = false;
             let mut malformed = false;
             // Named statements are renamed and prepared where needed (prepared.rs):
@@ -343,7 +457,7 @@ async fn link(
             }
             let effect = rewriter.effect;
             if !effect.is_none() && !session_mode {
-                take_effect(s, effect, max_pinned).await?;
+                take_effect(s, effect, max_pinned, server, sbuf, quiet).await?;
             }
             // What goes to the server: the client's bytes, or with edits applied.
             let outgoing: &[u8] = if edits.is_empty() {
@@ -383,14 +497,23 @@ async fn link(
                         if let Some(why) = server_gone(r) {
                             return server_lost(s, scan.tracker.in_flight(), why).await;
                         }
-                        let to_client =
-                            match scan.server(sbuf, server, &mut s.params, &mut s.statements) {
-                                Ok(k) => k,
-                                Err(e) => return server_lost(s, scan.tracker.in_flight(), e).await,
-                            };
-                        write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
-                        scan.bytes_out += to_client as u64;
-                        sbuf.advance(to_client);
+                        // Borrowed field by field: `outgoing` may be `s.buf`.
+                        let c = ClientSide {
+                            stream: &mut s.stream,
+                            params: &mut s.params,
+                            statements: &mut s.statements,
+                            role: &s.role.name,
+                            mine: s.listening.as_deref().map(|sub| sub.channels()),
+                            hold_ready: false,
+                        };
+                        let relayed = from_server(c, server, sbuf, scan, shared).await;
+                        match relayed {
+                            Ok(()) => {}
+                            Err(Gone::Server(e)) => {
+                                return server_lost(s, scan.tracker.in_flight(), e).await;
+                            }
+                            Err(Gone::Client(e)) => return Err(e.into()),
+                        }
                     }
                 }
             }
@@ -413,9 +536,22 @@ async fn link(
             if !s.pending.is_none() {
                 // settle talks to the server through its own buffer: lend it back.
                 std::mem::swap(&mut server.buf, sbuf);
-                let settled = settle(s, server, max_pinned).await;
+                let listened = if s.pending.listen {
+                    listen::settle(s, server, shared, client).await
+                } else {
+                    Ok(())
+                };
+                let settled = match listened {
+                    Ok(()) => settle(s, server, max_pinned).await,
+                    Err(e) => Err(e),
+                };
                 std::mem::swap(&mut server.buf, sbuf);
-                if !settled? {
+                let settled = settled?;
+                if std::mem::take(&mut scan.held_ready) {
+                    // The transaction's channels are on the listener: now it is over.
+                    s.stream.write_all(READY_IDLE).await?;
+                }
+                if !settled {
                     return Ok(Linked::Unknown);
                 }
             }
@@ -432,6 +568,12 @@ async fn link(
         if sbuf.capacity() - sbuf.len() < 1024 {
             sbuf.reserve(READ_CHUNK);
         }
+        // Notifications go out only between transactions, never inside a reply.
+        let inbox = s
+            .listening
+            .as_deref()
+            .filter(|_| idle)
+            .map(|sub| sub.inbox().clone());
         tokio::select! {
             // Fixed order, no random start: the I/O first (the loop's top looks at
             // the signals whatever the I/O does).
@@ -440,14 +582,11 @@ async fn link(
                 if let Some(why) = server_gone(n) {
                     return server_lost(s, scan.tracker.in_flight(), why).await;
                 }
-                let to_client = match scan.server(sbuf, server, &mut s.params, &mut s.statements) {
-                    Ok(k) => k,
-                    Err(e) => return server_lost(s, scan.tracker.in_flight(), e).await,
-                };
-                if to_client > 0 {
-                    write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits).await?;
-                    scan.bytes_out += to_client as u64;
-                    sbuf.advance(to_client);
+                let hold_ready = s.pending.listen && s.buf.is_empty();
+                match from_server(ClientSide::of(s, hold_ready), server, sbuf, scan, shared).await {
+                    Ok(()) => {}
+                    Err(Gone::Server(e)) => return server_lost(s, scan.tracker.in_flight(), e).await,
+                    Err(Gone::Client(e)) => return Err(e.into()),
                 }
             }
             n = s.stream.read_buf(&mut s.buf) => {
@@ -455,11 +594,13 @@ async fn link(
                     return Ok(Linked::ClientLeft { clean: idle });
                 }
             }
-            stop = signals.wait(client, draining) => match stop {
+            stop = signals.wait(client, draining, inbox.as_deref()) => match stop {
                 Stop::Closing => return closing_error(s, scan.tracker.in_flight()).await,
                 Stop::Revoked => return revoked_error(s).await,
                 // Noted here, acted on at the next idle point above.
                 Stop::Draining => draining = true,
+                // A pinned client between its transactions.
+                Stop::Deliver => listen::deliver(s, shared, signals, client).await?,
             },
         }
     }

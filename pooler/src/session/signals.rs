@@ -1,5 +1,6 @@
 //! The signals a client listens to (revocation, drain, the end of the grace
-//! period), and an idle client's wait for its next request or one of them.
+//! period, notifications waiting in its inbox), and an idle client's wait for its next
+//! request or one of them.
 
 use std::task::Poll;
 
@@ -7,6 +8,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 
 use super::client::IDLE_CHUNK;
+use crate::notify::Inbox;
 use crate::registry::ClientInfo;
 
 /// The signals a client listens to. Read by version (an atomic load) while the
@@ -27,6 +29,9 @@ pub(super) enum Stop {
     Revoked,
     Draining,
     Closing,
+    /// Notifications wait in the client's inbox (or it overflowed): deliver them. Only
+    /// asked for where the client is between transactions.
+    Deliver,
 }
 
 impl Signals {
@@ -45,17 +50,20 @@ impl Signals {
         }
     }
 
-    /// Resolves with the first signal that fires: registers first, then looks, so a
-    /// wake between the two is not lost.
+    /// Resolves with the first signal that fires, or [`Stop::Deliver`] once `inbox` has
+    /// something: registers first, then looks, so a wake between the two is not lost.
+    /// The listener task wakes the same waker when it fills an empty inbox.
     pub(super) fn wait<'a>(
         &'a self,
         client: &'a ClientInfo,
         draining: bool,
+        inbox: Option<&'a Inbox>,
     ) -> impl std::future::Future<Output = Stop> + 'a {
         std::future::poll_fn(move |cx| {
             client.signal().register(cx.waker());
             match self.fired(draining) {
                 Some(stop) => Poll::Ready(stop),
+                None if inbox.is_some_and(Inbox::is_ready) => Poll::Ready(Stop::Deliver),
                 None => Poll::Pending,
             }
         })
@@ -71,16 +79,17 @@ pub(super) async fn wait_idle(
     buf: &mut BytesMut,
     signals: &Signals,
     client: &ClientInfo,
+    inbox: Option<&Inbox>,
 ) -> Result<std::io::Result<usize>, Stop> {
     if buf.is_empty() {
         *buf = BytesMut::new();
     } else {
         buf.reserve(IDLE_CHUNK);
-        return read_or_stop(stream, buf, signals, client).await;
+        return read_or_stop(stream, buf, signals, client, inbox).await;
     }
     let crate::net::stream::Stream::Plain(tcp) = stream else {
         buf.reserve(IDLE_CHUNK);
-        return read_or_stop(stream, buf, signals, client).await;
+        return read_or_stop(stream, buf, signals, client, inbox).await;
     };
     loop {
         tokio::select! {
@@ -90,7 +99,7 @@ pub(super) async fn wait_idle(
                     return Ok(Err(e));
                 }
             }
-            stop = signals.wait(client, false) => return Err(stop),
+            stop = signals.wait(client, false, inbox) => return Err(stop),
         }
         buf.reserve(IDLE_CHUNK);
         match tcp.try_read_buf(buf) {
@@ -106,10 +115,11 @@ async fn read_or_stop(
     buf: &mut BytesMut,
     signals: &Signals,
     client: &ClientInfo,
+    inbox: Option<&Inbox>,
 ) -> Result<std::io::Result<usize>, Stop> {
     tokio::select! {
         biased;
         n = stream.read_buf(buf) => Ok(n),
-        stop = signals.wait(client, false) => Err(stop),
+        stop = signals.wait(client, false, inbox) => Err(stop),
     }
 }

@@ -130,6 +130,11 @@ impl Tracker {
             && self.pending.iter().all(|&t| t == COPY_END)
     }
 
+    /// The last ReadyForQuery status: `I`, `T` or `E`.
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
     pub fn terminated(&self) -> bool {
         self.terminated
     }

@@ -69,7 +69,10 @@ async fn bounded(server: &mut ServerConn, sql: &str) -> Result<Option<Row>, std:
     Ok(bounded_rows(server, sql).await?.into_iter().next())
 }
 
-async fn bounded_rows(server: &mut ServerConn, sql: &str) -> Result<Vec<Row>, std::io::Error> {
+pub(super) async fn bounded_rows(
+    server: &mut ServerConn,
+    sql: &str,
+) -> Result<Vec<Row>, std::io::Error> {
     tokio::time::timeout(SERVER_ROUND_TRIP, simple(server, sql))
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))

@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::cursor::Cursor;
+use super::listen::{Filter, Verdict};
 use super::prepared::{Action, Replies, renamed_error};
 use super::tracker::Tracker;
 use crate::backend::ServerConn;
@@ -29,6 +30,19 @@ pub(super) struct ServerScan {
     pub(super) transactions: u64,
     pub(super) bytes_in: u64,
     pub(super) bytes_out: u64,
+    /// The last ReadyForQuery was dropped: the client gets it once its new channels
+    /// are on the listener (listen.rs).
+    pub(super) held_ready: bool,
+    /// The walk stopped before a notification whose sender must be looked up first.
+    pub(super) unresolved: Option<i32>,
+}
+
+/// What the walk needs to know about notifications.
+pub(super) struct Notes<'a> {
+    pub(super) filter: Filter<'a>,
+    /// The client's transaction may have changed its channels and nothing of its is
+    /// unsent: hold back a ReadyForQuery that ends the stretch.
+    pub(super) hold_ready: bool,
 }
 
 impl ServerScan {
@@ -46,13 +60,15 @@ impl ServerScan {
 
     /// Walks the server's bytes: ReadyForQuery and copy starts feed the tracker,
     /// ParameterStatus updates both sides' parameters, replies to what the pooler
-    /// added are dropped. Returns how many bytes may go to the client now.
+    /// added are dropped, and so are notifications the client must not see. Returns how
+    /// many bytes may go to the client now.
     pub(super) fn server(
         &mut self,
         sbuf: &[u8],
         server: &mut ServerConn,
         params: &mut crate::backend::params::ClientParams,
         statements: &mut super::prepared::ClientStatements,
+        notes: &Notes<'_>,
     ) -> Result<usize, String> {
         let ServerScan {
             cursor,
@@ -61,6 +77,8 @@ impl ServerScan {
             edits,
             queries,
             transactions,
+            held_ready,
+            unresolved,
             ..
         } = self;
         edits.clear();
@@ -68,7 +86,7 @@ impl ServerScan {
             .advance(
                 sbuf,
                 Side::Backend,
-                |tag| matches!(tag, b'Z' | b'S' | b'1' | b'3') || Replies::needs_body(tag),
+                |tag| matches!(tag, b'Z' | b'S' | b'1' | b'3' | b'A') || Replies::needs_body(tag),
                 |tag, at, body| {
                     match tag {
                         b'S' => {
@@ -77,6 +95,18 @@ impl ServerScan {
                                 params.record(name, value);
                             }
                         }
+                        b'A' => match notes.filter.verdict(body) {
+                            Verdict::Pass => {}
+                            Verdict::Drop => edits.push(Edit {
+                                at,
+                                len: 5 + body.len(),
+                                with: None,
+                            }),
+                            Verdict::Resolve(pid) => {
+                                *unresolved = Some(pid);
+                                return ControlFlow::Break(());
+                            }
+                        },
                         _ => {
                             if tag == b'Z' {
                                 *queries += 1;
@@ -91,6 +121,19 @@ impl ServerScan {
                             if tag == b'E' {
                                 // Queries the server skipped after an extended error.
                                 tracker.skipped(replies.take_skipped());
+                            }
+                            if tag == b'Z'
+                                && notes.hold_ready
+                                && matches!(action, Action::Pass)
+                                && tracker.idle()
+                            {
+                                *held_ready = true;
+                                edits.push(Edit {
+                                    at,
+                                    len,
+                                    with: None,
+                                });
+                                return ControlFlow::Continue(());
                             }
                             match action {
                                 Action::Pass => {}

@@ -8,6 +8,7 @@ mod admin;
 mod common;
 mod desync;
 mod drain;
+mod listen;
 mod login;
 mod metrics;
 mod pooling;

@@ -3,7 +3,7 @@
 //! statement, and a search for the advisory-lock and `set_config` functions.
 //!
 //! The look only has to be safe, not exact. A statement that creates state that cannot
-//! follow the client to another server (an untracked `SET`, `LISTEN`, a temp table, SQL
+//! follow the client to another server (an untracked `SET`, a temp table, SQL
 //! `PREPARE`, `SET ROLE`, a holdable cursor) **pins** the client to its server before it
 //! is forwarded, and asks for a check: the statement may fail or be rolled back. A
 //! statement that only may create such state (an advisory lock function, a session-level
@@ -12,6 +12,11 @@
 //! pooler asks Postgres whether anything is left ([`state_left_sql`]), and only a clean
 //! answer unpins. So a false "may create" costs a round trip (and a pin until it), and a
 //! false "may remove" costs one round trip; neither leaks.
+//!
+//! `LISTEN`, `UNLISTEN` and `DISCARD ALL` do not pin: they mark the transaction as one
+//! that may change the client's channels, which move to its role's listener server once
+//! the transaction is over (notify/). A `LISTEN` the pooler cannot see (in a `DO` body)
+//! leaves a channel the check finds, and pins as before.
 
 mod sql;
 pub use sql::{read_back_sql, reset_read_sql, state_left_sql};
@@ -55,6 +60,12 @@ pub struct Effect {
     pub read_back: bool,
     /// `RESET ALL` or `DISCARD ALL`: parameters are back to the login's.
     pub reset_all: bool,
+    /// `LISTEN`, `UNLISTEN`, `DISCARD ALL`: the client's channels may change; once the
+    /// transaction is over they move from its server to the role's listener.
+    pub listen: bool,
+    /// `UNLISTEN`, `DISCARD ALL`: channels the client had may go, so its server must
+    /// hold them first for Postgres to say what is left.
+    pub unlisten: bool,
 }
 
 impl Effect {
@@ -64,6 +75,8 @@ impl Effect {
         self.check |= other.check;
         self.read_back |= other.read_back;
         self.reset_all |= other.reset_all;
+        self.listen |= other.listen;
+        self.unlisten |= other.unlisten;
     }
 
     pub fn is_none(&self) -> bool {
@@ -92,12 +105,33 @@ impl Effect {
         probe: true,
         ..Effect::NONE
     };
-    /// `RESET ALL`, `DISCARD ALL`: parameters may be back to the login's, and pinning
-    /// state may be gone.
+    /// `RESET ALL`: parameters may be back to the login's, and pinning state may be
+    /// gone.
     const RESET_ALL: Effect = Effect {
         check: true,
         read_back: true,
         reset_all: true,
+        ..Effect::NONE
+    };
+    /// `DISCARD ALL`: as `RESET ALL`, and an `UNLISTEN *`.
+    const DISCARD_ALL: Effect = Effect {
+        check: true,
+        read_back: true,
+        reset_all: true,
+        listen: true,
+        unlisten: true,
+        ..Effect::NONE
+    };
+    /// `LISTEN`: a channel more once the transaction commits.
+    const LISTEN: Effect = Effect {
+        listen: true,
+        ..Effect::NONE
+    };
+    /// `UNLISTEN`: channels fewer once it commits; a pinned client's state may be gone.
+    const UNLISTEN: Effect = Effect {
+        check: true,
+        listen: true,
+        unlisten: true,
         ..Effect::NONE
     };
     /// Code the pooler cannot see into (`DO`, `CALL`, a FunctionCall): anything a
@@ -114,6 +148,8 @@ impl Effect {
         check: false,
         read_back: false,
         reset_all: false,
+        listen: false,
+        unlisten: false,
     };
 }
 
@@ -195,7 +231,7 @@ fn statement(text: &[u8], customs: &mut Customs) -> Effect {
             Some(name) if is_tracked(name) => read_back(name),
             _ => Effect::CHECK,
         },
-        b"LISTEN" => Effect::PIN,
+        b"LISTEN" => Effect::LISTEN,
         b"LOAD" => Effect::LOAD,
         b"PREPARE" => match words.next().map(upper).as_deref() {
             // Two-phase commit, not a prepared statement.
@@ -222,10 +258,11 @@ fn statement(text: &[u8], customs: &mut Customs) -> Effect {
             }
         }
         b"DISCARD" => match words.next().map(upper).as_deref() {
-            Some(b"ALL") => Effect::RESET_ALL,
+            Some(b"ALL") => Effect::DISCARD_ALL,
             _ => Effect::CHECK,
         },
-        b"UNLISTEN" | b"DEALLOCATE" | b"CLOSE" | b"DROP" => Effect::CHECK,
+        b"UNLISTEN" => Effect::UNLISTEN,
+        b"DEALLOCATE" | b"CLOSE" | b"DROP" => Effect::CHECK,
         b"DO" | b"CALL" => {
             custom_sets(text, customs);
             Effect::OPAQUE

@@ -12,8 +12,6 @@ fn pins(sql: &str) -> bool {
 #[test]
 fn state_that_cannot_follow_a_client_pins() {
     for sql in [
-        "LISTEN x",
-        "  listen \"Chan\"",
         "SET work_mem = '64MB'",
         "set session work_mem to 1",
         "SET ROLE other",
@@ -138,6 +136,27 @@ fn unreported_tracked_parameters_are_read_back() {
     let all = classify(b"RESET ALL");
     assert!(all.read_back && all.reset_all && all.check);
     assert!(classify(b"DISCARD ALL").reset_all);
+}
+
+#[test]
+fn listen_and_unlisten_do_not_pin_but_move_channels() {
+    for sql in ["LISTEN x", "  listen \"Chan\"", "SELECT 1; LISTEN y"] {
+        let e = classify(sql.as_bytes());
+        assert!(e.listen && !e.unlisten && !e.pin && !e.check, "{sql}");
+    }
+    for sql in ["UNLISTEN *", "unlisten x", "DISCARD ALL"] {
+        let e = classify(sql.as_bytes());
+        assert!(e.listen && e.unlisten && !e.pin, "{sql}");
+    }
+    for sql in [
+        "SELECT 'LISTEN x'",
+        "NOTIFY x",
+        "SELECT pg_notify('x', 'y')",
+        "DISCARD TEMP",
+        "RESET ALL",
+    ] {
+        assert!(!classify(sql.as_bytes()).listen, "{sql}");
+    }
 }
 
 #[test]
