@@ -18,11 +18,11 @@ use std::task::Poll;
 
 use bytes::BytesMut;
 use postgres_protocol::message::backend::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::client::{Session, server_lost};
 use super::signals::Signals;
-use super::upkeep::bounded_rows;
+use super::upkeep::{bounded_rows, next_message};
 use crate::backend::ServerConn;
 use crate::frontdoor::{SessionError, fatal};
 use crate::notify::channels::Channel;
@@ -115,22 +115,7 @@ pub(super) async fn prime(
     }
     let mut failed = None;
     loop {
-        let message = match Message::parse(&mut server.buf) {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                match server.stream.read_buf(&mut server.buf).await {
-                    Ok(0) => {
-                        return server_lost(s, false, "the server closed the connection".into())
-                            .await;
-                    }
-                    Ok(_) => {}
-                    Err(e) => return server_lost(s, false, e.to_string()).await,
-                }
-                continue;
-            }
-            Err(e) => return server_lost(s, false, e.to_string()).await,
-        };
-        match message {
+        match next_message(s, server).await? {
             Message::ErrorResponse(body) => {
                 failed = Some(crate::backend::server_error(&mut body.fields()).to_string());
             }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_postgres::error::DbError;
 use tokio_postgres::{AsyncMessage, Notification};
 
-use crate::common::{App, Env, env, message, sqlstate};
+use crate::common::{App, Env, env, message, sqlstate, value};
 
 /// A hang guard, never a measure: everything here takes milliseconds.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -89,19 +89,6 @@ async fn notify(client: &tokio_postgres::Client, channel: &str, payload: &str) {
         .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
         .await
         .unwrap();
-}
-
-async fn value(client: &tokio_postgres::Client, sql: &str) -> String {
-    client
-        .simple_query(sql)
-        .await
-        .unwrap()
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .unwrap()
 }
 
 fn config(e: &Env, app: &App) -> tokio_postgres::Config {

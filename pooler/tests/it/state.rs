@@ -11,20 +11,7 @@ use tokio_postgres::{AsyncMessage, Notification};
 
 use provisioner::ddl::PROVISION_LOCK;
 
-use crate::common::{App, Env, env, message, sqlstate};
-
-async fn value(client: &tokio_postgres::Client, sql: &str) -> String {
-    client
-        .simple_query(sql)
-        .await
-        .unwrap()
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .unwrap()
-}
+use crate::common::{App, Env, env, message, sqlstate, value};
 
 /// A client whose notifications arrive on a channel.
 async fn listening_client(
