@@ -159,13 +159,14 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         hooks,
         reloading: Default::default(),
         closing: closing_rx,
-        metrics,
+        metrics: metrics.clone(),
         notify: Hub::new(
             pools.clone(),
             Arc::new(Senders::new(
                 servers.clone(),
                 Arc::new(PgStatActivity(cache.clone())),
             )),
+            metrics.clone(),
         ),
     });
 

@@ -14,9 +14,10 @@ use std::time::Duration;
 use super::channels::{Channel, TooManyChannels};
 use super::inbox::Inbox;
 use super::listener;
-use super::role::{Common, Counts, RoleListener, Subscriber};
+use super::role::{Common, RoleListener, Subscriber};
 use super::senders::Senders;
 use crate::backend::ServerConn;
+use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::registry::ClientInfo;
 
@@ -89,13 +90,13 @@ impl Drop for Subscription {
 }
 
 impl Hub {
-    pub fn new(pools: Pools<Box<ServerConn>>, senders: Arc<Senders>) -> Hub {
+    pub fn new(pools: Pools<Box<ServerConn>>, senders: Arc<Senders>, metrics: Arc<Metrics>) -> Hub {
         Hub {
             common: Arc::new(Common {
                 pools,
                 senders,
                 listeners: Mutex::new(HashMap::new()),
-                counts: Counts::default(),
+                metrics,
             }),
         }
     }
@@ -104,10 +105,6 @@ impl Hub {
     /// notifications are checked against.
     pub fn senders(&self) -> &Senders {
         &self.common.senders
-    }
-
-    pub fn counts(&self) -> &Counts {
-        &self.common.counts
     }
 
     /// Roles with a listener now.

@@ -8,7 +8,6 @@
 //! the whole union again. The task ends, closing its server, once no client listens.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -91,7 +90,7 @@ pub(super) async fn run(hub: Arc<Common>, listener: Arc<RoleListener>) {
             }
             Ended::Lost(why) => {
                 server.discard();
-                hub.counts.losses.fetch_add(1, Ordering::Relaxed);
+                hub.metrics.listener_losses.inc();
                 tracing::warn!(role = %listener.role, why = %why, "LISTEN connection lost; re-establishing it");
                 lost(&listener, &why);
                 let _ = tokio::time::timeout(retry, listener.changed.notified()).await;
@@ -265,7 +264,7 @@ fn deliver(hub: &Common, listener: &RoleListener, message: &[u8]) -> Result<(), 
         .map_err(|e| format!("malformed notification: {e}"))?;
     let own = hub.senders.known(n.pid).flatten().as_deref() == Some(&*listener.role);
     if !own {
-        hub.counts.foreign.fetch_add(1, Ordering::Relaxed);
+        hub.metrics.notifications_dropped.inc();
         return Ok(());
     }
     // Names are UTF-8 (SETUP); one that is not cannot be anyone's channel.
@@ -286,7 +285,7 @@ fn deliver(hub: &Common, listener: &RoleListener, message: &[u8]) -> Result<(), 
         };
         match sub.inbox.push(bytes.clone(), Some(channel)) {
             Ok(first) => {
-                hub.counts.delivered.fetch_add(1, Ordering::Relaxed);
+                hub.metrics.notifications_delivered.inc();
                 if first {
                     sub.client.signal().wake();
                 }

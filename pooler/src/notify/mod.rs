@@ -21,4 +21,3 @@ pub mod sql;
 
 pub use hub::{Hub, Limits, ListenError, Subscription};
 pub use inbox::Inbox;
-pub use role::Counts;

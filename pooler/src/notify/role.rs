@@ -1,29 +1,16 @@
 //! What the hub and the listener tasks share: each role's listener (its clients'
-//! channels and inboxes), the map of them, and the counts for `/metrics`.
+//! channels and inboxes), and the map of them.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use super::channels::Union;
 use super::inbox::Inbox;
 use super::senders::Senders;
 use crate::backend::ServerConn;
+use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::registry::ClientInfo;
-
-/// What passed through since start, for `/metrics`.
-#[derive(Debug, Default)]
-pub struct Counts {
-    /// Notifications queued for clients (one per client).
-    pub delivered: AtomicU64,
-    /// Notifications from sessions of another role (or of no known role), dropped.
-    pub foreign: AtomicU64,
-    /// Clients disconnected because they did not read their notifications.
-    pub overflows: AtomicU64,
-    /// Listener servers lost (and re-established while clients listen).
-    pub losses: AtomicU64,
-}
 
 /// The hub's state, shared with every listener task.
 pub(super) struct Common {
@@ -31,7 +18,7 @@ pub(super) struct Common {
     pub(super) senders: Arc<Senders>,
     /// The listeners by role. Locked before a listener's own state, never after.
     pub(super) listeners: Mutex<HashMap<Arc<str>, Arc<RoleListener>>>,
-    pub(super) counts: Counts,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 /// One role's listener: its clients' channels and inboxes, and the task that holds the

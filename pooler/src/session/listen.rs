@@ -13,7 +13,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use bytes::BytesMut;
@@ -59,7 +58,7 @@ pub(super) struct Filter<'a> {
     /// The client's multiplexed channels: their notifications come from the listener,
     /// and a primed server's copy would be a duplicate.
     pub(super) mine: Option<&'a BTreeSet<Channel>>,
-    pub(super) foreign: &'a std::sync::atomic::AtomicU64,
+    pub(super) dropped: &'a prometheus::IntCounter,
 }
 
 impl Filter<'_> {
@@ -78,7 +77,7 @@ impl Filter<'_> {
         match self.senders.known(n.pid) {
             Some(Some(role)) if *role == *self.role => Verdict::Pass,
             Some(_) => {
-                self.foreign.fetch_add(1, Ordering::Relaxed);
+                self.dropped.inc();
                 Verdict::Drop
             }
             None => Verdict::Resolve(n.pid),
@@ -244,11 +243,7 @@ pub(super) async fn deliver(
 }
 
 async fn overflowed(s: &mut Session, shared: &Shared, message: String) -> Result<(), SessionError> {
-    shared
-        .notify
-        .counts()
-        .overflows
-        .fetch_add(1, Ordering::Relaxed);
+    shared.metrics.notification_overflows.inc();
     tracing::info!(role = %s.role.name, "a listening client does not read its notifications");
     last_words(s, SqlState::CONFIGURATION_LIMIT_EXCEEDED, message).await
 }

@@ -330,7 +330,7 @@ async fn from_server(
                 role: c.role,
                 senders: shared.notify.senders(),
                 mine: c.mine,
-                foreign: &shared.notify.counts().foreign,
+                dropped: &shared.metrics.notifications_dropped,
             },
             hold_ready: c.hold_ready,
         };

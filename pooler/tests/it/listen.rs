@@ -7,14 +7,13 @@
 //! from a session of the listener's own app (a fence) is delivered in commit order, so
 //! when the fence arrives first, what was sent before it was dropped.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_postgres::error::DbError;
 use tokio_postgres::{AsyncMessage, Notification};
 
-use crate::common::{App, Env, env, message, sqlstate, value};
+use crate::common::{App, Env, env, message, sqlstate, value, with_admin};
 
 /// A hang guard, never a measure: everything here takes milliseconds.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -109,7 +108,11 @@ async fn eventually(what: &str, mut ok: impl AsyncFnMut() -> bool) {
 
 #[tokio::test]
 async fn listening_clients_do_not_pin_and_share_one_listener_server() {
-    let e = env(|c| c.max_pinned_per_role = Some(1)).await;
+    let e = env(|c| {
+        c.max_pinned_per_role = Some(1);
+        with_admin(c);
+    })
+    .await;
     let app = e.app_with_pool(1).await;
     let mut listeners = Vec::new();
     for i in 0..5 {
@@ -138,16 +141,35 @@ async fn listening_clients_do_not_pin_and_share_one_listener_server() {
     for l in &mut listeners {
         l.expect("shared", "fence").await;
     }
-    // SHOW SERVERS lists it, and when the last listener leaves it is closed.
-    let console_servers = e
-        .pooler
-        .shared
-        .servers
-        .snapshot()
+    // SHOW SERVERS and /metrics list it, and when the last listener leaves it is closed.
+    let rows = e
+        .console()
+        .await
+        .simple_query("SHOW SERVERS")
+        .await
+        .unwrap();
+    let listed = rows
         .iter()
-        .filter(|s| s.is_listener())
+        .filter(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                r.get("user") == Some(app.role.as_str())
+                    && r.get("state") == Some("active")
+                    && r.get("application_name")
+                        .is_some_and(|a| a.contains("LISTEN"))
+            }
+            _ => false,
+        })
         .count();
-    assert_eq!(console_servers, 1);
+    assert_eq!(listed, 1);
+    let shared = &e.pooler.shared;
+    let text = shared
+        .metrics
+        .render(&shared.pools.stats(), &shared.roles.samples())
+        .unwrap();
+    assert!(
+        text.contains("dataplane_pooler_servers{state=\"listener\"} 1"),
+        "{text}"
+    );
     drop(listeners);
     eventually("the listener server is closed", async || {
         e.pooler.shared.notify.listeners() == 0 && e.backends(&app.role).await == 1
@@ -214,11 +236,11 @@ async fn a_busy_client_gets_its_notifications_between_transactions() {
     let sender = e.connect(&app).await;
     run(&a.client, "LISTEN jobs").await;
     run(&a.client, "BEGIN; SELECT 1").await;
-    let counts = &e.pooler.shared.notify.counts().delivered;
-    let before = counts.load(Ordering::Relaxed);
+    let counts = &e.pooler.shared.metrics.notifications_delivered;
+    let before = counts.get();
     notify(&sender, "jobs", "while busy").await;
     eventually("the notification is in the client's inbox", async || {
-        counts.load(Ordering::Relaxed) > before
+        counts.get() > before
     })
     .await;
     // It waits while the transaction goes on, and comes right after it.
@@ -344,9 +366,9 @@ async fn a_client_that_never_reads_is_disconnected_and_the_others_are_not_held_u
         let next = reader.next().await;
         assert!(next.payload().starts_with(&format!("{i} ")));
     }
-    let overflows = &e.pooler.shared.notify.counts().overflows;
+    let overflows = &e.pooler.shared.metrics.notification_overflows;
     eventually("the deaf client is disconnected", async || {
-        overflows.load(Ordering::Relaxed) == 1 && e.pooler.shared.clients.len() == clients - 1
+        overflows.get() == 1 && e.pooler.shared.clients.len() == clients - 1
     })
     .await;
     driver.abort();
@@ -460,13 +482,7 @@ async fn no_app_hears_another_apps_notifications_on_any_port() {
         l.expect("orders", "fence").await;
     }
     assert!(
-        e.pooler
-            .shared
-            .notify
-            .counts()
-            .foreign
-            .load(Ordering::Relaxed)
-            > 0,
+        e.pooler.shared.metrics.notifications_dropped.get() > 0,
         "the filter dropped something"
     );
 }
