@@ -10,6 +10,7 @@
 
 mod chart;
 mod fixture;
+mod listen;
 mod load;
 mod pgbench;
 mod procfs;
@@ -56,7 +57,7 @@ struct Args {
     /// Only these targets, comma-separated. Default: all three.
     #[arg(long, value_delimiter = ',')]
     targets: Vec<TargetKind>,
-    /// Only these scenarios by key (a, b, c, d, e, e-pgbench, f, g), comma-separated.
+    /// Only these scenarios by key (a, b, c, d, e, e-pgbench, f, g, h), comma-separated.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Only rewrite the Markdown and chart from a results JSON of an earlier run (into
@@ -111,6 +112,8 @@ fn run_main(args: &Args) -> anyhow::Result<()> {
             op_timeout_secs: 5,
             idle_clients: args.idle_clients.unwrap_or(500),
             idle_max_open_secs: 30,
+            listen_apps: 20,
+            listen_per_app: 5,
         }
     } else {
         Sizes {
@@ -119,6 +122,8 @@ fn run_main(args: &Args) -> anyhow::Result<()> {
             op_timeout_secs: 10,
             idle_clients: args.idle_clients.unwrap_or(10_000),
             idle_max_open_secs: 180,
+            listen_apps: 100,
+            listen_per_app: 10,
         }
     };
     let budget = Budget {
@@ -236,6 +241,7 @@ async fn run(
     );
     let tick = || progress.tick();
     let work_dir = tempfile::tempdir()?;
+    let admin = fixture.db.admin().await;
     let mut rows = Vec::new();
     for kind in kinds {
         let mut running: Option<Target> = None;
@@ -246,9 +252,17 @@ async fn run(
                 progress.inc(1);
                 continue;
             }
+            // A scenario with a budget or mode of its own gets a process of its own.
+            let own = own_setup(s, &budget);
+            if own.is_some()
+                && let Some(t) = running.take()
+            {
+                t.stop().await;
+            }
+            let (budget, session) = own.unwrap_or((budget, false));
             if running.is_none() {
                 progress.set_message(format!("starting {}", kind.label()));
-                match start_healthy(kind, &fixture, &budget, &bins).await {
+                match start_healthy(kind, &fixture, &budget, &bins, session).await {
                     Ok(t) => running = Some(t),
                     Err(e) => {
                         eprintln!("bench: {}: {e:#}", kind.label());
@@ -270,6 +284,7 @@ async fn run(
             };
             progress.set_message(format!("{}: ({}) {}", kind.label(), s.key, s.title));
             let cx = scenarios::Context {
+                admin: &admin,
                 fixture: &fixture,
                 target,
                 probe: &probe,
@@ -291,7 +306,7 @@ async fn run(
             // Each scenario gets a fresh process unless asked otherwise: what one
             // scenario left behind (idle servers, a scheduler's memory of who was
             // served) must not decide the next one's numbers.
-            if !args.one_process
+            if (!args.one_process || own.is_some())
                 && let Some(t) = running.take()
             {
                 t.stop().await;
@@ -307,14 +322,31 @@ async fn run(
     write_results(args, &Report { meta, rows }, &scenarios)
 }
 
-/// Starts a target and proves it serves one point select.
+/// The budget and PgBouncer mode of a scenario that needs its own: `None` when the
+/// run's serve it.
+fn own_setup(s: &Scenario, budget: &Budget) -> Option<(Budget, bool)> {
+    let session = s.pgbouncer_session_mode();
+    (s.server_connections.is_some() || session).then(|| {
+        (
+            Budget {
+                server_connections: s.server_connections.unwrap_or(budget.server_connections),
+                ..*budget
+            },
+            session,
+        )
+    })
+}
+
+/// Starts a target and proves it serves one point select. `session`: PgBouncer in
+/// session mode.
 async fn start_healthy(
     kind: TargetKind,
     fixture: &Fixture,
     budget: &Budget,
     bins: &Binaries,
+    session: bool,
 ) -> anyhow::Result<Target> {
-    let target = Target::start(kind, fixture, budget, bins).await?;
+    let target = Target::start(kind, fixture, budget, bins, session).await?;
     let app = fixture.apps.first().context("no apps")?;
     let check = || async {
         let limit = Duration::from_secs(10);

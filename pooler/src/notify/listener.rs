@@ -35,8 +35,10 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The session as the listener needs it: UTF-8 channel names and payloads whatever the
-/// role's defaults say, and never closed for being idle (it is idle by design).
+/// role's defaults say, never closed for being idle (it is idle by design), and named in
+/// `pg_stat_activity` for operators.
 const SETUP: &str = "SET client_encoding = 'UTF8'; \
+    SET application_name = 'dataplane-pooler LISTEN'; \
     SELECT pg_catalog.set_config('idle_session_timeout', '0', false) \
     WHERE pg_catalog.current_setting('server_version_num')::int >= 140000";
 

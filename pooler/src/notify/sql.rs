@@ -29,12 +29,12 @@ pub fn batch(batch: &Batch) -> String {
     for c in &batch.unlisten {
         sql.push_str("UNLISTEN ");
         sql.push_str(&escape_identifier(c.as_str()));
-        sql.push_str(";");
+        sql.push(';');
     }
     for c in &batch.listen {
         sql.push_str("LISTEN ");
         sql.push_str(&escape_identifier(c.as_str()));
-        sql.push_str(";");
+        sql.push(';');
     }
     sql
 }
@@ -47,7 +47,7 @@ pub fn prime<'a>(channels: impl IntoIterator<Item = &'a Channel>, in_transaction
     for c in channels {
         sql.push_str("LISTEN ");
         sql.push_str(&escape_identifier(c.as_str()));
-        sql.push_str(";");
+        sql.push(';');
     }
     if in_transaction {
         sql.push_str("SELECT pg_catalog.set_config('");

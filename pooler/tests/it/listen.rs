@@ -447,7 +447,7 @@ async fn no_app_hears_another_apps_notifications_on_any_port() {
     for l in &a_listeners {
         run(&l.client, "LISTEN orders").await;
     }
-    let a_senders = vec![
+    let a_senders = [
         e.connect(&a).await,
         dataplane_tests::connect(&e.config_on_port(&a.role, &a.password, session_port))
             .await
