@@ -59,13 +59,15 @@ pub fn prime<'a>(channels: impl IntoIterator<Item = &'a Channel>, in_transaction
 
 /// After a transaction that may have changed the client's channels: one row `m` with
 /// the marker, one row `c` per channel (hex of its UTF-8 bytes, whatever the session's
-/// client_encoding), then the server forgets them all. `marked`: a prime set the marker,
-/// which is reset too.
-pub fn read_back(marked: bool) -> String {
+/// client_encoding), at most `max` of them (a client may LISTEN on a million channels
+/// in one transaction; the pooler reads one more than it allows, to know), then the
+/// server forgets them all. `marked`: a prime set the marker, which is reset too.
+pub fn read_back(marked: bool, max: usize) -> String {
+    let limit = max.saturating_add(1);
     let mut sql = format!(
         "SELECT 'm', pg_catalog.current_setting('{MARK}', true) \
-         UNION ALL SELECT 'c', pg_catalog.encode(pg_catalog.convert_to(c, 'UTF8'), 'hex') \
-         FROM pg_catalog.pg_listening_channels() c; UNLISTEN *"
+         UNION ALL (SELECT 'c', pg_catalog.encode(pg_catalog.convert_to(c, 'UTF8'), 'hex') \
+         FROM pg_catalog.pg_listening_channels() c LIMIT {limit}); UNLISTEN *"
     );
     if marked {
         sql.push_str("; RESET ");
@@ -160,8 +162,8 @@ mod tests {
         assert_eq!(batch(&b), "UNLISTEN \"old\";LISTEN \"Orders \"\"new\"\"\";");
         assert_eq!(prime(&set(&["a"]), false), "LISTEN \"a\";");
         assert!(prime(&set(&["a"]), true).ends_with("'dp_pooler.listen_mark', 'on', false);"));
-        assert!(read_back(false).ends_with("UNLISTEN *"));
-        assert!(read_back(true).ends_with("; RESET dp_pooler.listen_mark"));
+        assert!(read_back(false, 3).ends_with("LIMIT 4); UNLISTEN *"));
+        assert!(read_back(true, 3).ends_with("; RESET dp_pooler.listen_mark"));
     }
 
     #[test]

@@ -145,7 +145,9 @@ pub(super) async fn settle(
     let primed = std::mem::replace(&mut s.primed, Primed::No);
     s.pending.listen = false;
     s.pending.unlisten = false;
-    let rows = match bounded_rows(server, &sql::read_back(primed == Primed::Inside)).await {
+    let max_channels = shared.config().max_client_listen_channels;
+    let text = sql::read_back(primed == Primed::Inside, max_channels);
+    let rows = match bounded_rows(server, &text).await {
         Ok(rows) => rows,
         Err(e) => return server_lost(s, false, format!("reading the LISTEN channels: {e}")).await,
     };
