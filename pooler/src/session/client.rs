@@ -45,6 +45,15 @@ pub struct Session {
     pub buf: BytesMut,
 }
 
+impl Session {
+    /// Notifications (or an overflow to report) wait in the client's inbox.
+    pub fn notified(&self) -> bool {
+        self.listening
+            .as_deref()
+            .is_some_and(|sub| sub.inbox().is_ready())
+    }
+}
+
 /// What an idle client keeps for the start of its next request: the big buffers are
 /// the server's, lent for the stretch (10,000 idle clients must cost little memory).
 pub const IDLE_CHUNK: usize = 256;

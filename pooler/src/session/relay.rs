@@ -59,6 +59,12 @@ pub async fn run(
         closing: shared.closing.clone(),
     };
     loop {
+        // Between transactions: what waits in the inbox goes out now, also to a client
+        // whose next request is already here (one that always sends its next request
+        // at once would otherwise never get any).
+        if s.notified() {
+            listen::deliver(&mut s, shared, &signals, client).await?;
+        }
         // Idle: no server. Wait for a whole message header from the client, and give
         // it its notifications as they come.
         while s.buf.len() < 5 {
@@ -386,6 +392,15 @@ async fn link(
             Some(Stop::Closing) => return closing_error(s, scan.tracker.in_flight()).await,
             Some(Stop::Revoked) => return revoked_error(s).await,
             _ => {}
+        }
+        // A pinned client between its transactions gets its notifications before its
+        // next request goes on, even one already here.
+        let between = scan.tracker.idle()
+            && client_cursor.at_boundary()
+            && scan.cursor.at_boundary()
+            && sbuf.is_empty();
+        if between && s.notified() {
+            listen::deliver(s, shared, signals, client).await?;
         }
         if !s.buf.is_empty() {
             // Before this batch: the server's status, if nothing of the client's is in

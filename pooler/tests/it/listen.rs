@@ -486,3 +486,27 @@ async fn no_app_hears_another_apps_notifications_on_any_port() {
         "the filter dropped something"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_always_has_its_next_request_waiting_still_gets_notifications() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(2).await;
+    let mut a = listening(&config(&e, &app)).await;
+    run(&a.client, "LISTEN busy").await;
+    let sender = e.connect(&app).await;
+    notify(&sender, "busy", "to a busy client").await;
+    // Ten requests in flight at a time, back to back: the next one is always there.
+    let mut got = None;
+    for _ in 0..2000 {
+        let batch = (0..10).map(|_| a.client.simple_query("SELECT 1"));
+        for r in futures_util::future::join_all(batch).await {
+            r.unwrap();
+        }
+        if let Ok(n) = a.notes.try_recv() {
+            got = Some(n);
+            break;
+        }
+    }
+    let n = got.expect("the notification came between its transactions");
+    assert_eq!(n.payload(), "to a busy client");
+}
