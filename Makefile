@@ -1,5 +1,6 @@
 # The two commands of the README's quick start, and what CI runs.
 #   make dev   - Postgres + provisioner on this machine, with a demo app and a psql line
+#                (REPLICAS=2: two pooler replicas)
 #   make test  - every check and test (what .ci/run runs)
 #   make deploy-check - the offline checks of deploy/ (part of make test)
 #   make bench - the full benchmark (README, "Benchmark") into bench/results/
@@ -13,8 +14,10 @@ SHELL := bash
 deps:
 	@.ci/install-deps
 
+# REPLICAS=2 starts two pooler replicas sharing one budget.
+REPLICAS ?= 1
 dev: deps
-	$(CARGO) run --quiet --locked -p dataplane-tests --bin devstack
+	$(CARGO) run --quiet --locked -p dataplane-tests --bin devstack -- --replicas $(REPLICAS)
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -245,15 +245,20 @@ def check_pooler(docs: list[dict]) -> None:
     pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     require(pod["terminationGracePeriodSeconds"] > grace + pre_stop,
             "terminationGracePeriodSeconds must exceed the drain grace plus the preStop sleep")
-    # The budget: the file states the per-replica share for the base's replica count.
-    replicas = one(docs, "Deployment", "pooler")["spec"]["replicas"]
+    # The budget: max_server_connections is cluster B's whole budget, shared by the
+    # replicas through the registry; no replica count is baked into it.
     text = (K8S / "base" / "pooler.toml").read_text()
-    m = re.search(r"Here B = (\d+) and the Deployment has (\d+) replicas: (\d+) each", text)
+    m = re.search(r"Here B = (\d+), shared by every replica", text)
     require(m is not None, "pooler.toml's budget comment is missing")
-    budget, stated, share = map(int, m.groups())
-    require(stated == replicas and share == budget // replicas == config["max_server_connections"],
-            f"pooler.toml: max_server_connections {config['max_server_connections']} is not "
-            f"B {budget} / {replicas} replicas")
+    require(int(m.group(1)) == config["max_server_connections"],
+            f"pooler.toml: max_server_connections {config['max_server_connections']} is not B {m.group(1)}")
+    require(not re.search(r"replicas: \d+ each|B / replicas", text),
+            "pooler.toml divides the budget by a replica count again")
+    # Cancel forwarding: each replica advertises its pod IP on the client port.
+    require(env.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP",
+            "POD_IP from the downward API")
+    require(env.get("POOLER_ADVERTISE_ADDR", {}).get("value") == f"$(POD_IP):{ports.get('pg')}",
+            "POOLER_ADVERTISE_ADDR is the pod IP and the pg port")
     volumes = {v["name"]: v for v in pod["volumes"]}
     require(volumes["config"]["configMap"]["name"].startswith("pooler-config"), "config volume")
     for mount in c["volumeMounts"]:
@@ -329,6 +334,22 @@ def check_network_policies(docs: list[dict]) -> None:
                        for f in rule.get("from", [])):
                     found |= {p["port"] for p in rule.get("ports", [])}
         return found
+
+    # Replicas forward cancel requests to each other's client port, in and out.
+    pooler = {"app.kubernetes.io/name": "pooler"}
+    peer_in = any(
+        selects(np["spec"]["podSelector"], pooler)
+        and any(any(selects(f.get("podSelector", {"matchLabels": {"-": "-"}}), pooler) for f in r.get("from", []))
+                and any(p["port"] == "pg" for p in r.get("ports", []))
+                for r in np["spec"].get("ingress", []))
+        for np in by_kind(docs, "NetworkPolicy"))
+    peer_out = any(
+        selects(np["spec"]["podSelector"], pooler)
+        and any(any(selects(t.get("podSelector", {"matchLabels": {"-": "-"}}), pooler) for t in r.get("to", []))
+                and any(p["port"] in (5432, "pg") for p in r.get("ports", []))
+                for r in np["spec"].get("egress", []))
+        for np in by_kind(docs, "NetworkPolicy"))
+    require(peer_in and peer_out, "pooler replicas must reach each other's pg port (cancel forwarding)")
 
     apps, control = "dataplane.talkide.io/apps", "dataplane.talkide.io/control-plane"
     require(ingress_ports("pooler", apps) == {"pg"}, "app namespaces must reach the pooler's pg port only")

@@ -76,8 +76,10 @@ pub struct Config {
     /// Clients accepted at once over all ports; past it new clients get 53300.
     /// Default 10000.
     pub max_client_conn: usize,
-    /// Server connections for all roles together: this replica's share of the cluster's
-    /// budget. Default 40.
+    /// Server connections for all roles together, over every replica of the pooler in
+    /// front of the cluster (README, "Running several replicas"): the replicas share it
+    /// by demand through the registry in Postgres. Give every replica the same value;
+    /// when they differ, the least binds. Default 40.
     pub max_server_connections: usize,
     /// Server connections per role when its credentials row names none. Default 5.
     pub default_pool_size: usize,
@@ -141,6 +143,24 @@ pub struct Config {
     /// With `metrics_per_role`, the busiest roles that get their own series; the rest
     /// are summed as `role="_other"`. Default 50.
     pub metrics_max_roles: usize,
+    /// Where the other replicas reach this one (`host:port`) to forward a
+    /// CancelRequest for a key this replica minted; in Kubernetes, the pod IP from the
+    /// downward API and the client port. Default: `listen` when it names one address,
+    /// else none, and a cancel that lands on another replica is then dropped.
+    pub advertise_addr: Option<String>,
+    /// How often this replica heartbeats its demand and what it holds into
+    /// `dataplane_auth.replicas` and reads every replica's share back. While slots are
+    /// moving it heartbeats four times as often. Default 1000 ms.
+    pub replica_heartbeat_ms: u64,
+    /// A replica silent this long counts as dead: the others take its share and its
+    /// id. At least three heartbeats. Shorter: a crashed replica's share returns
+    /// sooner; longer: a replica that is slow to reach Postgres is less likely to be
+    /// counted out while it still holds servers. Default 5000 ms.
+    pub replica_lease_ms: u64,
+    /// CancelRequests per client address per minute that this replica forwards to
+    /// the replica that minted the key; past it they are dropped, so a client cannot
+    /// use the replicas as an amplifier. Default 600.
+    pub cancel_forwards_per_address_per_minute: u32,
     /// Connections (as `dp_pooler`) used for `dataplane_auth.lookup`. Default 2.
     pub auth_pool_size: usize,
     /// Keys the mock verifiers of unknown roles. Give every replica the same value
@@ -237,6 +257,10 @@ impl Default for Config {
             auth_failures_per_role_per_minute: 20,
             auth_failures_per_address_per_minute: 50,
             auth_pool_size: 2,
+            advertise_addr: None,
+            replica_heartbeat_ms: 1_000,
+            replica_lease_ms: 5_000,
+            cancel_forwards_per_address_per_minute: 600,
             auth_mock_secret: None,
             max_prepared_statements: 200,
             max_client_prepared_statements: 10_000,
@@ -402,6 +426,21 @@ impl Config {
             }
             _ => {}
         }
+        if self.replica_heartbeat_ms == 0
+            || self.replica_lease_ms < 3 * self.replica_heartbeat_ms
+            || !(1_000..=600_000).contains(&self.replica_lease_ms)
+        {
+            return bad(
+                "replica_heartbeat_ms must be at least 1 and replica_lease_ms at least three \
+                 heartbeats, between 1000 and 600000"
+                    .into(),
+            );
+        }
+        if let Some(addr) = &self.advertise_addr {
+            if let Err(e) = parse_advertise_addr(addr) {
+                return bad(format!("advertise_addr {addr:?}: {e}"));
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return bad(format!("log_level {:?}: {e}", self.log_level));
         }
@@ -412,6 +451,23 @@ impl Config {
     pub fn max_listener_servers(&self) -> usize {
         self.max_listener_servers
             .unwrap_or((self.max_server_connections / 4).max(1))
+    }
+
+    /// What this replica registers as its address for forwarded cancels: the
+    /// configured one, else `listen` when it names one address.
+    pub fn advertised(&self) -> Option<String> {
+        match &self.advertise_addr {
+            Some(a) => Some(a.clone()),
+            None if !self.listen.ip().is_unspecified() => Some(self.listen.to_string()),
+            None => None,
+        }
+    }
+
+    pub fn replica_heartbeat(&self) -> Duration {
+        ms(self.replica_heartbeat_ms)
+    }
+    pub fn replica_lease(&self) -> Duration {
+        ms(self.replica_lease_ms)
     }
 
     /// The pin bound for a role with this pool size.
@@ -447,6 +503,19 @@ impl Config {
     pub fn auth_cache_ttl(&self) -> Duration {
         ms(self.auth_cache_ttl_ms)
     }
+}
+
+/// `host:port` as the registry stores it (sql/0002 checks the same shape): a host of
+/// letters, digits, dots, dashes, colons and brackets (an IPv6 literal is bracketed),
+/// and a port.
+pub fn parse_advertise_addr(s: &str) -> Result<(&str, u16), &'static str> {
+    let (host, port) = s.rsplit_once(':').ok_or("expected host:port")?;
+    let port: u16 = port.parse().map_err(|_| "the port is not a number")?;
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']');
+    if host.is_empty() || s.len() > 261 || !host.chars().all(ok) || port == 0 {
+        return Err("expected host:port with a host name or IP address");
+    }
+    Ok((host.trim_start_matches('[').trim_end_matches(']'), port))
 }
 
 impl Admin {
@@ -538,6 +607,39 @@ mod tests {
             assert!(c.validate().is_err());
         }
         assert_eq!(Config::default().max_listener_servers(), 10);
+    }
+
+    #[test]
+    fn the_advertised_address_is_checked_and_defaults_to_a_specific_listen() {
+        assert_eq!(Config::default().advertised(), None, "0.0.0.0 names no one");
+        let c = Config {
+            listen: "10.1.2.3:6432".parse().unwrap(),
+            ..Config::default()
+        };
+        assert_eq!(c.advertised().as_deref(), Some("10.1.2.3:6432"));
+        assert_eq!(
+            parse_advertise_addr("pod-1.pooler:5432"),
+            Ok(("pod-1.pooler", 5432))
+        );
+        assert_eq!(
+            parse_advertise_addr("[fd00::1]:5432"),
+            Ok(("fd00::1", 5432))
+        );
+        for bad in ["", "host", "host:0", "host:x", ":5432", "a b:1", "h';--:1"] {
+            let c = Config {
+                advertise_addr: Some(bad.into()),
+                ..Config::default()
+            };
+            assert!(c.validate().is_err(), "{bad:?}");
+        }
+        let c = Config {
+            replica_lease_ms: 2_000,
+            ..Config::default()
+        };
+        assert!(
+            c.validate().is_err(),
+            "a lease shorter than three heartbeats"
+        );
     }
 
     #[test]

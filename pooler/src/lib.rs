@@ -16,6 +16,8 @@
 //!   (SCRAM pass-through), what a server reports and what is prepared on it;
 //! - [`notify`]: LISTEN in transaction mode: one listener server per role with
 //!   listening clients, their inboxes, and the sender check that keeps apps apart;
+//! - [`replicas`]: several pooler replicas acting as one through a registry in
+//!   Postgres: this replica's share of the cluster's budget, cancel forwarding;
 //! - [`shared`]: what every client task shares: per-role state, cancel keys, the
 //!   pause switch, and the connector that opens servers for the pools;
 //! - [`limits`]: what a configuration asks of the process (open files) and the pools;
@@ -44,6 +46,7 @@ pub mod net;
 pub mod auth;
 pub mod backend;
 pub mod notify;
+pub mod replicas;
 pub mod shared;
 pub mod limits;
 pub mod control;

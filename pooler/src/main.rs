@@ -53,9 +53,13 @@ struct Cli {
         hide = true
     )]
     auth_mock_secret: Option<String>,
-    /// Server connections for all roles together. Default 40.
+    /// Server connections for all roles together, over all replicas. Default 40.
     #[arg(long, env = "POOLER_MAX_SERVER_CONNECTIONS")]
     max_server_connections: Option<usize>,
+    /// host:port where the other replicas forward cancel requests for this replica's
+    /// clients (in Kubernetes: the pod IP). Default: --listen when it names one address.
+    #[arg(long, env = "POOLER_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
     /// Server connections per role unless its credentials row says otherwise. Default 5.
     #[arg(long, env = "POOLER_DEFAULT_POOL_SIZE")]
     default_pool_size: Option<usize>,
@@ -239,6 +243,9 @@ fn load(cli: &Cli) -> Result<Config, ConfigError> {
     }
     if let Some(v) = cli.max_server_connections {
         c.max_server_connections = v;
+    }
+    if cli.advertise_addr.is_some() {
+        c.advertise_addr = cli.advertise_addr.clone();
     }
     if let Some(v) = cli.default_pool_size {
         c.default_pool_size = v;

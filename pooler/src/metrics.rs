@@ -32,6 +32,23 @@ pub struct RoleSample {
     pub queries: u64,
 }
 
+/// This replica's part in the replica registry at a scrape.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaSample {
+    /// Its share of the cluster's budget, as computed from the registry's rows.
+    pub share: u32,
+    /// What its roles could use (the peak it last reported).
+    pub demand: u32,
+    /// Live replicas in its last view of the registry.
+    pub replicas: usize,
+    /// Since its last answered heartbeat; `None` before the first.
+    pub heartbeat_age: Option<std::time::Duration>,
+    pub heartbeats_ok: u64,
+    pub heartbeats_failed: u64,
+    /// Cancel forwards by result label.
+    pub forwards: Vec<(&'static str, u64)>,
+}
+
 const PREFIX: &str = "dataplane_pooler";
 
 #[derive(Debug, thiserror::Error)]
@@ -235,9 +252,15 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of everything.
-    pub fn render(&self, pools: &PoolStats, roles: &[RoleSample]) -> Result<String, MetricsError> {
+    pub fn render(
+        &self,
+        pools: &PoolStats,
+        roles: &[RoleSample],
+        replicas: &ReplicaSample,
+    ) -> Result<String, MetricsError> {
         let scrape = Registry::new();
         self.scrape_gauges(&scrape, pools, roles)?;
+        scrape_replicas(&scrape, pools, replicas)?;
         let mut families = self.registry.gather();
         families.extend(scrape.gather());
         families.sort_by(|a, b| a.name().cmp(b.name()));
@@ -343,7 +366,8 @@ impl Metrics {
         )?;
         gauge(
             "budget_limit",
-            "max_server_connections of this replica.",
+            "Server connections this replica may open now: its share of the cluster's \
+             budget in force.",
             pools.max_server_connections,
         )?;
         let count = |short: &str, help: &str, v: u64| -> Result<(), MetricsError> {
@@ -403,6 +427,70 @@ impl Metrics {
             .map(|(_, n)| (n.to_owned(), ()))
             .collect()
     }
+}
+
+/// The replica's share of the cluster's budget, its demand and heartbeat, the other
+/// replicas, and the cancels it forwarded.
+fn scrape_replicas(
+    scrape: &Registry,
+    pools: &PoolStats,
+    r: &ReplicaSample,
+) -> Result<(), MetricsError> {
+    let gauge = |short: &str, help: &str, v: f64| -> Result<(), MetricsError> {
+        let g = prometheus::Gauge::new(name(short), help)?;
+        g.set(v);
+        scrape.register(Box::new(g))?;
+        Ok(())
+    };
+    gauge(
+        "cluster_budget_limit",
+        "max_server_connections: server connections for all replicas together.",
+        f64::from(pools.cluster_budget),
+    )?;
+    gauge(
+        "replica_share",
+        "This replica's share of the cluster's budget, computed from the registry.",
+        f64::from(r.share),
+    )?;
+    gauge(
+        "replica_demand",
+        "Server connections this replica's roles could use (peak since the last heartbeat).",
+        f64::from(r.demand),
+    )?;
+    gauge(
+        "replicas",
+        "Live replicas in the registry, as this replica last saw it.",
+        r.replicas as f64,
+    )?;
+    gauge(
+        "replica_heartbeat_age_seconds",
+        "Since this replica's last answered heartbeat (+Inf before the first).",
+        r.heartbeat_age.map_or(f64::INFINITY, |d| d.as_secs_f64()),
+    )?;
+    let beats = IntCounterVec::new(
+        Opts::new(
+            name("replica_heartbeats_total"),
+            "Heartbeats into the replica registry by result.",
+        ),
+        &["result"],
+    )?;
+    beats.with_label_values(&["ok"]).inc_by(r.heartbeats_ok);
+    beats
+        .with_label_values(&["error"])
+        .inc_by(r.heartbeats_failed);
+    scrape.register(Box::new(beats))?;
+    let forwards = IntCounterVec::new(
+        Opts::new(
+            name("cancel_forwards_total"),
+            "CancelRequests for another replica's clients, by what became of them.",
+        ),
+        &["result"],
+    )?;
+    for &(result, n) in &r.forwards {
+        forwards.with_label_values(&[result]).inc_by(n);
+    }
+    scrape.register(Box::new(forwards))?;
+    Ok(())
 }
 
 /// Per-role counters the relay adds to at the end of each linked stretch.

@@ -45,6 +45,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "auth_cache_ttl_ms",
     "auth_failures_per_role_per_minute",
     "auth_failures_per_address_per_minute",
+    "cancel_forwards_per_address_per_minute",
     "auth_pool_size",
     "auth_mock_secret",
     "upstream",
@@ -72,6 +73,7 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
     new.auth_cache_ttl_ms = old.auth_cache_ttl_ms;
     new.auth_failures_per_role_per_minute = old.auth_failures_per_role_per_minute;
     new.auth_failures_per_address_per_minute = old.auth_failures_per_address_per_minute;
+    new.cancel_forwards_per_address_per_minute = old.cancel_forwards_per_address_per_minute;
     new.auth_pool_size = old.auth_pool_size;
     new.auth_mock_secret = old.auth_mock_secret.clone();
     new.upstream = old.upstream.clone();
@@ -110,7 +112,12 @@ pub fn flatten(config: &Config) -> BTreeMap<String, String> {
         walk("", &value, &mut out);
     }
     // Optional keys that are unset still exist; show them empty.
-    for key in ["session_listen", "max_pinned_per_role", "admin.user"] {
+    for key in [
+        "session_listen",
+        "max_pinned_per_role",
+        "admin.user",
+        "advertise_addr",
+    ] {
         out.entry(key.to_owned()).or_default();
     }
     out
@@ -250,6 +257,7 @@ mod tests {
             auth_cache_ttl_ms: 1,
             auth_failures_per_role_per_minute: 1,
             auth_failures_per_address_per_minute: 1,
+            cancel_forwards_per_address_per_minute: 1,
             auth_pool_size: 9,
             auth_mock_secret: Some(Secret::new("x")),
             ..Config::default()

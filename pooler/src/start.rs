@@ -24,6 +24,7 @@ use crate::net::{self, Tracker, tls};
 use crate::notify::Hub;
 use crate::notify::senders::{PgStatActivity, Senders};
 use crate::pool::Pools;
+use crate::replicas::Replicas;
 use crate::session;
 use crate::shared::{self, CancelMap, Hooks, PassThrough, Roles, Shared};
 
@@ -106,6 +107,8 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         metrics: metrics.clone(),
     });
     let pools = Pools::new(pool_config(&config), connector);
+    let replicas =
+        Replicas::new(config.cancel_forwards_per_address_per_minute).map_err(StartError::Random)?;
     let mock_secret: [u8; 32] = match &config.auth_mock_secret {
         Some(secret) => {
             use sha2::Digest;
@@ -144,6 +147,7 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         roles: roles.clone(),
         pools: pools.clone(),
         cancels: Arc::new(CancelMap::default()),
+        replicas: replicas.clone(),
         limiter: AuthLimiter::new(
             config.auth_failures_per_role_per_minute,
             config.auth_failures_per_address_per_minute,
@@ -171,6 +175,11 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
     });
 
     tokio::spawn(cache.clone().run_listener(shutdown_rx.clone()));
+    let settings = shared.clone();
+    replicas.spawn(pools.clone(), cache.clone(), move || {
+        let c = settings.config();
+        replica_settings(&c)
+    });
     tokio::spawn(shared::apply_changes(cache.clone(), roles, pools));
     let tasks = Tracker::default();
     let on = |listener: Listener| {
@@ -247,6 +256,16 @@ pub fn raise_open_files(config: &Config) -> Result<(), StartError> {
     Ok(crate::limits::raise_open_files(config)?)
 }
 
+/// What the heartbeat reads from the configuration in force.
+fn replica_settings(c: &Config) -> crate::replicas::Settings {
+    crate::replicas::Settings {
+        heartbeat: c.replica_heartbeat(),
+        lease: c.replica_lease(),
+        budget: u32::try_from(c.max_server_connections).unwrap_or(u32::MAX),
+        addr: c.advertised(),
+    }
+}
+
 /// After the grace period, how long closing clients get to be told.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -286,5 +305,9 @@ impl Running {
             self.shared.clients.wake_all();
             let _ = tokio::time::timeout(CLOSE_WAIT, self.tasks.wait()).await;
         }
+        // Last: the servers close and the row goes, so the other replicas may grow
+        // into this one's share at once.
+        let shared = &self.shared;
+        shared.replicas.leave(&shared.pools, &shared.cache).await;
     }
 }

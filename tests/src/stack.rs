@@ -70,7 +70,7 @@ pub async fn start_pooler_with(config: Config, hooks: pooler::Hooks) -> Running 
 
 async fn wait_ready(pooler: &Running) {
     for _ in 0..200 {
-        if pooler.shared.cache.is_listening() {
+        if pooler.shared.cache.is_listening() && pooler.shared.replicas.registered() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;

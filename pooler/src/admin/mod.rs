@@ -35,15 +35,17 @@ pub fn app(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/pools", get(pools))
+        .route("/v1/replicas", get(replicas))
         .route("/v1/reload", post(reload))
         .with_state(state)
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let shared = &state.shared;
+    let replicas = shared.replicas.stats().sample();
     match shared
         .metrics
-        .render(&shared.pools.stats(), &shared.roles.samples())
+        .render(&shared.pools.stats(), &shared.roles.samples(), &replicas)
     {
         Ok(text) => (
             [(
@@ -63,6 +65,11 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 /// One object per role, with `SHOW POOLS`'s columns as keys.
 async fn pools(State(state): State<AdminState>) -> Response {
     axum::Json(tables::pools(&state.shared).to_json()).into_response()
+}
+
+/// This replica's share of the cluster's budget and every live replica's.
+async fn replicas(State(state): State<AdminState>) -> Response {
+    axum::Json(tables::replicas_json(&state.shared)).into_response()
 }
 
 /// Re-reads the configuration: 200 with what was applied and what takes a restart, or
@@ -98,6 +105,13 @@ async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
         // Without the LISTEN connection Postgres is unreachable, or revocations would
         // go unnoticed: either way, send no new clients here.
         (StatusCode::SERVICE_UNAVAILABLE, "postgres unreachable\n")
+    } else if !state.shared.replicas.registered() {
+        // No share of the budget yet: it could serve nobody. Stays so when the
+        // registry is missing (sql/0002 not applied), which the log says.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not registered as a replica yet\n",
+        )
     } else {
         (StatusCode::OK, "ready\n")
     }

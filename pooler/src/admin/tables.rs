@@ -465,6 +465,68 @@ pub fn lists(shared: &Shared) -> Table {
     t
 }
 
+/// `SHOW PEERS`: the live replicas in the registry as this one last saw them, with
+/// PgBouncer's columns first (`pool_size` is the replica's share of the budget).
+pub fn peers(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("peer_id", I),
+        ("host", T),
+        ("port", I),
+        ("pool_size", I),
+        ("self", I),
+        ("demand", I),
+        ("holding", I),
+        ("heartbeat_age_ms", I),
+        ("started", T),
+    ]);
+    let view = shared.replicas.view();
+    let now_ms = view.now_ms();
+    for p in &view.peers {
+        let (host, port) = p
+            .addr
+            .as_deref()
+            .and_then(|a| crate::config::parse_advertise_addr(a).ok())
+            .map_or((Cell::Null, Cell::Null), |(h, port)| (text(h), int(port)));
+        let started_us = u64::try_from(p.row.started_ms).unwrap_or(0) * 1000;
+        t.rows.push(vec![
+            int(p.row.id),
+            host,
+            port,
+            int(view.shares.of(p.row.id).unwrap_or(0)),
+            int(i64::from(p.row.id == view.me)),
+            int(p.row.demand),
+            int(p.row.holding),
+            int(now_ms.saturating_sub(p.row.heartbeat_ms).max(0)),
+            text(timestamp(started_us)),
+        ]);
+    }
+    t
+}
+
+/// `/v1/replicas`: this replica's share and heartbeat, its cancel forwards, and
+/// `SHOW PEERS`'s rows.
+pub fn replicas_json(shared: &Shared) -> serde_json::Value {
+    let r = shared.replicas.stats();
+    let pools = shared.pools.stats();
+    let forwards: serde_json::Map<String, serde_json::Value> = crate::replicas::Outcome::ALL
+        .iter()
+        .zip(r.forwards)
+        .map(|(o, n)| (o.as_str().to_owned(), serde_json::Value::from(n)))
+        .collect();
+    serde_json::json!({
+        "id": r.id,
+        "budget": pools.cluster_budget,
+        "share": r.share,
+        "cap": pools.max_server_connections,
+        "servers": pools.servers_in_use,
+        "demand": r.demand,
+        "heartbeat_age_ms": r.heartbeat_age.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        "heartbeats": {"ok": r.heartbeats_ok, "failed": r.heartbeats_failed},
+        "cancel_forwards": forwards,
+        "replicas": peers(shared).to_json(),
+    })
+}
+
 /// `YYYY-MM-DD HH:MM:SS UTC`, as PgBouncer prints times.
 pub fn timestamp(unix_us: u64) -> String {
     let secs = i64::try_from(unix_us / 1_000_000).unwrap_or(i64::MAX);

@@ -246,7 +246,20 @@ impl VerifierCache {
     }
 
     async fn connect(&self) -> Result<tokio_postgres::Client, LookupError> {
-        let (client, _) = self.open(None).await.map_err(LookupError::Unavailable)?;
+        let (client, _) = self
+            .open(None, "dataplane-pooler-auth")
+            .await
+            .map_err(LookupError::Unavailable)?;
+        Ok(client)
+    }
+
+    /// A connection of its own as the auth user, for another of its duties (the
+    /// replica registry), so that work never waits behind a login storm's lookups.
+    pub async fn connect_auth_user(
+        &self,
+        application_name: &str,
+    ) -> Result<tokio_postgres::Client, String> {
+        let (client, _) = self.open(None, application_name).await?;
         Ok(client)
     }
 
@@ -255,8 +268,10 @@ impl VerifierCache {
     async fn open(
         &self,
         notify: Option<tokio::sync::mpsc::UnboundedSender<Result<String, String>>>,
+        application_name: &str,
     ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), String> {
-        let config = self.pg_config();
+        let mut config = self.pg_config();
+        config.application_name(application_name);
         match &self.tls {
             None => {
                 let (client, connection) = config
@@ -319,7 +334,7 @@ impl VerifierCache {
         shutdown: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), String> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let (client, driver) = self.open(Some(tx)).await?;
+        let (client, driver) = self.open(Some(tx), "dataplane-pooler-auth").await?;
         let result = async {
             client
                 .batch_execute("LISTEN dataplane_auth")

@@ -94,6 +94,36 @@ impl AuthLimiter {
     }
 }
 
+/// Counts every attempt (not only failures) per client address, with the same
+/// window and address unit as [`AuthLimiter`]: for requests that cost the pooler
+/// work on someone else's behalf, such as forwarding a cancel to another replica.
+pub struct PerAddress {
+    limit: u32,
+    addresses: Mutex<Window<IpAddr>>,
+}
+
+impl PerAddress {
+    pub fn new(limit: u32) -> Self {
+        PerAddress {
+            limit,
+            addresses: Mutex::new(Window {
+                counts: HashMap::new(),
+            }),
+        }
+    }
+
+    /// Whether one more request from `addr` is allowed now; an allowed one counts.
+    pub fn allow(&self, addr: IpAddr, now: Instant) -> bool {
+        let mut w = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        let key = source(addr);
+        if w.over(&key, self.limit, now) {
+            return false;
+        }
+        w.fail(&key, now);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +146,19 @@ mod tests {
         }
         assert!(l.throttled("fresh", b, t0), "per address");
         assert!(!l.throttled("r", a, t0 + WINDOW));
+    }
+
+    #[test]
+    fn per_address_counts_every_request() {
+        let l = PerAddress::new(2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "fd00::1".parse().unwrap();
+        let b_too: IpAddr = "fd00::2".parse().unwrap();
+        let t0 = Instant::now();
+        assert!(l.allow(a, t0) && l.allow(a, t0));
+        assert!(!l.allow(a, t0));
+        assert!(l.allow(b, t0) && l.allow(b_too, t0));
+        assert!(!l.allow(b, t0), "one /64 is one source");
+        assert!(l.allow(a, t0 + WINDOW));
     }
 }

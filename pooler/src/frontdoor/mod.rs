@@ -136,7 +136,8 @@ pub async fn arrive(
     // Boxed: a task's future is as big as its biggest state, and an idle client should
     // not carry the negotiation's for its whole life (10,000 idle clients must cost
     // little memory).
-    let Some((mut stream, startup, buf)) = Box::pin(negotiate(stream, shared, deadline)).await?
+    let Some((mut stream, startup, buf)) =
+        Box::pin(negotiate(stream, peer, shared, deadline)).await?
     else {
         return Ok(None);
     };
@@ -167,6 +168,7 @@ pub async fn arrive(
 /// the startup packet. `None`: the connection was a cancel request, now served.
 async fn negotiate(
     mut stream: Stream,
+    peer: SocketAddr,
     shared: &Shared,
     deadline: tokio::time::Instant,
 ) -> Result<Option<(Stream, Vec<(String, String)>, BytesMut)>, SessionError> {
@@ -212,10 +214,18 @@ async fn negotiate(
             }
             StartupPacket::GssEncRequest => stream.write_all(b"N").await?,
             StartupPacket::Cancel { pid, secret } => {
-                if let Some(key) = shared.cancels.resolve(pid, secret) {
-                    shared.metrics.cancels.inc();
-                    if let Err(e) = crate::backend::cancel(&shared.target, key).await {
-                        tracing::warn!(error = %e, "forwarding a cancel request failed");
+                // This replica's own keys first (a forwarded request carries the hop
+                // bit); another replica's key goes to that replica, once.
+                let own = crate::replicas::key::unmarked(pid);
+                match shared.cancels.resolve(own, secret) {
+                    Some(key) => {
+                        shared.metrics.cancels.inc();
+                        if let Err(e) = crate::backend::cancel(&shared.target, key).await {
+                            tracing::warn!(error = %e, "forwarding a cancel request failed");
+                        }
+                    }
+                    None => {
+                        let _ = shared.replicas.forward_cancel(peer.ip(), pid, secret).await;
                     }
                 }
                 return Ok(None);

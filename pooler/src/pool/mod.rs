@@ -5,6 +5,8 @@
 //! * this module: [`Pools`], the async shell around it. It owns the connector, performs
 //!   the scheduler's [`scheduler::Action`]s (hand a server to a waiter, log one in,
 //!   close one) and runs maintenance.
+//! * [`share`]: the pure computation of this replica's share of the cluster's budget
+//!   when several replicas run (registry rows in, shares out).
 //! * [`Checkout`] (`guard.rs`): a checked-out server. `release()` returns it clean;
 //!   dropping it any other way closes it, so a client that dies mid-transaction can
 //!   never hand on a dirty server.
@@ -22,6 +24,7 @@
 
 mod guard;
 pub mod scheduler;
+pub mod share;
 mod slab;
 #[cfg(test)]
 mod tests;
@@ -74,6 +77,9 @@ struct State<S: Send + 'static> {
     /// RoleId index → the role it logs in as, and which of its pools it is.
     names: Vec<(Arc<str>, Purpose)>,
     config: PoolConfig,
+    /// This replica's share of the cluster's budget (`share.rs`), when several replicas
+    /// share it; the scheduler's budget is then the smaller of the two.
+    share: Option<u32>,
 }
 
 /// Which of a role's pools a scheduler role is.
@@ -113,6 +119,19 @@ impl<S: Send + 'static> State<S> {
         r
     }
 
+    /// What the scheduler may open: the configured budget, or this replica's share.
+    fn budget(&self) -> u32 {
+        let configured = self.config.max_server_connections;
+        self.share.map_or(configured, |s| s.min(configured))
+    }
+
+    fn scheduler_config(&self) -> scheduler::SchedulerConfig {
+        scheduler::SchedulerConfig {
+            max_server_connections: self.budget(),
+            ..self.config.scheduler()
+        }
+    }
+
     fn name(&self, r: RoleId) -> Arc<str> {
         self.names
             .get(r.index())
@@ -139,6 +158,7 @@ impl<S: Send + 'static> Pools<S> {
                 listeners: HashMap::new(),
                 names: Vec::new(),
                 config,
+                share: None,
             }),
             connector,
         });
@@ -242,7 +262,7 @@ impl<S: Send + 'static> Pools<S> {
                     active: stats.active,
                     waiting: stats.waiting,
                     in_use: st.sched.total_servers(),
-                    max_server_connections: st.config.max_server_connections,
+                    max_server_connections: st.budget(),
                 })
             }
         }
@@ -282,10 +302,41 @@ impl<S: Send + 'static> Pools<S> {
         let mut out = Vec::new();
         {
             let mut st = self.lock();
-            st.sched.set_config(config.scheduler(), now(), &mut out);
             st.config = config;
+            let sched = st.scheduler_config();
+            st.sched.set_config(sched, now(), &mut out);
         }
         self.run(out);
+    }
+
+    /// This replica's share of the cluster's budget: a lower one closes idle servers
+    /// now (oldest first) and busy ones as they are released; a higher one is filled
+    /// from the waiters. Returns the servers still open (or logging in) afterwards,
+    /// which the replica must go on reporting as held until they are gone.
+    pub fn set_share(&self, share: u32) -> u32 {
+        let mut out = Vec::new();
+        let servers = {
+            let mut st = self.lock();
+            st.share = Some(share);
+            let sched = st.scheduler_config();
+            st.sched.set_config(sched, now(), &mut out);
+            st.sched.total_servers()
+        };
+        // Closing happens here, outside the lock; the count above already left the
+        // closed ones out.
+        self.run(out);
+        servers
+    }
+
+    /// Servers open or logging in, all roles.
+    pub fn servers(&self) -> u32 {
+        self.lock().sched.total_servers()
+    }
+
+    /// The replica's demand since the last call (see
+    /// [`scheduler::Scheduler::take_demand_peak`]).
+    pub fn take_demand_peak(&self) -> u32 {
+        self.lock().sched.take_demand_peak()
     }
 
     /// One round of maintenance; the task spawned by [`Pools::new`] calls this every
@@ -336,7 +387,9 @@ impl<S: Send + 'static> Pools<S> {
         PoolStats {
             roles,
             servers_in_use: st.sched.total_servers(),
-            max_server_connections: st.config.max_server_connections,
+            max_server_connections: st.budget(),
+            cluster_budget: st.config.max_server_connections,
+            demand: st.sched.demand(),
             counters: st.sched.counters(),
         }
     }

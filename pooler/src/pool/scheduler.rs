@@ -51,6 +51,8 @@ struct Role {
     /// Bumped by [`Scheduler::close_role`]; servers of an older epoch close on release.
     epoch: u32,
     in_demand: bool,
+    /// min(pool_size, active + max(opening, waiting)): its part of [`Scheduler::demand`].
+    wanted: u32,
     /// `Some((service in quanta, seq))` while in the hungry set: its key there.
     hungry_key: Option<(u64, u64)>,
     starving_since: Option<Instant>,
@@ -119,6 +121,9 @@ pub struct Scheduler<C, W> {
     /// Service level of the last role picked; a role that gains demand starts no lower,
     /// so a role back from a long quiet spell cannot claim all the slots to catch up.
     vclock: u64,
+    /// Σ `Role::wanted`, and its highest value since [`Scheduler::take_demand_peak`].
+    wanted: u64,
+    wanted_peak: u64,
     counters: Counters,
 }
 
@@ -135,6 +140,8 @@ impl<C, W> Scheduler<C, W> {
             hungry_seq: 0,
             starving: BTreeSet::new(),
             vclock: 0,
+            wanted: 0,
+            wanted_peak: 0,
             counters: Counters::default(),
         }
     }
@@ -152,6 +159,21 @@ impl<C, W> Scheduler<C, W> {
         u32::try_from(self.servers.len()).unwrap_or(u32::MAX)
     }
 
+    /// Servers this replica could use now: Σ over roles of min(pool_size, in use +
+    /// max(logging in, waiting)).
+    pub fn demand(&self) -> u32 {
+        u32::try_from(self.wanted).unwrap_or(u32::MAX)
+    }
+
+    /// The highest [`Scheduler::demand`] since the last call, which it restarts: what a
+    /// replica heartbeats. A peak, not a sample: between two transactions of a busy
+    /// client its server is idle for microseconds, and a sample would miss it.
+    pub fn take_demand_peak(&mut self) -> u32 {
+        let peak = self.wanted_peak.max(self.wanted);
+        self.wanted_peak = self.wanted;
+        u32::try_from(peak).unwrap_or(u32::MAX)
+    }
+
     pub fn add_role(&mut self, config: RoleConfig) -> RoleId {
         let id = RoleId(u32::try_from(self.roles.len()).unwrap_or(u32::MAX));
         self.roles.push(Role {
@@ -163,6 +185,7 @@ impl<C, W> Scheduler<C, W> {
             vservice: 0,
             epoch: 0,
             in_demand: false,
+            wanted: 0,
             hungry_key: None,
             starving_since: None,
         });

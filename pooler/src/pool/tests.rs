@@ -322,6 +322,40 @@ async fn set_config_lowers_the_budget() {
     assert_eq!(p.stats().role("app_a").unwrap().pool_size, 0);
 }
 
+#[tokio::test]
+async fn a_replica_share_caps_the_budget_and_survives_a_reload() {
+    let (p, fake) = pools(10);
+    // Before the registry grants anything, nothing opens: the client waits.
+    assert_eq!(p.set_share(0), 0);
+    let waiting = {
+        let p = p.clone();
+        tokio::spawn(async move { p.checkout("app_a", LIMITS, WAIT).await })
+    };
+    sleep(Duration::from_millis(20)).await;
+    assert_eq!(fake.connects(), 0);
+    assert_eq!(p.take_demand_peak(), 1, "the waiting client is demand");
+    // A grant serves it.
+    assert_eq!(p.set_share(2), 1, "the login it started counts at once");
+    let a = waiting.await.unwrap().unwrap();
+    let b = p.checkout("app_a", LIMITS, WAIT).await.unwrap();
+    a.release();
+    // A smaller share closes the idle server now and the busy one when it comes back;
+    // until then it is still held.
+    assert_eq!(p.set_share(0), 1);
+    assert_eq!(fake.closed(), 1);
+    b.release();
+    assert_eq!((fake.closed(), p.servers()), (2, 0));
+    // A reload keeps the share; the share never exceeds the configured budget.
+    p.set_config(PoolConfig {
+        max_server_connections: 1,
+        ..PoolConfig::default()
+    });
+    assert_eq!(p.stats().max_server_connections, 0);
+    p.set_share(5);
+    let s = p.stats();
+    assert_eq!((s.max_server_connections, s.cluster_budget), (1, 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_churn_leaks_no_slot_and_no_connection() {
     let fake = Arc::new(Fake::default());

@@ -98,8 +98,9 @@ impl PoolError {
 /// Global pool configuration. A reload replaces it whole ([`super::Pools::set_config`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolConfig {
-    /// Server connections for all roles together (this replica's share of the
-    /// cluster's budget). Default 40.
+    /// Server connections for all roles together, over all replicas: the cluster's
+    /// budget. This replica's share of it is set apart ([`super::Pools::set_share`]).
+    /// Default 40.
     pub max_server_connections: u32,
     /// How long an idle server is protected from being moved to another role.
     /// Default 1 s. See [`SchedulerConfig::min_idle_before_evict`].
@@ -196,7 +197,13 @@ pub struct PoolStats {
     pub roles: Vec<RolePoolStats>,
     /// Server connections open or opening, all roles.
     pub servers_in_use: u32,
+    /// What this replica may open now: its share of the cluster's budget.
     pub max_server_connections: u32,
+    /// The configured budget of the whole cluster.
+    pub cluster_budget: u32,
+    /// Servers the roles could use right now (see
+    /// [`super::scheduler::Scheduler::demand`]).
+    pub demand: u32,
     /// Logins, failed logins, closes, evictions and switches since start.
     pub counters: Counters,
 }

@@ -175,13 +175,13 @@ pub async fn login(
         // A value the protocol cannot carry (a NUL) is not announced.
         let _ = msg::parameter_status(&mut out, name, value.as_bytes());
     }
-    let cancel = match shared.cancels.register() {
+    let cancel = match shared.cancels.register(shared.replicas.id()) {
         Ok(c) => c,
         Err(e) => {
             return fatal(
                 &mut stream,
                 SqlState::CONNECTION_FAILURE,
-                format!("no randomness: {e}"),
+                format!("no cancel key: {e}"),
             )
             .await;
         }

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use subtle::ConstantTimeEq;
 
 use crate::backend::BackendKey;
+use crate::pool::share::ReplicaId;
+use crate::replicas::key;
 
 /// What a CancelRequest for one client reaches: the server it is linked to, if any.
 #[derive(Default)]
@@ -51,16 +53,29 @@ impl Drop for CancelHandle {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error("the operating system's random source failed: {0}")]
+    Random(getrandom::Error),
+    #[error("no free cancel key: {0} keys are live")]
+    Full(usize),
+}
+
+/// Attempts at a pid no live client has. With at most `max_client_conn` live keys out
+/// of [`key::PIDS_PER_REPLICA`], a run of this many collisions means the space is full.
+const MINT_ATTEMPTS: usize = 64;
+
 impl CancelMap {
-    /// Mints a key no live client has and registers it.
-    pub fn register(self: &Arc<Self>) -> Result<CancelHandle, getrandom::Error> {
+    /// Mints a key no live client has and registers it. `owner` is this replica's id
+    /// in the registry (0 before it has one), carried in the pid (`replicas/key.rs`)
+    /// so that any replica can route a CancelRequest for the key to this one.
+    pub fn register(self: &Arc<Self>, owner: ReplicaId) -> Result<CancelHandle, MintError> {
         let slot = Arc::new(CancelSlot::default());
-        loop {
+        for _ in 0..MINT_ATTEMPTS {
             let mut bytes = [0u8; 8];
-            getrandom::fill(&mut bytes)?;
+            getrandom::fill(&mut bytes).map_err(MintError::Random)?;
             let [a, b, c, d, e, f, g, h] = bytes;
-            // Positive pids, like real ones: some clients print or compare them.
-            let pid = i32::from_be_bytes([a, b, c, d]) & i32::MAX;
+            let pid = key::mint_pid(owner, u32::from_be_bytes([a, b, c, d]));
             let secret = i32::from_be_bytes([e, f, g, h]);
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             if pid == 0 || entries.contains_key(&pid) {
@@ -73,6 +88,8 @@ impl CancelMap {
                 map: self.clone(),
             });
         }
+        let live = self.entries.lock().unwrap_or_else(|p| p.into_inner()).len();
+        Err(MintError::Full(live))
     }
 
     /// The server key to cancel for a client's key, if the key is live and linked.
@@ -98,7 +115,8 @@ mod tests {
     #[test]
     fn resolves_only_live_linked_keys_with_the_right_secret() {
         let map = Arc::new(CancelMap::default());
-        let h = map.register().unwrap();
+        let h = map.register(3).unwrap();
+        assert_eq!(key::owner(h.key.pid), 3, "the key names its replica");
         assert_eq!(map.resolve(h.key.pid, h.key.secret), None, "not linked");
         let server = BackendKey { pid: 42, secret: 7 };
         h.slot.link(server);

@@ -30,6 +30,9 @@ pub struct Shared {
     pub roles: Arc<Roles>,
     pub pools: Pools<Box<ServerConn>>,
     pub cancels: Arc<CancelMap>,
+    /// This replica's membership: its id (in the cancel keys it mints), its share of
+    /// the cluster's budget, the other replicas, cancel forwarding.
+    pub replicas: Arc<crate::replicas::Replicas>,
     pub limiter: AuthLimiter,
     pub target: Target,
     /// Keys the mock verifiers of unknown roles, so they are stable but unguessable.

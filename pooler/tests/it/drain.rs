@@ -8,15 +8,8 @@ use std::time::Duration;
 use dataplane_tests::fixtures::POOLER_PASSWORD;
 
 use crate::common::env;
+use crate::common::free_port;
 use crate::metrics::http_get;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test]
 async fn sigterm_lets_twenty_running_transactions_commit_and_exits_zero() {

@@ -14,6 +14,7 @@ mod metrics;
 mod pooling;
 mod prepared;
 mod protocol;
+mod replicas;
 mod restart;
 mod revocation;
 mod session_mode;

@@ -278,3 +278,150 @@ async fn the_provisioner_role_is_not_a_superuser() {
         DENIED
     );
 }
+
+const HEARTBEAT: &str = "SELECT replica_id, holding, is_self, now_ms - heartbeat_ms \
+                         FROM dataplane_auth.replica_heartbeat($1, $2, $3, $4, $5, $6, $7, $8)";
+
+/// One heartbeat as `dp_pooler`: (instance, lease, budget, demand, holding, claim) →
+/// (own id, own holding, Σ holding of every live replica).
+async fn heartbeat(
+    c: &tokio_postgres::Client,
+    instance: &str,
+    budget: i32,
+    holding: i32,
+    claim: i32,
+) -> Result<(i32, i32, i64), tokio_postgres::Error> {
+    let addr = Some("127.0.0.1:6432");
+    let rows = c
+        .query(
+            HEARTBEAT,
+            &[
+                &instance,
+                &addr,
+                &5000i32,
+                &budget,
+                &0i32,
+                &holding,
+                &claim,
+                &None::<i32>,
+            ],
+        )
+        .await?;
+    let me = rows.iter().find(|r| r.get::<_, bool>(2)).unwrap();
+    let sum = rows.iter().map(|r| i64::from(r.get::<_, i32>(1))).sum();
+    assert_eq!(me.get::<_, i64>(3), 0, "times are the database's clock");
+    Ok((me.get(0), me.get(1), sum))
+}
+
+#[tokio::test]
+async fn the_replica_registry_grants_only_released_slots_and_only_to_the_pooler() {
+    let t = setup().await;
+    let pooler = t.login("dp_pooler", POOLER_PASSWORD).await.unwrap();
+    let (a, b) = ("a".repeat(32), "b".repeat(32));
+
+    // The first replica claims the whole budget; the second gets nothing until the
+    // first publishes a release, and then no more than was released.
+    let (a_id, a_held, _) = heartbeat(&pooler, &a, 10, 0, 10).await.unwrap();
+    assert_eq!((a_id, a_held), (1, 10));
+    let (b_id, b_held, sum) = heartbeat(&pooler, &b, 10, 0, 5).await.unwrap();
+    assert_eq!((b_id, b_held, sum), (2, 0, 10));
+    assert_eq!(heartbeat(&pooler, &a, 10, 4, 4).await.unwrap().1, 4);
+    let (_, b_held, sum) = heartbeat(&pooler, &b, 10, 0, 9).await.unwrap();
+    assert_eq!((b_held, sum), (6, 10));
+    // A smaller budget declared by any live replica binds all of them.
+    let (_, a_held, _) = heartbeat(&pooler, &a, 8, 4, 9).await.unwrap();
+    assert_eq!(a_held, 4, "8 - 6 held by b leaves nothing to grow into");
+    // A holding can be reported down, never up past a grant.
+    assert_eq!(heartbeat(&pooler, &b, 10, 2, 2).await.unwrap().1, 2);
+
+    // A replica whose lease ran out is gone: its slots and its id are free again.
+    let admin = t.admin().await;
+    admin
+        .execute(
+            "UPDATE dataplane_auth.replicas SET heartbeat_at = heartbeat_at - interval '1 hour' \
+             WHERE instance = $1",
+            &[&a],
+        )
+        .await
+        .unwrap();
+    let (_, b_held, sum) = heartbeat(&pooler, &b, 10, 2, 10).await.unwrap();
+    assert_eq!((b_held, sum), (10, 10));
+    let c = "c".repeat(32);
+    let (c_id, c_held, _) = heartbeat(&pooler, &c, 10, 0, 3).await.unwrap();
+    assert_eq!(
+        (c_id, c_held),
+        (a_id, 0),
+        "the smallest free id, nothing to grow into"
+    );
+
+    // Leaving frees the slots at once; only the named instance leaves.
+    let left: bool = pooler
+        .query_one("SELECT dataplane_auth.replica_leave($1)", &[&b])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(left);
+    let (_, c_held, sum) = heartbeat(&pooler, &c, 10, 0, 3).await.unwrap();
+    assert_eq!((c_held, sum), (3, 3));
+
+    // Nonsense is refused, not stored.
+    assert_eq!(
+        sqlstate(heartbeat(&pooler, &c, 10, -1, 3).await),
+        "22023",
+        "negative holding"
+    );
+    assert_eq!(
+        sqlstate(heartbeat(&pooler, "not-hex", 10, 0, 3).await),
+        "23514",
+        "instance names are 32 hex digits"
+    );
+
+    // The pooler reaches the table only through the functions; nobody else at all.
+    for sql in [
+        "SELECT * FROM dataplane_auth.replicas",
+        "DELETE FROM dataplane_auth.replicas",
+        "UPDATE dataplane_auth.replicas SET holding = 0",
+    ] {
+        assert_eq!(sqlstate(pooler.query(sql, &[]).await), DENIED, "{sql}");
+    }
+    let (_, app_client) = app(&t, "delta").await;
+    let prov = t
+        .login("dp_provisioner", crate::common::PROVISIONER_PASSWORD)
+        .await
+        .unwrap();
+    for client in [&app_client, &prov] {
+        assert_eq!(sqlstate(heartbeat(client, &c, 10, 0, 10).await), DENIED);
+        assert_eq!(
+            sqlstate(
+                client
+                    .query("SELECT dataplane_auth.replica_leave($1)", &[&c])
+                    .await
+            ),
+            DENIED
+        );
+        assert_eq!(
+            sqlstate(
+                client
+                    .query("SELECT * FROM dataplane_auth.replicas", &[])
+                    .await
+            ),
+            DENIED
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_replica_registry_holds_at_most_255_replicas() {
+    let t = setup().await;
+    let admin = t.admin().await;
+    admin
+        .batch_execute(
+            "INSERT INTO dataplane_auth.replicas (replica_id, instance, lease_ms, budget, demand, holding) \
+             SELECT i, lpad(to_hex(i), 32, '0'), 600000, 10, 0, 0 FROM generate_series(1, 255) i",
+        )
+        .await
+        .unwrap();
+    let pooler = t.login("dp_pooler", POOLER_PASSWORD).await.unwrap();
+    let err = heartbeat(&pooler, &"e".repeat(32), 10, 0, 1).await;
+    assert_eq!(sqlstate(err), "53400");
+}

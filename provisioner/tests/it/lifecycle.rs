@@ -330,11 +330,11 @@ async fn migrations_are_recorded_and_safe_to_rerun() {
         .await
         .unwrap();
     assert!(report.applied.is_empty());
-    assert_eq!(report.skipped, vec!["0001_init"]);
+    assert_eq!(report.skipped, vec!["0001_init", "0002_replicas"]);
     let n: i64 = admin
         .query_one("SELECT count(*) FROM dataplane_auth.schema_migrations", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 1);
+    assert_eq!(n, 2);
 }

@@ -1,9 +1,10 @@
 //! `devstack`: the whole data-plane on one machine, for trying it out.
 //!
 //! Starts a throwaway PostgreSQL (the test harness's), migrates it, serves the
-//! provisioner API and the pooler, provisions a demo app and prints a ready `psql`
-//! line that goes through the pooler. Ctrl-C stops
-//! everything and removes the cluster's directory.
+//! provisioner API and the pooler (`--replicas N`: N pooler replicas sharing one
+//! budget, as in production), provisions a demo app and prints a ready `psql` line
+//! that goes through each replica. Ctrl-C stops everything and removes the cluster's
+//! directory.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +39,10 @@ struct Args {
     /// The pooler's /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:9930")]
     pooler_admin_listen: SocketAddr,
+    /// Pooler replicas, sharing one budget through the registry in Postgres. Replica
+    /// i listens on the ports above plus 2i (client, session) and i (admin).
+    #[arg(long, env = "DEV_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
+    replicas: u16,
     /// The demo app to provision: tenant id, slug, env.
     #[arg(long, num_args = 3, value_names = ["TENANT", "SLUG", "ENV"], default_values = ["1", "demo", "dev"])]
     demo: Vec<String>,
@@ -75,22 +80,34 @@ async fn run(cluster: &PgCluster, args: &Args) -> anyhow::Result<()> {
         ))
         .await?;
 
-    let mut config = pooler::config::Config {
-        listen: args.pooler_listen,
-        session_listen: Some(args.pooler_session_listen),
-        admin_listen: args.pooler_admin_listen,
-        ..Default::default()
-    };
-    config.upstream.host = cluster.host().to_owned();
-    config.upstream.port = cluster.port();
-    config.upstream.dbname = DATABASE.to_owned();
-    config.upstream.auth_password = Some(pooler::config::Secret::new(pooler_password));
     let console_password = random_token()?;
-    config.admin.user = Some("dp_admin".into());
-    config.admin.scram_verifier = Some(pooler::config::Secret::new(
-        postgres_protocol::password::scram_sha_256(console_password.as_bytes()),
-    ));
-    let pooler = pooler::start(config).await.context("starting the pooler")?;
+    let mut poolers = Vec::new();
+    for i in 0..args.replicas {
+        let shift =
+            |addr: SocketAddr, by: u16| SocketAddr::new(addr.ip(), addr.port().saturating_add(by));
+        let mut config = pooler::config::Config {
+            listen: shift(args.pooler_listen, 2 * i),
+            session_listen: Some(shift(args.pooler_session_listen, 2 * i)),
+            admin_listen: shift(args.pooler_admin_listen, i),
+            ..Default::default()
+        };
+        config.upstream.host = cluster.host().to_owned();
+        config.upstream.port = cluster.port();
+        config.upstream.dbname = DATABASE.to_owned();
+        config.upstream.auth_password = Some(pooler::config::Secret::new(pooler_password.clone()));
+        config.admin.user = Some("dp_admin".into());
+        config.admin.scram_verifier = Some(pooler::config::Secret::new(
+            postgres_protocol::password::scram_sha_256(console_password.as_bytes()),
+        ));
+        let session = config.session_listen;
+        let pooler = pooler::start(config)
+            .await
+            .with_context(|| format!("starting pooler replica {i}"))?;
+        poolers.push((pooler, session));
+    }
+    let Some((pooler, _)) = poolers.first() else {
+        anyhow::bail!("no pooler replica started");
+    };
 
     let provisioner = Provisioner::new(
         cluster.config(
@@ -133,28 +150,39 @@ async fn run(cluster: &PgCluster, args: &Args) -> anyhow::Result<()> {
     println!("dataplane dev stack is up (Ctrl-C stops it and deletes everything)");
     println!();
     println!("  postgres     {}", cluster.superuser_url(DATABASE));
-    println!(
-        "  pooler       {} (transaction), {} (session), http://{}/readyz",
-        pooler.addr, args.pooler_session_listen, pooler.admin_addr
-    );
-    println!(
-        "  console      psql \"postgresql://dp_admin:{console_password}@{}:{}/pgbouncer?sslmode=disable\" -c 'SHOW POOLS'",
-        pooler.addr.ip(),
-        pooler.addr.port()
-    );
+    for (i, (p, session)) in poolers.iter().enumerate() {
+        let name = if poolers.len() > 1 {
+            format!("pooler {i}")
+        } else {
+            "pooler".into()
+        };
+        let session = session.map_or_else(String::new, |s| s.to_string());
+        println!(
+            "  {name:<12} {} (transaction), {session} (session), http://{}/readyz, http://{}/v1/replicas",
+            p.addr, p.admin_addr, p.admin_addr
+        );
+        println!(
+            "  {:<12} psql \"postgresql://dp_admin:{console_password}@{}:{}/pgbouncer?sslmode=disable\" -c 'SHOW PEERS'",
+            "  console",
+            p.addr.ip(),
+            p.addr.port()
+        );
+    }
     println!("  provisioner  http://{api}   token {token}");
     println!();
     println!(
         "demo app {} through the pooler (password shown once, as the API does):",
         record.role
     );
-    println!(
-        "  psql \"postgresql://{}:{}@{}:{}/{DATABASE}?sslmode=disable\"",
-        record.role,
-        password.expose(),
-        pooler.addr.ip(),
-        pooler.addr.port()
-    );
+    for (p, _) in &poolers {
+        println!(
+            "  psql \"postgresql://{}:{}@{}:{}/{DATABASE}?sslmode=disable\"",
+            record.role,
+            password.expose(),
+            p.addr.ip(),
+            p.addr.port()
+        );
+    }
     println!();
     println!("provision another:");
     println!("  curl -s -X PUT -H 'Authorization: Bearer {token}' http://{api}/v1/apps/1/shop/dev");
@@ -163,7 +191,9 @@ async fn run(cluster: &PgCluster, args: &Args) -> anyhow::Result<()> {
     axum::serve(listener, app(state))
         .with_graceful_shutdown(provisioner::logging::shutdown_signal())
         .await?;
-    pooler.shutdown(std::time::Duration::from_secs(5)).await;
+    for (p, _) in poolers {
+        p.shutdown(std::time::Duration::from_secs(5)).await;
+    }
     Ok(())
 }
 

@@ -26,6 +26,7 @@ pub enum Show {
     Databases,
     Version,
     Lists,
+    Peers,
     Help,
 }
 
@@ -96,6 +97,7 @@ pub fn parse(statement: &str) -> Result<Command, CommandError> {
                 "DATABASES" => Show::Databases,
                 "VERSION" => Show::Version,
                 "LISTS" => Show::Lists,
+                "PEERS" => Show::Peers,
                 "HELP" => Show::Help,
                 other => return Err(CommandError::Unsupported(format!("SHOW {other}"))),
             };
@@ -137,7 +139,7 @@ fn unquote(word: &str) -> Result<String, CommandError> {
 
 /// What `SHOW HELP` says.
 pub const HELP: &str = "Console usage\n\
-    \tSHOW [POOLS|CLIENTS|SERVERS|STATS|CONFIG|DATABASES|LISTS|VERSION|HELP]\n\
+    \tSHOW [POOLS|CLIENTS|SERVERS|STATS|CONFIG|DATABASES|LISTS|PEERS|VERSION|HELP]\n\
     \tPAUSE [role]\n\
     \tRESUME [role]\n\
     \tKILL role\n\
@@ -152,6 +154,7 @@ mod tests {
     fn parses_the_commands() {
         assert_eq!(parse("show pools"), Ok(Command::Show(Show::Pools)));
         assert_eq!(parse("SHOW  Clients"), Ok(Command::Show(Show::Clients)));
+        assert_eq!(parse("show peers"), Ok(Command::Show(Show::Peers)));
         assert_eq!(parse("PAUSE"), Ok(Command::Pause(None)));
         assert_eq!(parse("pause tk_1"), Ok(Command::Pause(Some("tk_1".into()))));
         assert_eq!(

@@ -362,6 +362,7 @@ impl Console<'_> {
             Show::Config => tables::config(shared),
             Show::Databases => tables::databases(shared),
             Show::Version => tables::version(),
+            Show::Peers => tables::peers(shared),
             Show::Lists | Show::Help => tables::lists(shared),
         }
     }

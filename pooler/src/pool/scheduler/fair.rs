@@ -43,6 +43,18 @@ impl<C, W> Scheduler<C, W> {
             .saturating_mul(WEIGHT_SCALE)
             .max(1);
         let demand = role.waiters.len() > 0 || role.active > 0 || role.opening > 0;
+        // Servers the role could use now: what the replica reports as its demand. A
+        // login in flight is for a waiter, so the two are not added.
+        let waiting = u32::try_from(role.waiters.len()).unwrap_or(u32::MAX);
+        let wanted = role
+            .active
+            .saturating_add(role.opening.max(waiting))
+            .min(role.config.pool_size);
+        if wanted != role.wanted {
+            self.wanted = (self.wanted + u64::from(wanted)).saturating_sub(u64::from(role.wanted));
+            self.wanted_peak = self.wanted_peak.max(self.wanted);
+            role.wanted = wanted;
+        }
         if demand != role.in_demand {
             role.in_demand = demand;
             if demand {

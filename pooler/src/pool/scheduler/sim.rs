@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
+mod replicas;
+
 #[derive(Clone, Copy)]
 struct Workload {
     /// Clients per role, one entry per role.
@@ -48,15 +50,68 @@ struct Report {
     peak_held: Vec<u32>,
 }
 
-struct Sim {
-    sched: Scheduler<(), usize>,
+/// The fake clock and its event queue (ties in order of scheduling), with a
+/// fixed-seed generator for jitter.
+struct Timeline<E> {
     base: Instant,
     now_us: u64,
     seq: u64,
     queue: BinaryHeap<Reverse<(u64, u64)>>,
-    events: HashMap<u64, Event>,
-    clients: Vec<Client>,
+    events: HashMap<u64, E>,
     rng: u64,
+}
+
+impl<E> Timeline<E> {
+    fn new(seed: u64) -> Self {
+        Self {
+            base: Instant::now(),
+            now_us: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            rng: seed,
+        }
+    }
+
+    /// Uniform in [d/2, 3d/2): xorshift, fixed seed.
+    fn jitter(&mut self, d: u64) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        d / 2 + self.rng % d.max(1)
+    }
+
+    /// `e` happens `delay_us` from now.
+    fn at(&mut self, delay_us: u64, e: E) {
+        self.at_us(self.now_us + delay_us, e);
+    }
+
+    /// `e` happens at `t_us` since the start.
+    fn at_us(&mut self, t_us: u64, e: E) {
+        self.seq += 1;
+        self.queue.push(Reverse((t_us, self.seq)));
+        self.events.insert(self.seq, e);
+    }
+
+    /// The next event up to `end_us`, with the clock moved to it.
+    fn next(&mut self, end_us: u64) -> Option<E> {
+        let Reverse((t, seq)) = self.queue.pop()?;
+        if t > end_us {
+            return None;
+        }
+        self.now_us = t;
+        self.events.remove(&seq)
+    }
+
+    fn now(&self) -> Instant {
+        self.base + Duration::from_micros(self.now_us)
+    }
+}
+
+struct Sim {
+    sched: Scheduler<(), usize>,
+    clock: Timeline<Event>,
+    clients: Vec<Client>,
     w: Workload,
     r: Report,
     /// When each role's clients start (0 unless `starting_at` says otherwise).
@@ -84,13 +139,8 @@ impl Sim {
         }
         let mut sim = Self {
             sched,
-            base: Instant::now(),
-            now_us: 0,
-            seq: 0,
-            queue: BinaryHeap::new(),
-            events: HashMap::new(),
+            clock: Timeline::new(0x9e37_79b9_7f4a_7c15),
             clients,
-            rng: 0x9e37_79b9_7f4a_7c15,
             w,
             r: Report {
                 done: vec![0; roles.len()],
@@ -119,27 +169,17 @@ impl Sim {
         self
     }
 
-    /// Uniform in [d/2, 3d/2): xorshift, fixed seed.
     fn jitter(&mut self, d: u64) -> u64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        d / 2 + self.rng % d.max(1)
+        self.clock.jitter(d)
     }
 
     fn at(&mut self, delay_us: u64, e: Event) {
-        self.seq += 1;
-        self.queue.push(Reverse((self.now_us + delay_us, self.seq)));
-        self.events.insert(self.seq, e);
-    }
-
-    fn now(&self) -> Instant {
-        self.base + Duration::from_micros(self.now_us)
+        self.clock.at(delay_us, e);
     }
 
     fn start_tx(&mut self, c: usize, server: ServerId) {
         let role = self.clients[c].role.index();
-        let wait = self.now_us - self.clients[c].since_us;
+        let wait = self.clock.now_us - self.clients[c].since_us;
         self.r.max_wait_us[role] = self.r.max_wait_us[role].max(wait);
         self.clients[c].server = Some(server);
         let st = self.sched.role_stats(self.clients[c].role).unwrap();
@@ -165,14 +205,10 @@ impl Sim {
 
     fn run(mut self) -> Report {
         let end = self.w.seconds * 1_000_000;
-        while let Some(Reverse((t, seq))) = self.queue.pop() {
-            if t > end {
-                break;
-            }
-            self.now_us = t;
-            let now = self.now();
+        while let Some(event) = self.clock.next(end) {
+            let (t, now) = (self.clock.now_us, self.clock.now());
             let mut out = Vec::new();
-            match self.events.remove(&seq).unwrap() {
+            match event {
                 Event::Want(c) if t < self.starts_us[self.clients[c].role.index()] => {
                     let wait = self.starts_us[self.clients[c].role.index()] - t;
                     let d = self.jitter(self.w.think_us);

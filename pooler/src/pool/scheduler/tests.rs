@@ -455,3 +455,25 @@ fn unknown_ids_close_the_connection_and_report() {
     );
     assert_eq!(closes(&out), vec![(sa, CloseReason::Unknown)]);
 }
+
+#[test]
+fn demand_counts_what_roles_could_use_and_its_peak_outlives_a_release() {
+    let mut s = sched(10);
+    let small = role(&mut s, 2);
+    let big = role(&mut s, 10);
+    let a = checkout_new(&mut s, small, 1, t(0));
+    checkout_new(&mut s, small, 2, t(0));
+    let mut out = Vec::new();
+    // A third client of a role at its pool_size waits, but could not use a server.
+    s.enqueue(small, 3, t(0), &mut out).unwrap();
+    let b = checkout_new(&mut s, big, 4, t(0));
+    assert_eq!(s.demand(), 3);
+    release(&mut s, b, t(1));
+    assert_eq!(s.demand(), 2);
+    assert_eq!(s.take_demand_peak(), 3, "the peak since the last read");
+    assert_eq!(s.take_demand_peak(), 2, "restarted at the current demand");
+    // The waiter gets the released server; then nothing waits and one is in use.
+    let out = release(&mut s, a, t(2));
+    assert_eq!(grants(&out).len(), 1);
+    assert_eq!(s.demand(), 2);
+}
