@@ -164,7 +164,11 @@ async fn listening_clients_do_not_pin_and_share_one_listener_server() {
     let shared = &e.pooler.shared;
     let text = shared
         .metrics
-        .render(&shared.pools.stats(), &shared.roles.samples())
+        .render(
+            &shared.pools.stats(),
+            &shared.roles.samples(),
+            &shared.replicas.stats().sample(),
+        )
         .unwrap();
     assert!(
         text.contains("dataplane_pooler_servers{state=\"listener\"} 1"),
