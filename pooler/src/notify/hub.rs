@@ -56,6 +56,24 @@ pub struct Hub {
     common: Arc<Common>,
 }
 
+/// The listener server's word, to come, that it listens on a client's new channels.
+pub struct Ack {
+    applied: tokio::sync::watch::Receiver<u64>,
+    version: u64,
+}
+
+impl Ack {
+    /// Waits for it, at most `limit`.
+    pub async fn wait(mut self, limit: Duration) -> Result<(), ListenError> {
+        let version = self.version;
+        match tokio::time::timeout(limit, self.applied.wait_for(|v| *v >= version)).await {
+            Ok(Ok(_)) => Ok(()),
+            // The task ended, which it does only once nobody listens: not this client.
+            Ok(Err(_)) | Err(_) => Err(ListenError::NotApplied(limit)),
+        }
+    }
+}
+
 /// A client's place in its role's listener; leaving it (drop) takes its channels out.
 pub struct Subscription {
     listener: Arc<RoleListener>,
@@ -126,9 +144,26 @@ impl Hub {
         channels: BTreeSet<Channel>,
         limits: &Limits,
     ) -> Result<(), ListenError> {
+        match self.subscribe(current, role, client, channels, limits)? {
+            Some(ack) => ack.wait(limits.wait).await,
+            None => Ok(()),
+        }
+    }
+
+    /// [`Hub::listen`] without the wait: the books change now, and the returned
+    /// [`Ack`] (if any) says when the listener server listens on everything. The
+    /// caller may let go of what it holds (a transaction server) before waiting.
+    pub fn subscribe(
+        &self,
+        current: &mut Option<Subscription>,
+        role: &Arc<str>,
+        client: &Arc<ClientInfo>,
+        channels: BTreeSet<Channel>,
+        limits: &Limits,
+    ) -> Result<Option<Ack>, ListenError> {
         if channels.is_empty() {
             *current = None;
-            return Ok(());
+            return Ok(None);
         }
         let (wait_for, listener) = loop {
             let listener = match current {
@@ -170,15 +205,10 @@ impl Hub {
             break (changed.wait_for, listener);
         };
         listener.changed.notify_one();
-        let Some(version) = wait_for else {
-            return Ok(());
-        };
-        let mut applied = listener.applied.subscribe();
-        match tokio::time::timeout(limits.wait, applied.wait_for(|v| *v >= version)).await {
-            Ok(Ok(_)) => Ok(()),
-            // The task ended, which it does only once nobody listens: not this client.
-            Ok(Err(_)) | Err(_) => Err(ListenError::NotApplied(limits.wait)),
-        }
+        Ok(wait_for.map(|version| Ack {
+            applied: listener.applied.subscribe(),
+            version,
+        }))
     }
 
     /// The role's running listener, or a new one if fewer than `max` roles have one.

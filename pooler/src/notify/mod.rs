@@ -19,5 +19,5 @@ mod role;
 pub mod senders;
 pub mod sql;
 
-pub use hub::{Hub, Limits, ListenError, Subscription};
+pub use hub::{Ack, Hub, Limits, ListenError, Subscription};
 pub use inbox::Inbox;

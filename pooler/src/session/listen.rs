@@ -27,7 +27,7 @@ use crate::frontdoor::{SessionError, fatal};
 use crate::notify::channels::Channel;
 use crate::notify::senders::Senders;
 use crate::notify::sql::{self, Primed};
-use crate::notify::{Limits, ListenError};
+use crate::notify::{Ack, Limits, ListenError};
 use crate::proto::SqlState;
 use crate::proto::backend::parse_notification_response;
 use crate::registry::ClientInfo;
@@ -135,13 +135,15 @@ pub(super) async fn prime(
 
 /// Once the transaction that may have changed the client's channels is over (the
 /// server is idle): reads them, takes them off the server, and gives the client exactly
-/// those on its role's listener, waiting until it listens. A failure ends the session.
+/// those on its role's listener. Returns what to wait for before the client may go on
+/// ([`finish`]), which the caller does after giving its server back. A failure ends the
+/// session.
 pub(super) async fn settle(
     s: &mut Session,
     server: &mut ServerConn,
     shared: &Shared,
     client: &Arc<ClientInfo>,
-) -> Result<(), SessionError> {
+) -> Result<Option<Ack>, SessionError> {
     let primed = std::mem::replace(&mut s.primed, Primed::No);
     s.pending.listen = false;
     s.pending.unlisten = false;
@@ -159,7 +161,7 @@ pub(super) async fn settle(
     let before = s.listening.as_deref().map_or(&empty, |sub| sub.channels());
     let channels = sql::new_set(before, primed, read);
     if s.listening.is_none() && channels.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let limits = {
         let config = shared.config();
@@ -173,21 +175,43 @@ pub(super) async fn settle(
     let mut current = s.listening.take().map(|b| *b);
     let result = shared
         .notify
-        .listen(&mut current, &s.role.name, client, channels, &limits)
-        .await;
+        .subscribe(&mut current, &s.role.name, client, channels, &limits);
     s.listening = current.map(Box::new);
     match result {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let code = match e {
-                ListenError::NotApplied(_) => SqlState::CONNECTION_FAILURE,
-                ListenError::TooManyListeners { .. } | ListenError::TooManyChannels(_) => {
-                    SqlState::CONFIGURATION_LIMIT_EXCEEDED
-                }
-            };
-            fatal(&mut s.stream, code, e.to_string()).await
+        Ok(ack) => Ok(ack),
+        Err(e) => listen_failed(s, e).await,
+    }
+}
+
+/// The end of a stretch that changed the client's channels: waits for the listener
+/// server to listen on them (a client that gave its server back holds none meanwhile),
+/// then lets the held-back ReadyForQuery through.
+pub(super) async fn finish(
+    s: &mut Session,
+    shared: &Shared,
+    ack: Option<Ack>,
+    held_ready: bool,
+) -> Result<(), SessionError> {
+    if let Some(ack) = ack {
+        let wait = shared.config().query_wait_timeout();
+        if let Err(e) = ack.wait(wait).await {
+            return listen_failed(s, e).await;
         }
     }
+    if held_ready {
+        s.stream.write_all(READY_IDLE).await?;
+    }
+    Ok(())
+}
+
+async fn listen_failed<T>(s: &mut Session, e: ListenError) -> Result<T, SessionError> {
+    let code = match e {
+        ListenError::NotApplied(_) => SqlState::CONNECTION_FAILURE,
+        ListenError::TooManyListeners { .. } | ListenError::TooManyChannels(_) => {
+            SqlState::CONFIGURATION_LIMIT_EXCEEDED
+        }
+    };
+    fatal(&mut s.stream, code, e.to_string()).await
 }
 
 /// Writes the client's waiting notifications (and notices of a lost listener) while it

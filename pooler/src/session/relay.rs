@@ -10,12 +10,12 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use super::checkout::{checkout, give_back, pool_size};
 use super::client::{IDLE_CHUNK, Session, server_lost};
 use super::cursor::Cursor;
-use super::listen::{self, Filter, READY_IDLE};
+use super::listen::{self, Filter};
 use super::prepared::{PreparedLimits, Rewriter};
 use super::signals::{Signals, Stop, wait_idle};
 use super::state::Effect;
@@ -206,6 +206,9 @@ async fn transaction(
             return Err(e);
         }
     }
+    // With the server given back: the listener's word on the client's new channels,
+    // then the ReadyForQuery that ends its transaction.
+    listen::finish(s, shared, scan.ack.take(), scan.held_ready).await?;
     Ok(ControlFlow::Continue(()))
 }
 
@@ -554,24 +557,28 @@ async fn link(
                 let listened = if s.pending.listen {
                     listen::settle(s, server, shared, client).await
                 } else {
-                    Ok(())
+                    Ok(None)
                 };
                 let settled = match listened {
-                    Ok(()) => settle(s, server, max_pinned).await,
+                    Ok(ack) => {
+                        scan.ack = ack;
+                        settle(s, server, max_pinned).await
+                    }
                     Err(e) => Err(e),
                 };
                 std::mem::swap(&mut server.buf, sbuf);
-                let settled = settled?;
-                if std::mem::take(&mut scan.held_ready) {
-                    // The transaction's channels are on the listener: now it is over.
-                    s.stream.write_all(READY_IDLE).await?;
-                }
-                if !settled {
+                // Given back (or closed) first, the transaction's end follows (finish).
+                if !settled? {
                     return Ok(Linked::Unknown);
                 }
             }
             if s.pin.is_none() {
                 return Ok(Linked::Done);
+            }
+            if scan.ack.is_some() || scan.held_ready {
+                // A pinned client keeps its server anyway.
+                let held = std::mem::take(&mut scan.held_ready);
+                listen::finish(s, shared, scan.ack.take(), held).await?;
             }
         }
         if idle && draining {

@@ -35,6 +35,8 @@ pub(super) struct ServerScan {
     pub(super) held_ready: bool,
     /// The walk stopped before a notification whose sender must be looked up first.
     pub(super) unresolved: Option<i32>,
+    /// The listener's word the client waits for before its held ReadyForQuery.
+    pub(super) ack: Option<crate::notify::Ack>,
 }
 
 /// What the walk needs to know about notifications.

@@ -514,3 +514,32 @@ async fn a_client_that_always_has_its_next_request_waiting_still_gets_notificati
     let n = got.expect("the notification came between its transactions");
     assert_eq!(n.payload(), "to a busy client");
 }
+
+/// A client waits for its role's listener server without holding a server of its own:
+/// with a budget of one, its LISTEN's transaction server is given back, the slot moves
+/// to the listener, and the LISTEN returns (holding it would wait for itself).
+#[tokio::test]
+async fn a_client_waits_for_its_listener_without_holding_a_server() {
+    let e = env(|c| {
+        c.max_server_connections = 1;
+        c.min_idle_before_evict_ms = 50;
+        c.query_wait_timeout_ms = 60_000;
+    })
+    .await;
+    let app = e.app_with_pool(1).await;
+    let a = e.connect(&app).await;
+    run(&a, "LISTEN alone").await;
+    assert_eq!(e.pooler.shared.notify.listeners(), 1);
+    eventually("the only slot is the listener's", async || {
+        e.backends(&app.role).await == 1
+            && e.pooler
+                .shared
+                .pools
+                .stats()
+                .role(&app.role)
+                .unwrap()
+                .listener
+                == 1
+    })
+    .await;
+}

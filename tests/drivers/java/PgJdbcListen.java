@@ -178,6 +178,14 @@ public class PgJdbcListen {
         }
     }
 
+    static void guarded(String what, ThrowingRunnable r) {
+        try {
+            r.run();
+        } catch (Exception e) {
+            failures.add(what + ": " + e);
+        }
+    }
+
     static Thread thread(String what, ThrowingRunnable r) {
         Thread t = new Thread(() -> {
             try {
@@ -212,16 +220,19 @@ public class PgJdbcListen {
         for (int i = 0; i < others; i++) {
             theirs.add(new Listener(two, "matrix_c" + i, "app2-direct:matrix_c" + i, false));
         }
-        List<Thread> opening = new ArrayList<>();
+        // A few logins at a time: a cold JVM's SCRAM (PBKDF2) for 53 connections at
+        // once can outlast the login timeout on a busy machine, and logins are not what
+        // this tests.
+        java.util.concurrent.ExecutorService opener = java.util.concurrent.Executors.newFixedThreadPool(8);
         for (Listener l : mine) {
-            opening.add(thread("open " + l.own, l::open));
+            opener.submit(() -> guarded("open " + l.own, l::open));
         }
         for (Listener l : theirs) {
-            opening.add(thread("open app 2 " + l.own, l::open));
+            opener.submit(() -> guarded("open app 2 " + l.own, l::open));
         }
-        for (Thread t : opening) {
-            t.join();
-        }
+        opener.shutdown();
+        check(opener.awaitTermination(DEADLINE_MS, java.util.concurrent.TimeUnit.MILLISECONDS),
+                "the listeners did not open in time");
         check(failures.isEmpty(), "opening the listeners: " + failures);
 
         List<Thread> background = new ArrayList<>();
