@@ -1,10 +1,10 @@
 //! Who listens: per app role with listening clients, one [`RoleListener`] whose task
 //! holds the role's listener server, and each client's [`Subscription`] to it.
 //!
-//! A client's session calls [`Hub::listen`] with its whole new set of channels once a
-//! transaction that changed them is over; the call returns once the listener server
-//! listens on every one of them, so a NOTIFY sent after the client's LISTEN returned is
-//! never missed. Dropping the subscription (the client left) takes its channels out of
+//! A client's session calls [`Hub::subscribe`] with its whole new set of channels once a
+//! transaction that changed them is over, gives its server back, and waits for the
+//! [`Ack`]: the listener server listens on every one of them, so a NOTIFY sent after the
+//! client's LISTEN returned is never missed. Dropping the subscription (the client left) takes its channels out of
 //! the union; the last one out closes the listener server.
 
 use std::collections::{BTreeSet, HashMap};
@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::registry::ClientInfo;
 
-/// The bounds a [`Hub::listen`] call works within, read from the configuration.
+/// The bounds a [`Hub::subscribe`] works within, read from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// `max_listener_servers`.
@@ -30,8 +30,6 @@ pub struct Limits {
     pub max_channels: usize,
     /// `max_client_notification_bytes`.
     pub max_bytes: usize,
-    /// How long a client waits for its role's listener to listen (`query_wait_timeout`).
-    pub wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,28 +129,9 @@ impl Hub {
     }
 
     /// Gives `client` (of `role`) exactly `channels`, replacing what `current` held; an
-    /// empty set leaves. Returns once the role's listener server listens on all of them,
-    /// or fails within `limits.wait`.
-    ///
-    /// Cancel-safe: the books change before the wait, and a dropped call leaves the
-    /// client subscribed to what it asked for, as `current` says.
-    pub async fn listen(
-        &self,
-        current: &mut Option<Subscription>,
-        role: &Arc<str>,
-        client: &Arc<ClientInfo>,
-        channels: BTreeSet<Channel>,
-        limits: &Limits,
-    ) -> Result<(), ListenError> {
-        match self.subscribe(current, role, client, channels, limits)? {
-            Some(ack) => ack.wait(limits.wait).await,
-            None => Ok(()),
-        }
-    }
-
-    /// [`Hub::listen`] without the wait: the books change now, and the returned
-    /// [`Ack`] (if any) says when the listener server listens on everything. The
-    /// caller may let go of what it holds (a transaction server) before waiting.
+    /// empty set leaves. The books change now; the returned [`Ack`] (if any) says when
+    /// the role's listener server listens on all of them, so the caller can let go of
+    /// what it holds (a transaction server) before it waits.
     pub fn subscribe(
         &self,
         current: &mut Option<Subscription>,

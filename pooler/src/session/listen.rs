@@ -169,7 +169,6 @@ pub(super) async fn settle(
             max_listeners: config.max_listener_servers(),
             max_channels: config.max_client_listen_channels,
             max_bytes: config.max_client_notification_bytes,
-            wait: config.query_wait_timeout(),
         }
     };
     let mut current = s.listening.take().map(|b| *b);
