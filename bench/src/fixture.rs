@@ -22,6 +22,9 @@ pub struct App {
 pub struct Fixture {
     pub db: MigratedDb,
     pub apps: Vec<App>,
+    /// One more app with no `pool_size` of its own: its pool is the target's
+    /// `default_pool_size`, which both poolers get alike (the pgbench (a) scenarios).
+    pub hot: App,
 }
 
 impl Fixture {
@@ -50,8 +53,9 @@ pub fn start_cluster(max_connections: u32) -> anyhow::Result<&'static PgCluster>
 }
 
 /// A migrated database with `apps` apps, each with `pool_size` server connections in
-/// its credentials row, no connection limit (direct clients of one role reach 100), and
-/// a table `kv` of [`ROWS`] rows that its search_path finds unqualified.
+/// its credentials row, and the hot app with none (the pooler's default applies); no
+/// connection limit (direct clients of one role reach 100), and a table `kv` of
+/// [`ROWS`] rows that its search_path finds unqualified.
 pub async fn prepare(
     cluster: &'static PgCluster,
     apps: usize,
@@ -65,11 +69,20 @@ pub async fn prepare(
         connection_limit: Some(-1),
         ..LimitsPatch::default()
     };
-    let mut out = Vec::with_capacity(apps);
-    for tenant in 1..=apps {
-        let name = AppName::parse(&tenant.to_string(), "bench", "dev")?;
+    let hot_limits = LimitsPatch {
+        pool_size: None,
+        ..limits.clone()
+    };
+    let mut out = Vec::with_capacity(apps + 1);
+    for tenant in 1..=apps + 1 {
+        let (slug, limits) = if tenant <= apps {
+            ("bench", &limits)
+        } else {
+            ("hot", &hot_limits)
+        };
+        let name = AppName::parse(&tenant.to_string(), slug, "dev")?;
         let EnsureOutcome::Created { record, password } = provisioner
-            .ensure(&name, &limits, &OpContext::default())
+            .ensure(&name, limits, &OpContext::default())
             .await
             .with_context(|| format!("provisioning app {tenant}"))?
         else {
@@ -91,5 +104,6 @@ pub async fn prepare(
             password: password.expose().to_owned(),
         });
     }
-    Ok(Fixture { db, apps: out })
+    let hot = out.pop().context("no hot app")?;
+    Ok(Fixture { db, apps: out, hot })
 }

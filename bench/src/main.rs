@@ -5,7 +5,8 @@
 //! the provisioner library, a table each) → for each target in turn, [`targets`]
 //! (start the `pooler` binary, PgBouncer, or nothing for direct) → [`scenarios`] (what
 //! each run is and the [`scenarios::Row`] it yields) → [`load`] (our clients) or
-//! [`pgbench`], with [`procfs`] (CPU, RSS, server logins) → [`report`] and [`chart`]
+//! [`pgbench`], with [`procfs`] (CPU, RSS, server logins) and [`syscalls`] (the
+//! target's system calls, by `perf stat`) → [`report`] and [`chart`]
 //! (Markdown, JSON, SVG under `bench/results/`).
 
 mod chart;
@@ -16,6 +17,7 @@ mod pgbench;
 mod procfs;
 mod report;
 mod scenarios;
+mod syscalls;
 mod targets;
 
 use std::path::PathBuf;
@@ -57,7 +59,8 @@ struct Args {
     /// Only these targets, comma-separated. Default: all three.
     #[arg(long, value_delimiter = ',')]
     targets: Vec<TargetKind>,
-    /// Only these scenarios by key (a, b, c, d, e, e-pgbench, f, g, h), comma-separated.
+    /// Only these scenarios by key (a, a-pgbench, a-pgbench-prepared, b, c, d, e,
+    /// e-pgbench, f, g, h), comma-separated.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Only rewrite the Markdown and chart from a results JSON of an earlier run (into
@@ -244,7 +247,7 @@ async fn run(
     let admin = fixture.db.admin().await;
     let mut rows = Vec::new();
     for kind in kinds {
-        let mut running: Option<Target> = None;
+        let mut running: Option<(Target, (Budget, bool))> = None;
         let mut start_failed: Option<String> = None;
         for s in &scenarios {
             if let Some(why) = &start_failed {
@@ -252,18 +255,17 @@ async fn run(
                 progress.inc(1);
                 continue;
             }
-            // A scenario with a budget or mode of its own gets a process of its own.
-            let own = own_setup(s, &budget);
-            if own.is_some()
-                && let Some(t) = running.take()
-            {
+            // A scenario with a budget of its own (the hot app's pool, LISTEN's budget)
+            // or PgBouncer's session mode (LISTEN) gets a process started with it, also
+            // under --one-process.
+            let wanted = (s.budget(&budget), s.pgbouncer_session_mode());
+            if let Some((t, _)) = running.take_if(|(_, b)| *b != wanted) {
                 t.stop().await;
             }
-            let (budget, session) = own.unwrap_or((budget, false));
             if running.is_none() {
                 progress.set_message(format!("starting {}", kind.label()));
-                match start_healthy(kind, &fixture, &budget, &bins, session).await {
-                    Ok(t) => running = Some(t),
+                match start_healthy(kind, &fixture, &wanted.0, &bins, wanted.1).await {
+                    Ok(t) => running = Some((t, wanted)),
                     Err(e) => {
                         eprintln!("bench: {}: {e:#}", kind.label());
                         let why = format!("target did not start: {e:#}");
@@ -274,7 +276,7 @@ async fn run(
                     }
                 }
             }
-            let Some(target) = running.as_ref() else {
+            let Some((target, _)) = running.as_ref() else {
                 continue;
             };
             let probe = Probe {
@@ -306,15 +308,15 @@ async fn run(
             // Each scenario gets a fresh process unless asked otherwise: what one
             // scenario left behind (idle servers, a scheduler's memory of who was
             // served) must not decide the next one's numbers.
-            if (!args.one_process || own.is_some())
-                && let Some(t) = running.take()
+            if !args.one_process
+                && let Some((t, _)) = running.take()
             {
                 t.stop().await;
             }
             // Clients of the last scenario are logging out; let Postgres settle.
             tokio::time::sleep(Duration::from_millis(if args.quick { 200 } else { 1000 })).await;
         }
-        if let Some(t) = running.take() {
+        if let Some((t, _)) = running.take() {
             t.stop().await;
         }
     }
@@ -322,23 +324,8 @@ async fn run(
     write_results(args, &Report { meta, rows }, &scenarios)
 }
 
-/// The budget and PgBouncer mode of a scenario that needs its own: `None` when the
-/// run's serve it.
-fn own_setup(s: &Scenario, budget: &Budget) -> Option<(Budget, bool)> {
-    let session = s.pgbouncer_session_mode();
-    (s.server_connections.is_some() || session).then(|| {
-        (
-            Budget {
-                server_connections: s.server_connections.unwrap_or(budget.server_connections),
-                ..*budget
-            },
-            session,
-        )
-    })
-}
-
-/// Starts a target and proves it serves one point select. `session`: PgBouncer in
-/// session mode.
+/// Starts a target and proves it serves one point select.
+/// `session`: PgBouncer in session mode.
 async fn start_healthy(
     kind: TargetKind,
     fixture: &Fixture,

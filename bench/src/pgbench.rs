@@ -1,5 +1,6 @@
-//! pgbench `-M prepared` through a target: the standard tool's view of prepared
-//! statements in transaction mode, beside our own clients'.
+//! pgbench through a target: the same C client for every target (so a difference in
+//! CPU or system calls per transaction is the target's), and the standard tool's view
+//! of prepared statements in transaction mode, beside our own clients'.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use crate::fixture::ROWS;
 use crate::load::mask_numbers;
 use crate::procfs::{Probe, Snapshot};
+use crate::syscalls::{self, SyscallCounts};
 
 /// What pgbench reported.
 pub struct PgbenchOutcome {
@@ -21,6 +23,9 @@ pub struct PgbenchOutcome {
     pub errors: BTreeMap<String, u64>,
     pub before: Snapshot,
     pub after: Snapshot,
+    /// The target's system calls over the same window, where it is a process of its
+    /// own (`None` for direct Postgres), or why they could not be counted.
+    pub syscalls: Option<Result<SyscallCounts, String>>,
 }
 
 pub struct PgbenchRun<'a> {
@@ -30,15 +35,23 @@ pub struct PgbenchRun<'a> {
     pub password: &'a str,
     pub dbname: &'a str,
     pub clients: usize,
+    /// `-j`: with `-M prepared` through a pooler whose servers can all be taken, a
+    /// thread serving several clients prepares synchronously and may wait behind the
+    /// others (e-pgbench gives each client a thread).
+    pub threads: usize,
+    /// `-M prepared`, else the simple protocol.
+    pub prepared: bool,
     pub duration: Duration,
     pub script_dir: &'a Path,
 }
 
-/// `pgbench -M prepared` with a point-select script: one thread per client (`-j = -c`),
-/// since a pgbench thread serving several clients prepares synchronously and can
-/// deadlock behind any transaction pooler. Killed if it outlives its time by 30 s.
+/// pgbench with a point-select script. Killed if it outlives its time by 30 s.
 pub async fn run(run: PgbenchRun<'_>, probe: &Probe) -> PgbenchOutcome {
     let script = run.script_dir.join("point_select.sql");
+    let counting = match probe.target_pid {
+        Some(pid) => Some(syscalls::start(pid, run.script_dir).await),
+        None => None,
+    };
     let before = probe.snapshot();
     let mut outcome = PgbenchOutcome {
         tps: None,
@@ -49,6 +62,7 @@ pub async fn run(run: PgbenchRun<'_>, probe: &Probe) -> PgbenchOutcome {
         errors: BTreeMap::new(),
         before,
         after: before,
+        syscalls: None,
     };
     if let Err(e) = std::fs::write(
         &script,
@@ -58,7 +72,16 @@ pub async fn run(run: PgbenchRun<'_>, probe: &Probe) -> PgbenchOutcome {
         return outcome;
     }
     let clients = run.clients.to_string();
-    let secs = run.duration.as_secs().max(1).to_string();
+    let threads = run.threads.min(run.clients).max(1).to_string();
+    let mode = if run.prepared { "prepared" } else { "simple" };
+    // pgbench's -T clock runs while its clients log in (SCRAM, one PBKDF2 each on
+    // pgbench's side): a short run of many clients on a busy machine could end
+    // before the first transaction. A second per 20 clients leaves room for that.
+    let secs = run
+        .duration
+        .as_secs()
+        .max(1 + run.clients as u64 / 20)
+        .to_string();
     let mut cmd = tokio::process::Command::new(run.pgbench);
     cmd.args([
         "-h",
@@ -69,7 +92,7 @@ pub async fn run(run: PgbenchRun<'_>, probe: &Probe) -> PgbenchOutcome {
         run.role,
     ])
     .args([
-        "-n", "-M", "prepared", "-c", &clients, "-j", &clients, "-T", &secs,
+        "-n", "-M", mode, "-c", &clients, "-j", &threads, "-T", &secs,
     ])
     .arg("-f")
     .arg(&script)
@@ -81,6 +104,11 @@ pub async fn run(run: PgbenchRun<'_>, probe: &Probe) -> PgbenchOutcome {
     let limit = run.duration + Duration::from_secs(30);
     let output = tokio::time::timeout(limit, cmd.output()).await;
     outcome.after = probe.snapshot();
+    outcome.syscalls = match counting {
+        Some(Ok(counting)) => Some(counting.finish().await),
+        Some(Err(why)) => Some(Err(why)),
+        None => None,
+    };
     let output = match output {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => {
@@ -112,6 +140,19 @@ pub async fn run(run: PgbenchRun<'_>, probe: &Probe) -> PgbenchOutcome {
     for line in stderr.lines().filter(|l| l.contains("ERROR:")) {
         let key = line.split_once("ERROR:").map_or(line, |(_, m)| m).trim();
         *outcome.errors.entry(mask_numbers(key)).or_default() += 1;
+    }
+    if output.status.success() && outcome.tps.is_none() {
+        let said: String = stdout
+            .lines()
+            .chain(stderr.lines())
+            .filter(|l| !l.trim().is_empty())
+            .take(4)
+            .collect::<Vec<_>>()
+            .join(" / ");
+        outcome.error = Some(format!(
+            "pgbench reported no tps: {}",
+            said.chars().take(300).collect::<String>()
+        ));
     }
     if !output.status.success() {
         let aborted = stderr.matches("aborted in command").count();

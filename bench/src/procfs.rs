@@ -32,6 +32,13 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks_to_seconds(field(&f, 14)? + field(&f, 15)?))
 }
 
+/// System (kernel) CPU seconds alone: with [`cpu_seconds`], how a process's time splits
+/// between its own code and the system calls it makes.
+pub fn system_cpu_seconds(pid: u32) -> Option<f64> {
+    let f = stat_fields(pid)?;
+    Some(ticks_to_seconds(field(&f, 15)?))
+}
+
 /// Resident set size in KiB (`VmRSS`).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -123,6 +130,7 @@ fn own_cpu_seconds() -> Option<f64> {
 pub struct Snapshot {
     pub at: Instant,
     pub target_cpu: Option<f64>,
+    pub target_system_cpu: Option<f64>,
     pub postgres_cpu: Option<f64>,
     own_cpu: Option<f64>,
     machine_busy: Option<f64>,
@@ -143,6 +151,7 @@ impl Probe {
         Snapshot {
             at: Instant::now(),
             target_cpu: self.target_pid.and_then(cpu_seconds),
+            target_system_cpu: self.target_pid.and_then(system_cpu_seconds),
             postgres_cpu: self.postmaster_pid.and_then(postgres_cpu_seconds),
             own_cpu: own_cpu_seconds(),
             machine_busy: machine_busy_seconds(),

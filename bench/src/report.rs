@@ -156,21 +156,39 @@ fn x(v: f64) -> String {
     format!("{v:.2}×")
 }
 
-/// The targets of issue 6.
+/// A goal on us over PgBouncer in one figure: at least `bound` (tps) or at most
+/// (CPU).
+fn vs_pgbouncer(scenario: &'static str, text: &str, metric: Metric, bound: f64) -> Goal {
+    let at_least_bound = text.starts_with("tps");
+    goal(scenario, text, move |r, s| {
+        let v = us_over(r, s, TargetKind::Pgbouncer, metric);
+        if at_least_bound {
+            at_least(v, bound, x)
+        } else {
+            at_most(v, bound, x)
+        }
+    })
+}
+
+/// The targets of issue 6, and issue 16's for the pgbench (a).
 fn goals() -> Vec<Goal> {
     let pgb = TargetKind::Pgbouncer;
     let mut goals = vec![
-        goal("a", "tps ≥ 1.5× PgBouncer", move |r, s| {
-            at_least(us_over(r, s, pgb, tps), 1.5, x)
-        }),
-        goal(
+        vs_pgbouncer(
+            "a-pgbench",
+            "pooler CPU per transaction ≤ 0.8× PgBouncer's",
+            cpu,
+            0.8,
+        ),
+        vs_pgbouncer("a-pgbench", "tps ≥ PgBouncer's", tps, 1.0),
+        vs_pgbouncer("a", "tps ≥ 1.5× PgBouncer", tps, 1.5),
+        vs_pgbouncer(
             "a",
             "pooler CPU per transaction ≤ 0.6× PgBouncer's",
-            move |r, s| at_most(us_over(r, s, pgb, cpu), 0.6, x),
+            cpu,
+            0.6,
         ),
-        goal("b", "tps ≥ 3× PgBouncer", move |r, s| {
-            at_least(us_over(r, s, pgb, tps), 3.0, x)
-        }),
+        vs_pgbouncer("b", "tps ≥ 3× PgBouncer", tps, 3.0),
         goal("b", "server logins ≤ 1% of PgBouncer's", move |r, s| {
             let ours = ours(r, s)?.server_logins;
             let theirs = find(r, s, pgb)?.server_logins;
@@ -199,9 +217,7 @@ fn goals() -> Vec<Goal> {
             move |r, s| at_most(us_over(r, s, pgb, p99_of), 0.5, x),
         ));
     }
-    goals.push(goal("e", "tps ≥ 1.5× PgBouncer", move |r, s| {
-        at_least(us_over(r, s, pgb, tps), 1.5, x)
-    }));
+    goals.push(vs_pgbouncer("e", "tps ≥ 1.5× PgBouncer", tps, 1.5));
     goals.push(goal("g", "≤ 1 KiB RSS per idle client", |r, s| {
         at_most(ours(r, s)?.idle_bytes_per_client, 1024.0, |v| {
             format!("{v:.0} B")
@@ -275,6 +291,52 @@ fn results_table(out: &mut String, scenarios: &[Scenario], rows: &[Row]) {
     }
 }
 
+/// CPU and system calls per transaction of the runs whose system calls were counted
+/// (the pgbench scenarios): what the hot path costs each target.
+fn per_transaction_table(out: &mut String, scenarios: &[Scenario], rows: &[Row]) {
+    let mut names: Vec<&str> = crate::syscalls::NAMED
+        .iter()
+        .copied()
+        .filter(|n| {
+            rows.iter()
+                .filter_map(|r| r.syscalls.as_ref())
+                .any(|c| c.by_name.get(*n).is_some_and(|v| *v > 0))
+        })
+        .collect();
+    names.push("other");
+    let _ = writeln!(
+        out,
+        "| scenario | target | tps | target CPU µs / tx | of which system | Postgres CPU µs / tx | system calls / tx | {} |\n\
+         |---|---|---|---|---|---|---|{}",
+        names.join(" | "),
+        "---|".repeat(names.len())
+    );
+    for s in scenarios {
+        for r in rows.iter().filter(|r| {
+            r.scenario == s.key && matches!(s.shape, crate::scenarios::Shape::Pgbench(_))
+        }) {
+            let target = r.target.map(TargetKind::label).unwrap_or_default();
+            let per_tx = |n: u64| (r.transactions > 0).then(|| n as f64 / r.transactions as f64);
+            let calls = r.syscalls.as_ref();
+            let by_name: Vec<String> = names
+                .iter()
+                .map(|n| num(calls.and_then(|c| per_tx(*c.by_name.get(*n)?)), 2))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| ({}) | {target} | {} | {} | {} | {} | {} | {} |",
+                s.key,
+                num(r.tps, 0),
+                num(r.target_cpu_s_per_1k.map(|v| v * 1000.0), 1),
+                num(r.target_system_cpu_s_per_1k.map(|v| v * 1000.0), 1),
+                num(r.postgres_cpu_s_per_1k.map(|v| v * 1000.0), 1),
+                num(calls.and_then(|c| per_tx(c.total)), 2),
+                by_name.join(" | "),
+            );
+        }
+    }
+}
+
 fn details(out: &mut String, rows: &[Row]) {
     for r in rows {
         let target = r.target.map(TargetKind::label).unwrap_or_default();
@@ -332,13 +394,17 @@ pub fn markdown(meta: &Meta, scenarios: &[Scenario], rows: &[Row], chart: Option
     );
     out.push_str("## Ratios (us / PgBouncer, us / direct)\n\nAbove 1× is better for tps, below 1× for latency, CPU, logins and memory.\n\n");
     ratios_table(&mut out, scenarios, rows);
-    out.push_str("\n## The goals of issue 6\n\n");
+    out.push_str("\n## The goals (issue 6; issue 16 for the pgbench (a))\n\n");
     goals_table(&mut out, rows);
     if let Some(chart) = chart {
         let _ = writeln!(out, "\n![tps and p99 per scenario and target]({chart})");
     }
     out.push_str("\n## Every number\n\n");
     results_table(&mut out, scenarios, rows);
+    out.push_str(
+        "\n## CPU and system calls per transaction (pgbench: the same C client for every target)\n\n",
+    );
+    per_transaction_table(&mut out, scenarios, rows);
     out.push_str("\nPer row: errors, notes, the noisy role (d), memory per idle client (g).\n\n");
     details(&mut out, rows);
     let b = &meta.budget;
@@ -362,6 +428,14 @@ pub fn markdown(meta: &Meta, scenarios: &[Scenario], rows: &[Row], chart: Option
            written during the window. CPU: user + system time from `/proc/<pid>/stat` of the \
            pooler process (Postgres: every backend, including those that ended). RSS: `VmRSS`. \
            Per idle client: RSS with all (g) clients open minus RSS before, over the clients opened.\n\
+         - pgbench scenarios: `pgbench -n -f <point select>` with `-M simple` or `-M prepared`, \
+           `-c`/`-j` as titled, for the scenario's duration (its window includes its logins). The \
+           (a-pgbench) scenarios use an app without a `pool_size` of its own, and both poolers \
+           are started with `default_pool_size = 20`. System calls: `perf stat -e \
+           raw_syscalls:sys_enter,syscalls:sys_enter_<name>…` attached to the target's process \
+           (every thread) for the whole pgbench run, the kernel's tracepoint counters (strace \
+           would slow the target several times over and change its batching), over pgbench's \
+           count of transactions.\n\
          - {process}\n\
          - Other work on the machine: each row's window is checked against `/proc/stat`; where \
            over 5% of the CPU time is not accounted to the bench, the target or Postgres \

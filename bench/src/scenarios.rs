@@ -13,7 +13,8 @@ use crate::listen::{self, ListenOutcome, ListenPlan};
 use crate::load::{self, Group, Outcome, Plan, Workload};
 use crate::pgbench::{self, PgbenchRun};
 use crate::procfs::{Probe, Snapshot};
-use crate::targets::{Target, TargetKind};
+use crate::syscalls::SyscallCounts;
+use crate::targets::{Budget, Target, TargetKind};
 
 /// Which roles a fairness figure is taken over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,9 +35,7 @@ pub enum Shape {
     Idle {
         clients: usize,
     },
-    Pgbench {
-        clients: usize,
-    },
+    Pgbench(PgbenchShape),
     /// `per_app` listening clients and one notifier for each of `apps` apps (listen.rs).
     Listen {
         apps: usize,
@@ -44,16 +43,46 @@ pub enum Shape {
     },
 }
 
+/// A pgbench run: the same C client for every target, so differences are the target's.
 #[derive(Debug, Clone)]
-pub struct Scenario {
-    pub key: &'static str,
-    pub title: String,
-    pub shape: Shape,
-    /// A budget of its own for both poolers (`None`: the run's).
-    pub server_connections: Option<usize>,
+pub struct PgbenchShape {
+    pub clients: usize,
+    /// pgbench threads (`-j`).
+    pub threads: usize,
+    /// `-M prepared` rather than the simple protocol.
+    pub prepared: bool,
+    /// The hot app (pool = both targets' `default_pool_size`, set to `servers`) rather
+    /// than app 0 (pool of the shared budget).
+    pub hot: Option<HotPool>,
+}
+
+/// Server connections of the hot app in a scenario: both poolers are started with
+/// `default_pool_size` set to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotPool {
+    pub servers: usize,
 }
 
 impl Scenario {
+    /// The budget its target is started with.
+    pub fn budget(&self, base: &Budget) -> Budget {
+        match &self.shape {
+            Shape::Pgbench(PgbenchShape {
+                hot: Some(HotPool { servers }),
+                ..
+            }) => Budget {
+                pool_size: *servers,
+                server_connections: base.server_connections.max(*servers),
+                ..*base
+            },
+            Shape::Listen { .. } => Budget {
+                server_connections: LISTEN_BUDGET,
+                ..*base
+            },
+            _ => *base,
+        }
+    }
+
     /// LISTEN works through PgBouncer in session mode only.
     pub fn pgbouncer_session_mode(&self) -> bool {
         matches!(self.shape, Shape::Listen { .. })
@@ -63,6 +92,13 @@ impl Scenario {
 /// The budget of (h): a listener server for each of its apps and their notifiers'
 /// transactions. PgBouncer gets the same; it needs a server per listening client.
 pub const LISTEN_BUDGET: usize = 200;
+
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub key: &'static str,
+    pub title: String,
+    pub shape: Shape,
+}
 
 /// How long and how big a run is.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -101,7 +137,16 @@ pub fn all(sizes: &Sizes) -> Vec<Scenario> {
             workload,
             fairness,
         },
-        server_connections: None,
+    };
+    let hot = |key, title: &str, prepared| Scenario {
+        key,
+        title: title.to_owned(),
+        shape: Shape::Pgbench(PgbenchShape {
+            clients: 100,
+            threads: 2,
+            prepared,
+            hot: Some(HotPool { servers: 20 }),
+        }),
     };
     vec![
         closed(
@@ -110,6 +155,16 @@ pub fn all(sizes: &Sizes) -> Vec<Scenario> {
             vec![group(0..1, 100)],
             Workload::PointSelect,
             None,
+        ),
+        hot(
+            "a-pgbench",
+            "pgbench point selects (simple protocol), 1 role × 100 clients over 20 servers",
+            false,
+        ),
+        hot(
+            "a-pgbench-prepared",
+            "pgbench -M prepared point selects, 1 role × 100 clients over 20 servers",
+            true,
         ),
         closed(
             "b",
@@ -142,8 +197,12 @@ pub fn all(sizes: &Sizes) -> Vec<Scenario> {
         Scenario {
             key: "e-pgbench",
             title: "pgbench -M prepared, 1 role × 8 clients (-j 8)".into(),
-            shape: Shape::Pgbench { clients: 8 },
-            server_connections: None,
+            shape: Shape::Pgbench(PgbenchShape {
+                clients: 8,
+                threads: 8,
+                prepared: true,
+                hot: None,
+            }),
         },
         closed(
             "f",
@@ -161,7 +220,6 @@ pub fn all(sizes: &Sizes) -> Vec<Scenario> {
             shape: Shape::Idle {
                 clients: sizes.idle_clients,
             },
-            server_connections: None,
         },
         Scenario {
             key: "h",
@@ -175,7 +233,6 @@ pub fn all(sizes: &Sizes) -> Vec<Scenario> {
                 apps: sizes.listen_apps,
                 per_app: sizes.listen_per_app,
             },
-            server_connections: Some(LISTEN_BUDGET),
         },
     ]
 }
@@ -217,8 +274,14 @@ pub struct Row {
     pub other_cpu_share: Option<f64>,
     pub server_logins: u64,
     pub target_cpu_s_per_1k: Option<f64>,
+    /// The kernel's part of `target_cpu_s_per_1k` (system calls, wake-ups).
+    #[serde(default)]
+    pub target_system_cpu_s_per_1k: Option<f64>,
     pub postgres_cpu_s_per_1k: Option<f64>,
     pub target_rss_kib: Option<u64>,
+    /// The target's system calls in the window (pgbench scenarios; `perf stat`).
+    #[serde(default)]
+    pub syscalls: Option<SyscallCounts>,
     /// (g) only.
     pub idle_opened: Option<usize>,
     pub idle_bytes_per_client: Option<f64>,
@@ -261,6 +324,11 @@ fn common(row: &mut Row, probe: &Probe, before: &Snapshot, after: &Snapshot) {
     row.window_secs = after.at.duration_since(before.at).as_secs_f64();
     row.server_logins = probe.logins_between(before, after);
     row.target_cpu_s_per_1k = per_1k(before.target_cpu, after.target_cpu, row.transactions);
+    row.target_system_cpu_s_per_1k = per_1k(
+        before.target_system_cpu,
+        after.target_system_cpu,
+        row.transactions,
+    );
     row.postgres_cpu_s_per_1k = per_1k(before.postgres_cpu, after.postgres_cpu, row.transactions);
     row.target_rss_kib = probe.target_rss_kib();
     row.other_cpu_share = probe.other_cpu_share(before, after);
@@ -462,12 +530,15 @@ async fn run_shape(scenario: &Scenario, cx: &Context<'_>) -> anyhow::Result<Row>
             let o = listen::run(&plan, &configs, cx.admin, cx.probe, cx.tick).await?;
             Ok(listen_row(row, o, cx.probe))
         }
-        Shape::Pgbench { clients } => {
-            let app = cx
-                .fixture
-                .apps
-                .first()
-                .ok_or_else(|| anyhow::anyhow!("no apps"))?;
+        Shape::Pgbench(shape) => {
+            let app = match shape.hot {
+                Some(_) => &cx.fixture.hot,
+                None => cx
+                    .fixture
+                    .apps
+                    .first()
+                    .ok_or_else(|| anyhow::anyhow!("no apps"))?,
+            };
             let pgbench = cx.fixture.cluster().bindir().join("pgbench");
             let outcome = pgbench::run(
                 PgbenchRun {
@@ -476,23 +547,30 @@ async fn run_shape(scenario: &Scenario, cx: &Context<'_>) -> anyhow::Result<Row>
                     role: &app.role,
                     password: &app.password,
                     dbname: &cx.fixture.db.db,
-                    clients: *clients,
+                    clients: shape.clients,
+                    threads: shape.threads,
+                    prepared: shape.prepared,
                     duration: Duration::from_secs_f64(cx.sizes.duration_secs),
                     script_dir: cx.work_dir,
                 },
                 cx.probe,
             )
             .await;
+            let mut note =
+                "pgbench reports the mean latency only; its window includes its logins".to_owned();
             let mut row = Row {
                 transactions: outcome.processed,
                 tps: outcome.tps,
                 mean_ms: outcome.latency_avg_ms,
                 roles: 1,
-                note: Some(
-                    "pgbench reports the mean latency only; its window includes its logins".into(),
-                ),
                 ..row
             };
+            match outcome.syscalls {
+                Some(Ok(counts)) => row.syscalls = Some(counts),
+                Some(Err(why)) => note.push_str(&format!("; system calls not counted: {why}")),
+                None => {}
+            }
+            row.note = Some(note);
             common(&mut row, cx.probe, &outcome.before, &outcome.after);
             let mut errors = outcome.errors;
             if let Some(e) = outcome.error {

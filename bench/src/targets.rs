@@ -42,7 +42,7 @@ impl TargetKind {
 }
 
 /// What both poolers are given, so they are compared on the same budget.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Budget {
     /// Server connections for all roles together (`max_server_connections` /
     /// PgBouncer's `max_db_connections`).

@@ -49,7 +49,7 @@ fn quick_run_completes_and_writes_numbers() {
         serde_json::from_str(&std::fs::read_to_string(out.path().join("quick.json")).unwrap())
             .unwrap();
     let rows = json["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 3 * 9, "a row per target and scenario");
+    assert_eq!(rows.len(), 3 * 11, "a row per target and scenario");
     let mut targets = vec!["pooler", "direct"];
     if pgbouncer_installed() {
         targets.push("pgbouncer");
@@ -74,6 +74,23 @@ fn quick_run_completes_and_writes_numbers() {
         ours["target_rss_kib"].as_u64().is_some_and(|k| k > 0),
         "{ours}"
     );
+    // The same C client through every target: transactions, CPU and system calls per
+    // transaction (or why perf could not count them) for the pooler.
+    for scenario in ["a-pgbench", "a-pgbench-prepared"] {
+        let r = row(rows, "pooler", scenario);
+        assert!(
+            r["transactions"].as_u64().is_some_and(|n| n > 0),
+            "{scenario}: {r}"
+        );
+        assert!(r["target_cpu_s_per_1k"].as_f64().is_some(), "{r}");
+        assert!(
+            r["syscalls"]["total"].as_u64().is_some_and(|n| n > 0)
+                || r["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("system calls not counted")),
+            "{r}"
+        );
+    }
     let idle = row(rows, "pooler", "g");
     assert!(
         idle["idle_opened"].as_u64().is_some_and(|n| n > 0),

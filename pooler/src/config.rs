@@ -61,6 +61,9 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// `worker_threads` above this is surely a typo (a thread per client is not a design).
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// The whole configuration. Every field's doc states its default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -117,6 +120,37 @@ pub struct Config {
     /// like any error in its batch (the rest is skipped up to Sync); closing
     /// statements makes room again. Default 10000.
     pub max_client_prepared_statements: usize,
+    /// Bytes of prepared-statement names and texts one client connection may hold
+    /// (a text is held once however many names use it). A Parse that would go past
+    /// it fails with 53400 like `max_client_prepared_statements`. Default 8 MiB
+    /// (8388608), room for PgJDBC's default statement cache (5 MiB).
+    pub max_client_prepared_bytes: usize,
+    /// The largest message the pooler holds whole: a named Parse (its text is kept
+    /// to prepare it again on another server), the head of a Query, Bind or
+    /// FunctionCall, a server's ErrorResponse, a console command. Longer Queries,
+    /// unnamed Parses, Binds, CopyData and rows are streamed through in pieces
+    /// whatever their size; a longer named Parse fails with 54000 (the rest of its
+    /// batch skipped up to Sync). At least 32768. Default 1 MiB (1048576).
+    pub max_message_bytes: usize,
+    /// A client linked to a server that makes no progress for this long (it reads
+    /// nothing of what the server sent, or does not finish a message or a COPY it
+    /// started) loses its server (closed, so its transaction rolls back) and gets
+    /// 08006. Also bounds every write of an error to a client. Default 10 s.
+    pub client_stall_timeout_ms: u64,
+    /// A client idle inside a transaction (or an unsynced extended-protocol batch)
+    /// for this long loses its server (closed, rolled back) and gets 25P03, like
+    /// PgBouncer's `idle_transaction_timeout`. 0 turns it off; Postgres's own
+    /// `idle_in_transaction_session_timeout`, which the provisioner sets per app, still
+    /// applies unless the app changes it. Default 0 (off).
+    pub idle_transaction_timeout_ms: u64,
+    /// TCP keepalive on client and server sockets: idle time before the first probe
+    /// (0 turns keepalive off). A peer that vanished without a FIN (a node lost, a
+    /// cable cut) is then noticed after about idle + 3 × interval instead of the
+    /// kernel's two hours. Default 60 s.
+    pub tcp_keepalive_idle_ms: u64,
+    /// TCP keepalive: time between probes (3 unanswered probes close the socket).
+    /// Default 10 s.
+    pub tcp_keepalive_interval_ms: u64,
     /// Clients of one role that may be pinned to a server at once by session state
     /// (temp tables, advisory locks, SQL PREPARE, SET ROLE, untracked SET; LISTEN does
     /// not pin, see `max_listener_servers`).
@@ -171,6 +205,11 @@ pub struct Config {
     /// What is logged: `tracing` filter directives such as `info` or
     /// `pooler=debug,info`. `RUST_LOG`, when set, takes its place. Default `info`.
     pub log_level: String,
+    /// Threads that run client sessions (tokio's worker threads); 0: one per CPU.
+    /// Fewer threads cost less CPU per transaction (less cross-thread waking and
+    /// stealing: on 2 vCPUs one worker used about 10% less), more reach more
+    /// throughput when the pooler has cores to itself. Takes a restart. Default 0.
+    pub worker_threads: usize,
     pub upstream: Upstream,
     pub client_tls: ClientTls,
     pub server_tls: ServerTls,
@@ -264,11 +303,18 @@ impl Default for Config {
             auth_mock_secret: None,
             max_prepared_statements: 200,
             max_client_prepared_statements: 10_000,
+            max_client_prepared_bytes: 8 << 20,
+            max_message_bytes: 1 << 20,
+            client_stall_timeout_ms: 10_000,
+            idle_transaction_timeout_ms: 0,
+            tcp_keepalive_idle_ms: 60_000,
+            tcp_keepalive_interval_ms: 10_000,
             max_pinned_per_role: None,
             max_listener_servers: None,
             max_client_listen_channels: 100,
             max_client_notification_bytes: 1 << 20,
             log_level: "info".into(),
+            worker_threads: 0,
             metrics_per_role: false,
             metrics_max_roles: 50,
             upstream: Upstream::default(),
@@ -320,6 +366,10 @@ impl Default for ServerTls {
     }
 }
 
+/// The smallest `max_message_bytes`: every short message of the protocol
+/// (`PQ_SMALL_MESSAGE_LIMIT`, libpq's 30000 for backend short messages) must fit.
+pub const MIN_MESSAGE_BYTES: usize = 32 * 1024;
+
 /// The smallest `max_client_notification_bytes`: a NotificationResponse with
 /// Postgres' largest payload (8000 bytes) and channel, plus its bookkeeping, fits.
 pub const MIN_NOTIFICATION_BYTES: usize = 16 * 1024;
@@ -366,6 +416,11 @@ impl Config {
         if self.auth_pool_size == 0 {
             return bad("auth_pool_size must be at least 1".into());
         }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return bad(format!(
+                "worker_threads must be at most {MAX_WORKER_THREADS} (0: one per CPU)"
+            ));
+        }
         // 0 would refuse every named statement: drivers that name theirs (PgJDBC,
         // tokio-postgres, asyncpg) could not run a query.
         if self.max_prepared_statements == 0 || self.max_client_prepared_statements == 0 {
@@ -374,6 +429,21 @@ impl Config {
                     .into(),
             );
         }
+        if self.max_message_bytes < MIN_MESSAGE_BYTES {
+            return bad(format!(
+                "max_message_bytes must be at least {MIN_MESSAGE_BYTES} (the protocol's short messages)"
+            ));
+        }
+        if self.max_client_prepared_bytes < self.max_message_bytes {
+            return bad(
+                "max_client_prepared_bytes must be at least max_message_bytes: a named \
+                 statement of the largest message could never be held"
+                    .into(),
+            );
+        }
+        if self.tcp_keepalive_idle_ms > 0 && self.tcp_keepalive_interval_ms == 0 {
+            return bad("tcp_keepalive_interval_ms must be greater than 0".into());
+        }
         if self.max_listener_servers == Some(0) || self.max_client_listen_channels == 0 {
             return bad(
                 "max_listener_servers and max_client_listen_channels must be at least 1".into(),
@@ -381,7 +451,8 @@ impl Config {
         }
         if self.max_client_notification_bytes < MIN_NOTIFICATION_BYTES {
             return bad(format!(
-                "max_client_notification_bytes must be at least {MIN_NOTIFICATION_BYTES},                  so that one notification of the largest size fits"
+                "max_client_notification_bytes must be at least {MIN_NOTIFICATION_BYTES}, so that one \
+                 notification of the largest size fits"
             ));
         }
         if self.upstream.dbname.is_empty() || self.upstream.auth_user.is_empty() {
@@ -392,6 +463,7 @@ impl Config {
             ("client_login_timeout_ms", self.client_login_timeout_ms),
             ("server_connect_timeout_ms", self.server_connect_timeout_ms),
             ("switch_quantum_ms", self.switch_quantum_ms),
+            ("client_stall_timeout_ms", self.client_stall_timeout_ms),
             ("admin.pause_timeout_ms", self.admin.pause_timeout_ms),
         ] {
             if v == 0 {
@@ -503,6 +575,22 @@ impl Config {
     pub fn auth_cache_ttl(&self) -> Duration {
         ms(self.auth_cache_ttl_ms)
     }
+    pub fn client_stall_timeout(&self) -> Duration {
+        ms(self.client_stall_timeout_ms)
+    }
+    /// `None` when off.
+    pub fn idle_transaction_timeout(&self) -> Option<Duration> {
+        (self.idle_transaction_timeout_ms > 0).then(|| ms(self.idle_transaction_timeout_ms))
+    }
+    /// `None` when off.
+    pub fn tcp_keepalive(&self) -> Option<(Duration, Duration)> {
+        (self.tcp_keepalive_idle_ms > 0).then(|| {
+            (
+                ms(self.tcp_keepalive_idle_ms),
+                ms(self.tcp_keepalive_interval_ms),
+            )
+        })
+    }
 }
 
 /// `host:port` as the registry stores it (sql/0002 checks the same shape): a host of
@@ -587,6 +675,11 @@ mod tests {
         assert!(c.validate().is_err());
         let c = Config {
             max_client_prepared_statements: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            worker_threads: MAX_WORKER_THREADS + 1,
             ..Config::default()
         };
         assert!(c.validate().is_err());

@@ -91,6 +91,43 @@ impl AuthResult {
     }
 }
 
+/// A bound the pooler enforced on one client (`limit_refusals_total{kind}`): each
+/// is a config key or a protocol limit (README, "Limits and abuse").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// A message the pooler must hold whole over `max_message_bytes`, or a login
+    /// message over PostgreSQL's own limits (or of a type not allowed there).
+    MessageTooLong,
+    /// A named statement past `max_client_prepared_statements`.
+    PreparedStatements,
+    /// A named statement past `max_client_prepared_bytes`.
+    PreparedBytes,
+    /// A linked client that made no progress for `client_stall_timeout_ms`.
+    ClientStall,
+    /// A client idle in a transaction past `idle_transaction_timeout_ms`.
+    IdleTransaction,
+}
+
+impl Limit {
+    const ALL: [Limit; 5] = [
+        Limit::MessageTooLong,
+        Limit::PreparedStatements,
+        Limit::PreparedBytes,
+        Limit::ClientStall,
+        Limit::IdleTransaction,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Limit::MessageTooLong => "message_too_long",
+            Limit::PreparedStatements => "prepared_statements",
+            Limit::PreparedBytes => "prepared_bytes",
+            Limit::ClientStall => "client_stall",
+            Limit::IdleTransaction => "idle_transaction",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     per_role: bool,
@@ -109,6 +146,7 @@ pub struct Metrics {
     pub prepared_misses: IntCounter,
     pub checkout_timeouts: IntCounter,
     errors: IntCounterVec,
+    limits: Vec<IntCounter>,
     /// Notifications queued for clients by their role's listener (one per client).
     pub notifications_delivered: IntCounter,
     /// Notifications dropped because a session of another role (or of none the pooler
@@ -194,6 +232,18 @@ impl Metrics {
             &["kind"],
         )?;
         registry.register(Box::new(errors.clone()))?;
+        let limits_vec = IntCounterVec::new(
+            Opts::new(
+                name("limit_refusals_total"),
+                "Clients refused or cut off by a per-client bound, by kind.",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(limits_vec.clone()))?;
+        let limits = Limit::ALL
+            .iter()
+            .map(|l| limits_vec.with_label_values(&[l.label()]))
+            .collect();
         let notifications = IntCounterVec::new(
             Opts::new(
                 name("notifications_total"),
@@ -232,6 +282,7 @@ impl Metrics {
             prepared_misses: prepared.with_label_values(&["miss"]),
             checkout_timeouts,
             errors,
+            limits,
             notifications_delivered: notifications.with_label_values(&["delivered"]),
             notifications_dropped: notifications.with_label_values(&["dropped"]),
             notification_overflows,
@@ -243,6 +294,13 @@ impl Metrics {
     pub fn auth(&self, result: AuthResult) {
         if let Some(c) = self.auth.get(result as usize) {
             c.inc();
+        }
+    }
+
+    /// `n` clients refused or cut off by `limit`.
+    pub fn limit(&self, limit: Limit, n: u64) {
+        if let Some(c) = self.limits.get(limit as usize) {
+            c.inc_by(n);
         }
     }
 
@@ -520,6 +578,8 @@ fn error_kind(sqlstate: &str) -> &'static str {
         "57P03" => "cannot_connect_now",
         "0A000" => "feature_not_supported",
         "08006" => "connection_failure",
+        "54000" => "program_limit_exceeded",
+        "25P03" => "idle_in_transaction_timeout",
         _ => "other",
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -90,6 +90,14 @@ impl<T> Registry<T> {
         self.lock().values().map(|e| &**e).find_map(f)
     }
 
+    /// Calls `f` on every entry, under the map's lock: for a periodic look at all
+    /// clients without copying them out. `f` must be quick and must not register.
+    pub fn for_each(&self, mut f: impl FnMut(&T)) {
+        for entry in self.lock().values() {
+            f(entry);
+        }
+    }
+
     /// Every entry now, oldest id first.
     pub fn snapshot(&self) -> Vec<Arc<T>> {
         let mut all: Vec<(u64, Arc<T>)> =
@@ -164,7 +172,22 @@ pub struct ClientInfo {
     link: AtomicU64,
     /// Woken after a revocation, a drain or the end of the grace period: the relay
     /// registers here (lock-free) rather than with a channel every client shares.
+    /// The doorbell of a parked client too: whatever it must act on rings it.
     signal: futures_util::task::AtomicWaker,
+    /// The parking clock's epoch when the client last went idle in a task.
+    idle_epoch: AtomicU32,
+    /// [`Parking`] as a byte: whether it runs in a task, was asked to park, or is parked.
+    parking: AtomicU8,
+}
+
+/// Where an idle client waits: in a task of its own (recently busy), or parked
+/// without one (session/park.rs), so an idle client costs a few hundred bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parking {
+    InTask = 0,
+    /// The parking sweep found it idle for a whole period: it parks at its next look.
+    Requested = 1,
+    Parked = 2,
 }
 
 impl ClientInfo {
@@ -179,6 +202,61 @@ impl ClientInfo {
             request_us: AtomicU64::new(0),
             link: AtomicU64::new(0),
             signal: futures_util::task::AtomicWaker::new(),
+            idle_epoch: AtomicU32::new(0),
+            parking: AtomicU8::new(Parking::InTask as u8),
+        }
+    }
+
+    /// Goes idle in its task at the parking clock's `epoch`; a request to park made
+    /// before is stale (it was busy since).
+    pub fn idle_in_task(&self, epoch: u32) {
+        self.idle_epoch.store(epoch, Ordering::Relaxed);
+        self.parking.store(Parking::InTask as u8, Ordering::Relaxed);
+    }
+
+    /// The parking sweep at `epoch`: asks a client idle in its task since before the
+    /// previous epoch to park, and rings it. Returns whether it asked.
+    pub fn ask_to_park(&self, epoch: u32) -> bool {
+        let quiet = epoch.wrapping_sub(self.idle_epoch.load(Ordering::Relaxed)) >= 2;
+        if !quiet || self.state() != ClientState::Idle {
+            return false;
+        }
+        let asked = self
+            .parking
+            .compare_exchange(
+                Parking::InTask as u8,
+                Parking::Requested as u8,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok();
+        if asked {
+            self.signal.wake();
+        }
+        asked
+    }
+
+    /// Whether it was asked to park; the request is used up.
+    pub fn take_park_request(&self) -> bool {
+        self.parking
+            .compare_exchange(
+                Parking::Requested as u8,
+                Parking::InTask as u8,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+
+    pub fn set_parking(&self, p: Parking) {
+        self.parking.store(p as u8, Ordering::Release);
+    }
+
+    pub fn parking(&self) -> Parking {
+        match self.parking.load(Ordering::Acquire) {
+            1 => Parking::Requested,
+            2 => Parking::Parked,
+            _ => Parking::InTask,
         }
     }
 
@@ -292,5 +370,25 @@ mod tests {
         assert_eq!((c.state(), c.link()), (ClientState::Active, 9));
         c.idle();
         assert_eq!((c.state(), c.link()), (ClientState::Idle, 0));
+    }
+
+    #[test]
+    fn only_a_client_idle_for_a_whole_sweep_period_is_asked_to_park() {
+        let c = ClientInfo::new(7, "127.0.0.1:1".parse().unwrap(), None);
+        c.idle_in_task(10);
+        assert!(!c.ask_to_park(11), "still logging in");
+        c.idle();
+        assert!(!c.ask_to_park(11), "idle since less than a period");
+        assert!(c.ask_to_park(12));
+        assert_eq!(c.parking(), Parking::Requested);
+        assert!(!c.ask_to_park(13), "asked once");
+        assert!(c.take_park_request());
+        assert!(!c.take_park_request());
+        c.waiting();
+        assert!(!c.ask_to_park(20), "busy");
+        c.idle();
+        c.idle_in_task(20);
+        c.set_parking(Parking::Parked);
+        assert!(!c.ask_to_park(30), "parked already");
     }
 }

@@ -42,6 +42,8 @@ pub const RESTART_KEYS: &[&str] = &[
     "session_listen",
     "admin_listen",
     "server_connect_timeout_ms",
+    "tcp_keepalive_idle_ms",
+    "tcp_keepalive_interval_ms",
     "auth_cache_ttl_ms",
     "auth_failures_per_role_per_minute",
     "auth_failures_per_address_per_minute",
@@ -52,6 +54,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "server_tls",
     "metrics_per_role",
     "metrics_max_roles",
+    "worker_threads",
 ];
 
 /// Whether `key` (dotted, as `SHOW CONFIG` names it) takes a restart to change.
@@ -70,6 +73,8 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
     new.session_listen = old.session_listen;
     new.admin_listen = old.admin_listen;
     new.server_connect_timeout_ms = old.server_connect_timeout_ms;
+    new.tcp_keepalive_idle_ms = old.tcp_keepalive_idle_ms;
+    new.tcp_keepalive_interval_ms = old.tcp_keepalive_interval_ms;
     new.auth_cache_ttl_ms = old.auth_cache_ttl_ms;
     new.auth_failures_per_role_per_minute = old.auth_failures_per_role_per_minute;
     new.auth_failures_per_address_per_minute = old.auth_failures_per_address_per_minute;
@@ -80,6 +85,7 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
     new.server_tls = old.server_tls.clone();
     new.metrics_per_role = old.metrics_per_role;
     new.metrics_max_roles = old.metrics_max_roles;
+    new.worker_threads = old.worker_threads;
     new
 }
 
@@ -254,6 +260,8 @@ mod tests {
             session_listen: Some("127.0.0.1:2".parse().unwrap()),
             admin_listen: "127.0.0.1:3".parse().unwrap(),
             server_connect_timeout_ms: 1,
+            tcp_keepalive_idle_ms: 1,
+            tcp_keepalive_interval_ms: 1,
             auth_cache_ttl_ms: 1,
             auth_failures_per_role_per_minute: 1,
             auth_failures_per_address_per_minute: 1,
@@ -267,6 +275,7 @@ mod tests {
         c.server_tls.mode = TlsMode::Require;
         c.metrics_per_role = true;
         c.metrics_max_roles = 7;
+        c.worker_threads = 3;
         c
     }
 

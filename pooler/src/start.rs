@@ -20,6 +20,7 @@ use crate::config::{Config, ConfigError};
 use crate::frontdoor::{self, Listener, SessionError};
 use crate::limits::{OpenFilesError, pool_config};
 use crate::metrics::Metrics;
+use crate::net::park::Lot;
 use crate::net::{self, Tracker, tls};
 use crate::notify::Hub;
 use crate::notify::senders::{PgStatActivity, Senders};
@@ -86,6 +87,7 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         dbname: config.upstream.dbname.clone(),
         tls: server_tls,
         connect_timeout: config.server_connect_timeout(),
+        keepalive: config.tcp_keepalive(),
     };
     let cache = VerifierCache::new(
         config.upstream.clone(),
@@ -164,6 +166,8 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         reloading: Default::default(),
         closing: closing_rx,
         metrics: metrics.clone(),
+        tasks: Tracker::default(),
+        lot: Lot::start(),
         notify: Hub::new(
             pools.clone(),
             Arc::new(Senders::new(
@@ -181,7 +185,8 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         replica_settings(&c)
     });
     tokio::spawn(shared::apply_changes(cache.clone(), roles, pools));
-    let tasks = Tracker::default();
+    let tasks = shared.tasks.clone();
+    tokio::spawn(session::park::sweep(Arc::downgrade(&shared)));
     let on = |listener: Listener| {
         let shared = shared.clone();
         move |tcp, peer| serve_client(tcp, peer, shared.clone(), listener)

@@ -298,7 +298,10 @@ impl VerifierCache {
             .application_name("dataplane-pooler-auth")
             // A lookup that hangs must not hold logins hostage.
             .options("-c statement_timeout=5000")
-            .connect_timeout(Duration::from_secs(5));
+            .connect_timeout(Duration::from_secs(5))
+            // The LISTEN connection must notice a vanished server in about a minute
+            // (the default `tcp_keepalive_idle_ms`), not the kernel's two hours.
+            .keepalives_idle(Duration::from_secs(60));
         if let Some(p) = &u.auth_password {
             c.password(p.expose());
         }

@@ -30,6 +30,8 @@ pub struct Target {
     pub dbname: String,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub connect_timeout: Duration,
+    /// TCP keepalive idle time and probe interval (`tcp_keepalive_*`), if on.
+    pub keepalive: Option<(Duration, Duration)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +129,7 @@ impl Target {
     async fn connect_inner(&self, keys: &LoginKeys) -> Result<ServerConn, BackendError> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
         tcp.set_nodelay(true)?;
+        crate::net::keepalive::set(&tcp, self.keepalive)?;
         let mut stream = match &self.tls {
             None => Stream::Plain(tcp),
             Some(config) => self.start_tls(tcp, config.clone()).await?,

@@ -116,6 +116,9 @@ pub async fn arrive(
     listener: Listener,
 ) -> Result<Option<Arrival>, SessionError> {
     let _ = tcp.set_nodelay(true);
+    if let Err(e) = crate::net::keepalive::set(&tcp, shared.config().tcp_keepalive()) {
+        tracing::debug!(error = %e, "setting TCP keepalive on a client socket");
+    }
     let local = tcp.local_addr().ok();
     let mut stream = Stream::Plain(tcp);
     let limit = shared.config().max_client_conn;
@@ -173,6 +176,10 @@ async fn negotiate(
     deadline: tokio::time::Instant,
 ) -> Result<Option<(Stream, Vec<(String, String)>, BytesMut)>, SessionError> {
     let mut buf = BytesMut::with_capacity(256);
+    // One SSLRequest and one GSSENCRequest, as PostgreSQL allows (postmaster.c,
+    // ProcessStartupPacket): a repeat is no protocol it speaks, and answering each
+    // would let one connection make the pooler write forever.
+    let (mut ssl_done, mut gss_done) = (false, false);
     loop {
         let packet = loop {
             match startup::read(&mut buf) {
@@ -183,6 +190,19 @@ async fn negotiate(
                 }
             }
         };
+        let repeated = match packet {
+            StartupPacket::SslRequest => std::mem::replace(&mut ssl_done, true),
+            StartupPacket::GssEncRequest => std::mem::replace(&mut gss_done, true),
+            _ => false,
+        };
+        if repeated {
+            return fatal(
+                &mut stream,
+                SqlState::PROTOCOL_VIOLATION,
+                "a second SSL or GSS encryption request on one connection".into(),
+            )
+            .await;
+        }
         match packet {
             StartupPacket::SslRequest => {
                 if !buf.is_empty() {
@@ -199,7 +219,12 @@ async fn negotiate(
                 let acceptor = shared.client_tls.load_full();
                 stream = match (acceptor.as_deref(), stream) {
                     (Some(acceptor), Stream::Plain(mut tcp)) => {
-                        tcp.write_all(b"S").await?;
+                        match tokio::time::timeout_at(deadline, tcp.write_all(b"S")).await {
+                            Ok(written) => written?,
+                            Err(_) => return Err(login_timeout(shared)),
+                        }
+                        // No GSS encryption inside TLS either (postmaster.c).
+                        gss_done = true;
                         match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                             Ok(tls) => Stream::TlsServer(Box::new(tls?)),
                             Err(_) => return Err(login_timeout(shared)),
@@ -207,12 +232,12 @@ async fn negotiate(
                     }
                     (_, mut other) => {
                         // No certificate configured, or TLS already on: say no.
-                        other.write_all(b"N").await?;
+                        write_within(&mut other, b"N", deadline).await?;
                         other
                     }
                 };
             }
-            StartupPacket::GssEncRequest => stream.write_all(b"N").await?,
+            StartupPacket::GssEncRequest => write_within(&mut stream, b"N", deadline).await?,
             StartupPacket::Cancel { pid, secret } => {
                 // This replica's own keys first (a forwarded request carries the hop
                 // bit); another replica's key goes to that replica, once.
@@ -250,7 +275,7 @@ async fn negotiate(
                     // Tell the client what we speak (protocol.html, "Protocol versioning").
                     let mut out = BytesMut::new();
                     if msg::negotiate_protocol_version(&mut out, 0, &protocol_options).is_ok() {
-                        stream.write_all(&out).await?;
+                        write_within(&mut stream, &out, deadline).await?;
                     }
                 }
                 let tls_required = shared.config().client_tls.mode == TlsMode::Require;
@@ -286,6 +311,23 @@ pub async fn read_within(
     }
 }
 
+/// Writes to a client that has not logged in yet, within the login deadline. A
+/// client that reads nothing is cut off there, and is told nothing (it would not
+/// read it either).
+pub async fn write_within(
+    stream: &mut Stream,
+    bytes: &[u8],
+    deadline: tokio::time::Instant,
+) -> Result<(), SessionError> {
+    match tokio::time::timeout_at(deadline, stream.write_all(bytes)).await {
+        Ok(written) => Ok(written?),
+        Err(_) => Err(SessionError::Reported {
+            code: SqlState::PROTOCOL_VIOLATION,
+            message: "the client read nothing within client_login_timeout".into(),
+        }),
+    }
+}
+
 fn login_timeout(shared: &Shared) -> SessionError {
     SessionError::Reported {
         code: SqlState::PROTOCOL_VIOLATION,
@@ -296,6 +338,11 @@ fn login_timeout(shared: &Shared) -> SessionError {
     }
 }
 
+/// How long a FATAL error may take to be written: a client that cannot take a few
+/// hundred bytes in this long is not reading, and must not keep its task (and, when
+/// linked, its server) waiting on it.
+const FATAL_WRITE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Sends a FATAL ErrorResponse and ends the session with it.
 pub async fn fatal<T>(
     stream: &mut Stream,
@@ -305,8 +352,13 @@ pub async fn fatal<T>(
     let mut out = BytesMut::new();
     msg::write_fatal(&mut out, code, &message);
     // The client may already be gone; the error is still the session's outcome.
-    let _ = stream.write_all(&out).await;
-    let _ = stream.flush().await;
+    // Boxed: the timer would otherwise make every future that can end in a FATAL
+    // (the relay's, once per transaction) bigger, and its allocation slower.
+    let _ = Box::pin(tokio::time::timeout(FATAL_WRITE_LIMIT, async {
+        stream.write_all(&out).await?;
+        stream.flush().await
+    }))
+    .await;
     Err(SessionError::Reported { code, message })
 }
 

@@ -1,9 +1,8 @@
 //! The SCRAM-SHA-256 exchange with a client, shared by app logins and the console.
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
 
-use super::{SessionError, encoded, fatal, read_within};
+use super::{SessionError, encoded, fatal, read_within, write_within};
 use crate::auth::scram::{ScramError, ServerExchange};
 use crate::net::stream::Stream;
 use crate::proto::SqlState;
@@ -35,7 +34,7 @@ pub async fn scram_exchange(
 ) -> Result<Proof, SessionError> {
     let mut out = BytesMut::with_capacity(256);
     encoded(msg::authentication_sasl(&mut out, &[MECHANISM]))?;
-    stream.write_all(&out).await?;
+    write_within(stream, &out, deadline).await?;
     out.clear();
 
     let nonce = match crate::auth::random_nonce() {
@@ -74,7 +73,7 @@ pub async fn scram_exchange(
         Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
     };
     encoded(msg::authentication_sasl_continue(&mut out, &server_first))?;
-    stream.write_all(&out).await?;
+    write_within(stream, &out, deadline).await?;
 
     let last = read_sasl(stream, buf, deadline).await?;
     let last = match frontend::parse_sasl_response(&last) {
@@ -101,26 +100,29 @@ pub async fn password_failed<T>(stream: &mut Stream, user: &str) -> Result<T, Se
     .await
 }
 
-/// Reads one SASL message ('p') from the client.
+/// Reads one SASL message ('p') from the client. Any other type is refused at its
+/// first byte, before its length is even read: a `Q` announcing 1 GiB here is not
+/// buffered. A `p` is within `PG_MAX_AUTH_TOKEN_LENGTH` (frame.rs) by its header.
 async fn read_sasl(
     stream: &mut Stream,
     buf: &mut BytesMut,
     deadline: tokio::time::Instant,
 ) -> Result<Bytes, SessionError> {
     loop {
+        if let Some(&tag) = buf.first().filter(|&&t| t != b'p') {
+            return fatal(
+                stream,
+                SqlState::PROTOCOL_VIOLATION,
+                format!(
+                    "expected a SASL response, got message type {:?}",
+                    char::from(tag)
+                ),
+            )
+            .await;
+        }
         match frame::split(buf, Side::Frontend) {
-            Ok(Some((b'p', body))) => return Ok(body),
-            Ok(Some((tag, _))) => {
-                return fatal(
-                    stream,
-                    SqlState::PROTOCOL_VIOLATION,
-                    format!(
-                        "expected a SASL response, got message type {:?}",
-                        char::from(tag)
-                    ),
-                )
-                .await;
-            }
+            // A `p`: any other type was refused above.
+            Ok(Some((_, body))) => return Ok(body),
             Ok(None) => read_within(stream, buf, deadline).await?,
             Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
         }

@@ -1,10 +1,12 @@
 //! Accepting clients: one task per connection, a shutdown signal that stops accepting.
 
+pub mod keepalive;
+pub mod park;
 pub mod stream;
 pub mod tls;
 mod tracker;
 
-pub use tracker::Tracker;
+pub use tracker::{Hold, Tracker};
 
 use std::future::Future;
 use std::net::SocketAddr;

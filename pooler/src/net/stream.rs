@@ -28,6 +28,28 @@ impl Stream {
         }
     }
 
+    /// For an idle client with nothing buffered: ready once it has sent something (or
+    /// hung up), with `cx`'s waker registered for that otherwise. TLS first hands
+    /// over what rustls already decrypted: such bytes would never make the socket
+    /// readable again.
+    pub fn poll_idle_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let tcp = match self {
+            Stream::Plain(tcp) => &*tcp,
+            Stream::TlsServer(tls) => {
+                let (tcp, conn) = tls.get_mut();
+                match conn.process_new_packets() {
+                    Ok(state)
+                        if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {}
+                    // Plaintext to read, a close_notify, or an error: the task sees which.
+                    _ => return Poll::Ready(()),
+                }
+                &*tcp
+            }
+            Stream::TlsClient(_) => return Poll::Ready(()),
+        };
+        tcp.poll_read_ready(cx).map(|_| ())
+    }
+
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         self.tcp().local_addr().ok()
     }

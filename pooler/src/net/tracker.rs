@@ -16,9 +16,11 @@ struct Inner {
     idle: Notify,
 }
 
-struct Guard(Arc<Inner>);
+/// One live client counted by its [`Tracker`]: a task's, or a parked client's that
+/// has none (`Tracker::hold`), so shutdown waits for it as for a task.
+pub struct Hold(Arc<Inner>);
 
-impl Drop for Guard {
+impl Drop for Hold {
     fn drop(&mut self) {
         if self
             .0
@@ -36,10 +38,7 @@ impl Tracker {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.inner
-            .live
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let guard = Guard(self.inner.clone());
+        let guard = self.hold();
         // Boxed: an async block stores a future it awaits twice (as the captured
         // value and as the awaited one), which for a client's task is kilobytes per
         // idle client.
@@ -48,6 +47,14 @@ impl Tracker {
             let _guard = guard;
             fut.await;
         });
+    }
+
+    /// Counts one more live client until the returned [`Hold`] is dropped.
+    pub fn hold(&self) -> Hold {
+        self.inner
+            .live
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Hold(self.inner.clone())
     }
 
     pub fn live(&self) -> usize {

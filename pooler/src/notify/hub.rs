@@ -16,6 +16,7 @@ use super::inbox::Inbox;
 use super::listener;
 use super::role::{Common, RoleListener, Subscriber};
 use super::senders::Senders;
+use super::sql::Primed;
 use crate::backend::ServerConn;
 use crate::metrics::Metrics;
 use crate::pool::Pools;
@@ -78,6 +79,10 @@ pub struct Subscription {
     client: u64,
     inbox: Arc<Inbox>,
     channels: BTreeSet<Channel>,
+    /// Whether the client's transaction server holds its channels for the
+    /// transaction under way (session/listen.rs): kept here, so a client that never
+    /// listens carries nothing for it.
+    primed: Primed,
 }
 
 impl Subscription {
@@ -89,6 +94,14 @@ impl Subscription {
     /// The channels the client listens on now.
     pub fn channels(&self) -> &BTreeSet<Channel> {
         &self.channels
+    }
+
+    pub fn primed(&self) -> Primed {
+        self.primed
+    }
+
+    pub fn set_primed(&mut self, primed: Primed) {
+        self.primed = primed;
     }
 }
 
@@ -178,6 +191,7 @@ impl Hub {
                         client: client.id,
                         inbox,
                         channels,
+                        primed: Primed::No,
                     })
                 }
             }

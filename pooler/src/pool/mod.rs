@@ -43,8 +43,16 @@ pub use types::{
     ConnectError, Connector, PoolConfig, PoolError, PoolStats, RoleLimits, RolePoolStats,
 };
 
-/// What a waiter receives: a server, or the error of the login made for it.
-type Grant<S> = Result<Checkout<S>, ConnectError>;
+/// What a waiter receives: a server, or why it gets none.
+type Grant<S> = Result<Checkout<S>, Denied>;
+
+/// Why a queued checkout ends without a server.
+enum Denied {
+    /// The login made for it failed.
+    Connect(ConnectError),
+    /// Its deadline passed (the maintenance tick times waiters out: no timer per wait).
+    TimedOut,
+}
 type Tx<S> = oneshot::Sender<Grant<S>>;
 type Actions<S> = Vec<Action<S, Tx<S>>>;
 
@@ -77,6 +85,9 @@ struct State<S: Send + 'static> {
     /// RoleId index → the role it logs in as, and which of its pools it is.
     names: Vec<(Arc<str>, Purpose)>,
     config: PoolConfig,
+    /// An emptied action list kept for the next release: most releases hand the
+    /// server to a waiter, and a fresh list would be an allocation per transaction.
+    spare: Actions<S>,
     /// This replica's share of the cluster's budget (`share.rs`), when several replicas
     /// share it; the scheduler's budget is then the smaller of the two.
     share: Option<u32>,
@@ -158,6 +169,7 @@ impl<S: Send + 'static> Pools<S> {
                 listeners: HashMap::new(),
                 names: Vec::new(),
                 config,
+                spare: Vec::new(),
                 share: None,
             }),
             connector,
@@ -180,6 +192,8 @@ impl<S: Send + 'static> Pools<S> {
     }
 
     /// A server logged in as `role`, waiting up to `wait_timeout` in the role's queue.
+    /// The wait is timed out by the maintenance tick, so it ends up to one
+    /// `maintenance_interval` after `wait_timeout`; no timer is armed per wait.
     ///
     /// Cancel-safe: dropping the future while it waits leaves the queue, and a server
     /// granted at that moment goes back to the pool.
@@ -231,7 +245,11 @@ impl<S: Send + 'static> Pools<S> {
                 return Ok(Checkout::new(self.clone(), server, conn, idle_for));
             }
             let (tx, rx) = oneshot::channel();
-            let enqueued = st.sched.enqueue(r, tx, now, &mut out).map(|id| (id, rx));
+            let deadline = now.checked_add(wait_timeout);
+            let enqueued = st
+                .sched
+                .enqueue_until(r, tx, now, deadline, &mut out)
+                .map(|id| (id, rx));
             (r, enqueued)
         };
         self.run(out);
@@ -242,16 +260,16 @@ impl<S: Send + 'static> Pools<S> {
         };
         // Armed before the first await: from here on, dropping this future dequeues.
         let mut waiter = waiter::Waiter::new(self.clone(), id, rx);
-        match tokio::time::timeout(wait_timeout, waiter.recv()).await {
-            Ok(Ok(Ok(checkout))) => Ok(checkout),
-            Ok(Ok(Err(source))) => Err(PoolError::Connect {
+        match waiter.recv().await {
+            Ok(Ok(checkout)) => Ok(checkout),
+            Ok(Err(Denied::Connect(source))) => Err(PoolError::Connect {
                 role: Arc::from(role),
                 source,
             }),
-            Ok(Err(_)) => Err(PoolError::Dropped {
+            Err(_) => Err(PoolError::Dropped {
                 role: Arc::from(role),
             }),
-            Err(_elapsed) => {
+            Ok(Err(Denied::TimedOut)) => {
                 drop(waiter);
                 let st = self.lock();
                 let stats = st.sched.role_stats(r).unwrap_or_default();
@@ -343,7 +361,16 @@ impl<S: Send + 'static> Pools<S> {
     /// `maintenance_interval`.
     pub fn tick(&self) {
         let mut out = Vec::new();
-        self.lock().sched.tick(now(), &mut out);
+        let expired = {
+            let mut st = self.lock();
+            let now = now();
+            st.sched.tick(now, &mut out);
+            st.sched.expire_waiters(now)
+        };
+        for waiter in expired {
+            // Its future may be gone already; then nobody needs the answer.
+            let _ = waiter.send(Err(Denied::TimedOut));
+        }
         self.run(out);
     }
 
@@ -405,12 +432,27 @@ impl<S: Send + 'static> Pools<S> {
     }
 
     pub(crate) fn release_server(&self, server: ServerId, conn: S) {
-        let mut out = Vec::new();
-        let res = self.lock().sched.release(server, conn, now(), &mut out);
-        if let Err(error) = res {
-            tracing::error!(%error, "pool: release of an unknown server; closed it");
+        let res = {
+            let mut st = self.lock();
+            let mut out = std::mem::take(&mut st.spare);
+            st.sched
+                .release(server, conn, now(), &mut out)
+                .map(|()| out)
+        };
+        match res {
+            Ok(out) => {
+                let spare = self.run(out);
+                // Kept only if nobody holds the lock: never wait for a spare list.
+                if let Ok(mut st) = self.shared.state.try_lock() {
+                    if st.spare.capacity() == 0 {
+                        st.spare = spare;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "pool: release of an unknown server; closed it");
+            }
         }
-        self.run(out);
     }
 
     pub(crate) fn discard_server(&self, server: ServerId) {
@@ -423,15 +465,15 @@ impl<S: Send + 'static> Pools<S> {
     }
 
     /// Removes a waiter that gave up; `None` if it was already granted or failed.
-    pub(crate) fn cancel_waiter(&self, id: WaiterId) -> Option<Tx<S>> {
+    fn cancel_waiter(&self, id: WaiterId) -> Option<Tx<S>> {
         self.lock().sched.cancel(id, now())
     }
 
-    /// Performs the scheduler's decisions, outside the lock.
-    fn run(&self, mut actions: Actions<S>) {
+    /// Performs the scheduler's decisions, outside the lock; returns the emptied list.
+    fn run(&self, mut actions: Actions<S>) -> Actions<S> {
+        let mut next = Vec::new();
         while !actions.is_empty() {
-            let mut next = Vec::new();
-            for action in actions {
+            for action in actions.drain(..) {
                 match action {
                     Action::Grant {
                         waiter,
@@ -464,7 +506,13 @@ impl<S: Send + 'static> Pools<S> {
                     }
                 }
             }
-            actions = next;
+            std::mem::swap(&mut actions, &mut next);
+        }
+        // Both are empty now; the one that held the first round has the capacity.
+        if next.capacity() > actions.capacity() {
+            next
+        } else {
+            actions
         }
     }
 
@@ -493,7 +541,7 @@ impl<S: Send + 'static> Pools<S> {
                     let failed = pools.lock().sched.open_failed(server, now(), &mut out);
                     if let Ok(Some(waiter)) = failed {
                         // Its future may be gone; then nobody needs the error.
-                        let _ = waiter.send(Err(error));
+                        let _ = waiter.send(Err(Denied::Connect(error)));
                     }
                 }
             }

@@ -93,6 +93,8 @@ struct Waiter<W> {
     role: RoleId,
     payload: W,
     links: Links,
+    /// When [`Scheduler::expire_waiters`] gives up on it; `None`: never.
+    deadline: Option<Instant>,
 }
 
 impl<W> Linked for Waiter<W> {
@@ -121,6 +123,9 @@ pub struct Scheduler<C, W> {
     /// Service level of the last role picked; a role that gains demand starts no lower,
     /// so a role back from a long quiet spell cannot claim all the slots to catch up.
     vclock: u64,
+    /// No queued waiter's deadline is earlier (it may be earlier than every deadline
+    /// still queued): the periodic expiry skips its scan until then.
+    next_deadline: Option<Instant>,
     /// Σ `Role::wanted`, and its highest value since [`Scheduler::take_demand_peak`].
     wanted: u64,
     wanted_peak: u64,
@@ -140,6 +145,7 @@ impl<C, W> Scheduler<C, W> {
             hungry_seq: 0,
             starving: BTreeSet::new(),
             vclock: 0,
+            next_deadline: None,
             wanted: 0,
             wanted_peak: 0,
             counters: Counters::default(),
@@ -235,6 +241,20 @@ impl<C, W> Scheduler<C, W> {
         now: Instant,
         out: &mut Vec<Action<C, W>>,
     ) -> Result<WaiterId, SchedulerError> {
+        self.enqueue_until(r, payload, now, None, out)
+    }
+
+    /// [`Scheduler::enqueue`] for a waiter that gives up at `deadline`: the periodic
+    /// [`Scheduler::expire_waiters`] takes it out of the queue then, so the async layer
+    /// needs no timer per wait.
+    pub fn enqueue_until(
+        &mut self,
+        r: RoleId,
+        payload: W,
+        now: Instant,
+        deadline: Option<Instant>,
+        out: &mut Vec<Action<C, W>>,
+    ) -> Result<WaiterId, SchedulerError> {
         if r.index() >= self.roles.len() {
             return Err(SchedulerError::UnknownRole(r));
         }
@@ -242,7 +262,11 @@ impl<C, W> Scheduler<C, W> {
             role: r,
             payload,
             links: Links::default(),
+            deadline,
         });
+        if let Some(d) = deadline {
+            self.next_deadline = Some(self.next_deadline.map_or(d, |n| n.min(d)));
+        }
         if let Some(role) = self.roles.get_mut(r.index()) {
             role.waiters.push_back(&mut self.waiters, key);
         }
@@ -449,6 +473,32 @@ impl<C, W> Scheduler<C, W> {
             self.close_idle(ServerId(s), CloseReason::OverLimit, now, out);
         }
         self.fill_slots(now, out);
+    }
+
+    /// Takes every queued waiter whose deadline is `now` or earlier out of its queue and
+    /// returns their payloads (the caller tells them they waited too long). Called
+    /// from the periodic maintenance; a scan only when a deadline is due.
+    pub fn expire_waiters(&mut self, now: Instant) -> Vec<W> {
+        if self.next_deadline.is_none_or(|d| d > now) {
+            return Vec::new();
+        }
+        let mut due = Vec::new();
+        let mut next: Option<Instant> = None;
+        for role in &self.roles {
+            let mut cur = role.waiters.front();
+            while let Some(k) = cur {
+                cur = List::next_of(&mut self.waiters, k);
+                match self.waiters.get(k).and_then(|w| w.deadline) {
+                    Some(d) if d <= now => due.push(k),
+                    Some(d) => next = Some(next.map_or(d, |n| n.min(d))),
+                    None => {}
+                }
+            }
+        }
+        self.next_deadline = next;
+        due.into_iter()
+            .filter_map(|k| self.cancel(WaiterId(k), now))
+            .collect()
     }
 
     /// Periodic maintenance: idle timeout, lifetime of idle servers, the deferred form

@@ -24,7 +24,15 @@ impl SqlState {
     pub const TRANSACTION_RESOLUTION_UNKNOWN: SqlState = SqlState("08007");
     /// 53300 too_many_connections: client limit, or pool wait timeout.
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
+    /// 53400 configuration_limit_exceeded: a per-client bound of the pooler's
+    /// configuration (pins, prepared statements and their bytes).
     pub const CONFIGURATION_LIMIT_EXCEEDED: SqlState = SqlState("53400");
+    /// 54000 program_limit_exceeded: a message the pooler must hold whole is over
+    /// `max_message_bytes`.
+    pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
+    /// 25P03 idle_in_transaction_session_timeout: PostgreSQL's own code for a session
+    /// idle in a transaction for too long (`idle_transaction_timeout_ms`).
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState("25P03");
     /// 57P01 admin_shutdown: the pooler is shutting down.
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
     /// 3D000 invalid_catalog_name: unknown database.

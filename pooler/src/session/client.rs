@@ -11,7 +11,6 @@ use crate::backend::params::ClientParams;
 use crate::frontdoor::{SessionError, fatal};
 use crate::net::stream::Stream;
 use crate::notify::Subscription;
-use crate::notify::sql::Primed;
 use crate::proto::SqlState;
 use crate::shared::{CancelHandle, ClientSlot, PinSlot, RoleShared};
 
@@ -39,8 +38,6 @@ pub struct Session {
     /// Its channels on its role's listener, and its inbox (transaction mode); boxed,
     /// so a client that never listens carries one pointer.
     pub listening: Option<Box<Subscription>>,
-    /// Whether its server holds its channels for the transaction under way (listen.rs).
-    pub primed: Primed,
     /// Client bytes read past the login messages.
     pub buf: BytesMut,
 }

@@ -96,7 +96,7 @@ pub(super) async fn prime(
     status: Option<u8>,
 ) -> Result<(), SessionError> {
     let channels = match s.listening.as_deref() {
-        Some(sub) if s.primed == Primed::No => sub.channels(),
+        Some(sub) if sub.primed() == Primed::No => sub.channels(),
         _ => return Ok(()),
     };
     let primed = match status {
@@ -129,7 +129,9 @@ pub(super) async fn prime(
         let message = format!("the pooler could not carry the session's LISTEN channels: {e}");
         return fatal(&mut s.stream, SqlState::CONNECTION_FAILURE, message).await;
     }
-    s.primed = primed;
+    if let Some(sub) = s.listening.as_deref_mut() {
+        sub.set_primed(primed);
+    }
     Ok(())
 }
 
@@ -144,7 +146,11 @@ pub(super) async fn settle(
     shared: &Shared,
     client: &Arc<ClientInfo>,
 ) -> Result<Option<Ack>, SessionError> {
-    let primed = std::mem::replace(&mut s.primed, Primed::No);
+    let primed = s.listening.as_deref_mut().map_or(Primed::No, |sub| {
+        let primed = sub.primed();
+        sub.set_primed(Primed::No);
+        primed
+    });
     s.pending.listen = false;
     s.pending.unlisten = false;
     let max_channels = shared.config().max_client_listen_channels;
@@ -284,4 +290,24 @@ async fn last_words(s: &mut Session, code: SqlState, message: String) -> Result<
         Ok(result) => result,
         Err(_) => Err(reported),
     }
+}
+
+/// Resolves once `inbox` has something to deliver (or overflowed); never without an
+/// inbox. Registers on the client's waker first, then looks, as the stop signals do:
+/// the listener task rings it when it fills an empty inbox.
+pub(super) fn ready<'a>(
+    client: &'a ClientInfo,
+    inbox: Option<&'a crate::notify::Inbox>,
+) -> impl std::future::Future<Output = ()> + 'a {
+    std::future::poll_fn(move |cx| {
+        let Some(inbox) = inbox else {
+            return Poll::Pending;
+        };
+        client.signal().register(cx.waker());
+        if inbox.is_ready() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
 }

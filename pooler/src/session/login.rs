@@ -9,18 +9,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 
 use super::client::Session;
 use crate::auth::cache::{LookupError, PoolMode, RoleAuth, Status};
 use crate::backend::LoginKeys;
 use crate::backend::params::{ClientParams, ServerParams};
 use crate::frontdoor::{
-    Listener, Proof, SessionError, encoded, fatal, password_failed, scram_exchange,
+    Listener, Proof, SessionError, encoded, fatal, password_failed, scram_exchange, write_within,
 };
 use crate::metrics::AuthResult;
 use crate::net::stream::Stream;
-use crate::notify::sql::Primed;
 use crate::proto::SqlState;
 use crate::proto::backend::{self as msg, TransactionStatus};
 use crate::shared::{RoleShared, Shared};
@@ -166,7 +164,7 @@ pub async fn login(
         None => match warm_up(shared, &role, &auth).await {
             Ok(p) => p,
             Err((code, message)) => {
-                stream.write_all(&out).await?;
+                write_within(&mut stream, &out, deadline).await?;
                 return fatal(&mut stream, code, message).await;
             }
         },
@@ -188,7 +186,7 @@ pub async fn login(
     };
     msg::backend_key_data(&mut out, cancel.key.pid, cancel.key.secret);
     msg::ready_for_query(&mut out, TransactionStatus::Idle);
-    stream.write_all(&out).await?;
+    write_within(&mut stream, &out, deadline).await?;
 
     let mode = if listener == Listener::Session {
         PoolMode::Session
@@ -211,7 +209,6 @@ pub async fn login(
         pending: Default::default(),
         customs: Default::default(),
         listening: None,
-        primed: Primed::No,
         buf,
     })
 }

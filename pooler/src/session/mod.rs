@@ -6,9 +6,11 @@ mod client;
 mod cursor;
 mod listen;
 mod login;
+pub mod park;
 pub mod prepared;
 mod relay;
 mod signals;
+mod stall;
 mod state;
 mod tracker;
 mod upkeep;
@@ -16,14 +18,18 @@ mod wire;
 
 pub use client::Session;
 
+use std::sync::Arc;
+
 use crate::frontdoor::{Arrival, SessionError};
+use crate::net::Hold;
 use crate::registry::ClientIdent;
+use crate::registry::{ClientInfo, Registered};
 use crate::shared::Shared;
 
 /// Logs an app's client in and relays for it until it leaves. Never panics on client
 /// input: every failure becomes an ErrorResponse (where the protocol still allows
 /// one) and the caller's log line.
-pub async fn serve(arrival: Arrival, shared: &Shared) -> Result<(), SessionError> {
+pub async fn serve(arrival: Arrival, shared: &Arc<Shared>) -> Result<(), SessionError> {
     let Arrival {
         stream,
         peer,
@@ -53,5 +59,32 @@ pub async fn serve(arrival: Arrival, shared: &Shared) -> Result<(), SessionError
         tls: session.stream.tls_description(),
         admin: false,
     });
-    relay::run(session, shared, &client.entry).await
+    // Just logged in: it parks until it sends something.
+    relay_or_park(session, shared, client, true).await
+}
+
+/// Relays until the client leaves, or parks it when the relay hands it back idle.
+async fn relay_or_park(
+    session: Box<Session>,
+    shared: &Arc<Shared>,
+    client: Registered<ClientInfo>,
+    park_now: bool,
+) -> Result<(), SessionError> {
+    if let Some((session, client)) = relay::run(session, shared, client, park_now).await? {
+        park::park(session, client, shared, resume);
+    }
+    Ok(())
+}
+
+/// A parked client with work: a task of its own again, counted by the tracker
+/// before `hold` (its count while parked) goes.
+fn resume(session: Box<Session>, client: Registered<ClientInfo>, shared: Arc<Shared>, hold: Hold) {
+    let tasks = shared.tasks.clone();
+    tasks.spawn(async move {
+        drop(hold);
+        let span = tracing::info_span!("client", id = client.id, peer = %client.addr);
+        let run = relay_or_park(session, &shared, client, false);
+        let result = tracing::Instrument::instrument(run, span.clone()).await;
+        crate::frontdoor::report(&shared, &span, result);
+    });
 }

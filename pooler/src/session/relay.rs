@@ -5,30 +5,31 @@
 //! not sent half of a message or an unsynced extended-protocol batch, and everything
 //! has been written to the client.
 
-use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncReadExt;
 
 use super::checkout::{checkout, give_back, pool_size};
 use super::client::{IDLE_CHUNK, Session, server_lost};
-use super::cursor::Cursor;
-use super::listen::{self, Filter};
-use super::prepared::{PreparedLimits, Rewriter};
-use super::signals::{Signals, Stop, wait_idle};
-use super::state::Effect;
+use super::cursor::{Cursor, CursorError, Event, Need};
+use super::listen;
+use super::prepared::{PreparedLimits, Rest, Rewriter};
+use super::signals::{Signals, Stop, Woke, wait_idle};
+use super::stall::{Wait, Watch};
+use super::state::{Effect, Windows};
 use super::tracker::MAX_PENDING;
 use super::upkeep::{settle, sync_params};
-use super::wire::{Notes, Relayed, ServerScan, server_gone, write_or_read, write_skipping};
+use super::wire::{ClientSide, Gone, Relayed, ServerScan, from_server, server_gone, write_or_read};
 use crate::auth::cache::PoolMode;
 use crate::backend::ServerConn;
 use crate::frontdoor::{SessionError, fatal};
-use crate::notify::channels::Channel;
+use crate::metrics::Limit;
 use crate::proto::SqlState;
 use crate::proto::frame::Side;
-use crate::registry::ClientInfo;
+use crate::registry::{ClientInfo, Registered};
 use crate::shared::Shared;
 
 /// A linked stretch's read buffers; grow only while a message we must see whole is
@@ -48,11 +49,17 @@ enum Linked {
     Drained,
 }
 
-pub async fn run(
+/// An idle client with nothing buffered, for its caller to park (park.rs).
+pub(super) type ToPark = (Box<Session>, Registered<ClientInfo>);
+
+/// Relays for a logged-in client until it leaves (`None`) or is to be parked:
+/// `park_now` at its first idle moment (just logged in), else when the sweep asks.
+pub(super) async fn run(
     mut s: Box<Session>,
     shared: &Shared,
-    client: &Arc<ClientInfo>,
-) -> Result<(), SessionError> {
+    client: Registered<ClientInfo>,
+    mut park_now: bool,
+) -> Result<Option<ToPark>, SessionError> {
     let signals = Signals {
         revoked: s.revoked.clone(),
         shutdown: shared.shutdown.clone(),
@@ -63,29 +70,34 @@ pub async fn run(
         // whose next request is already here (one that always sends its next request
         // at once would otherwise never get any).
         if s.notified() {
-            listen::deliver(&mut s, shared, &signals, client).await?;
+            listen::deliver(&mut s, shared, &signals, &client).await?;
         }
         // Idle: no server. Wait for a whole message header from the client, and give
         // it its notifications as they come.
         while s.buf.len() < 5 {
+            if park_now && s.buf.is_empty() && !s.notified() {
+                return Ok(Some((s, client)));
+            }
+            client.idle_in_task(shared.lot.epoch());
             let inbox = s.listening.as_deref().map(|sub| sub.inbox().clone());
-            let waited = wait_idle(
+            let woke = wait_idle(
                 &mut s.stream,
                 &mut s.buf,
                 &signals,
-                client,
+                &client,
                 inbox.as_deref(),
             )
             .await;
-            match waited {
-                Ok(n) => {
+            match woke {
+                Woke::Read(n) => {
                     if n? == 0 {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
-                Err(Stop::Deliver) => listen::deliver(&mut s, shared, &signals, client).await?,
-                Err(Stop::Revoked) => return revoked_error(&mut s).await,
-                Err(Stop::Draining | Stop::Closing) => {
+                Woke::Park => park_now = true,
+                Woke::Deliver => listen::deliver(&mut s, shared, &signals, &client).await?,
+                Woke::Stop(Stop::Revoked) => return revoked_error(&mut s).await,
+                Woke::Stop(Stop::Draining | Stop::Closing) => {
                     return fatal(
                         &mut s.stream,
                         SqlState::ADMIN_SHUTDOWN,
@@ -96,16 +108,18 @@ pub async fn run(
             }
         }
         if s.buf[0] == b'X' {
-            return Ok(());
+            return Ok(None);
         }
-        // Boxed: a task's future is as big as its biggest state, and only a linked
-        // client should carry a server, its buffers and the link's state.
-        if Box::pin(transaction(&mut s, shared, client, &signals))
+        // Not boxed (an allocation per transaction): the task of a client that is
+        // idle for long ends when it parks, so its size costs only busy clients.
+        if transaction(&mut s, shared, &client.entry, &signals)
             .await?
             .is_break()
         {
-            return Ok(());
+            return Ok(None);
         }
+        // Busy again: it parks when the sweep next finds it idle for long.
+        park_now = false;
     }
 }
 
@@ -134,17 +148,24 @@ async fn transaction(
         .checkout_wait
         .observe((linked - asked).as_secs_f64());
     client.active(server.id());
-    let (max_pinned, max_prepared) = {
+    let limits = {
         let config = shared.config();
-        (
-            config.max_pinned(pool_size(shared, &s.auth)),
-            PreparedLimits {
+        Limits {
+            max_pinned: config.max_pinned(pool_size(shared, &s.auth)),
+            prepared: PreparedLimits {
                 per_server: config.max_prepared_statements,
                 per_client: config.max_client_prepared_statements,
+                client_bytes: config.max_client_prepared_bytes,
+                message: config.max_message_bytes,
             },
-        )
+            stall: config.client_stall_timeout(),
+            idle_transaction: config.idle_transaction_timeout(),
+        }
     };
-    let mut scan = ServerScan::default();
+    let mut scan = ServerScan {
+        max_message: limits.prepared.message,
+        ..ServerScan::default()
+    };
     let outcome = match sync_params(s, &mut server).await {
         Ok(()) => {
             let mut sbuf = std::mem::take(&mut server.buf);
@@ -154,17 +175,20 @@ async fn transaction(
                 &mut server,
                 &mut sbuf,
                 &mut scan,
-                Context {
+                Around {
                     shared,
                     client,
                     signals,
-                    max_prepared,
-                    max_pinned,
+                    limits: &limits,
                 },
             )
             .await;
             return_buffer(s, &mut server, small);
             if server.buf.is_empty() {
+                // A large message grew it: an idle server keeps a small one.
+                if sbuf.capacity() > KEEP_CAPACITY {
+                    sbuf = BytesMut::new();
+                }
                 server.buf = sbuf;
             }
             outcome
@@ -212,6 +236,28 @@ async fn transaction(
     Ok(ControlFlow::Continue(()))
 }
 
+/// What a linked stretch works with besides the session and its server.
+struct Around<'a> {
+    shared: &'a Shared,
+    client: &'a Arc<ClientInfo>,
+    signals: &'a Signals,
+    limits: &'a Limits,
+}
+
+/// A linked stretch's bounds, read from the configuration once per stretch.
+struct Limits {
+    max_pinned: usize,
+    prepared: PreparedLimits,
+    /// `client_stall_timeout`.
+    stall: Duration,
+    /// `idle_transaction_timeout`, when on.
+    idle_transaction: Option<Duration>,
+}
+
+/// A read buffer grown past this for a large message is not kept once the stretch
+/// is over (a server parked with a 1 MiB buffer per connection adds up).
+const KEEP_CAPACITY: usize = 4 * READ_CHUNK;
+
 /// Lends the server's big read buffer to its client for a linked stretch, carrying
 /// over what the client has sent so far; returns the client's own small buffer.
 fn borrow_buffer(s: &mut Session, server: &mut ServerConn) -> BytesMut {
@@ -232,7 +278,11 @@ fn return_buffer(s: &mut Session, server: &mut ServerConn, mut small: BytesMut) 
     }
     small.clear();
     small.extend_from_slice(&s.buf);
-    server.client_buf = std::mem::replace(&mut s.buf, small);
+    let mut big = std::mem::replace(&mut s.buf, small);
+    if big.capacity() > KEEP_CAPACITY {
+        big = BytesMut::new();
+    }
+    server.client_buf = big;
 }
 
 /// Notes what the client's last messages may have done to its session; pins it to
@@ -283,83 +333,6 @@ async fn take_effect(
     Ok(())
 }
 
-/// What a linked stretch works with besides the session and its server.
-struct Context<'a> {
-    shared: &'a Shared,
-    client: &'a Arc<ClientInfo>,
-    signals: &'a Signals,
-    max_prepared: PreparedLimits,
-    max_pinned: usize,
-}
-
-/// The parts of a session the server's bytes go to (borrowed apart from its read
-/// buffer, which may hold what is being forwarded meanwhile).
-struct ClientSide<'a> {
-    stream: &'a mut crate::net::stream::Stream,
-    params: &'a mut crate::backend::params::ClientParams,
-    statements: &'a mut super::prepared::ClientStatements,
-    role: &'a str,
-    mine: Option<&'a BTreeSet<Channel>>,
-    /// A ReadyForQuery ending the stretch is held back (listen.rs).
-    hold_ready: bool,
-}
-
-impl<'a> ClientSide<'a> {
-    fn of(s: &'a mut Session, hold_ready: bool) -> Self {
-        ClientSide {
-            stream: &mut s.stream,
-            params: &mut s.params,
-            statements: &mut s.statements,
-            role: &s.role.name,
-            mine: s.listening.as_deref().map(|sub| sub.channels()),
-            hold_ready,
-        }
-    }
-}
-
-/// Why relaying the server's bytes stopped.
-enum Gone {
-    Server(String),
-    Client(std::io::Error),
-}
-
-/// Walks what the server sent and writes to the client what it may see, looking up
-/// the senders of notifications as needed; what is left in `sbuf` is an incomplete
-/// message.
-async fn from_server(
-    c: ClientSide<'_>,
-    server: &mut ServerConn,
-    sbuf: &mut BytesMut,
-    scan: &mut ServerScan,
-    shared: &Shared,
-) -> Result<(), Gone> {
-    loop {
-        let notes = Notes {
-            filter: Filter {
-                role: c.role,
-                senders: shared.notify.senders(),
-                mine: c.mine,
-                dropped: &shared.metrics.notifications_dropped,
-            },
-            hold_ready: c.hold_ready,
-        };
-        let to_client = scan
-            .server(sbuf, server, c.params, c.statements, &notes)
-            .map_err(Gone::Server)?;
-        if to_client > 0 {
-            write_skipping(c.stream, &sbuf[..to_client], &scan.edits)
-                .await
-                .map_err(Gone::Client)?;
-            scan.bytes_out += to_client as u64;
-            sbuf.advance(to_client);
-        }
-        match scan.unresolved.take() {
-            Some(pid) => shared.notify.senders().resolve(&[pid]).await,
-            None => return Ok(()),
-        }
-    }
-}
-
 /// Relays between the client and its server until the server can be released (in
 /// transaction mode) or the client leaves.
 ///
@@ -371,18 +344,24 @@ async fn link(
     server: &mut ServerConn,
     sbuf: &mut BytesMut,
     scan: &mut ServerScan,
-    cx: Context<'_>,
+    around: Around<'_>,
 ) -> Result<Linked, SessionError> {
-    let Context {
+    let Around {
         shared,
         client,
         signals,
-        max_prepared,
-        max_pinned,
-    } = cx;
+        limits,
+    } = around;
+    let max_pinned = limits.max_pinned;
+    let max_prepared = limits.prepared;
     // After the pooler's own SETs: a cancel now reaches the client's query only.
     s.cancel.slot.link(server.key);
     let mut client_cursor = Cursor::default();
+    // What becomes of the rest of a client message streamed past its head, and the
+    // classification of its text (prepared.rs, state/window.rs).
+    let mut rest = Rest::Pass;
+    let mut windows = Windows::default();
+    let mut watch = Watch::default();
     // Reused across batches: no allocation per relayed message once warm.
     let mut edits: Vec<(usize, usize, usize, usize)> = Vec::new();
     let mut scratch = BytesMut::new();
@@ -421,38 +400,70 @@ async fn link(
                 replies: &mut scan.replies,
                 max_per_server: max_prepared.per_server,
                 max_per_client: max_prepared.per_client,
+                max_client_bytes: max_prepared.client_bytes,
+                max_message: max_prepared.message,
+                refused: Default::default(),
                 effect: Effect::default(),
                 customs: &mut s.customs,
             };
             let walked = client_cursor.advance(
                 &s.buf,
                 Side::Frontend,
-                Rewriter::needs_body,
-                |tag, at, body| {
-                    match scan.tracker.client(tag) {
-                        Ok(ControlFlow::Break(())) => return ControlFlow::Break(()),
-                        Ok(ControlFlow::Continue(())) => {}
-                        Err(_) => {
-                            too_many = true;
-                            return ControlFlow::Break(());
+                max_prepared.message,
+                Rewriter::need,
+                |event| match event {
+                    Event::Message { tag, at, body, len } => {
+                        match scan.tracker.client(tag) {
+                            Ok(ControlFlow::Break(())) => return ControlFlow::Break(()),
+                            Ok(ControlFlow::Continue(())) => {}
+                            Err(_) => {
+                                too_many = true;
+                                return ControlFlow::Break(());
+                            }
                         }
-                    }
-                    if Rewriter::needs_body(tag) {
+                        if Rewriter::need(tag) == Need::Header {
+                            return ControlFlow::Continue(());
+                        }
                         let raw = &s.buf[at..at + 5 + body.len()];
                         let start = scratch.len();
-                        if rewriter.message(tag, raw, &mut scratch).is_err() {
-                            malformed = true;
-                            return ControlFlow::Break(());
+                        match rewriter.head(tag, raw, len - body.len(), &mut scratch) {
+                            Ok(r) => rest = r,
+                            Err(_) => {
+                                malformed = true;
+                                return ControlFlow::Break(());
+                            }
+                        }
+                        if rest == Rest::Classify {
+                            windows.start(body);
                         }
                         if &scratch[start..] != raw {
                             edits.push((at, raw.len(), start, scratch.len()));
                         } else {
                             scratch.truncate(start);
                         }
+                        ControlFlow::Continue(())
                     }
-                    ControlFlow::Continue(())
+                    Event::Tail { at, bytes, last } => {
+                        match rest {
+                            Rest::Pass => {}
+                            Rest::Classify => {
+                                let effect = windows.feed(bytes, last, rewriter.customs);
+                                rewriter.effect.merge(effect);
+                            }
+                            // The rest of a refused message goes nowhere.
+                            Rest::Drop => edits.push((at, bytes.len(), 0, 0)),
+                        }
+                        ControlFlow::Continue(())
+                    }
                 },
             );
+            if rewriter.refused.iter().any(|&n| n > 0) {
+                // Told to the client in its batch's error; logged here under its id.
+                tracing::info!(role = %s.role.name, refused = ?rewriter.refused, "prepared statements refused (count, bytes, too long)");
+                for (total, n) in scan.refused.iter_mut().zip(rewriter.refused) {
+                    *total += n;
+                }
+            }
             let n = match walked {
                 Ok(n) if !malformed => n,
                 Ok(_) => {
@@ -460,6 +471,15 @@ async fn link(
                         &mut s.stream,
                         SqlState::PROTOCOL_VIOLATION,
                         "malformed extended-protocol message".into(),
+                    )
+                    .await;
+                }
+                Err(e @ CursorError::TooLong { .. }) => {
+                    scan.cut_off = Some(Limit::MessageTooLong);
+                    return fatal(
+                        &mut s.stream,
+                        SqlState::PROGRAM_LIMIT_EXCEEDED,
+                        e.to_string(),
                     )
                     .await;
                 }
@@ -524,13 +544,12 @@ async fn link(
                             mine: s.listening.as_deref().map(|sub| sub.channels()),
                             hold_ready: false,
                         };
-                        let relayed = from_server(c, server, sbuf, scan, shared).await;
-                        match relayed {
-                            Ok(()) => {}
+                        match from_server(c, server, sbuf, scan, shared, limits.stall).await {
+                            Ok(wrote) => watch.progress += wrote,
                             Err(Gone::Server(e)) => {
                                 return server_lost(s, scan.tracker.in_flight(), e).await;
                             }
-                            Err(Gone::Client(e)) => return Err(e.into()),
+                            Err(Gone::Client(e)) => return Err(not_reading(scan, limits, e)),
                         }
                     }
                 }
@@ -584,6 +603,17 @@ async fn link(
         if idle && draining {
             return Ok(Linked::Drained);
         }
+        // Waiting on the client: for the rest of a message or a COPY it started (the
+        // server waits), or, in a transaction, for its next request.
+        let owes = !s.buf.is_empty() || !client_cursor.at_boundary() || scan.tracker.copying_in();
+        watch.arm(if owes {
+            Some((Wait::Stall, limits.stall))
+        } else {
+            limits
+                .idle_transaction
+                .filter(|_| scan.tracker.idle_in_transaction() && sbuf.is_empty())
+                .map(|limit| (Wait::IdleTransaction, limit))
+        });
         if s.buf.capacity() - s.buf.len() < 1024 {
             s.buf.reserve(READ_CHUNK);
         }
@@ -605,27 +635,84 @@ async fn link(
                     return server_lost(s, scan.tracker.in_flight(), why).await;
                 }
                 let hold_ready = s.pending.listen && s.buf.is_empty();
-                match from_server(ClientSide::of(s, hold_ready), server, sbuf, scan, shared).await {
-                    Ok(()) => {}
+                let relayed =
+                    from_server(ClientSide::of(s, hold_ready), server, sbuf, scan, shared, limits.stall)
+                        .await;
+                match relayed {
+                    Ok(wrote) => watch.progress += wrote,
                     Err(Gone::Server(e)) => return server_lost(s, scan.tracker.in_flight(), e).await,
-                    Err(Gone::Client(e)) => return Err(e.into()),
+                    Err(Gone::Client(e)) => return Err(not_reading(scan, limits, e)),
                 }
             }
             n = s.stream.read_buf(&mut s.buf) => {
                 if n? == 0 {
                     return Ok(Linked::ClientLeft { clean: idle });
                 }
+                watch.progress += 1;
             }
-            stop = signals.wait(client, draining, inbox.as_deref()) => match stop {
+            wait = watch.expired() => return stalled(s, scan, limits, wait).await,
+            // A pinned client between its transactions: notifications go out now.
+            () = listen::ready(client, inbox.as_deref()) => {
+                listen::deliver(s, shared, signals, client).await?;
+            }
+            stop = signals.wait(client, draining) => match stop {
                 Stop::Closing => return closing_error(s, scan.tracker.in_flight()).await,
                 Stop::Revoked => return revoked_error(s).await,
                 // Noted here, acted on at the next idle point above.
                 Stop::Draining => draining = true,
-                // A pinned client between its transactions.
-                Stop::Deliver => listen::deliver(s, shared, signals, client).await?,
             },
         }
     }
+}
+
+/// A write to the client failed; one that timed out is a client that stopped
+/// reading: its server is closed (the caller discards it), and nothing can be told to
+/// a client that reads nothing.
+fn not_reading(scan: &mut ServerScan, limits: &Limits, e: std::io::Error) -> SessionError {
+    if e.kind() != std::io::ErrorKind::TimedOut {
+        return e.into();
+    }
+    scan.cut_off = Some(Limit::ClientStall);
+    SessionError::Reported {
+        code: SqlState::CONNECTION_FAILURE,
+        message: format!(
+            "the client read nothing of its results for client_stall_timeout ({} ms); \
+             its server connection was closed and its transaction rolled back",
+            limits.stall.as_millis()
+        ),
+    }
+}
+
+/// The client kept its server waiting past a limit: it is told (within the stall
+/// limit), and the caller closes the server, which rolls its transaction back.
+async fn stalled<T>(
+    s: &mut Session,
+    scan: &mut ServerScan,
+    limits: &Limits,
+    wait: Wait,
+) -> Result<T, SessionError> {
+    let (limit, code, message) = match wait {
+        Wait::Stall => (
+            Limit::ClientStall,
+            SqlState::CONNECTION_FAILURE,
+            format!(
+                "the client left a message or COPY unfinished for client_stall_timeout \
+                 ({} ms); its server connection was closed and its transaction rolled back",
+                limits.stall.as_millis()
+            ),
+        ),
+        Wait::IdleTransaction => (
+            Limit::IdleTransaction,
+            SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
+            format!(
+                "terminating connection due to idle-in-transaction timeout \
+                 (idle_transaction_timeout = {} ms); the transaction was rolled back",
+                limits.idle_transaction.unwrap_or_default().as_millis()
+            ),
+        ),
+    };
+    scan.cut_off = Some(limit);
+    fatal(&mut s.stream, code, message).await
 }
 
 /// The grace period after SIGTERM is over and the client is still linked.

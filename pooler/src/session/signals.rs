@@ -1,6 +1,6 @@
 //! The signals a client listens to (revocation, drain, the end of the grace
-//! period, notifications waiting in its inbox), and an idle client's wait for its next
-//! request or one of them.
+//! period), and an idle client's wait for its next request, one of them, or
+//! notifications waiting in its inbox.
 
 use std::task::Poll;
 
@@ -29,9 +29,6 @@ pub(super) enum Stop {
     Revoked,
     Draining,
     Closing,
-    /// Notifications wait in the client's inbox (or it overflowed): deliver them. Only
-    /// asked for where the client is between transactions.
-    Deliver,
 }
 
 impl Signals {
@@ -50,76 +47,102 @@ impl Signals {
         }
     }
 
-    /// Resolves with the first signal that fires, or [`Stop::Deliver`] once `inbox` has
-    /// something: registers first, then looks, so a wake between the two is not lost.
-    /// The listener task wakes the same waker when it fills an empty inbox.
+    /// Resolves with the first signal that fires: registers first, then looks, so a
+    /// wake between the two is not lost.
     pub(super) fn wait<'a>(
         &'a self,
         client: &'a ClientInfo,
         draining: bool,
-        inbox: Option<&'a Inbox>,
     ) -> impl std::future::Future<Output = Stop> + 'a {
         std::future::poll_fn(move |cx| {
             client.signal().register(cx.waker());
             match self.fired(draining) {
                 Some(stop) => Poll::Ready(stop),
-                None if inbox.is_some_and(Inbox::is_ready) => Poll::Ready(Stop::Deliver),
                 None => Poll::Pending,
             }
         })
     }
 }
 
-/// An idle client's wait for (more of) its next request: `Ok` with a read's result
-/// (0: the client left), or the signal that came first. A plaintext client with
-/// nothing pending is read only once readable, into a buffer allocated then, so an
-/// idle one holds none; TLS may hold decrypted bytes, so it reads.
+/// What ended an idle client's wait.
+pub(super) enum Woke {
+    /// A read's result (0: the client left).
+    Read(std::io::Result<usize>),
+    Stop(Stop),
+    /// The parking sweep found it idle for a whole period: park it (park.rs).
+    Park,
+    /// Notifications wait in its inbox (or it overflowed): deliver them (listen.rs).
+    Deliver,
+}
+
+impl Signals {
+    /// An idle client's signals: a stop, notifications to deliver, or a request to
+    /// park. The listener task rings the same waker when it fills an empty inbox.
+    fn idle<'a>(
+        &'a self,
+        client: &'a ClientInfo,
+        inbox: Option<&'a Inbox>,
+    ) -> impl std::future::Future<Output = Woke> + 'a {
+        std::future::poll_fn(move |cx| {
+            client.signal().register(cx.waker());
+            if let Some(stop) = self.fired(false) {
+                Poll::Ready(Woke::Stop(stop))
+            } else if inbox.is_some_and(Inbox::is_ready) {
+                Poll::Ready(Woke::Deliver)
+            } else if client.take_park_request() {
+                Poll::Ready(Woke::Park)
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// An idle client's wait for (more of) its next request, a signal, or a request to
+/// park. A plaintext client is read only once readable, and then with one read that,
+/// when it comes back short, tells tokio the socket is drained: the relay's next read
+/// does not find it empty first (a `recvfrom` per transaction). Its small buffer is
+/// kept while it runs in a task (parking drops it); one grown past a few chunks by a
+/// large request is dropped here. TLS may hold decrypted bytes, so it reads.
 pub(super) async fn wait_idle(
     stream: &mut crate::net::stream::Stream,
     buf: &mut BytesMut,
     signals: &Signals,
     client: &ClientInfo,
     inbox: Option<&Inbox>,
-) -> Result<std::io::Result<usize>, Stop> {
-    if buf.is_empty() {
+) -> Woke {
+    if buf.is_empty() && buf.capacity() > IDLE_CHUNK * 4 {
         *buf = BytesMut::new();
-    } else {
-        buf.reserve(IDLE_CHUNK);
-        return read_or_stop(stream, buf, signals, client, inbox).await;
     }
     let crate::net::stream::Stream::Plain(tcp) = stream else {
         buf.reserve(IDLE_CHUNK);
-        return read_or_stop(stream, buf, signals, client, inbox).await;
+        return tokio::select! {
+            biased;
+            n = stream.read_buf(buf) => Woke::Read(n),
+            woke = signals.idle(client, inbox) => woke,
+        };
     };
     loop {
         tokio::select! {
             biased;
             ready = tcp.readable() => {
                 if let Err(e) = ready {
-                    return Ok(Err(e));
+                    return Woke::Read(Err(e));
                 }
             }
-            stop = signals.wait(client, false, inbox) => return Err(stop),
+            woke = signals.idle(client, inbox) => return woke,
         }
         buf.reserve(IDLE_CHUNK);
-        match tcp.try_read_buf(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            read => return Ok(read),
+        // Once: a spurious readiness leaves our waker registered, and the loop waits.
+        let read = std::future::poll_fn(|cx| {
+            match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *tcp), cx, buf) {
+                Poll::Pending => Poll::Ready(None),
+                Poll::Ready(r) => Poll::Ready(Some(r)),
+            }
+        })
+        .await;
+        if let Some(read) = read {
+            return Woke::Read(read);
         }
-    }
-}
-
-/// Reads what the client sends, or the signal that came first.
-async fn read_or_stop(
-    stream: &mut crate::net::stream::Stream,
-    buf: &mut BytesMut,
-    signals: &Signals,
-    client: &ClientInfo,
-    inbox: Option<&Inbox>,
-) -> Result<std::io::Result<usize>, Stop> {
-    tokio::select! {
-        biased;
-        n = stream.read_buf(buf) => Ok(n),
-        stop = signals.wait(client, false, inbox) => Err(stop),
     }
 }

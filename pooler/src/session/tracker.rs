@@ -135,6 +135,20 @@ impl Tracker {
         self.status
     }
 
+    /// The server waits for the client's COPY data (a COPY FROM STDIN it has not
+    /// ended yet).
+    pub fn copying_in(&self) -> bool {
+        self.ignoring_syncs
+    }
+
+    /// Nothing is owed either way, but the server is inside a transaction (or an
+    /// unsynced extended batch): it waits for the client's next request.
+    pub fn idle_in_transaction(&self) -> bool {
+        (self.status != b'I' || self.unsynced)
+            && !self.ignoring_syncs
+            && self.pending.iter().all(|&t| t == COPY_END)
+    }
+
     pub fn terminated(&self) -> bool {
         self.terminated
     }

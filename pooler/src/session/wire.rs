@@ -6,14 +6,18 @@ use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::task::Poll;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use std::time::Duration;
 
-use super::cursor::Cursor;
+use bytes::BytesMut;
+use tokio::io::AsyncWrite;
+
+use super::cursor::{Cursor, Event, Need};
 use super::listen::{Filter, Verdict};
-use super::prepared::{Action, Replies, renamed_error};
+use super::prepared::{Action, Refusal, Replies, renamed_error};
+use super::stall::write_all_within;
 use super::tracker::Tracker;
 use crate::backend::ServerConn;
+use crate::metrics::Limit;
 use crate::proto::frame::Side;
 use crate::shared::{RoleShared, Shared};
 
@@ -30,6 +34,12 @@ pub(super) struct ServerScan {
     pub(super) transactions: u64,
     pub(super) bytes_in: u64,
     pub(super) bytes_out: u64,
+    /// `max_message_bytes`: the most of one server message held whole.
+    pub(super) max_message: usize,
+    /// Named statements the rewriter refused, by `prepared::Refusal`.
+    pub(super) refused: [u64; Refusal::KINDS],
+    /// The bound that ended the stretch, if one did.
+    pub(super) cut_off: Option<Limit>,
     /// The last ReadyForQuery was dropped: the client gets it once its new channels
     /// are on the listener (listen.rs).
     pub(super) held_ready: bool,
@@ -58,6 +68,18 @@ impl ServerScan {
         m.prepared_hits.inc_by(self.replies.hits);
         m.prepared_misses.inc_by(self.replies.misses);
         role.counts.add(self.transactions, self.queries);
+        if self.refused != [0; Refusal::KINDS] {
+            for (limit, refusal) in [
+                (Limit::PreparedStatements, Refusal::Count),
+                (Limit::PreparedBytes, Refusal::Bytes),
+                (Limit::MessageTooLong, Refusal::TooLong),
+            ] {
+                m.limit(limit, self.refused[refusal as usize]);
+            }
+        }
+        if let Some(limit) = self.cut_off {
+            m.limit(limit, 1);
+        }
     }
 
     /// Walks the server's bytes: ReadyForQuery and copy starts feed the tracker,
@@ -79,6 +101,7 @@ impl ServerScan {
             edits,
             queries,
             transactions,
+            max_message,
             held_ready,
             unresolved,
             ..
@@ -88,8 +111,18 @@ impl ServerScan {
             .advance(
                 sbuf,
                 Side::Backend,
-                |tag| matches!(tag, b'Z' | b'S' | b'1' | b'3' | b'A') || Replies::needs_body(tag),
-                |tag, at, body| {
+                *max_message,
+                |tag| match tag {
+                    b'Z' | b'S' | b'1' | b'3' | b'C' | b'A' => Need::Whole,
+                    // An ErrorResponse can be as long as the client makes it (RAISE
+                    // with a long message): its head has the fields the pooler reads.
+                    b'E' => Need::Head,
+                    _ => Need::Header,
+                },
+                |event| {
+                    let Event::Message { tag, at, body, len } = event else {
+                        return ControlFlow::Continue(());
+                    };
                     match tag {
                         b'S' => {
                             if let Some((name, value)) = parameter_status(body) {
@@ -101,7 +134,7 @@ impl ServerScan {
                             Verdict::Pass => {}
                             Verdict::Drop => edits.push(Edit {
                                 at,
-                                len: 5 + body.len(),
+                                len: 5 + len,
                                 with: None,
                             }),
                             Verdict::Resolve(pid) => {
@@ -117,7 +150,8 @@ impl ServerScan {
                                 }
                             }
                             tracker.server(tag, body);
-                            let len = 5 + body.len();
+                            let whole = body.len() == len;
+                            let len = 5 + len;
                             let action =
                                 replies.server(tag, body, statements, &mut server.statements);
                             if tag == b'E' {
@@ -144,6 +178,10 @@ impl ServerScan {
                                     len,
                                     with: None,
                                 }),
+                                // Only errors are renamed or replaced, and only those
+                                // of the pooler's own Parses, which are short: one too
+                                // long to hold passes as the server wrote it.
+                                Action::Replace(_) | Action::Rename { .. } if !whole => {}
                                 Action::Replace(with) => edits.push(Edit {
                                     at,
                                     len,
@@ -205,24 +243,26 @@ pub(super) fn server_gone(read: std::io::Result<usize>) -> Option<String> {
     }
 }
 
-/// Writes `bytes` to the client with `edits` applied.
+/// Writes `bytes` to the client with `edits` applied; `TimedOut` when the client
+/// takes nothing for `stall` (stall.rs).
 pub(super) async fn write_skipping(
     stream: &mut crate::net::stream::Stream,
     bytes: &[u8],
     edits: &[Edit],
+    stall: Duration,
 ) -> std::io::Result<()> {
     let mut from = 0;
     for edit in edits {
         if edit.at > from {
-            stream.write_all(&bytes[from..edit.at]).await?;
+            write_all_within(stream, &bytes[from..edit.at], stall).await?;
         }
         if let Some(with) = &edit.with {
-            stream.write_all(with).await?;
+            write_all_within(stream, with, stall).await?;
         }
         from = edit.at + edit.len;
     }
     if from < bytes.len() {
-        stream.write_all(&bytes[from..]).await?;
+        write_all_within(stream, &bytes[from..], stall).await?;
     }
     Ok(())
 }
@@ -232,4 +272,77 @@ fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
     let name = std::str::from_utf8(parts.next()?).ok()?;
     let value = std::str::from_utf8(parts.next()?).ok()?;
     Some((name, value))
+}
+
+/// The parts of a session the server's bytes go to, borrowed apart from its read
+/// buffer (which may hold what is being forwarded meanwhile).
+pub(super) struct ClientSide<'a> {
+    pub(super) stream: &'a mut crate::net::stream::Stream,
+    pub(super) params: &'a mut crate::backend::params::ClientParams,
+    pub(super) statements: &'a mut super::prepared::ClientStatements,
+    pub(super) role: &'a str,
+    pub(super) mine: Option<&'a std::collections::BTreeSet<crate::notify::channels::Channel>>,
+    /// A ReadyForQuery ending the stretch is held back (listen.rs).
+    pub(super) hold_ready: bool,
+}
+
+impl<'a> ClientSide<'a> {
+    pub(super) fn of(s: &'a mut super::Session, hold_ready: bool) -> Self {
+        ClientSide {
+            stream: &mut s.stream,
+            params: &mut s.params,
+            statements: &mut s.statements,
+            role: &s.role.name,
+            mine: s.listening.as_deref().map(|sub| sub.channels()),
+            hold_ready,
+        }
+    }
+}
+
+/// Why relaying the server's bytes stopped.
+pub(super) enum Gone {
+    /// The server broke the protocol.
+    Server(String),
+    /// Writing to the client failed (or timed out: `stall`).
+    Client(std::io::Error),
+}
+
+/// Walks what the server sent and writes to the client what it may see, looking up
+/// the senders of notifications as needed (each lookup is bounded); what is left in
+/// `sbuf` is an incomplete message. Returns how many writes went out.
+pub(super) async fn from_server(
+    c: ClientSide<'_>,
+    server: &mut ServerConn,
+    sbuf: &mut BytesMut,
+    scan: &mut ServerScan,
+    shared: &Shared,
+    stall: Duration,
+) -> Result<u64, Gone> {
+    let mut wrote = 0;
+    loop {
+        let notes = Notes {
+            filter: Filter {
+                role: c.role,
+                senders: shared.notify.senders(),
+                mine: c.mine,
+                dropped: &shared.metrics.notifications_dropped,
+            },
+            hold_ready: c.hold_ready,
+        };
+        let to_client = scan
+            .server(sbuf, server, c.params, c.statements, &notes)
+            .map_err(Gone::Server)?;
+        if to_client > 0 {
+            write_skipping(c.stream, &sbuf[..to_client], &scan.edits, stall)
+                .await
+                .map_err(Gone::Client)?;
+            scan.bytes_out += to_client as u64;
+            bytes::Buf::advance(sbuf, to_client);
+            wrote += 1;
+        }
+        match scan.unresolved.take() {
+            Some(pid) => shared.notify.senders().resolve(&[pid]).await,
+            None => return Ok(wrote),
+        }
+    }
 }

@@ -56,6 +56,10 @@ pub struct Shared {
     pub hooks: Hooks,
     /// One reload at a time.
     pub(crate) reloading: tokio::sync::Mutex<()>,
+    /// Live clients, in a task or parked: shutdown waits for them.
+    pub tasks: crate::net::Tracker,
+    /// Idle app clients parked without a task (session/park.rs).
+    pub lot: crate::net::park::Lot,
 }
 
 impl Shared {

@@ -4,16 +4,20 @@
 // Test code: a failed unwrap is a failed test with its message, which is what we want.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod abuse;
 mod admin;
+mod binary;
 mod common;
 mod desync;
 mod drain;
 mod listen;
 mod login;
 mod metrics;
+mod parking;
 mod pooling;
 mod prepared;
 mod protocol;
+mod raw;
 mod replicas;
 mod restart;
 mod revocation;

@@ -6,6 +6,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::env;
+use crate::raw::startup;
 
 /// Sends `bytes` and returns what the pooler answered before closing.
 async fn exchange(port: u16, bytes: &[u8]) -> Vec<u8> {
@@ -25,21 +26,6 @@ fn sqlstate_of(reply: &[u8]) -> Option<String> {
         f.strip_prefix(b"C")
             .map(|c| String::from_utf8_lossy(c).into_owned())
     })
-}
-
-fn startup(user: &str, db: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&196_608i32.to_be_bytes());
-    for (k, v) in [("user", user), ("database", db)] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    out.extend_from_slice(&body);
-    out
 }
 
 #[tokio::test]

@@ -19,9 +19,9 @@ use super::tables::{self, Kind, Table};
 use crate::backend::params::ClientParams;
 use crate::control;
 use crate::frontdoor::{
-    Arrival, Proof, SessionError, encoded, fatal, password_failed, scram_exchange,
+    Arrival, Proof, SessionError, encoded, fatal, password_failed, scram_exchange, write_within,
 };
-use crate::metrics::AuthResult;
+use crate::metrics::{AuthResult, Limit};
 use crate::net::stream::Stream;
 use crate::proto::SqlState;
 use crate::proto::backend::{self as msg, Diagnostic, Severity, TransactionStatus};
@@ -109,7 +109,7 @@ pub async fn serve(arrival: Arrival, shared: &Shared) -> Result<(), SessionError
     // No cancel key: nothing the console runs can be cancelled.
     msg::backend_key_data(&mut out, 0, 0);
     msg::ready_for_query(&mut out, TransactionStatus::Idle);
-    stream.write_all(&out).await?;
+    write_within(&mut stream, &out, deadline).await?;
     out.clear();
     client.logged_in(ClientIdent {
         user: Arc::from(user),
@@ -157,6 +157,19 @@ impl Console<'_> {
         let mut shutdown = self.shared.shutdown.clone();
         loop {
             let (tag, body) = loop {
+                // Held whole, so bounded like every message the pooler holds whole.
+                let cap = self.shared.config().max_message_bytes;
+                if let Ok(Some(header)) = frame::peek(&self.buf, Side::Frontend) {
+                    if header.len - frame::HEADER_LEN > cap {
+                        self.shared.metrics.limit(Limit::MessageTooLong, 1);
+                        let message = format!(
+                            "a console message of {} bytes is over max_message_bytes ({cap})",
+                            header.len - frame::HEADER_LEN
+                        );
+                        return fatal(&mut self.stream, SqlState::PROGRAM_LIMIT_EXCEEDED, message)
+                            .await;
+                    }
+                }
                 match frame::split(&mut self.buf, Side::Frontend) {
                     Ok(Some(m)) => break m,
                     Ok(None) => {}

@@ -251,6 +251,24 @@ fn cancelled_waiter_leaves_the_queue() {
 }
 
 #[test]
+fn waiters_past_their_deadline_expire_in_any_queue_order() {
+    let mut s = sched(1);
+    let a = role(&mut s, 5);
+    let sa = checkout_new(&mut s, a, 1, t(0));
+    let mut out = Vec::new();
+    s.enqueue_until(a, 2, t(1), Some(t(500)), &mut out).unwrap();
+    // Queued later with an earlier deadline (it waited out a PAUSE first).
+    s.enqueue_until(a, 3, t(2), Some(t(100)), &mut out).unwrap();
+    s.enqueue(a, 4, t(3), &mut out).unwrap();
+    assert!(s.expire_waiters(t(99)).is_empty());
+    assert_eq!(s.expire_waiters(t(100)), vec![3]);
+    assert_eq!(s.role_stats(a).unwrap().waiting, 2);
+    assert_eq!(s.expire_waiters(t(600)), vec![2]);
+    assert!(s.expire_waiters(t(10_000)).is_empty(), "no deadline: never");
+    assert_eq!(grants(&release(&mut s, sa, t(700))), vec![(4, sa)]);
+}
+
+#[test]
 fn open_failure_fails_one_waiter_frees_the_slot_and_does_not_spin() {
     let mut s = sched(1);
     let a = role(&mut s, 5);

@@ -9,16 +9,19 @@
 //! pooler adds have replies the client never asked for; [`Replies`] knows which
 //! ParseComplete and CloseComplete to drop. Unnamed statements pass through untouched.
 
+mod books;
+mod limits;
 mod replies;
-
-use std::collections::HashMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
+pub use books::{ClientStatements, Statement};
+pub use limits::{Refusal, Rest};
 pub use replies::{Action, Replies, renamed_error};
 use replies::{Deallocating, Reply, Undo};
 
+use super::cursor::Need;
 use super::state::{self, Effect};
 use crate::backend::statements::ServerStatements;
 
@@ -27,23 +30,6 @@ use crate::backend::statements::ServerStatements;
 #[error("malformed extended-protocol message")]
 pub struct Malformed;
 
-/// A statement as the pooler knows it: its server-side name and the Parse that
-/// creates it there.
-#[derive(Debug, Clone)]
-pub struct Statement {
-    pub global: Bytes,
-    /// A whole Parse message naming `global`.
-    pub parse: Bytes,
-    /// What executing it may do to the session (state.rs).
-    effect: Effect,
-}
-
-/// One client's statements, by the names it gave them.
-#[derive(Debug, Default)]
-pub struct ClientStatements {
-    by_name: HashMap<Bytes, Statement>,
-}
-
 /// Splits a NUL-terminated string off the front of `body`.
 fn cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let end = body.iter().position(|b| *b == 0)?;
@@ -51,7 +37,13 @@ fn cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 fn message(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
-    let len: usize = 4 + parts.iter().map(|p| p.len()).sum::<usize>();
+    message_with_tail(out, tag, parts, 0);
+}
+
+/// The start of a message whose last `tail` bytes are not in `parts` (they follow as
+/// the client sends them).
+fn message_with_tail(out: &mut BytesMut, tag: u8, parts: &[&[u8]], tail: usize) {
+    let len: usize = 4 + tail + parts.iter().map(|p| p.len()).sum::<usize>();
     out.reserve(1 + len);
     out.put_u8(tag);
     // Bodies here are at most a client message plus a short name: within i32.
@@ -80,6 +72,10 @@ pub struct PreparedLimits {
     pub per_server: usize,
     /// `max_client_prepared_statements`: named statements one client may hold.
     pub per_client: usize,
+    /// `max_client_prepared_bytes`: bytes of names and texts one client may hold.
+    pub client_bytes: usize,
+    /// `max_message_bytes`: the most of one message held whole.
+    pub message: usize,
 }
 
 /// The client-to-server rewriting for one session.
@@ -90,6 +86,13 @@ pub struct Rewriter<'a> {
     pub max_per_server: usize,
     /// Named statements one client may hold (`max_client_prepared_statements`).
     pub max_per_client: usize,
+    /// Bytes of names and texts one client may hold (`max_client_prepared_bytes`).
+    pub max_client_bytes: usize,
+    /// `max_message_bytes`, for the message of a refusal.
+    pub max_message: usize,
+    /// Statements refused since the caller last looked, by [`Refusal`] (for the
+    /// metrics).
+    pub refused: [u64; Refusal::KINDS],
     /// What the messages seen so far may do to the session.
     pub effect: Effect,
     /// Custom parameters the client's statements may set (state.rs).
@@ -97,19 +100,38 @@ pub struct Rewriter<'a> {
 }
 
 impl Rewriter<'_> {
-    /// Whether a whole client message must be looked at (its body is needed).
+    /// How much of a client message must be looked at. Parse, Bind, Query and
+    /// FunctionCall: the head (names, the start of a text), the rest may stream.
     /// Execute: it runs a `DEALLOCATE` the rewriter renamed, and it opens a batch.
     /// CopyDone and CopyFail: they end the stretch of ignored Syncs (replies.rs).
-    pub fn needs_body(tag: u8) -> bool {
-        matches!(
-            tag,
-            b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'Q' | b'F' | b'c' | b'f'
-        )
+    /// Those and Describe, Close and Sync are short by the protocol's own limits.
+    pub fn need(tag: u8) -> Need {
+        match tag {
+            b'P' | b'B' | b'Q' | b'F' => Need::Head,
+            b'D' | b'E' | b'C' | b'S' | b'c' | b'f' => Need::Whole,
+            _ => Need::Header,
+        }
     }
 
     /// Appends to `out` what the server should get for one whole client message
     /// (`raw` is the message itself, tag included).
     pub fn message(&mut self, tag: u8, raw: &[u8], out: &mut BytesMut) -> Result<(), Malformed> {
+        self.head(tag, raw, 0, out).map(|_| ())
+    }
+
+    /// Appends to `out` what the server should get for the start of a client message:
+    /// `raw` (tag included) and `tail` more bytes the client is still sending, which
+    /// pass on as they come unless the answer says otherwise.
+    pub fn head(
+        &mut self,
+        tag: u8,
+        raw: &[u8],
+        tail: usize,
+        out: &mut BytesMut,
+    ) -> Result<Rest, Malformed> {
+        if tail > 0 {
+            return self.streamed(tag, raw, tail, out);
+        }
         let body = raw.get(5..).ok_or(Malformed)?;
         if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C') {
             self.replies.unsynced = true;
@@ -144,7 +166,7 @@ impl Rewriter<'_> {
                 // still gets its CloseComplete: from a harmless Close of the name it
                 // gave, which the server does not have.
                 let had = if kind == b'S' && !name.is_empty() {
-                    self.client.by_name.remove_entry(name)
+                    self.client.remove(name)
                 } else {
                     None
                 };
@@ -181,19 +203,7 @@ impl Rewriter<'_> {
             }
             b'Q' => {
                 let text = cstr(body).map(|(q, _)| q).unwrap_or(body);
-                self.effect.merge(state::classify(text, self.customs));
-                self.in_batch(out);
-                // A simple Query replaces the unnamed statement and portal (postgres.c,
-                // exec_simple_query).
-                self.replies.unnamed = None;
-                if self
-                    .replies
-                    .portal
-                    .as_ref()
-                    .is_some_and(|(p, _)| p.is_empty())
-                {
-                    self.replies.portal = None;
-                }
+                self.query(text, out);
                 match self.deallocate(text) {
                     Some(undo) => {
                         // Never a Parse added before a simple Query: nothing would
@@ -219,7 +229,24 @@ impl Rewriter<'_> {
             }
             _ => out.extend_from_slice(raw),
         }
-        Ok(())
+        Ok(Rest::Pass)
+    }
+
+    /// What every simple Query does, whole or streamed: classified (its head, if that
+    /// is all there is), marked in an unsynced batch, and the unnamed statement and
+    /// portal gone (postgres.c, exec_simple_query).
+    fn query(&mut self, text: &[u8], out: &mut BytesMut) {
+        self.effect.merge(state::classify(text, self.customs));
+        self.in_batch(out);
+        self.replies.unnamed = None;
+        if self
+            .replies
+            .portal
+            .as_ref()
+            .is_some_and(|(p, _)| p.is_empty())
+        {
+            self.replies.portal = None;
+        }
     }
 
     fn parse(&mut self, raw: &[u8], body: &[u8], out: &mut BytesMut) -> Result<(), Malformed> {
@@ -237,8 +264,8 @@ impl Rewriter<'_> {
             // libpq before 17): the server's name, or an empty query when the server
             // does not hold it. The books change when it is executed.
             self.replies.unnamed = None;
-            if let Some((name, stmt)) = deallocated_name(query)
-                .and_then(|n| self.client.by_name.get_key_value(n.as_slice()))
+            if let Some((name, stmt)) =
+                deallocated_name(query).and_then(|n| self.client.get_key_value(n.as_slice()))
             {
                 let emptied = !self.server.has(&stmt.global);
                 if emptied {
@@ -256,13 +283,30 @@ impl Rewriter<'_> {
             return Ok(());
         }
         let global = global_name(rest);
-        let mut parse = BytesMut::new();
-        message(&mut parse, b'P', &[&global, b"\0", rest]);
+        // A text the client already holds under another name is not copied again.
+        let parse = match self.client.text(&global) {
+            Some(parse) => parse,
+            None => {
+                let mut parse = BytesMut::new();
+                message(&mut parse, b'P', &[&global, b"\0", rest]);
+                parse.freeze()
+            }
+        };
         let stmt = Statement {
             global: global.clone(),
-            parse: parse.freeze(),
+            parse,
             effect,
         };
+        let held = self.client.bytes() + self.client.cost_of(name, &stmt);
+        if held > self.max_client_bytes {
+            let reason = format!(
+                "the prepared statements of this connection would hold {held} bytes \
+                 (max_client_prepared_bytes = {}): close the ones no longer needed",
+                self.max_client_bytes
+            );
+            self.refuse(out, Refusal::Bytes, &reason);
+            return Ok(());
+        }
         if let Some(existing) = self.ensure(name, out) {
             // The client reuses a name without closing it. Parsing the existing
             // server name again makes Postgres refuse it exactly as it would refuse
@@ -271,7 +315,7 @@ impl Rewriter<'_> {
             // `Reply::Duplicate` for the pipeline where the server accepts it.
             out.extend_from_slice(&existing.parse);
             let name = Bytes::copy_from_slice(name);
-            let previous = self.client.by_name.insert(name.clone(), stmt);
+            let previous = self.client.insert(name.clone(), stmt);
             self.replies.push(Reply::Duplicate {
                 client: name,
                 global: existing.global,
@@ -279,8 +323,13 @@ impl Rewriter<'_> {
             });
             return Ok(());
         }
-        if self.client.by_name.len() >= self.max_per_client {
-            self.refuse(out);
+        if self.client.len() >= self.max_per_client {
+            let reason = format!(
+                "too many prepared statements on this connection \
+                 (max_client_prepared_statements = {}): close the ones no longer needed",
+                self.max_per_client
+            );
+            self.refuse(out, Refusal::Count, &reason);
             return Ok(());
         }
         // Already on this server (another client, or this one before): close it
@@ -297,7 +346,7 @@ impl Rewriter<'_> {
         });
         out.extend_from_slice(&stmt.parse);
         self.server.touch(&global);
-        self.client.by_name.insert(name, stmt);
+        self.client.insert(name, stmt);
         Ok(())
     }
 
@@ -306,7 +355,7 @@ impl Rewriter<'_> {
     /// failure must restore; `None` when the text is not that and passes as is.
     fn deallocate(&mut self, text: &[u8]) -> Option<Undo> {
         let name = deallocated_name(text)?;
-        let (name, stmt) = self.client.by_name.remove_entry(name.as_slice())?;
+        let (name, stmt) = self.client.remove(name.as_slice())?;
         let on_server = self.server.has(&stmt.global);
         self.server.forget(&stmt.global);
         Some(Undo {
@@ -347,7 +396,7 @@ impl Rewriter<'_> {
         let Some((_, Deallocating { name, emptied })) = self.replies.portal.take() else {
             return;
         };
-        let undo = self.client.by_name.remove_entry(&name).map(|(name, stmt)| {
+        let undo = self.client.remove(&name).map(|(name, stmt)| {
             // Emptied: the server is not asked, and keeps it if it has it since.
             let on_server = !emptied && self.server.has(&stmt.global);
             if on_server {
@@ -389,7 +438,7 @@ impl Rewriter<'_> {
         if name.is_empty() {
             return None;
         }
-        let stmt = self.client.by_name.get(name)?.clone();
+        let stmt = self.client.get(name)?.clone();
         if self.server.has(&stmt.global) {
             self.replies.hits += 1;
         } else {
@@ -404,39 +453,6 @@ impl Rewriter<'_> {
         }
         self.server.touch(&stmt.global);
         Some(stmt)
-    }
-
-    /// A new named statement past `max_per_client`: the client's memory in the pooler
-    /// is bounded. Postgres answers an error inside an extended batch by skipping the
-    /// rest up to Sync, then ReadyForQuery; the simplest faithful way to give the
-    /// client exactly that is to have the server do it: a Parse it cannot parse
-    /// (named, so the client's unnamed statement is untouched; a syntax error comes
-    /// before any other check in exec_parse_message), whose error is replaced by ours.
-    /// Everything else (skipped messages, the books' undo, the tracker) then follows
-    /// the ordinary error path, and the statement text says why in the server's log.
-    fn refuse(&mut self, out: &mut BytesMut) {
-        let mut error = BytesMut::new();
-        crate::proto::backend::write_error(
-            &mut error,
-            crate::proto::SqlState::CONFIGURATION_LIMIT_EXCEEDED,
-            &format!(
-                "too many prepared statements on this connection \
-                 (max_client_prepared_statements = {}): close the ones no longer needed",
-                self.max_per_client
-            ),
-        );
-        message(
-            out,
-            b'P',
-            &[
-                b"dp_refused\0",
-                b"max_client_prepared_statements exceeded\0",
-                &0u16.to_be_bytes(),
-            ],
-        );
-        self.replies.push(Reply::Refused {
-            error: error.freeze(),
-        });
     }
 
     fn close(&mut self, global: &Bytes, out: &mut BytesMut) {
@@ -501,5 +517,7 @@ fn split_word(text: &[u8]) -> Option<(&[u8], &[u8])> {
     (end > 0).then(|| text.split_at(end))
 }
 
+#[cfg(test)]
+mod limits_tests;
 #[cfg(test)]
 mod tests;

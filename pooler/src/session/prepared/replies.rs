@@ -154,11 +154,8 @@ impl Replies {
         std::mem::take(&mut self.skipped)
     }
 
-    /// Tags whose body [`Replies::server`] reads.
-    pub fn needs_body(tag: u8) -> bool {
-        matches!(tag, b'C' | b'E')
-    }
-
+    /// One server message. `body` is whole for CommandComplete, and at least the
+    /// head of an ErrorResponse (the fields the pooler reads come first).
     pub fn server(
         &mut self,
         tag: u8,
@@ -317,7 +314,7 @@ impl Replies {
                 } => {
                     server.forget(&global);
                     if let Some(name) = name {
-                        client.by_name.remove(&name);
+                        client.remove(&name);
                     }
                 }
                 Reply::Close {
@@ -329,7 +326,7 @@ impl Replies {
                         server.touch(&global);
                     }
                     if let Some((name, stmt)) = had {
-                        client.by_name.insert(name, stmt);
+                        client.insert(name, stmt);
                     }
                 }
                 Reply::Deallocate { undo, .. } => restore(undo, client, server),
@@ -402,7 +399,7 @@ impl Replies {
                 Reply::End { .. } | Reply::Refused { .. } | Reply::CopyEnd => {}
             }
         }
-        client.by_name.retain(|name, _| names.contains(name));
+        client.retain(|name| names.contains(name));
         server.retain(|global| globals.contains(global));
         self.unnamed = None;
         self.portal = None;
@@ -419,7 +416,7 @@ fn restore(undo: Option<Undo>, client: &mut ClientStatements, server: &mut Serve
         if on_server {
             server.touch(&stmt.global);
         }
-        client.by_name.insert(name, stmt);
+        client.insert(name, stmt);
     }
 }
 
@@ -427,10 +424,10 @@ fn restore(undo: Option<Undo>, client: &mut ClientStatements, server: &mut Serve
 fn restore_name(name: Bytes, previous: Option<Statement>, client: &mut ClientStatements) {
     match previous {
         Some(stmt) => {
-            client.by_name.insert(name, stmt);
+            client.insert(name, stmt);
         }
         None => {
-            client.by_name.remove(&name);
+            client.remove(&name);
         }
     }
 }

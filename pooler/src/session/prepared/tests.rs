@@ -1,7 +1,7 @@
 //! The rewriter and its books, message by message.
 use super::*;
 
-fn rewriter<'a>(
+pub(super) fn rewriter<'a>(
     client: &'a mut ClientStatements,
     server: &'a mut ServerStatements,
     replies: &'a mut Replies,
@@ -13,19 +13,22 @@ fn rewriter<'a>(
         replies,
         max_per_server,
         max_per_client: 10_000,
+        max_client_bytes: usize::MAX,
+        max_message: 1 << 20,
+        refused: Default::default(),
         effect: Effect::default(),
         // Leaked: a test's few bytes, for a 'a borrow without another parameter.
         customs: Box::leak(Box::default()),
     }
 }
 
-fn msg(tag: u8, parts: &[&[u8]]) -> BytesMut {
+pub(super) fn msg(tag: u8, parts: &[&[u8]]) -> BytesMut {
     let mut out = BytesMut::new();
     message(&mut out, tag, parts);
     out
 }
 
-fn tags(buf: &[u8]) -> Vec<u8> {
+pub(super) fn tags(buf: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut rest = buf;
     while rest.len() >= 5 {

@@ -19,7 +19,9 @@
 //! leaves a channel the check finds, and pins as before.
 
 mod sql;
+mod window;
 pub use sql::{read_back_sql, reset_read_sql, state_left_sql};
+pub use window::Windows;
 
 /// Parameters that follow a client from server to server (set on checkout when the
 /// server's differ), in Postgres' lower-case spelling.

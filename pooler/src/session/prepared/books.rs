@@ -1,0 +1,132 @@
+//! A client's book of prepared statements: its names, and the one copy of each text
+//! they use.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use super::super::state::Effect;
+
+/// A statement as the pooler knows it: its server-side name and the Parse that
+/// creates it there.
+#[derive(Debug, Clone)]
+pub struct Statement {
+    pub global: Bytes,
+    /// A whole Parse message naming `global`. Shared (reference-counted) by every name
+    /// of the client that stands for the same text.
+    pub parse: Bytes,
+    /// What executing it may do to the session (state.rs).
+    pub(super) effect: Effect,
+}
+
+/// What a name costs in the books beyond its own bytes (the map entry, the global
+/// name, the `Statement`): counted so that 10,000 one-byte names are not free.
+const NAME_OVERHEAD: usize = 96;
+/// What a text costs beyond its Parse message (its entry in `texts`).
+const TEXT_OVERHEAD: usize = 64;
+
+/// One client's statements, by the names it gave them. A text is held once however
+/// many names use it (a driver that prepares one query under a new name per
+/// connection checkout, or a client that tries to fill the pooler's memory with
+/// copies), and every byte held is counted for `max_client_prepared_bytes`.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    pub(super) by_name: HashMap<Bytes, Statement>,
+    /// Each text once, by its global name: the shared Parse and how many names use it.
+    texts: HashMap<Bytes, (Bytes, usize)>,
+    /// Bytes held: every name, and every distinct text once.
+    bytes: usize,
+}
+
+impl ClientStatements {
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Bytes of names and texts held (what `max_client_prepared_bytes` bounds).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The bytes a new name for `stmt` would add.
+    pub(super) fn cost_of(&self, name: &[u8], stmt: &Statement) -> usize {
+        let text = if self.texts.contains_key(&stmt.global) {
+            0
+        } else {
+            stmt.parse.len() + TEXT_OVERHEAD
+        };
+        name.len() + NAME_OVERHEAD + text
+    }
+
+    /// The shared Parse of a text some name of the client already uses.
+    pub(super) fn text(&self, global: &[u8]) -> Option<Bytes> {
+        self.texts.get(global).map(|(parse, _)| parse.clone())
+    }
+
+    pub(super) fn get(&self, name: &[u8]) -> Option<&Statement> {
+        self.by_name.get(name)
+    }
+
+    pub(super) fn get_key_value(&self, name: &[u8]) -> Option<(&Bytes, &Statement)> {
+        self.by_name.get_key_value(name)
+    }
+
+    /// Books `name` as `stmt`, sharing its text with any other name that has it;
+    /// returns what the name stood for before.
+    pub(super) fn insert(&mut self, name: Bytes, mut stmt: Statement) -> Option<Statement> {
+        match self.texts.get_mut(&stmt.global) {
+            Some((parse, users)) => {
+                *users += 1;
+                stmt.parse = parse.clone();
+            }
+            None => {
+                self.bytes += stmt.parse.len() + TEXT_OVERHEAD;
+                self.texts
+                    .insert(stmt.global.clone(), (stmt.parse.clone(), 1));
+            }
+        }
+        self.bytes += name.len() + NAME_OVERHEAD;
+        let previous = self.by_name.insert(name.clone(), stmt);
+        if let Some(old) = &previous {
+            self.bytes -= name.len() + NAME_OVERHEAD;
+            self.release(&old.global);
+        }
+        previous
+    }
+
+    /// Takes `name` out of the books.
+    pub(super) fn remove(&mut self, name: &[u8]) -> Option<(Bytes, Statement)> {
+        let (name, stmt) = self.by_name.remove_entry(name)?;
+        self.bytes -= name.len() + NAME_OVERHEAD;
+        self.release(&stmt.global);
+        Some((name, stmt))
+    }
+
+    /// Keeps only the names `keep` says to.
+    pub(super) fn retain(&mut self, mut keep: impl FnMut(&Bytes) -> bool) {
+        let gone: Vec<Bytes> = self
+            .by_name
+            .keys()
+            .filter(|name| !keep(name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.remove(&name);
+        }
+    }
+
+    /// One name fewer uses the text named `global`.
+    fn release(&mut self, global: &[u8]) {
+        if let Some((parse, users)) = self.texts.get_mut(global) {
+            *users -= 1;
+            if *users == 0 {
+                self.bytes -= parse.len() + TEXT_OVERHEAD;
+                self.texts.remove(global);
+            }
+        }
+    }
+}
