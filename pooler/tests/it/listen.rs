@@ -543,3 +543,24 @@ async fn a_client_waits_for_its_listener_without_holding_a_server() {
     })
     .await;
 }
+
+/// A listening client parked without a task (session/park.rs) wakes for its
+/// notifications: the listener task rings the doorbell the parked client waits on.
+#[tokio::test]
+async fn a_parked_listening_client_wakes_for_its_notifications() {
+    let e = env(|_| {}).await;
+    let app = e.app_with_pool(1).await;
+    let mut a = listening(&config(&e, &app)).await;
+    run(&a.client, "LISTEN parked").await;
+    let sender = e.connect(&app).await;
+    // The sender's login parks it at once; the listener parks after a sweep period.
+    eventually("both clients are parked", async || {
+        e.pooler.shared.lot.len() == 2
+    })
+    .await;
+    notify(&sender, "parked", "wake up").await;
+    a.expect("parked", "wake up").await;
+    eventually("it parks again", async || e.pooler.shared.lot.len() == 2).await;
+    notify(&sender, "parked", "again").await;
+    a.expect("parked", "again").await;
+}
