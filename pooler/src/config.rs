@@ -107,11 +107,39 @@ pub struct Config {
     pub switch_quantum_ms: u64,
     /// Cached verifiers are re-read after this even without a NOTIFY. Default 60 s.
     pub auth_cache_ttl_ms: u64,
-    /// Failed logins allowed per role per minute before further attempts are refused
-    /// outright. Default 20.
-    pub auth_failures_per_role_per_minute: u32,
-    /// Failed logins allowed per client address per minute. Default 50.
+    /// Failed logins allowed per role from one client address (an IPv4 address, an IPv6
+    /// /64) per minute; past it that address's attempts for that role are refused with
+    /// 28000 until the minute is over. Never per role alone: strangers' failures cannot
+    /// refuse a role's right password from another address. Attempts in flight count,
+    /// so parallel guesses cannot overshoot it. (`auth_failures_per_role_per_minute`,
+    /// its old name, is still read.) Default 20.
+    #[serde(alias = "auth_failures_per_role_per_minute")]
+    pub auth_failures_per_role_per_address_per_minute: u32,
+    /// Failed logins allowed per client address (an IPv4 address, an IPv6 /64) per
+    /// minute, over all roles. Default 50.
     pub auth_failures_per_address_per_minute: u32,
+    /// Addresses, and (role, address) pairs, the throttle remembers (each map; the least
+    /// recently used goes first). Default 100000.
+    pub auth_throttle_max_entries: usize,
+    /// Roles whose verifier is cached (the least recently used goes first, never the
+    /// whole cache). A role cached once counts as known: its lookups never wait behind
+    /// names nobody has logged in with. Default 100000.
+    pub auth_cache_max_roles: usize,
+    /// How long a name the lookup did not find (or found disabled) is answered from
+    /// memory; a NOTIFY for the name ends it at once (a new app logs in at once).
+    /// Default 5000 ms.
+    pub auth_negative_cache_ttl_ms: u64,
+    /// Names remembered as not found (least recently used first out). Default 10000.
+    pub auth_negative_cache_max: usize,
+    /// Lookups of names this pooler does not know (never logged in here) that may wait
+    /// for a lookup connection at once; past it a login is refused with 53300 before
+    /// authentication. Such lookups also use at most all but one of the lookup
+    /// connections, so known roles always find one. Default 64.
+    pub auth_lookup_queue: usize,
+    /// Role names from `NOTIFY dataplane_auth` waiting to be re-read (each at most once:
+    /// duplicates are dropped while it waits). Past it the queue is dropped and every
+    /// known role re-read, as after a lost LISTEN connection. Default 10000.
+    pub auth_notify_queue: usize,
     /// Named prepared statements kept per server connection (least recently used
     /// are closed past it). Default 200.
     pub max_prepared_statements: usize,
@@ -293,8 +321,14 @@ impl Default for Config {
             min_idle_before_evict_ms: 1_000,
             switch_quantum_ms: 500,
             auth_cache_ttl_ms: 60_000,
-            auth_failures_per_role_per_minute: 20,
+            auth_failures_per_role_per_address_per_minute: 20,
             auth_failures_per_address_per_minute: 50,
+            auth_throttle_max_entries: 100_000,
+            auth_cache_max_roles: 100_000,
+            auth_negative_cache_ttl_ms: 5_000,
+            auth_negative_cache_max: 10_000,
+            auth_lookup_queue: 64,
+            auth_notify_queue: 10_000,
             auth_pool_size: 2,
             advertise_addr: None,
             replica_heartbeat_ms: 1_000,
@@ -455,6 +489,25 @@ impl Config {
                  notification of the largest size fits"
             ));
         }
+        for (name, v) in [
+            (
+                "auth_failures_per_role_per_address_per_minute",
+                self.auth_failures_per_role_per_address_per_minute as usize,
+            ),
+            (
+                "auth_failures_per_address_per_minute",
+                self.auth_failures_per_address_per_minute as usize,
+            ),
+            ("auth_throttle_max_entries", self.auth_throttle_max_entries),
+            ("auth_cache_max_roles", self.auth_cache_max_roles),
+            ("auth_negative_cache_max", self.auth_negative_cache_max),
+            ("auth_lookup_queue", self.auth_lookup_queue),
+            ("auth_notify_queue", self.auth_notify_queue),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
         if self.upstream.dbname.is_empty() || self.upstream.auth_user.is_empty() {
             return bad("upstream.dbname and upstream.auth_user must be set".into());
         }
@@ -590,6 +643,9 @@ impl Config {
                 ms(self.tcp_keepalive_interval_ms),
             )
         })
+    }
+    pub fn auth_negative_cache_ttl(&self) -> Duration {
+        ms(self.auth_negative_cache_ttl_ms)
     }
 }
 
@@ -742,5 +798,11 @@ mod tests {
         let text = toml::to_string(&c).unwrap();
         assert!(!text.contains("hunter2"));
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_old_name_of_the_per_role_throttle_is_still_read() {
+        let c = Config::from_toml("auth_failures_per_role_per_minute = 7").unwrap();
+        assert_eq!(c.auth_failures_per_role_per_address_per_minute, 7);
     }
 }

@@ -29,6 +29,8 @@
 //!   transaction at a time (or the session), giving the server back on ReadyForQuery `I`;
 //! - [`admin`]: HTTP (`/metrics`, `/healthz`, `/readyz`, `/v1/…`) and the
 //!   PgBouncer-style console (`psql -d pgbouncer`);
+//! - [`fuzzing`]: the entry points of the fuzz targets (`fuzz/`) and of the test that
+//!   replays their corpus; not an API;
 //! - `start`: builds the shared state, binds the listeners, and hands each accepted
 //!   connection to the front door, then to a session or the console.
 //!
@@ -54,6 +56,8 @@ pub mod reload;
 pub mod frontdoor;
 pub mod session;
 pub mod admin;
+#[doc(hidden)]
+pub mod fuzzing;
 mod start;
 
 pub use shared::{Hooks, LoadConfig, SetLogFilter};

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -65,10 +65,12 @@ pub enum AuthResult {
     Throttled,
     PassthroughMismatch,
     Error,
+    /// Refused (53300) before authentication: too many lookups of unknown names wait.
+    LookupBusy,
 }
 
 impl AuthResult {
-    const ALL: [AuthResult; 7] = [
+    const ALL: [AuthResult; 8] = [
         AuthResult::Ok,
         AuthResult::BadProof,
         AuthResult::UnknownRole,
@@ -76,6 +78,7 @@ impl AuthResult {
         AuthResult::Throttled,
         AuthResult::PassthroughMismatch,
         AuthResult::Error,
+        AuthResult::LookupBusy,
     ];
 
     fn label(self) -> &'static str {
@@ -87,6 +90,7 @@ impl AuthResult {
             AuthResult::Throttled => "throttled",
             AuthResult::PassthroughMismatch => "passthrough_mismatch",
             AuthResult::Error => "error",
+            AuthResult::LookupBusy => "lookup_busy",
         }
     }
 }
@@ -304,6 +308,33 @@ impl Metrics {
         }
     }
 
+    /// Exports the verifier cache's own counters (lookups, NOTIFY hints) when scraped.
+    pub fn watch_auth(&self, counters: Arc<AuthCounters>) -> Result<(), MetricsError> {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                name("auth_lookups_total"),
+                "Role names to authenticate that were not cached: queried (dataplane_auth.lookup ran), \
+                 refused (the queue for unknown names was full), too_long (over 63 bytes: unknown, not queried).",
+            ),
+            &["result"],
+        )?;
+        let notifications = IntCounterVec::new(
+            Opts::new(
+                name("auth_notifications_total"),
+                "NOTIFY dataplane_auth payloads: queued for a re-read, coalesced (already queued), \
+                 ignored (no role this pooler knows), overflow (the queue was dropped and every role re-read).",
+            ),
+            &["outcome"],
+        )?;
+        self.registry.register(Box::new(AuthCollector {
+            counters,
+            lookups,
+            notifications,
+            scrape: std::sync::Mutex::new(()),
+        }))?;
+        Ok(())
+    }
+
     /// A connection ended with an error the pooler sent (its SQLSTATE).
     pub fn error(&self, sqlstate: &str) {
         self.errors.with_label_values(&[error_kind(sqlstate)]).inc();
@@ -484,6 +515,61 @@ impl Metrics {
             .take(self.max_roles)
             .map(|(_, n)| (n.to_owned(), ()))
             .collect()
+    }
+}
+
+/// What the verifier cache (auth/cache.rs) did: atomics it adds to, read when scraped.
+#[derive(Debug, Default)]
+pub struct AuthCounters {
+    /// Queries of `dataplane_auth.lookup`.
+    pub lookups: AtomicU64,
+    /// Logins refused because the gate's queue for unknown names was full.
+    pub lookups_refused: AtomicU64,
+    /// Names answered as unknown without a lookup: longer than 63 bytes.
+    pub names_too_long: AtomicU64,
+    /// `NOTIFY dataplane_auth` payloads: queued for a re-read, dropped as a duplicate of
+    /// one already queued, ignored (no role this pooler knows), or dropped with the whole
+    /// queue when it overflowed.
+    pub notify_queued: AtomicU64,
+    pub notify_coalesced: AtomicU64,
+    pub notify_ignored: AtomicU64,
+    pub notify_overflows: AtomicU64,
+}
+
+/// [`AuthCounters`] copied into Prometheus counters when scraped.
+struct AuthCollector {
+    counters: Arc<AuthCounters>,
+    lookups: IntCounterVec,
+    notifications: IntCounterVec,
+    /// One scrape at a time sets the copies.
+    scrape: std::sync::Mutex<()>,
+}
+
+impl prometheus::core::Collector for AuthCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d = self.lookups.desc();
+        d.extend(self.notifications.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        let c = &self.counters;
+        let set = |vec: &IntCounterVec, label: &str, v: &AtomicU64| {
+            let counter = vec.with_label_values(&[label]);
+            counter.reset();
+            counter.inc_by(v.load(Ordering::Relaxed));
+        };
+        set(&self.lookups, "queried", &c.lookups);
+        set(&self.lookups, "refused", &c.lookups_refused);
+        set(&self.lookups, "too_long", &c.names_too_long);
+        set(&self.notifications, "queued", &c.notify_queued);
+        set(&self.notifications, "coalesced", &c.notify_coalesced);
+        set(&self.notifications, "ignored", &c.notify_ignored);
+        set(&self.notifications, "overflow", &c.notify_overflows);
+        let mut families = self.lookups.collect();
+        families.extend(self.notifications.collect());
+        families
     }
 }
 

@@ -45,8 +45,14 @@ pub const RESTART_KEYS: &[&str] = &[
     "tcp_keepalive_idle_ms",
     "tcp_keepalive_interval_ms",
     "auth_cache_ttl_ms",
-    "auth_failures_per_role_per_minute",
+    "auth_failures_per_role_per_address_per_minute",
     "auth_failures_per_address_per_minute",
+    "auth_throttle_max_entries",
+    "auth_cache_max_roles",
+    "auth_negative_cache_ttl_ms",
+    "auth_negative_cache_max",
+    "auth_lookup_queue",
+    "auth_notify_queue",
     "cancel_forwards_per_address_per_minute",
     "auth_pool_size",
     "auth_mock_secret",
@@ -76,8 +82,15 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
     new.tcp_keepalive_idle_ms = old.tcp_keepalive_idle_ms;
     new.tcp_keepalive_interval_ms = old.tcp_keepalive_interval_ms;
     new.auth_cache_ttl_ms = old.auth_cache_ttl_ms;
-    new.auth_failures_per_role_per_minute = old.auth_failures_per_role_per_minute;
+    new.auth_failures_per_role_per_address_per_minute =
+        old.auth_failures_per_role_per_address_per_minute;
     new.auth_failures_per_address_per_minute = old.auth_failures_per_address_per_minute;
+    new.auth_throttle_max_entries = old.auth_throttle_max_entries;
+    new.auth_cache_max_roles = old.auth_cache_max_roles;
+    new.auth_negative_cache_ttl_ms = old.auth_negative_cache_ttl_ms;
+    new.auth_negative_cache_max = old.auth_negative_cache_max;
+    new.auth_lookup_queue = old.auth_lookup_queue;
+    new.auth_notify_queue = old.auth_notify_queue;
     new.cancel_forwards_per_address_per_minute = old.cancel_forwards_per_address_per_minute;
     new.auth_pool_size = old.auth_pool_size;
     new.auth_mock_secret = old.auth_mock_secret.clone();
@@ -263,8 +276,14 @@ mod tests {
             tcp_keepalive_idle_ms: 1,
             tcp_keepalive_interval_ms: 1,
             auth_cache_ttl_ms: 1,
-            auth_failures_per_role_per_minute: 1,
+            auth_failures_per_role_per_address_per_minute: 1,
             auth_failures_per_address_per_minute: 1,
+            auth_throttle_max_entries: 1,
+            auth_cache_max_roles: 1,
+            auth_negative_cache_ttl_ms: 1,
+            auth_negative_cache_max: 1,
+            auth_lookup_queue: 1,
+            auth_notify_queue: 1,
             cancel_forwards_per_address_per_minute: 1,
             auth_pool_size: 9,
             auth_mock_secret: Some(Secret::new("x")),

@@ -92,7 +92,14 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
     let cache = VerifierCache::new(
         config.upstream.clone(),
         target.tls.clone(),
-        config.auth_cache_ttl(),
+        crate::auth::cache::CacheLimits {
+            ttl: config.auth_cache_ttl(),
+            negative_ttl: config.auth_negative_cache_ttl(),
+            max_roles: config.auth_cache_max_roles,
+            max_negative: config.auth_negative_cache_max,
+            queue: config.auth_lookup_queue,
+            notify_queue: config.auth_notify_queue,
+        },
         config.auth_pool_size,
     );
     let roles = Arc::new(Roles::default());
@@ -101,6 +108,7 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         config.metrics_per_role,
         config.metrics_max_roles,
     )?);
+    metrics.watch_auth(cache.counters.clone())?;
     let connector = Arc::new(PassThrough {
         roles: roles.clone(),
         target: target.clone(),
@@ -150,10 +158,11 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         pools: pools.clone(),
         cancels: Arc::new(CancelMap::default()),
         replicas: replicas.clone(),
-        limiter: AuthLimiter::new(
-            config.auth_failures_per_role_per_minute,
-            config.auth_failures_per_address_per_minute,
-        ),
+        limiter: AuthLimiter::new(crate::auth::limiter::Limits {
+            per_source: config.auth_failures_per_address_per_minute,
+            per_role_source: config.auth_failures_per_role_per_address_per_minute,
+            max_entries: config.auth_throttle_max_entries,
+        }),
         target,
         mock_secret,
         client_tls: ArcSwapOption::from_pointee(client_tls),
@@ -178,7 +187,12 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         ),
     });
 
-    tokio::spawn(cache.clone().run_listener(shutdown_rx.clone()));
+    // A notification naming a role with clients here matters even when its cache entry
+    // was evicted; every other name is ignored without a lookup (cache/listen.rs).
+    let connected = roles.clone();
+    let interest: crate::auth::cache::Interest =
+        Arc::new(move |name| connected.get(name).is_some());
+    tokio::spawn(cache.clone().run_listener(shutdown_rx.clone(), interest));
     let settings = shared.clone();
     replicas.spawn(pools.clone(), cache.clone(), move || {
         let c = settings.config();

@@ -1,22 +1,41 @@
-//! Verifiers from `dataplane_auth.lookup()`, cached.
+//! Verifiers from `dataplane_auth.lookup()`, cached, with bounded work whatever names
+//! clients send.
 //!
 //! - The lookup runs over a few connections as `dp_pooler`, which may execute the
 //!   function and nothing else (`pg_authid` is unreadable on managed Postgres).
-//! - Single-flight: a login storm for one role costs one query; the others wait for it.
-//! - Entries expire after a TTL, and at once when `LISTEN dataplane_auth` reports a
-//!   change to the role (the provisioner's trigger sends the role name). A lost LISTEN
-//!   connection may have missed notifications, so reconnecting drops the whole cache.
+//! - Names longer than PostgreSQL's 63 bytes cannot be roles: answered as unknown
+//!   without a lookup (PostgreSQL itself would truncate them, and a truncated name may
+//!   be another app's).
+//! - Single-flight: concurrent logins for one name cost one query; the others wait
+//!   for it.
+//! - Roles found are kept (least recently used out past `auth_cache_max_roles`, never
+//!   the whole cache) and re-read after `auth_cache_ttl_ms`; names not found are kept
+//!   for `auth_negative_cache_ttl_ms` (bounded apart, so a spray of made-up names
+//!   pushes out only other made-up names).
+//! - Lookups pass a gate ([`gate`]): names this pooler has never found may wait there
+//!   only `auth_lookup_queue` at a time and use all lookup connections but one, so a
+//!   flood of unknown names cannot starve the roles that really log in here.
+//! - `LISTEN dataplane_auth` ([`listen`]) drops a role's entry when its credentials
+//!   row changes and re-reads it; a lost LISTEN connection may have missed
+//!   notifications, so reconnecting marks every entry stale.
+
+mod gate;
+mod listen;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use tokio::sync::{OnceCell, broadcast};
 
+use super::limiter::MAX_NAME;
+use super::lru::Lru;
 use crate::config::Upstream;
+use crate::metrics::AuthCounters;
 use crate::verifier::ScramSecret;
+pub use gate::Lane;
+pub use listen::Interest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolMode {
@@ -71,6 +90,9 @@ pub struct RoleAuth {
 pub enum LookupError {
     #[error("the auth lookup cannot reach Postgres: {0}")]
     Unavailable(String),
+    /// Too many lookups of names this pooler does not know are waiting already.
+    #[error("too many logins are waiting for a credentials lookup")]
+    Busy,
 }
 
 /// A change the LISTEN connection reported, after the role was looked up again.
@@ -86,25 +108,68 @@ pub enum Change {
     Resync,
 }
 
-struct Slot {
+/// The bounds and lifetimes of the cache, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheLimits {
+    /// `auth_cache_ttl_ms`.
+    pub ttl: Duration,
+    /// `auth_negative_cache_ttl_ms`.
+    pub negative_ttl: Duration,
+    /// `auth_cache_max_roles`.
+    pub max_roles: usize,
+    /// `auth_negative_cache_max`.
+    pub max_negative: usize,
+    /// `auth_lookup_queue`.
+    pub queue: usize,
+    /// `auth_notify_queue`.
+    pub notify_queue: usize,
+}
+
+/// A role found (status `ok`). Kept past its TTL, stale, as the mark of a role that
+/// really logs in here (its lookups use the known lane).
+struct Found {
+    auth: Arc<RoleAuth>,
+    fetched: Instant,
+    stale: bool,
+}
+
+/// A name not found (or not allowed to log in).
+struct Missing {
+    auth: Arc<RoleAuth>,
+    fetched: Instant,
+}
+
+/// One lookup in progress, shared by every login that asks for the name meanwhile.
+struct Flight {
     cell: OnceCell<Arc<RoleAuth>>,
-    created: Instant,
+    lane: Lane,
+}
+
+struct State {
+    found: Lru<Arc<str>, Found>,
+    missing: Lru<Arc<str>, Missing>,
+    flights: HashMap<Arc<str>, Arc<Flight>>,
 }
 
 pub struct VerifierCache {
     upstream: Upstream,
     /// TLS to Postgres for the lookup and LISTEN connections, as for servers.
     tls: Option<Arc<rustls::ClientConfig>>,
-    ttl: Duration,
-    slots: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
+    limits: CacheLimits,
+    state: Mutex<State>,
     conns: Vec<tokio::sync::Mutex<Option<tokio_postgres::Client>>>,
+    /// The connection that tells notifications' senders apart ([`Self::backend_roles`]):
+    /// its own, opened on first use, so those queries never take a lookup connection
+    /// the gate has promised to a login, nor wait behind a login storm.
+    senders: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    gate: gate::Gate,
     next: AtomicUsize,
     changes: broadcast::Sender<Change>,
     listening: AtomicBool,
+    notices: listen::Notices,
+    /// What the cache did, for `/metrics`.
+    pub counters: Arc<AuthCounters>,
 }
-
-/// Cached lookups kept at most (one per role name seen within the TTL).
-const MAX_SLOTS: usize = 100_000;
 
 const LOOKUP_SQL: &str = "SELECT role_name, scram_verifier, generation, pool_size, pool_mode, max_client_conn, status \
                           FROM dataplane_auth.lookup($1)";
@@ -112,26 +177,76 @@ const LOOKUP_SQL: &str = "SELECT role_name, scram_verifier, generation, pool_siz
 const BACKEND_ROLES_SQL: &str = "SELECT pid, usename::text FROM pg_catalog.pg_stat_activity \
                                  WHERE pid = ANY($1) AND usename IS NOT NULL";
 
+/// What a lookup would say of a name that cannot be a role.
+fn unknown(role: &str) -> RoleAuth {
+    RoleAuth {
+        role: Arc::from(role),
+        status: Status::Unknown,
+        secret: None,
+        generation: 0,
+        pool_size: None,
+        pool_mode: PoolMode::Transaction,
+        max_client_conn: None,
+    }
+}
+
+/// Removes a flight from the map when the last login waiting on it leaves (finished,
+/// failed or cancelled), so an abandoned lookup leaves nothing behind.
+struct FlightGuard<'a> {
+    cache: &'a VerifierCache,
+    name: Arc<str>,
+    flight: Option<Arc<Flight>>,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.cache.state();
+        if let Some(flight) = self.flight.take() {
+            let ours = state
+                .flights
+                .get(&self.name)
+                .is_some_and(|f| Arc::ptr_eq(f, &flight));
+            // The map's reference and ours: nobody else waits on it.
+            if ours && Arc::strong_count(&flight) == 2 {
+                state.flights.remove(&self.name);
+            }
+        }
+    }
+}
+
 impl VerifierCache {
     pub fn new(
         upstream: Upstream,
         tls: Option<Arc<rustls::ClientConfig>>,
-        ttl: Duration,
+        limits: CacheLimits,
         connections: usize,
     ) -> Arc<Self> {
         let (changes, _) = broadcast::channel(1024);
+        let connections = connections.max(1);
         Arc::new(VerifierCache {
             upstream,
             tls,
-            ttl,
-            slots: Mutex::new(HashMap::new()),
-            conns: (0..connections.max(1))
+            limits,
+            state: Mutex::new(State {
+                found: Lru::new(limits.max_roles),
+                missing: Lru::new(limits.max_negative),
+                flights: HashMap::new(),
+            }),
+            conns: (0..connections)
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
+            senders: tokio::sync::Mutex::new(None),
+            gate: gate::Gate::new(connections, limits.queue),
             next: AtomicUsize::new(0),
             changes,
             listening: AtomicBool::new(false),
+            notices: listen::Notices::new(limits.notify_queue),
+            counters: Arc::default(),
         })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Revocations and rotations, as the LISTEN connection learns of them.
@@ -145,61 +260,181 @@ impl VerifierCache {
     }
 
     /// The role's verifier and limits: cached, or looked up once for all concurrent
-    /// callers.
+    /// callers. Cancel-safe: a login that leaves mid-lookup leaves the lookup to the
+    /// others waiting on it, or nothing at all.
     pub async fn get(&self, role: &str) -> Result<Arc<RoleAuth>, LookupError> {
-        let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            match slots.get(role) {
-                Some(s) if s.created.elapsed() < self.ttl => s.clone(),
-                _ => {
-                    // Names come from clients: past a bound, forget expired entries so a
-                    // spray of made-up names cannot grow the map without limit.
-                    if slots.len() >= MAX_SLOTS {
-                        let ttl = self.ttl;
-                        slots.retain(|_, s| s.created.elapsed() < ttl);
-                        if slots.len() >= MAX_SLOTS {
-                            slots.clear();
-                        }
-                    }
-                    let s = Arc::new(Slot {
+        self.get_in(role, None).await
+    }
+
+    /// The role read from Postgres now (what it was told by a NOTIFY, or a resync),
+    /// in the known lane: the pooler asks this only of roles it has reason to.
+    pub async fn reread(&self, role: &str) -> Result<Arc<RoleAuth>, LookupError> {
+        self.invalidate(role);
+        self.get_in(role, Some(Lane::Known)).await
+    }
+
+    async fn get_in(&self, role: &str, lane: Option<Lane>) -> Result<Arc<RoleAuth>, LookupError> {
+        if role.len() > MAX_NAME {
+            self.counters.names_too_long.fetch_add(1, Ordering::Relaxed);
+            return Ok(Arc::new(unknown(role)));
+        }
+        let (name, flight) = {
+            let mut state = self.state();
+            let State {
+                found,
+                missing,
+                flights,
+            } = &mut *state;
+            let known = match found.get(role) {
+                Some(f) if !f.stale && f.fetched.elapsed() < self.limits.ttl => {
+                    return Ok(f.auth.clone());
+                }
+                Some(_) => true,
+                None => false,
+            };
+            if let Some(m) = missing.get(role) {
+                if m.fetched.elapsed() < self.limits.negative_ttl {
+                    return Ok(m.auth.clone());
+                }
+            }
+            let lane = lane.unwrap_or(if known { Lane::Known } else { Lane::Unknown });
+            match flights.get_key_value(role) {
+                Some((name, flight)) => (name.clone(), flight.clone()),
+                None => {
+                    let name: Arc<str> = Arc::from(role);
+                    let flight = Arc::new(Flight {
                         cell: OnceCell::new(),
-                        created: Instant::now(),
+                        lane,
                     });
-                    slots.insert(Arc::from(role), s.clone());
-                    s
+                    flights.insert(name.clone(), flight.clone());
+                    (name, flight)
                 }
             }
         };
-        // A failed lookup leaves the cell empty: the next caller tries again.
-        let auth = slot.cell.get_or_try_init(|| self.lookup(role)).await?;
+        let guard = FlightGuard {
+            cache: self,
+            name,
+            flight: Some(flight),
+        };
+        let Some(flight) = guard.flight.as_ref() else {
+            return Err(LookupError::Unavailable("lookup abandoned".into()));
+        };
+        // A failed lookup leaves the cell empty: the next waiter tries again.
+        let auth = flight
+            .cell
+            .get_or_try_init(|| self.fetch(&guard.name, flight))
+            .await?;
         Ok(auth.clone())
+    }
+
+    /// Through the gate, one query, and the answer kept (unless the name was
+    /// invalidated meanwhile: then only the logins that asked before get it).
+    async fn fetch(
+        &self,
+        role: &Arc<str>,
+        flight: &Arc<Flight>,
+    ) -> Result<Arc<RoleAuth>, LookupError> {
+        let permit = match self.gate.enter(flight.lane).await {
+            Ok(p) => p,
+            Err(gate::Full) => {
+                self.counters
+                    .lookups_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(LookupError::Busy);
+            }
+        };
+        let auth = self.lookup(role).await?;
+        drop(permit);
+        let mut state = self.state();
+        let current = state
+            .flights
+            .get(role)
+            .is_some_and(|f| Arc::ptr_eq(f, flight));
+        if current {
+            let now = Instant::now();
+            if auth.status == Status::Ok {
+                state.missing.remove(role);
+                state.found.insert(
+                    role.clone(),
+                    Found {
+                        auth: auth.clone(),
+                        fetched: now,
+                        stale: false,
+                    },
+                );
+            } else {
+                state.found.remove(role);
+                state.missing.insert(
+                    role.clone(),
+                    Missing {
+                        auth: auth.clone(),
+                        fetched: now,
+                    },
+                );
+            }
+        }
+        Ok(auth)
     }
 
     /// The role's cached lookup, however old, without asking Postgres.
     pub fn peek(&self, role: &str) -> Option<Arc<RoleAuth>> {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.get(role).and_then(|s| s.cell.get().cloned())
+        let state = self.state();
+        state
+            .found
+            .peek(role)
+            .map(|f| f.auth.clone())
+            .or_else(|| state.missing.peek(role).map(|m| m.auth.clone()))
     }
 
-    /// Forget a role now.
+    /// Whether the role was found here and may log in (as far as the cache knows).
+    fn is_known(state: &State, role: &str) -> bool {
+        state.found.contains(role) || state.flights.contains_key(role)
+    }
+
+    /// Forget what the role was: the next login reads it again. A role found before
+    /// stays known (its next lookup is in the known lane); a lookup in progress is left
+    /// to the logins waiting on it, and its answer is not kept.
     pub fn invalidate(&self, role: &str) {
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(role);
+        let mut state = self.state();
+        if let Some(f) = state.found.get(role) {
+            f.stale = true;
+        }
+        state.missing.remove(role);
+        state.flights.remove(role);
     }
 
-    fn invalidate_all(&self) {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    /// Everything may have changed (notifications were lost): every entry is stale.
+    fn expire_all(&self) {
+        let mut state = self.state();
+        for f in state.found.values_mut() {
+            f.stale = true;
+        }
+        state.missing.clear();
+        state.flights.clear();
     }
 
-    fn cached(&self, role: &str) -> Option<Arc<RoleAuth>> {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.get(role).and_then(|s| s.cell.get().cloned())
+    /// Entries held: roles found, names missing, lookups in flight.
+    pub fn len(&self) -> (usize, usize, usize) {
+        let state = self.state();
+        (state.found.len(), state.missing.len(), state.flights.len())
     }
 
+    /// One query of `dataplane_auth.lookup`, on a lookup connection the gate's permit
+    /// guarantees is free (or about to be).
     async fn lookup(&self, role: &str) -> Result<Arc<RoleAuth>, LookupError> {
-        match self.rows(LOOKUP_SQL, &[&role]).await?.as_slice() {
+        self.counters.lookups.fetch_add(1, Ordering::Relaxed);
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.conns.len();
+        let free = (0..n).find_map(|k| self.conns[(start + k) % n].try_lock().ok());
+        let mut conn = match free {
+            Some(c) => c,
+            None => self.conns[start % n].lock().await,
+        };
+        match self
+            .query(&mut conn, LOOKUP_SQL, &[&role])
+            .await?
+            .as_slice()
+        {
             [row] => Ok(Arc::new(parse_row(role, row))),
             rows => Err(LookupError::Unavailable(format!(
                 "the lookup returned {} rows instead of one",
@@ -209,24 +444,25 @@ impl VerifierCache {
     }
 
     /// The roles of the sessions among `pids` (`pg_stat_activity` shows every session's
-    /// user to every role): for telling which app sent a notification.
+    /// user to every role): for telling which app sent a notification. One query at a
+    /// time, on a connection of its own.
     pub async fn backend_roles(&self, pids: &[i32]) -> Result<Vec<(i32, String)>, LookupError> {
-        let rows = self.rows(BACKEND_ROLES_SQL, &[&pids]).await?;
+        let mut conn = self.senders.lock().await;
+        let rows = self.query(&mut conn, BACKEND_ROLES_SQL, &[&pids]).await?;
         Ok(rows
             .iter()
             .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
             .collect())
     }
 
-    /// Runs one statement on one of the auth connections.
-    async fn rows(
+    /// One statement on an auth connection held by the caller, with one retry on a
+    /// fresh connection: the cached one may have died since.
+    async fn query(
         &self,
+        conn: &mut Option<tokio_postgres::Client>,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, LookupError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        let mut conn = self.conns[i].lock().await;
-        // One retry on a fresh connection: the cached one may have died since.
         for attempt in 0..2 {
             if conn.as_ref().is_none_or(|c| c.is_closed()) {
                 *conn = Some(self.connect().await?);
@@ -242,7 +478,7 @@ impl VerifierCache {
                 Err(e) => return Err(LookupError::Unavailable(e.to_string())),
             }
         }
-        Err(LookupError::Unavailable("lookup connection lost".into()))
+        Err(LookupError::Unavailable("auth connection lost".into()))
     }
 
     async fn connect(&self) -> Result<tokio_postgres::Client, LookupError> {
@@ -267,7 +503,7 @@ impl VerifierCache {
     /// to `notify` when given.
     async fn open(
         &self,
-        notify: Option<tokio::sync::mpsc::UnboundedSender<Result<String, String>>>,
+        notify: Option<listen::Sink>,
         application_name: &str,
     ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), String> {
         let mut config = self.pg_config();
@@ -278,12 +514,12 @@ impl VerifierCache {
                     .connect(tokio_postgres::NoTls)
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok((client, tokio::spawn(drive(connection, notify))))
+                Ok((client, tokio::spawn(listen::drive(connection, notify))))
             }
             Some(tls) => {
                 let tls = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
                 let (client, connection) = config.connect(tls).await.map_err(|e| e.to_string())?;
-                Ok((client, tokio::spawn(drive(connection, notify))))
+                Ok((client, tokio::spawn(listen::drive(connection, notify))))
             }
         }
     }
@@ -306,114 +542,6 @@ impl VerifierCache {
             c.password(p.expose());
         }
         c
-    }
-
-    /// Keeps a `LISTEN dataplane_auth` connection up until `shutdown` fires; each
-    /// notification invalidates the role, looks it up again and publishes a
-    /// [`Change`] when it matters.
-    pub async fn run_listener(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            if *shutdown.borrow() {
-                return;
-            }
-            match self.listen_once(&mut shutdown).await {
-                Ok(()) => return,
-                Err(e) => {
-                    self.listening.store(false, Ordering::Relaxed);
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "auth LISTEN connection lost");
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.changed() => return,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-    }
-
-    async fn listen_once(
-        &self,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), String> {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let (client, driver) = self.open(Some(tx), "dataplane-pooler-auth").await?;
-        let result = async {
-            client
-                .batch_execute("LISTEN dataplane_auth")
-                .await
-                .map_err(|e| e.to_string())?;
-            // Anything cached may have changed while we were not listening.
-            self.invalidate_all();
-            let _ = self.changes.send(Change::Resync);
-            self.listening.store(true, Ordering::Relaxed);
-            tracing::info!("listening for credential changes");
-            loop {
-                tokio::select! {
-                    msg = rx.recv() => match msg {
-                        Some(Ok(role)) => self.on_notify(&role).await,
-                        Some(Err(e)) => return Err(e),
-                        None => return Err("connection closed".into()),
-                    },
-                    _ = shutdown.changed() => return Ok(()),
-                }
-            }
-        }
-        .await;
-        driver.abort();
-        result
-    }
-
-    async fn on_notify(&self, role: &str) {
-        let before = self.cached(role);
-        self.invalidate(role);
-        let after = match self.get(role).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(role, error = %e, "re-reading a changed role failed");
-                return;
-            }
-        };
-        let role: Arc<str> = after.role.clone();
-        if after.status != Status::Ok {
-            tracing::info!(role = %role, status = after.status.as_str(), "role revoked");
-            let _ = self.changes.send(Change::Revoked(role));
-        } else if before.is_none_or(|b| b.generation != after.generation) {
-            let _ = self.changes.send(Change::Rotated {
-                role,
-                generation: after.generation,
-            });
-        }
-    }
-}
-
-/// Drives a connection until it ends, passing notifications on.
-async fn drive<S, T>(
-    mut connection: tokio_postgres::Connection<S, T>,
-    notify: Option<tokio::sync::mpsc::UnboundedSender<Result<String, String>>>,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-    while let Some(msg) = messages.next().await {
-        match msg {
-            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                if let Some(tx) = &notify {
-                    let _ = tx.send(Ok(n.payload().to_owned()));
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                if let Some(tx) = &notify {
-                    let _ = tx.send(Err(e.to_string()));
-                }
-                return;
-            }
-        }
-    }
-    if let Some(tx) = &notify {
-        let _ = tx.send(Err("connection closed".into()));
     }
 }
 

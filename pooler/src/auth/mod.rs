@@ -4,11 +4,13 @@
 //!   client side (logging in to PostgreSQL with it);
 //! - [`cache`]: verifiers from `dataplane_auth.lookup()`, cached, single-flight, and
 //!   dropped on `NOTIFY dataplane_auth`;
-//! - [`limiter`]: failed-login throttling per role and per address;
+//! - [`limiter`]: failed-login throttling per source address and per (role, source);
+//! - [`lru`]: the bounded map behind the cache and the limiter;
 //! - [`random_nonce`]: the one place randomness enters, kept out of the state machines.
 
 pub mod cache;
 pub mod limiter;
+pub mod lru;
 pub mod scram;
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 
 mod scram;
 
-pub use scram::{Proof, password_failed, scram_exchange};
+pub use scram::{Proof, password_failed, refused_attempt, scram_exchange};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -3,12 +3,15 @@
 use bytes::{Bytes, BytesMut};
 
 use super::{SessionError, encoded, fatal, read_within, write_within};
+use crate::auth::limiter::AdmitError;
 use crate::auth::scram::{ScramError, ServerExchange};
+use crate::metrics::AuthResult;
 use crate::net::stream::Stream;
 use crate::proto::SqlState;
 use crate::proto::backend as msg;
 use crate::proto::frame::{self, Side};
 use crate::proto::frontend;
+use crate::shared::Shared;
 use crate::verifier;
 
 const MECHANISM: &str = "SCRAM-SHA-256";
@@ -125,6 +128,31 @@ async fn read_sasl(
             Ok(Some((_, body))) => return Ok(body),
             Ok(None) => read_within(stream, buf, deadline).await?,
             Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, e.to_string()).await,
+        }
+    }
+}
+
+/// A login the throttle did not let start: too many failures from its address, or the
+/// login deadline passed while attempts in flight settled.
+pub async fn refused_attempt<T>(
+    stream: &mut Stream,
+    shared: &Shared,
+    error: AdmitError,
+) -> Result<T, SessionError> {
+    match error {
+        AdmitError::Throttled => {
+            shared.metrics.auth(AuthResult::Throttled);
+            let message = "too many failed login attempts; try again in a minute";
+            fatal(
+                stream,
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                message.into(),
+            )
+            .await
+        }
+        AdmitError::TimedOut => {
+            let message = "login not completed within client_login_timeout".to_owned();
+            fatal(stream, SqlState::PROTOCOL_VIOLATION, message).await
         }
     }
 }

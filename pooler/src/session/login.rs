@@ -15,7 +15,8 @@ use crate::auth::cache::{LookupError, PoolMode, RoleAuth, Status};
 use crate::backend::LoginKeys;
 use crate::backend::params::{ClientParams, ServerParams};
 use crate::frontdoor::{
-    Listener, Proof, SessionError, encoded, fatal, password_failed, scram_exchange, write_within,
+    Listener, Proof, SessionError, encoded, fatal, password_failed, refused_attempt,
+    scram_exchange, write_within,
 };
 use crate::metrics::AuthResult;
 use crate::net::stream::Stream;
@@ -56,22 +57,32 @@ pub async fn login(
         )
         .await;
     }
-    if shared.limiter.throttled(&user, peer.ip(), Instant::now()) {
-        shared.metrics.auth(AuthResult::Throttled);
-        return fatal(
-            &mut stream,
-            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-            "too many failed login attempts; try again in a minute".into(),
-        )
-        .await;
-    }
+    // Recorded before the lookup and the exchange, so guesses sent in parallel count
+    // (limiter.rs); settled below, and a client that leaves mid-exchange counts.
+    let attempt = match shared.limiter.admit(&user, peer.ip(), deadline).await {
+        Ok(a) => a,
+        Err(e) => return refused_attempt(&mut stream, shared, e).await,
+    };
     let epoch = shared.roles.epoch();
     let lookup = tokio::time::timeout_at(deadline, shared.cache.get(&user)).await;
     let auth = match lookup
         .unwrap_or_else(|_| Err(LookupError::Unavailable("lookup timed out".into())))
     {
         Ok(a) => a,
+        Err(LookupError::Busy) => {
+            attempt.withdrawn();
+            tracing::warn!(role = %user, "too many lookups of unknown names waiting: login refused");
+            shared.metrics.auth(AuthResult::LookupBusy);
+            return fatal(
+                &mut stream,
+                SqlState::TOO_MANY_CONNECTIONS,
+                "too many logins are waiting for a credentials lookup (auth_lookup_queue); try again shortly"
+                    .into(),
+            )
+            .await;
+        }
         Err(e) => {
+            attempt.withdrawn();
             tracing::warn!(error = %e, "verifier lookup failed");
             shared.metrics.auth(AuthResult::Error);
             return fatal(
@@ -93,9 +104,12 @@ pub async fn login(
         Proof::Valid {
             server_final,
             client_key,
-        } if auth.status == Status::Ok => (server_final, client_key),
+        } if auth.status == Status::Ok => {
+            attempt.succeeded();
+            (server_final, client_key)
+        }
         Proof::Valid { .. } | Proof::Invalid => {
-            shared.limiter.failed(&user, peer.ip(), Instant::now());
+            attempt.failed();
             tracing::info!(role = %user, reason = auth.status.as_str(), "authentication failed");
             shared.metrics.auth(match auth.status {
                 Status::Ok => AuthResult::BadProof,
@@ -113,9 +127,9 @@ pub async fn login(
     let seen = *revoked.borrow();
     // A revocation or rotation while this client authenticated: is it still welcome?
     let current = shared.roles.epoch() == epoch
-        || match shared.cache.get(&user).await {
-            Ok(now) => now.status == Status::Ok && now.generation == auth.generation,
-            Err(_) => false,
+        || match tokio::time::timeout_at(deadline, shared.cache.get(&user)).await {
+            Ok(Ok(now)) => now.status == Status::Ok && now.generation == auth.generation,
+            Ok(Err(_)) | Err(_) => false,
         };
     let keys_kept = current
         && match &auth.secret {

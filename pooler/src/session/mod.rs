@@ -11,12 +11,13 @@ pub mod prepared;
 mod relay;
 mod signals;
 mod stall;
-mod state;
+pub(crate) mod state;
 mod tracker;
 mod upkeep;
 mod wire;
 
 pub use client::Session;
+pub use cursor::Need;
 
 use std::sync::Arc;
 

@@ -127,8 +127,7 @@ pub async fn apply_changes(
 /// when notifications may have been lost.
 async fn resync(cache: &VerifierCache, roles: &Roles, pools: &Pools<Box<ServerConn>>) {
     for name in roles.names() {
-        cache.invalidate(&name);
-        match cache.get(&name).await {
+        match cache.reread(&name).await {
             Ok(auth) if auth.status != crate::auth::cache::Status::Ok => {
                 roles.bump();
                 if let Some(r) = roles.get(&name) {

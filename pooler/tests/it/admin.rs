@@ -209,22 +209,32 @@ async fn psql_show_pools_lists_each_active_role_and_the_other_commands_answer() 
 }
 
 #[tokio::test]
-async fn app_roles_and_wrong_passwords_are_refused_the_console() {
+async fn app_roles_and_wrong_passwords_are_refused_the_console_alike() {
     let e = env(with_admin).await;
     let app = e.app(Default::default()).await;
     let mut as_app = e.config(&app.role, &app.password);
     as_app.dbname("pgbouncer");
+    // An app's role (with its right password) is refused exactly as a wrong admin
+    // password is: the reply never tells which role is the admin.
     let err = dataplane_tests::connect(&as_app).await.unwrap_err();
-    assert_eq!(sqlstate(&err), "28000", "{}", message(&err));
-    assert!(message(&err).contains("admin console"), "{}", message(&err));
+    assert_eq!(sqlstate(&err), "28P01", "{}", message(&err));
+    assert_eq!(
+        message(&err),
+        format!("password authentication failed for user \"{}\"", app.role)
+    );
     as_app.dbname("admin");
     let err = dataplane_tests::connect(&as_app).await.unwrap_err();
-    assert_eq!(sqlstate(&err), "28000");
+    assert_eq!(sqlstate(&err), "28P01");
+    assert!(!message(&err).contains(ADMIN_USER), "{}", message(&err));
 
     let err = dataplane_tests::connect(&e.admin_config("wrong"))
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&err), "28P01", "{}", message(&err));
+    assert_eq!(
+        message(&err),
+        format!("password authentication failed for user \"{ADMIN_USER}\"")
+    );
     // The admin role is no app: on the apps' database it is an unknown role.
     let err = e.try_connect(ADMIN_USER, ADMIN_PASSWORD).await.unwrap_err();
     assert_eq!(sqlstate(&err), "28P01");

@@ -3,6 +3,8 @@
 
 use tokio::process::Command;
 
+use provisioner::ddl::LimitsPatch;
+
 use crate::common::{env, message, sqlstate};
 
 #[tokio::test]
@@ -224,4 +226,90 @@ async fn a_verifier_that_disagrees_with_pg_authid_is_reported_exactly() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(repaired, "rotation did not repair pass-through");
+}
+
+#[tokio::test]
+async fn strangers_wrong_guesses_never_refuse_the_right_password_from_elsewhere() {
+    let e = env(|_| {}).await;
+    let app = e.app(Default::default()).await;
+    let pooler = e.pooler.addr;
+    let stranger = std::net::IpAddr::from([127, 0, 0, 2]);
+    let mut throttled = 0;
+    for _ in 0..40 {
+        let err = crate::flood::connect_from(stranger, pooler, &e.config(&app.role, "guess"))
+            .await
+            .err()
+            .unwrap();
+        if sqlstate(&err) == "28000" {
+            assert!(message(&err).contains("too many failed login attempts"));
+            throttled += 1;
+        }
+    }
+    // Past the per-(role, address) limit (20) the stranger's address is refused...
+    assert_eq!(throttled, 20);
+    let err = crate::flood::connect_from(stranger, pooler, &e.config(&app.role, &app.password))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(sqlstate(&err), "28000", "even with the right password");
+    // ...and the app itself, from its own address, logs in and is answered.
+    let client = e.connect(&app).await;
+    client.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn parallel_guesses_are_counted_before_they_finish() {
+    let e = env(|_| {}).await;
+    let app = e.app(Default::default()).await;
+    let pooler = e.pooler.addr;
+    let guesser = std::net::IpAddr::from([127, 0, 0, 3]);
+    let guesses: Vec<_> = (0..100)
+        .map(|_| {
+            let config = e.config(&app.role, "guess");
+            tokio::spawn(async move {
+                crate::flood::connect_from(guesser, pooler, &config)
+                    .await
+                    .err()
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut tried = 0;
+    for g in guesses {
+        match sqlstate(&g.await.unwrap()).as_str() {
+            "28P01" => tried += 1,
+            "28000" => {}
+            other => panic!("{other}"),
+        }
+    }
+    // Each guess was recorded before its exchange: a hundred at once got no more
+    // than the limit's twenty answers.
+    assert_eq!(tried, 20);
+    e.connect(&app)
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_burst_of_right_logins_from_one_address_is_slowed_never_refused() {
+    let e = env(|_| {}).await;
+    let app = e
+        .app(LimitsPatch {
+            max_client_conn: Some(200),
+            ..Default::default()
+        })
+        .await;
+    // More logins at once than the per-(role, address) limit: they wait for each
+    // other's settling, and all get in.
+    let logins: Vec<_> = (0..60)
+        .map(|_| {
+            let config = e.config(&app.role, &app.password);
+            tokio::spawn(async move { dataplane_tests::connect(&config).await.map(|_| ()) })
+        })
+        .collect();
+    for l in logins {
+        l.await.unwrap().unwrap();
+    }
 }

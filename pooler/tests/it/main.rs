@@ -10,6 +10,7 @@ mod binary;
 mod common;
 mod desync;
 mod drain;
+mod flood;
 mod listen;
 mod login;
 mod metrics;

@@ -9,7 +9,6 @@ pub mod command;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,7 +18,8 @@ use super::tables::{self, Kind, Table};
 use crate::backend::params::ClientParams;
 use crate::control;
 use crate::frontdoor::{
-    Arrival, Proof, SessionError, encoded, fatal, password_failed, scram_exchange, write_within,
+    Arrival, Proof, SessionError, encoded, fatal, password_failed, refused_attempt, scram_exchange,
+    write_within,
 };
 use crate::metrics::{AuthResult, Limit};
 use crate::net::stream::Stream;
@@ -29,6 +29,7 @@ use crate::proto::frame::{self, Side};
 use crate::proto::frontend;
 use crate::registry::ClientIdent;
 use crate::shared::Shared;
+use crate::verifier::ScramSecret;
 
 /// Parameters announced when no server has reported the cluster's own yet.
 const FALLBACK_PARAMS: &[(&str, &str)] = &[
@@ -67,22 +68,25 @@ pub async fn serve(arrival: Arrival, shared: &Shared) -> Result<(), SessionError
         let message = "the admin console is disabled: no admin.user and verifier are configured";
         return fatal(&mut stream, refuse, message.into()).await;
     };
-    if user != admin_user {
-        let message = format!(
-            "role \"{user}\" may not use the admin console: only the pooler's admin role may \
-             connect to database \"{database}\""
-        );
-        return fatal(&mut stream, refuse, message).await;
-    }
-    if shared.limiter.throttled(user, peer.ip(), Instant::now()) {
-        shared.metrics.auth(AuthResult::Throttled);
-        let message = "too many failed login attempts; try again in a minute";
-        return fatal(&mut stream, refuse, message.into()).await;
-    }
+    let attempt = match shared.limiter.admit(user, peer.ip(), deadline).await {
+        Ok(a) => a,
+        Err(e) => return refused_attempt(&mut stream, shared, e).await,
+    };
+    // Any other name runs the same exchange against a mock verifier and fails the same
+    // way as a wrong admin password: the console never says which role is the admin.
+    let is_admin = user == admin_user;
+    let secret = if is_admin {
+        secret
+    } else {
+        ScramSecret::mock(user, &shared.mock_secret)
+    };
     let server_final = match scram_exchange(&mut stream, &mut buf, secret, deadline).await? {
-        Proof::Valid { server_final, .. } => server_final,
-        Proof::Invalid => {
-            shared.limiter.failed(user, peer.ip(), Instant::now());
+        Proof::Valid { server_final, .. } if is_admin => {
+            attempt.succeeded();
+            server_final
+        }
+        Proof::Valid { .. } | Proof::Invalid => {
+            attempt.failed();
             shared.metrics.auth(AuthResult::BadProof);
             tracing::info!(role = %user, "admin console authentication failed");
             return password_failed(&mut stream, user).await;

@@ -477,44 +477,29 @@ impl Rewriter<'_> {
 }
 
 /// The statement name of a lone `DEALLOCATE [PREPARE] name` (not `ALL`), as Postgres
-/// reads it: unquoted names fold to lower case.
+/// reads it: unquoted names fold to lower case. One pass of the lexer, which stops at
+/// the first token that rules it out.
 fn deallocated_name(text: &[u8]) -> Option<Vec<u8>> {
-    let text = text.trim_ascii();
-    let text = text.strip_suffix(b";").unwrap_or(text).trim_ascii_end();
-    let (word, rest) = split_word(text)?;
-    if !word.eq_ignore_ascii_case(b"DEALLOCATE") {
+    use state::lex::{Lexer, Token};
+    let mut tokens = Lexer::new(text).map(|l| l.token);
+    if !matches!(tokens.next(), Some(Token::Word(w)) if w.eq_ignore_ascii_case(b"DEALLOCATE")) {
         return None;
     }
-    let mut rest = rest.trim_ascii_start();
-    if let Some((word, after)) = split_word(rest) {
-        if word.eq_ignore_ascii_case(b"PREPARE") {
-            rest = after.trim_ascii_start();
-        }
+    let mut name = tokens.next()?;
+    if matches!(name, Token::Word(w) if w.eq_ignore_ascii_case(b"PREPARE")) {
+        name = tokens.next()?;
     }
-    if let Some(quoted) = rest.strip_prefix(b"\"").and_then(|r| r.strip_suffix(b"\"")) {
-        let mut name = Vec::with_capacity(quoted.len());
-        let mut bytes = quoted.iter().peekable();
-        while let Some(&b) = bytes.next() {
-            if b == b'"' && bytes.next_if_eq(&&b'"').is_none() {
-                return None;
-            }
-            name.push(b);
-        }
-        return Some(name);
+    // Nothing after the name but an optional `;`.
+    match (tokens.next(), tokens.next()) {
+        (None, None) | (Some(Token::Punct(b';')), None) => {}
+        _ => return None,
     }
-    let (word, after) = split_word(rest)?;
-    if !after.is_empty() || word.eq_ignore_ascii_case(b"ALL") {
-        return None;
+    match name {
+        Token::Word(w) if w.eq_ignore_ascii_case(b"ALL") => None,
+        Token::Word(w) => Some(w.to_ascii_lowercase()),
+        Token::Quoted(q) => Some(state::lex::undouble(q, b'"')),
+        _ => None,
     }
-    Some(word.to_ascii_lowercase())
-}
-
-fn split_word(text: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = text
-        .iter()
-        .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$'))
-        .unwrap_or(text.len());
-    (end > 0).then(|| text.split_at(end))
 }
 
 #[cfg(test)]

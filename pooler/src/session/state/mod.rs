@@ -1,6 +1,7 @@
 //! Session state a client may leave on its server, judged from a light look at the
-//! statements it sends (design.md point 8). No SQL parser: the first words of each
-//! statement, and a search for the advisory-lock and `set_config` functions.
+//! statements it sends (design.md point 8). No SQL parser: a lexer (lex.rs) and, in one
+//! pass over its tokens (classify.rs), the first words of each statement and the
+//! advisory-lock and `set_config` calls anywhere in it.
 //!
 //! The look only has to be safe, not exact. A statement that creates state that cannot
 //! follow the client to another server (an untracked `SET`, a temp table, SQL
@@ -18,6 +19,9 @@
 //! the transaction is over (notify/). A `LISTEN` the pooler cannot see (in a `DO` body)
 //! leaves a channel the check finds, and pins as before.
 
+mod calls;
+mod classify;
+pub(crate) mod lex;
 mod sql;
 mod window;
 pub use sql::{read_back_sql, reset_read_sql, state_left_sql};
@@ -174,10 +178,15 @@ pub struct Customs {
 
 /// Custom names remembered per client; more make every check report state.
 const MAX_CUSTOMS: usize = 32;
+/// The longest custom name remembered (two identifiers of PostgreSQL's 63 bytes and a
+/// dot, with room to spare); a longer one makes every check report state, so a client
+/// cannot make the pooler keep megabytes of names.
+const MAX_CUSTOM_NAME: usize = 160;
 
 impl Customs {
     fn note(&mut self, name: &[u8]) {
         let valid = !name.is_empty()
+            && name.len() <= MAX_CUSTOM_NAME
             && name
                 .iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'$'));
@@ -199,414 +208,54 @@ impl Customs {
 
 /// The effect of a statement text (a simple Query's, which may hold several
 /// statements, or a Parse's); custom parameters it may set are noted in `customs`.
+/// One pass of the lexer (lex.rs): linear in the text's length, whatever it holds.
 pub fn classify(sql: &[u8], customs: &mut Customs) -> Effect {
-    let mut effect = Effect::default();
-    // Every real statement starts at the text's start or after a `;`. Splitting on
-    // every `;`, quoted ones too, only adds false starts, and those can only pin.
-    for part in sql.split(|b| *b == b';') {
-        effect.merge(statement(part, customs));
-    }
-    effect.merge(functions(sql, customs));
-    effect
+    classify::classify_counted(sql, classify::Text::Whole, customs).0
 }
 
-fn statement(text: &[u8], customs: &mut Customs) -> Effect {
-    let mut words = Words::new(text);
-    let Some(first) = words.next() else {
-        return Effect::default();
-    };
-    // Every statement of every transaction comes through here: no allocation for the
-    // first word (keywords are short; a longer word is none of them).
-    let mut key = [0u8; 12];
-    let first = match key.get_mut(..first.len()) {
-        Some(k) => {
-            k.copy_from_slice(first);
-            k.make_ascii_uppercase();
-            &*k
-        }
-        None => &[],
-    };
-    match first {
-        b"SET" => set(&mut words, customs),
-        b"RESET" => match words.next().map(upper).as_deref() {
-            Some(b"ALL") => Effect::RESET_ALL,
-            Some(name) if is_tracked(name) => read_back(name),
-            _ => Effect::CHECK,
-        },
-        b"LISTEN" => Effect::LISTEN,
-        b"LOAD" => Effect::LOAD,
-        b"PREPARE" => match words.next().map(upper).as_deref() {
-            // Two-phase commit, not a prepared statement.
-            Some(b"TRANSACTION") => Effect::default(),
-            _ => Effect::PIN,
-        },
-        b"CREATE" => {
-            let temp = words
-                .take(3)
-                .map(upper)
-                .any(|w| w.as_slice() == b"TEMP" || w.as_slice() == b"TEMPORARY");
-            // `CREATE FUNCTION pg_temp.f`, `CREATE TABLE pg_temp.t`: temporary too.
-            if temp || find_ci(text, b"pg_temp") {
-                Effect::PIN
-            } else {
-                Effect::default()
-            }
-        }
-        b"DECLARE" => {
-            if contains_word_pair(text, b"WITH", b"HOLD") {
-                Effect::PIN
-            } else {
-                Effect::default()
-            }
-        }
-        b"DISCARD" => match words.next().map(upper).as_deref() {
-            Some(b"ALL") => Effect::DISCARD_ALL,
-            _ => Effect::CHECK,
-        },
-        b"UNLISTEN" => Effect::UNLISTEN,
-        b"DEALLOCATE" | b"CLOSE" | b"DROP" => Effect::CHECK,
-        b"DO" | b"CALL" => {
-            custom_sets(text, customs);
-            Effect::OPAQUE
-        }
-        // `SELECT ... INTO TEMP t` creates a temp table.
-        b"SELECT" | b"WITH"
-            if find_ci(text, b"temp") && contains_word_pair(text, b"INTO", b"TEMP") =>
-        {
-            Effect::PIN
-        }
-        _ => Effect::default(),
-    }
+/// The effect of a piece cut from the middle of a statement text (a window of one too
+/// long to hold whole): read without trusting any quote, since the piece may start
+/// inside one, and with every `SET app.x` noted, since it may lie in a `DO` body.
+/// Linear like [`classify`].
+pub fn classify_fragment(sql: &[u8], customs: &mut Customs) -> Effect {
+    classify::classify_counted(sql, classify::Text::Fragment, customs).0
 }
 
-/// `SET [SESSION | LOCAL] ...`.
-fn set(words: &mut Words<'_>, customs: &mut Customs) -> Effect {
-    let Some(mut word) = words.next().map(upper) else {
-        return Effect::default();
-    };
-    if word.as_slice() == b"LOCAL" {
-        // Gone at the end of the transaction.
-        return Effect::default();
-    }
-    if word.as_slice() == b"SESSION" {
-        match words.next().map(upper) {
-            // SET SESSION AUTHORIZATION, SET SESSION CHARACTERISTICS AS TRANSACTION.
-            Some(w) if w.as_slice() == b"AUTHORIZATION" || w.as_slice() == b"CHARACTERISTICS" => {
-                return Effect::PIN;
-            }
-            Some(w) => word = w,
-            None => return Effect::default(),
-        }
-    }
-    match word.as_slice() {
-        b"TRANSACTION" | b"CONSTRAINTS" => Effect::default(),
-        b"TIME" => read_back(b"TIMEZONE"),
-        b"NAMES" => read_back(b"CLIENT_ENCODING"),
-        b"SCHEMA" => read_back(b"SEARCH_PATH"),
-        name if is_tracked(name) => read_back(name),
-        name => {
-            // A custom parameter (`app.tenant`, `"app"."tenant"`): the check must know
-            // its name. The word stops at a quote, so a quoted part is read here.
-            if name.contains(&b'.') || name.starts_with(b"\"") {
-                match custom_name(name, words) {
-                    Some(full) => customs.note(&full),
-                    // `"work_mem"` is no custom name; a dotted one we cannot read is.
-                    None if name.contains(&b'.') => customs.unknown = true,
-                    None => {}
-                }
-            }
-            // SET ROLE, SET XML OPTION, any other parameter.
-            Effect::PIN
-        }
-    }
+/// The bytes [`classify`] and [`classify_fragment`] examine for `sql` (for the fuzz
+/// target's linearity check).
+pub fn classify_steps(sql: &[u8], customs: &mut Customs) -> u64 {
+    let mut fragment = customs.clone();
+    classify::classify_counted(sql, classify::Text::Whole, customs).1
+        + classify::classify_counted(sql, classify::Text::Fragment, &mut fragment).1
 }
 
-/// The dotted name of a custom parameter that starts with `first` (upper-cased by the
-/// caller), quotes removed, or `None` if it cannot be read with confidence.
-fn custom_name(first: &[u8], words: &mut Words<'_>) -> Option<Vec<u8>> {
-    let mut name = Vec::new();
-    let mut part = first;
-    loop {
-        let unquoted = match part.strip_prefix(b"\"") {
-            Some(inner) => inner.strip_suffix(b"\"")?,
-            None => part,
-        };
-        name.extend_from_slice(unquoted);
-        // A bare word swallowed its dots (`app.tenant`); a quoted one is followed by
-        // `.` and the next part.
-        if words.rest.first() == Some(&b'.') {
-            name.push(b'.');
-            words.rest = &words.rest[1..];
-            part = words.next()?;
-            continue;
-        }
-        break;
-    }
-    (name.contains(&b'.') && !name.ends_with(b".")).then_some(name)
+/// What a classifying pass learns (classify.rs, calls.rs), and the work it did beyond
+/// the lexer's.
+struct Out<'c> {
+    effect: Effect,
+    customs: &'c mut Customs,
+    steps: u64,
 }
 
-fn read_back(upper_name: &[u8]) -> Effect {
+/// A keyword, as SQL compares them.
+fn is(word: &[u8], keyword: &[u8]) -> bool {
+    word.eq_ignore_ascii_case(keyword)
+}
+
+fn read_back(name: &[u8]) -> Effect {
     let unreported = READ_BACK
         .iter()
-        .any(|n| n.as_bytes().eq_ignore_ascii_case(upper_name));
+        .any(|n| n.as_bytes().eq_ignore_ascii_case(name));
     Effect {
         read_back: unreported,
         ..Effect::default()
     }
 }
 
-fn is_tracked(upper_name: &[u8]) -> bool {
-    let name = upper_name
-        .strip_prefix(b"\"")
-        .and_then(|n| n.strip_suffix(b"\""))
-        .unwrap_or(upper_name);
+fn is_tracked(name: &[u8]) -> bool {
     TRACKED
         .iter()
         .any(|t| t.as_bytes().eq_ignore_ascii_case(name))
-}
-
-/// Session-level advisory locks and `set_config` can hide anywhere in a statement.
-fn functions(sql: &[u8], customs: &mut Customs) -> Effect {
-    let mut effect = Effect::default();
-    // Every name looked for has an underscore; most statements have none.
-    if !sql.contains(&b'_') {
-        return effect;
-    }
-    // pg_advisory_xact_lock is gone at commit; these hold past it (`_shared` too).
-    if find_ci(sql, b"pg_advisory_lock") || find_ci(sql, b"pg_try_advisory_lock") {
-        effect.merge(Effect::PROBE);
-    }
-    if find_ci(sql, b"advisory_unlock") {
-        effect.merge(Effect::CHECK);
-    }
-    let mut rest = sql;
-    while let Some(at) = find_ci_at(rest, b"set_config") {
-        rest = &rest[at + b"set_config".len()..];
-        effect.merge(set_config(rest, customs));
-    }
-    effect
-}
-
-/// One `set_config(name, value, is_local)` call; `args` is the text after the name.
-fn set_config(args: &[u8], customs: &mut Customs) -> Effect {
-    let Some(args) = args.trim_ascii_start().strip_prefix(b"(") else {
-        // Not a call (a column or a comment that names it): nothing happens.
-        return Effect::default();
-    };
-    let parts = arguments(args);
-    let name = parts.first().and_then(|a| string_literal(a));
-    let local = parts.get(2).is_some_and(|a| {
-        let a = a.trim_ascii();
-        [&b"true"[..], b"'true'", b"'t'", b"'on'"]
-            .iter()
-            .any(|t| a.eq_ignore_ascii_case(t))
-    });
-    if local {
-        // Gone at the end of the transaction, like SET LOCAL.
-        return Effect::default();
-    }
-    match name {
-        Some(name) if is_tracked(&name.to_ascii_uppercase()) => read_back(&name),
-        Some(name) => {
-            if name.contains(&b'.') {
-                customs.note(&name);
-            }
-            Effect::PROBE
-        }
-        // A name the pooler cannot read (a parameter, an expression): it may be
-        // tracked (read back) or custom (invisible to the check).
-        None => {
-            customs.unknown = true;
-            Effect {
-                read_back: true,
-                ..Effect::PROBE
-            }
-        }
-    }
-}
-
-/// The top-level arguments of a call, from just after its `(` to its `)`: split at
-/// commas outside quotes and parentheses.
-fn arguments(text: &[u8]) -> Vec<&[u8]> {
-    let mut parts = Vec::new();
-    let (mut depth, mut quote, mut start) = (0usize, None::<u8>, 0);
-    for (i, &b) in text.iter().enumerate() {
-        match quote {
-            Some(q) if b == q => quote = None,
-            Some(_) => {}
-            None => match b {
-                b'\'' | b'"' => quote = Some(b),
-                b'(' => depth += 1,
-                b')' if depth == 0 => {
-                    parts.push(&text[start..i]);
-                    return parts;
-                }
-                b')' => depth -= 1,
-                b',' if depth == 0 => {
-                    parts.push(&text[start..i]);
-                    start = i + 1;
-                }
-                _ => {}
-            },
-        }
-    }
-    parts.push(&text[start..]);
-    parts
-}
-
-/// The value of a plain `'...'` literal (with `''` for a quote, an optional cast after
-/// it), or `None` for anything else.
-fn string_literal(arg: &[u8]) -> Option<Vec<u8>> {
-    let inner = arg.trim_ascii().strip_prefix(b"'")?;
-    let mut value = Vec::new();
-    let mut i = 0;
-    while i < inner.len() {
-        if inner[i] == b'\'' {
-            if inner.get(i + 1) == Some(&b'\'') {
-                value.push(b'\'');
-                i += 2;
-                continue;
-            }
-            let after = inner[i + 1..].trim_ascii();
-            return (after.is_empty() || after.starts_with(b"::")).then_some(value);
-        }
-        value.push(inner[i]);
-        i += 1;
-    }
-    None
-}
-
-/// The words at the start of a statement: identifiers and keywords, after whitespace
-/// and comments; a quoted identifier is one word with its quotes.
-struct Words<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Words<'a> {
-    fn new(text: &'a [u8]) -> Self {
-        Words { rest: text }
-    }
-
-    fn skip_blank(&mut self) {
-        loop {
-            let trimmed = self.rest.trim_ascii_start();
-            if let Some(after) = trimmed.strip_prefix(b"--") {
-                let end = after
-                    .iter()
-                    .position(|b| *b == b'\n')
-                    .unwrap_or(after.len());
-                self.rest = &after[end..];
-            } else if let Some(after) = trimmed.strip_prefix(b"/*") {
-                let end = after
-                    .windows(2)
-                    .position(|w| w == b"*/")
-                    .map_or(after.len(), |p| p + 2);
-                self.rest = &after[end..];
-            } else {
-                self.rest = trimmed;
-                return;
-            }
-        }
-    }
-}
-
-impl<'a> Iterator for Words<'a> {
-    type Item = &'a [u8];
-
-    fn next(&mut self) -> Option<&'a [u8]> {
-        self.skip_blank();
-        let len = if self.rest.first() == Some(&b'"') {
-            self.rest[1..]
-                .iter()
-                .position(|b| *b == b'"')
-                .map_or(self.rest.len(), |p| p + 2)
-        } else {
-            self.rest
-                .iter()
-                .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_' || *b == b'.'))
-                .unwrap_or(self.rest.len())
-        };
-        if len == 0 {
-            return None;
-        }
-        let (word, rest) = self.rest.split_at(len);
-        self.rest = rest;
-        Some(word)
-    }
-}
-
-fn upper(word: &[u8]) -> Vec<u8> {
-    word.to_ascii_uppercase()
-}
-
-fn find_ci(haystack: &[u8], needle: &[u8]) -> bool {
-    find_ci_at(haystack, needle).is_some()
-}
-
-fn find_ci_at(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    // Candidates by their first byte, then the rest compared: this runs over the text
-    // of every statement.
-    let (&first, rest) = needle.split_first()?;
-    let (lower, upper) = (first.to_ascii_lowercase(), first.to_ascii_uppercase());
-    let last = haystack.len().checked_sub(needle.len())?;
-    (0..=last).find(|&i| {
-        (haystack[i] == lower || haystack[i] == upper)
-            && haystack[i + 1..i + needle.len()].eq_ignore_ascii_case(rest)
-    })
-}
-
-/// `a` followed (after blanks) by `b`, anywhere, case-insensitively.
-/// Notes the custom parameters a body may `SET` (`SET app.x = …` in PL/pgSQL): the
-/// state check can see them only by name. `SET LOCAL` is gone at commit; a name the
-/// pooler cannot read (quoted) makes every check report state (Customs).
-fn custom_sets(text: &[u8], customs: &mut Customs) {
-    let ident = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$' | b'.' | b'"');
-    let word = |t: &[u8]| -> usize { t.iter().take_while(|b| ident(**b)).count() };
-    let mut from = 0;
-    while let Some(at) = text.get(from..).and_then(|t| find_ci_at(t, b"set")) {
-        let at = from + at;
-        from = at + 3;
-        let before = at.checked_sub(1).and_then(|i| text.get(i)).copied();
-        let after = text.get(from..).unwrap_or_default();
-        if before.is_some_and(ident) || after.first().is_some_and(|b| ident(*b)) {
-            continue;
-        }
-        let mut rest = after.trim_ascii_start();
-        let mut name = &rest[..word(rest)];
-        if name.eq_ignore_ascii_case(b"LOCAL") {
-            continue;
-        }
-        if name.eq_ignore_ascii_case(b"SESSION") {
-            rest = rest[name.len()..].trim_ascii_start();
-            name = &rest[..word(rest)];
-        }
-        if name.contains(&b'.') {
-            customs.note(name);
-        }
-    }
-}
-
-fn contains_word_pair(text: &[u8], a: &[u8], b: &[u8]) -> bool {
-    let mut words = Words::new(text);
-    let mut previous: Option<&[u8]> = None;
-    loop {
-        // Skip over punctuation the word iterator does not take.
-        words.skip_blank();
-        let Some(word) = words.next() else {
-            match words.rest.split_first() {
-                Some((_, rest)) => {
-                    words.rest = rest;
-                    previous = None;
-                    continue;
-                }
-                None => return false,
-            }
-        };
-        if previous.is_some_and(|p| p.eq_ignore_ascii_case(a)) && word.eq_ignore_ascii_case(b) {
-            return true;
-        }
-        previous = Some(word);
-    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,12 @@ fn pins(sql: &str) -> bool {
     classify(sql.as_bytes()).pin
 }
 
+/// Pins, or (a `LISTEN`) moves the client's channels: either way the statement was seen.
+fn seen(sql: &str) -> bool {
+    let e = classify(sql.as_bytes());
+    e.pin || e.listen
+}
+
 #[test]
 fn state_that_cannot_follow_a_client_pins() {
     for sql in [
@@ -173,4 +179,192 @@ fn statements_that_may_remove_state_ask_for_a_check() {
         let e = classify(sql.as_bytes());
         assert!(e.check && !e.pin, "{sql}");
     }
+}
+
+#[test]
+fn quotes_comments_and_dollar_quotes_hide_nothing_and_invent_nothing() {
+    for sql in [
+        "SELECT 'a; LISTEN x'",
+        "SELECT $$; LISTEN x; $$",
+        "SELECT $t$ $$; LISTEN x; $$ $t$",
+        "SELECT 1 /* ; LISTEN x; /* nested */ ; LISTEN y */",
+        "SELECT \"a; LISTEN x\" FROM t",
+        "SELECT 'set_config(''app.x'', ''1'', false)', 'pg_advisory_lock(1)'",
+    ] {
+        let e = classify(sql.as_bytes());
+        assert!(e.is_none(), "{sql}: {e:?}");
+    }
+    for sql in [
+        // After a backslash in a string the pooler cannot know where the string ends
+        // (standard_conforming_strings, SJIS): every `;` may start a statement.
+        "SELECT 'a\\'; LISTEN x; --'",
+        "SELECT E'\\''; LISTEN x",
+        "SELECT E'\\' /* '; LISTEN x; -- */",
+        "SELECT 1 -- x\n; LISTEN x",
+        "SELECT * INTO TEMPORARY TABLE t FROM x",
+        "SELECT * INTO pg_temp.t FROM x",
+    ] {
+        assert!(seen(sql), "{sql}");
+    }
+}
+
+#[test]
+fn set_config_arguments_are_read_by_the_servers_rules() {
+    // A dollar-quoted value that looks like `, true)`: the call is session-level.
+    let mut customs = Customs::default();
+    let e = super::classify(
+        b"SELECT set_config('app.x', $$ , true) $$, false)",
+        &mut customs,
+    );
+    assert!(e.probe, "{e:?}");
+    assert_eq!(customs.names, ["app.x"]);
+    // A backslash in the value: where the value ends is unsure, so `true` is not
+    // trusted, but the name (read before it) is.
+    let mut customs = Customs::default();
+    let e = super::classify(
+        b"SELECT set_config('app.y', E'\\', true) --', true)",
+        &mut customs,
+    );
+    assert!(e.probe, "{e:?}");
+    assert_eq!(customs.names, ["app.y"]);
+    assert!(!customs.unknown);
+    // Calls inside calls, each read for itself.
+    let mut customs = Customs::default();
+    let e = super::classify(
+        b"SELECT set_config('app.a', set_config('app.b', 'v', true) || f(1, 2), false)",
+        &mut customs,
+    );
+    assert!(e.probe && !customs.unknown, "{e:?}");
+    assert_eq!(customs.names, ["app.a"]);
+    // After a backslash, a call whose name reads plainly is still noted by name.
+    let mut customs = Customs::default();
+    super::classify(
+        b"SELECT E'\\n'; SELECT set_config('app.z', 'v', true)",
+        &mut customs,
+    );
+    assert_eq!(customs.names, ["app.z"]);
+    assert!(!customs.unknown);
+}
+
+#[test]
+fn do_bodies_are_read_for_what_they_set() {
+    let mut customs = Customs::default();
+    let e = super::classify(
+        b"DO $body$ BEGIN PERFORM set_config('app.q', '1', false); \
+          EXECUTE 'SET app.r = 2'; END $body$",
+        &mut customs,
+    );
+    assert!(e.probe && e.read_back, "{e:?}");
+    assert_eq!(customs.names, ["app.q", "app.r"]);
+}
+
+/// What the classifier's passes (whole and fragment, together) cost per byte of text,
+/// at most, on any input: each byte is lexed once per pass, looked ahead at a few
+/// times, and compared with a few short names.
+const MAX_STEPS_PER_BYTE: u64 = 64;
+
+fn steps(sql: &[u8]) -> u64 {
+    let mut customs = Customs::default();
+    classify::classify_counted(sql, classify::Text::Whole, &mut customs).1
+        + classify::classify_counted(sql, classify::Text::Fragment, &mut customs).1
+}
+
+fn repeat(prefix: &str, unit: &str, suffix: &str, bytes: usize) -> Vec<u8> {
+    let mut text = prefix.as_bytes().to_vec();
+    while text.len() < bytes {
+        text.extend_from_slice(unit.as_bytes());
+    }
+    text.extend_from_slice(suffix.as_bytes());
+    text
+}
+
+/// The worst texts we could think of: each one once made some scan rescan the rest of
+/// the text per occurrence (issue 11: a megabyte of `set_config(` took 35 s).
+const ADVERSARIAL: &[(&str, &str, &str)] = &[
+    ("SELECT ", "set_config(", ""),
+    ("SELECT ", "set_config('a.b', ", ""),
+    ("SELECT ", "pg_catalog.set_config($1, ", ""),
+    ("SELECT ", "(", ""),
+    ("SELECT ", "((((set_config)))) ", ""),
+    ("SELECT '", "; SET a.b = 1 ", ""),
+    ("SELECT \"", "; LISTEN x ", ""),
+    ("SELECT 1 /*", " /* ; */ ", ""),
+    ("SELECT 1 --", " ; /* x ", ""),
+    ("SELECT $tag$", "$ta $tag $t$", ""),
+    ("SELECT $", "a", "$ $aaaa"),
+    ("SELECT '\\' ", "/* ; set_config('a.b', -- \" ", ""),
+    ("SELECT '\\' ", ";SET a.b.c", ""),
+    ("DO $$", " SET a.b SET SESSION set_config('x.y', ", "$$"),
+    ("DO '", "set_config('a", "'"),
+    ("SET ", "a.", ""),
+    ("SET SESSION \"", "\"\"", "\""),
+    ("CREATE ", "pg_tem", ""),
+    ("SELECT ", "set_configset_config", ""),
+    ("SELECT ", "advisory_locadvisory_unloc", ""),
+    ("", ";", ""),
+    ("DECLARE c ", "WITH WITH HOL ", ""),
+    ("SELECT x ", "INTO INTO INT ", ""),
+    ("SELECT ", "E'", ""),
+    ("SELECT ", "U&'a''b' ", ""),
+];
+
+#[test]
+fn classification_is_linear_in_the_text_on_adversarial_input() {
+    // A long dollar tag, and a body of near-misses of it.
+    let tag = "a".repeat(4000);
+    let near = format!("${} ", &tag[1..]);
+    let dollar = format!("SELECT ${tag}$");
+    let cases = ADVERSARIAL
+        .iter()
+        .copied()
+        .chain([(dollar.as_str(), near.as_str(), "")]);
+    for (prefix, unit, suffix) in cases {
+        let small = repeat(prefix, unit, suffix, 1 << 18);
+        let large = repeat(prefix, unit, suffix, 1 << 20);
+        let (s, l) = (steps(&small), steps(&large));
+        let label = format!("{prefix}{unit}…{suffix}");
+        assert!(
+            l <= MAX_STEPS_PER_BYTE * large.len() as u64,
+            "{label}: {l} steps for {} bytes",
+            large.len()
+        );
+        // Four times the text, at most a little over four times the work.
+        assert!(
+            l * 10 <= s * 45,
+            "{label}: {s} steps for {} bytes but {l} for {}",
+            small.len(),
+            large.len()
+        );
+    }
+}
+
+#[test]
+fn adversarial_input_is_classified_on_the_safe_side() {
+    // Four megabytes of the text that took 35 s per megabyte before.
+    let text = repeat("SELECT ", "set_config(", "", 4 << 20);
+    assert!(steps(&text) <= MAX_STEPS_PER_BYTE * text.len() as u64);
+    let mut customs = Customs::default();
+    let e = super::classify(&text, &mut customs);
+    assert!(e.probe && e.read_back && customs.unknown, "{e:?}");
+    let text = repeat("SELECT '\\' ", "/* ", "; LISTEN x", 1 << 20);
+    assert!(classify(&text).listen);
+    let text = repeat("SELECT '\\' ", "/* ", "; SET ROLE x", 1 << 20);
+    assert!(classify(&text).pin);
+}
+
+#[test]
+fn a_fragment_is_read_without_trusting_its_quotes() {
+    // Cut from inside a string: the quote that ends the string would open one for an
+    // exact reader, and hide what follows.
+    let mut customs = Customs::default();
+    let e = super::classify_fragment(
+        b"abc'; LISTEN x; SET ROLE r; SELECT set_config('app.f', 'v', false",
+        &mut customs,
+    );
+    assert!(e.listen && e.pin && e.probe, "{e:?}");
+    assert_eq!(customs.names, ["app.f"]);
+    // Cut from inside a DO body: its SETs are noted.
+    let mut customs = Customs::default();
+    super::classify_fragment(b" x := 1; SET app.g = 2; END $$", &mut customs);
+    assert_eq!(customs.names, ["app.g"]);
 }

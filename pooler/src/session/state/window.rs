@@ -14,7 +14,7 @@
 //! comment between them) in a text over `max_message_bytes` (README, "Limits and
 //! abuse").
 
-use super::{Customs, Effect, classify, custom_sets};
+use super::{Customs, Effect, classify_fragment};
 
 /// Bytes each window repeats from the one before.
 pub const OVERLAP: usize = 4 * 1024;
@@ -46,8 +46,7 @@ impl Windows {
             let keep = self.window.len().saturating_sub(OVERLAP);
             self.window.drain(..keep);
             self.window.extend_from_slice(piece);
-            effect.merge(classify(&self.window, customs));
-            custom_sets(&self.window, customs);
+            effect.merge(classify_fragment(&self.window, customs));
         }
         if last {
             // Nothing of it is kept: a long text costs its window only while it streams.
