@@ -206,3 +206,15 @@ pub async fn value(client: &tokio_postgres::Client, sql: &str) -> String {
         })
         .unwrap()
 }
+
+/// Waits for the pooler's books to settle (a client's task may still be finishing a
+/// step after the client got its answer). A hang guard of 30 s, never a measure.
+pub async fn eventually(what: &str, mut ok: impl AsyncFnMut() -> bool) {
+    for _ in 0..1500 {
+        if ok().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("never: {what}");
+}

@@ -13,7 +13,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_postgres::error::DbError;
 use tokio_postgres::{AsyncMessage, Notification};
 
-use crate::common::{App, Env, env, message, sqlstate, value, with_admin};
+use crate::common::{App, Env, env, eventually, message, sqlstate, value, with_admin};
 
 /// A hang guard, never a measure: everything here takes milliseconds.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -92,18 +92,6 @@ async fn notify(client: &tokio_postgres::Client, channel: &str, payload: &str) {
 
 fn config(e: &Env, app: &App) -> tokio_postgres::Config {
     e.config(&app.role, &app.password)
-}
-
-/// Waits for the pooler's books to settle (a client's task may still be finishing a
-/// step after the client got its answer).
-async fn eventually(what: &str, mut ok: impl AsyncFnMut() -> bool) {
-    for _ in 0..1500 {
-        if ok().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("never: {what}");
 }
 
 #[tokio::test]
