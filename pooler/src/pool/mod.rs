@@ -32,6 +32,7 @@ mod types;
 mod waiter;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -72,6 +73,9 @@ impl<S: Send + 'static> Clone for Pools<S> {
 struct Shared<S: Send + 'static> {
     state: Mutex<State<S>>,
     connector: Arc<dyn Connector<S>>,
+    /// Servers closed by the scheduler whose backends have yet to exit (each bounded by
+    /// the connector's close deadline).
+    closing: AtomicU32,
 }
 
 struct State<S: Send + 'static> {
@@ -173,6 +177,7 @@ impl<S: Send + 'static> Pools<S> {
                 share: None,
             }),
             connector,
+            closing: AtomicU32::new(0),
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
@@ -346,9 +351,11 @@ impl<S: Send + 'static> Pools<S> {
         servers
     }
 
-    /// Servers open or logging in, all roles.
+    /// Servers open, logging in, or closed but not yet gone from Postgres, all roles:
+    /// what this replica holds of the cluster's budget as Postgres counts it.
     pub fn servers(&self) -> u32 {
-        self.lock().sched.total_servers()
+        let open = self.lock().sched.total_servers();
+        open.saturating_add(self.shared.closing.load(Ordering::Acquire))
     }
 
     /// The replica's demand since the last call (see
@@ -502,7 +509,7 @@ impl<S: Send + 'static> Pools<S> {
                         reason,
                     } => {
                         tracing::debug!(server = server.index(), ?reason, "pool: closing server");
-                        drop(conn);
+                        self.close(conn);
                     }
                 }
             }
@@ -514,6 +521,18 @@ impl<S: Send + 'static> Pools<S> {
         } else {
             actions
         }
+    }
+
+    fn close(&self, conn: S) {
+        let Some(gone) = self.shared.connector.close(conn) else {
+            return;
+        };
+        self.shared.closing.fetch_add(1, Ordering::AcqRel);
+        let pools = self.clone();
+        tokio::spawn(async move {
+            gone.await;
+            pools.shared.closing.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 
     fn open(&self, server: ServerId, role: RoleId) {

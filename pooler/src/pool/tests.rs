@@ -490,3 +490,53 @@ async fn a_listener_server_is_outside_the_pool_size_but_inside_the_budget() {
     assert_eq!(p.stats().role("app_b").unwrap().listener, 0);
     assert!(fake.connects() >= 4);
 }
+
+/// A server whose backend takes its time to exit after it is closed.
+struct Lingering {
+    fake: Arc<Fake>,
+    exited: Arc<tokio::sync::Semaphore>,
+}
+
+impl Connector<Conn> for Lingering {
+    fn connect(&self, role: &str) -> BoxFuture<'static, Result<Conn, ConnectError>> {
+        self.fake.connect(role)
+    }
+
+    fn close(&self, conn: Conn) -> Option<BoxFuture<'static, ()>> {
+        let exited = Arc::clone(&self.exited);
+        Some(
+            async move {
+                let _ = exited.acquire().await.map(|p| p.forget());
+                drop(conn);
+            }
+            .boxed(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_closed_server_is_held_until_its_backend_has_gone() {
+    let fake = Arc::new(Fake::default());
+    let exited = Arc::new(tokio::sync::Semaphore::new(0));
+    let connector = Lingering {
+        fake: Arc::clone(&fake),
+        exited: Arc::clone(&exited),
+    };
+    let p = Pools::new(PoolConfig::default(), Arc::new(connector));
+    let a = p.checkout("app_a", LIMITS, WAIT).await.unwrap();
+    let b = p.checkout("app_a", LIMITS, WAIT).await.unwrap();
+    a.release();
+    b.release();
+    assert_eq!(p.servers(), 2);
+    // A smaller share closes both idle servers; a replica must not publish them as
+    // released while Postgres still counts their backends.
+    p.set_share(0);
+    sleep(Duration::from_millis(20)).await;
+    assert_eq!((fake.closed(), p.servers()), (0, 2));
+    exited.add_permits(1);
+    sleep(Duration::from_millis(20)).await;
+    assert_eq!((fake.closed(), p.servers()), (1, 1));
+    exited.add_permits(1);
+    sleep(Duration::from_millis(20)).await;
+    assert_eq!((fake.closed(), p.servers()), (2, 0));
+}

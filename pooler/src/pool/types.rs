@@ -12,6 +12,15 @@ use super::scheduler::{Counters, RoleConfig, SchedulerConfig};
 /// type so it can be tested without Postgres; `backend/` provides the real one.
 pub trait Connector<S>: Send + Sync + 'static {
     fn connect(&self, role: &str) -> BoxFuture<'static, Result<S, ConnectError>>;
+
+    /// Ends a server the scheduler closed. `Some`: the future resolves once the server
+    /// is really gone (its backend has exited), and until then the pool counts it as
+    /// held, so a replica never publishes as released a slot Postgres still counts.
+    /// `None`: dropping it was enough.
+    fn close(&self, conn: S) -> Option<BoxFuture<'static, ()>> {
+        drop(conn);
+        None
+    }
 }
 
 /// A failed login. Cloneable and opaque: the backend keeps its own typed error and

@@ -123,4 +123,38 @@ impl Connector<Box<ServerConn>> for PassThrough {
             }
         })
     }
+
+    fn close(&self, conn: Box<ServerConn>) -> Option<BoxFuture<'static, ()>> {
+        // The rest (its SHOW SERVERS entry among it) goes now; the socket stays open
+        // until the backend has gone, which Postgres shows by closing it.
+        let ServerConn { stream, .. } = *conn;
+        Some(Box::pin(terminate(stream)))
+    }
+}
+
+/// How long a closed server's backend gets to exit before the pool stops counting it.
+/// A backend exits within milliseconds of Terminate; this bounds one that hangs.
+const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Sends Terminate and waits, at most [`EXIT_WAIT`], for Postgres to close the
+/// connection: it does so only after the backend has left `pg_stat_activity` and
+/// freed its `max_connections` slot. Whatever the server still sends is discarded, at
+/// most [`DISCARD_LIMIT`] bytes of it.
+async fn terminate(mut stream: crate::net::stream::Stream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const DISCARD_LIMIT: usize = 64 * 1024;
+    let _ = tokio::time::timeout(EXIT_WAIT, async {
+        stream.write_all(&[b'X', 0, 0, 0, 4]).await?;
+        stream.flush().await?;
+        let mut sink = [0u8; 512];
+        let mut discarded = 0;
+        while discarded < DISCARD_LIMIT {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => discarded += n,
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
 }
