@@ -76,6 +76,17 @@ pub struct Config {
     pub session_listen: Option<SocketAddr>,
     /// HTTP `/healthz`, `/readyz`. Default `0.0.0.0:9930`.
     pub admin_listen: SocketAddr,
+    /// Connections the admin HTTP listener holds at once. One more takes the place of
+    /// the oldest connection of the address (an IPv6 /64) that holds the most, so a
+    /// flood of connections closes its own and probes and scrapes are still answered.
+    /// Takes a restart. Default 64.
+    pub admin_max_connections: usize,
+    /// How long the admin HTTP listener waits for a whole request head (and for the
+    /// next one on a kept-alive connection) before it closes the connection: a client
+    /// that trickles its headers (slowloris) holds nothing longer. Every connection
+    /// is closed after 30 s whatever it does (`admin::listener::CONNECTION_LIFETIME`).
+    /// Takes a restart. Default 5 s.
+    pub admin_header_timeout_ms: u64,
     /// Clients accepted at once over all ports; past it new clients get 53300.
     /// Default 10000.
     pub max_client_conn: usize,
@@ -309,6 +320,8 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 5432)),
             session_listen: None,
             admin_listen: SocketAddr::from(([0, 0, 0, 0], 9930)),
+            admin_max_connections: 64,
+            admin_header_timeout_ms: 5_000,
             max_client_conn: 10_000,
             max_server_connections: 40,
             default_pool_size: 5,
@@ -503,6 +516,7 @@ impl Config {
             ("auth_negative_cache_max", self.auth_negative_cache_max),
             ("auth_lookup_queue", self.auth_lookup_queue),
             ("auth_notify_queue", self.auth_notify_queue),
+            ("admin_max_connections", self.admin_max_connections),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be at least 1"));
@@ -518,6 +532,7 @@ impl Config {
             ("switch_quantum_ms", self.switch_quantum_ms),
             ("client_stall_timeout_ms", self.client_stall_timeout_ms),
             ("admin.pause_timeout_ms", self.admin.pause_timeout_ms),
+            ("admin_header_timeout_ms", self.admin_header_timeout_ms),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be greater than 0"));
@@ -606,6 +621,9 @@ impl Config {
     }
     pub fn client_login_timeout(&self) -> Duration {
         ms(self.client_login_timeout_ms)
+    }
+    pub fn admin_header_timeout(&self) -> Duration {
+        ms(self.admin_header_timeout_ms)
     }
     pub fn server_connect_timeout(&self) -> Duration {
         ms(self.server_connect_timeout_ms)

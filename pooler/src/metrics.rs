@@ -110,15 +110,22 @@ pub enum Limit {
     ClientStall,
     /// A client idle in a transaction past `idle_transaction_timeout_ms`.
     IdleTransaction,
+    /// An admin HTTP connection closed for a newer one past `admin_max_connections`.
+    AdminConnections,
+    /// An admin HTTP connection that sent no whole request head within
+    /// `admin_header_timeout_ms`.
+    AdminHeaderTimeout,
 }
 
 impl Limit {
-    const ALL: [Limit; 5] = [
+    const ALL: [Limit; 7] = [
         Limit::MessageTooLong,
         Limit::PreparedStatements,
         Limit::PreparedBytes,
         Limit::ClientStall,
         Limit::IdleTransaction,
+        Limit::AdminConnections,
+        Limit::AdminHeaderTimeout,
     ];
 
     fn label(self) -> &'static str {
@@ -128,6 +135,8 @@ impl Limit {
             Limit::PreparedBytes => "prepared_bytes",
             Limit::ClientStall => "client_stall",
             Limit::IdleTransaction => "idle_transaction",
+            Limit::AdminConnections => "admin_connections",
+            Limit::AdminHeaderTimeout => "admin_header_timeout",
         }
     }
 }
@@ -145,6 +154,8 @@ pub struct Metrics {
     auth: Vec<IntCounter>,
     /// Server logins refused because the verifier and `pg_authid` disagree.
     pub server_login_mismatches: IntCounter,
+    /// Server logins refused because the server did not prove it holds the verifier.
+    pub server_login_unverified: IntCounter,
     pub cancels: IntCounter,
     pub prepared_hits: IntCounter,
     pub prepared_misses: IntCounter,
@@ -215,6 +226,11 @@ impl Metrics {
             "server_login_mismatches_total",
             "Server logins refused because the credentials table's verifier differs from pg_authid.",
         )?;
+        let server_login_unverified = counter(
+            "server_login_unverified_total",
+            "Server logins refused because the server let the pooler in without proving it holds the role's \
+             verifier (no SASLFinal, a wrong signature, or no authentication at all).",
+        )?;
         let cancels = counter("cancels_total", "Cancel requests forwarded to Postgres.")?;
         let prepared = IntCounterVec::new(
             Opts::new(
@@ -281,6 +297,7 @@ impl Metrics {
             bytes_sent,
             auth,
             server_login_mismatches,
+            server_login_unverified,
             cancels,
             prepared_hits: prepared.with_label_values(&["hit"]),
             prepared_misses: prepared.with_label_values(&["miss"]),

@@ -41,6 +41,8 @@ pub const RESTART_KEYS: &[&str] = &[
     "listen",
     "session_listen",
     "admin_listen",
+    "admin_max_connections",
+    "admin_header_timeout_ms",
     "server_connect_timeout_ms",
     "tcp_keepalive_idle_ms",
     "tcp_keepalive_interval_ms",
@@ -78,6 +80,8 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
     new.listen = old.listen;
     new.session_listen = old.session_listen;
     new.admin_listen = old.admin_listen;
+    new.admin_max_connections = old.admin_max_connections;
+    new.admin_header_timeout_ms = old.admin_header_timeout_ms;
     new.server_connect_timeout_ms = old.server_connect_timeout_ms;
     new.tcp_keepalive_idle_ms = old.tcp_keepalive_idle_ms;
     new.tcp_keepalive_interval_ms = old.tcp_keepalive_interval_ms;
@@ -272,6 +276,8 @@ mod tests {
             listen: "127.0.0.1:1".parse().unwrap(),
             session_listen: Some("127.0.0.1:2".parse().unwrap()),
             admin_listen: "127.0.0.1:3".parse().unwrap(),
+            admin_max_connections: 1,
+            admin_header_timeout_ms: 1,
             server_connect_timeout_ms: 1,
             tcp_keepalive_idle_ms: 1,
             tcp_keepalive_interval_ms: 1,

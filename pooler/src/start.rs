@@ -226,15 +226,17 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         shared: shared.clone(),
     });
     // Up through the drain, so /readyz can say 503 while clients finish.
-    let mut admin_shutdown = shared.closing.clone();
-    tokio::spawn(async move {
-        let serve = axum::serve(admin_listener, admin_app).with_graceful_shutdown(async move {
-            let _ = admin_shutdown.changed().await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "admin listener failed");
-        }
-    });
+    let admin_limits = admin::listener::Limits {
+        max_connections: config.admin_max_connections,
+        header_timeout: config.admin_header_timeout(),
+    };
+    tokio::spawn(admin::listener::serve(
+        admin_listener,
+        admin_app,
+        admin_limits,
+        shared.metrics.clone(),
+        shared.closing.clone(),
+    ));
     tracing::info!(%addr, ?session_addr, %admin_addr, "pooler serving");
     Ok(Running {
         addr,

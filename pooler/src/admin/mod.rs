@@ -6,6 +6,7 @@
 //! network (probes, scrapes), never exposed to app namespaces.
 
 pub mod console;
+pub mod listener;
 pub mod tables;
 
 use std::sync::Arc;

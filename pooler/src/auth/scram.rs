@@ -290,7 +290,12 @@ pub struct ClientExchange {
 
 enum ClientState {
     AwaitingServerFirst,
-    AwaitingServerFinal { auth_message: String },
+    AwaitingServerFinal {
+        auth_message: String,
+    },
+    /// The server proved it holds the verifier's ServerKey: only now may a login
+    /// that AuthenticationOk ends be trusted.
+    Verified,
 }
 
 impl Drop for ClientExchange {
@@ -304,6 +309,7 @@ impl std::fmt::Debug for ClientExchange {
         let state = match self.state {
             ClientState::AwaitingServerFirst => "AwaitingServerFirst",
             ClientState::AwaitingServerFinal { .. } => "AwaitingServerFinal",
+            ClientState::Verified => "Verified",
         };
         f.debug_struct("ClientExchange")
             .field("state", &state)
@@ -394,10 +400,15 @@ impl ClientExchange {
     }
 
     /// Checks the server-final-message (AuthenticationSASLFinal): its `v=` must be
-    /// HMAC(ServerKey, AuthMessage), compared in constant time.
-    pub fn server_final(&self, server_final: &[u8]) -> Result<(), ScramError> {
-        let ClientState::AwaitingServerFinal { auth_message } = &self.state else {
-            return Err(ScramError::State("server_final before server_first"));
+    /// HMAC(ServerKey, AuthMessage), compared in constant time. Once it is, the
+    /// exchange is [`verified`](Self::verified); a second call is out of order.
+    pub fn server_final(&mut self, server_final: &[u8]) -> Result<(), ScramError> {
+        let auth_message = match &self.state {
+            ClientState::AwaitingServerFinal { auth_message } => auth_message,
+            ClientState::AwaitingServerFirst => {
+                return Err(ScramError::State("server_final before server_first"));
+            }
+            ClientState::Verified => return Err(ScramError::State("server_final called twice")),
         };
         let text = as_text(server_final)?;
         if let Some(error) = text.strip_prefix("e=") {
@@ -410,9 +421,16 @@ impl ClientExchange {
             decode_32(signature).ok_or(ScramError::Malformed("invalid server signature"))?;
         let expected = hmac(&self.server_key, &[auth_message.as_bytes()]);
         if bool::from(signature.ct_eq(&expected)) {
+            self.state = ClientState::Verified;
             Ok(())
         } else {
             Err(ScramError::ServerSignatureMismatch)
         }
+    }
+
+    /// Whether the server's signature was checked and matched. A server that says
+    /// AuthenticationOk before this has proved nothing: anyone can send it.
+    pub fn verified(&self) -> bool {
+        matches!(self.state, ClientState::Verified)
     }
 }

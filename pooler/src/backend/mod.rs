@@ -52,6 +52,13 @@ pub enum BackendError {
     VerifierMismatch { role: String, detail: String },
     #[error("SCRAM with Postgres failed: {0}")]
     Scram(ScramError),
+    /// What answered at Postgres's address let us in without proving that it holds
+    /// the role's verifier (its ServerKey): whatever it is, it is not to be trusted
+    /// with a client's queries.
+    #[error(
+        "role {role}: the server did not prove it holds the role's verifier ({reason}); refused"
+    )]
+    ServerUnverified { role: String, reason: &'static str },
     #[error("Postgres asked for {0} authentication; only SCRAM-SHA-256 can be passed through")]
     UnsupportedAuth(&'static str),
     #[error("timed out after {0:?} opening a server connection")]
@@ -70,6 +77,24 @@ impl BackendError {
             _ => false,
         }
     }
+
+    /// Whether the server failed to prove itself (see [`BackendError::ServerUnverified`]).
+    pub fn is_unverified_server(&self) -> bool {
+        matches!(self, BackendError::ServerUnverified { .. })
+    }
+}
+
+/// How far a login's authentication has come. The server must prove itself (a
+/// SASLFinal whose signature matches the verifier's ServerKey) before its
+/// AuthenticationOk counts: otherwise anything that answers at Postgres's address
+/// could skip the proof, say "Ok", and be handed a client's queries.
+enum Auth {
+    /// Nothing asked yet.
+    Start,
+    /// SCRAM under way; [`ClientExchange::verified`] once its SASLFinal checked out.
+    Scram(ClientExchange),
+    /// AuthenticationOk after a verified server.
+    Done,
 }
 
 /// The key Postgres gave a server connection, for cancelling its queries.
@@ -145,7 +170,7 @@ impl Target {
 
         let nonce =
             crate::auth::random_nonce().map_err(|e| BackendError::Protocol(e.to_string()))?;
-        let mut scram: Option<ClientExchange> = None;
+        let mut auth = Auth::Start;
         let mut key = None;
         let mut params = Vec::new();
         let mut out = BytesMut::new();
@@ -153,6 +178,9 @@ impl Target {
             let msg = read_message(&mut stream, &mut buf).await?;
             match msg {
                 Message::AuthenticationSasl(body) => {
+                    if !matches!(auth, Auth::Start) {
+                        return Err(BackendError::Protocol("a second AuthenticationSASL".into()));
+                    }
                     let mut mechanisms = body.mechanisms();
                     let mut has_scram = false;
                     while let Some(m) = fallible(mechanisms.next())? {
@@ -170,12 +198,12 @@ impl Target {
                         &exchange.client_first(),
                         &mut out,
                     )?;
-                    scram = Some(exchange);
+                    auth = Auth::Scram(exchange);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let exchange = scram
-                        .as_mut()
-                        .ok_or_else(|| BackendError::Protocol("SASLContinue before SASL".into()))?;
+                    let Auth::Scram(exchange) = &mut auth else {
+                        return Err(BackendError::Protocol("SASLContinue out of turn".into()));
+                    };
                     let reply = exchange.server_first(body.data()).map_err(|e| match e {
                         ScramError::VerifierMismatch { .. } => BackendError::VerifierMismatch {
                             role: keys.role.to_string(),
@@ -186,15 +214,32 @@ impl Target {
                     frontend::sasl_response(&reply, &mut out)?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let exchange = scram
-                        .as_ref()
-                        .ok_or_else(|| BackendError::Protocol("SASLFinal before SASL".into()))?;
-                    exchange
-                        .server_final(body.data())
-                        .map_err(BackendError::Scram)?;
+                    let Auth::Scram(exchange) = &mut auth else {
+                        return Err(BackendError::Protocol("SASLFinal out of turn".into()));
+                    };
+                    exchange.server_final(body.data()).map_err(|e| match e {
+                        ScramError::ServerSignatureMismatch => BackendError::ServerUnverified {
+                            role: keys.role.to_string(),
+                            reason: "its SASLFinal signature does not match the verifier",
+                        },
+                        other => BackendError::Scram(other),
+                    })?;
                 }
                 Message::AuthenticationOk => {
-                    // Trust auth would skip SCRAM; accepting it is the server's choice.
+                    let reason = match &auth {
+                        Auth::Scram(exchange) if exchange.verified() => None,
+                        Auth::Scram(_) => Some("AuthenticationOk without a SASLFinal"),
+                        // Trust (or an impostor): no proof of anything.
+                        Auth::Start => Some("AuthenticationOk without authentication"),
+                        Auth::Done => Some("a second AuthenticationOk"),
+                    };
+                    if let Some(reason) = reason {
+                        return Err(BackendError::ServerUnverified {
+                            role: keys.role.to_string(),
+                            reason,
+                        });
+                    }
+                    auth = Auth::Done;
                 }
                 Message::AuthenticationMd5Password(_) => {
                     return Err(BackendError::UnsupportedAuth("MD5"));
@@ -221,7 +266,7 @@ impl Target {
                         secret: body.secret_key(),
                     });
                 }
-                Message::ReadyForQuery(_) => break,
+                Message::ReadyForQuery(_) if matches!(auth, Auth::Done) => break,
                 Message::ErrorResponse(body) => return Err(server_error(&mut body.fields())),
                 Message::NoticeResponse(_) => {}
                 _ => {
@@ -321,3 +366,6 @@ pub async fn cancel(target: &Target, key: BackendKey) -> Result<(), BackendError
     let _ = tokio::time::timeout(Duration::from_secs(1), tcp.read(&mut sink)).await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -106,7 +106,14 @@ impl Connector<Box<ServerConn>> for PassThrough {
                     Ok(Box::new(server))
                 }
                 Err(e) => {
-                    if e.is_unavailable() {
+                    if e.is_unverified_server() {
+                        // Not Postgres as we know it, or a Postgres that lets anyone in:
+                        // never hand it a client. Backed off like an outage, so waiting
+                        // clients are refused at once instead of each trying again.
+                        tracing::error!(role = %role, error = %e, "server login refused");
+                        metrics.server_login_unverified.inc();
+                    }
+                    if e.is_unavailable() || e.is_unverified_server() {
                         backoff
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())

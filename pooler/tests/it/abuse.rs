@@ -456,15 +456,7 @@ async fn client_and_server_sockets_have_keepalive() {
     bin.assert_up().await;
 }
 
-// Attacks of items 3 to 6 (issue 11), for the branch that builds their defences to
-// add here with the same helpers (`setup`, `victim_answers`, `peak_rss_during`,
-// `Binary::metric`):
-// - item 3, quadratic input: a 1 MiB query of `set_config(` repeated; the victim's
-//   logins and `SELECT 1` keep being answered while it is classified;
-// - item 4, lock-out by strangers: 40 wrong passwords for the victim's role from
-//   127.0.0.2, then its right password from 127.0.0.1 logs in;
-// - item 5, lookup flood: startup packets naming thousands of random roles; the
-//   victim (cached) logs in, and a real role not yet cached too;
-// - item 6, NOTIFY flood: 100,000 `pg_notify('dataplane_auth', <bogus>)` in one
-//   statement, then a suspension through the provisioner disconnects the suspended
-//   app's client within a second or two.
+// Items 3 to 6 (classification, throttling, lookups, the NOTIFY channel), and the
+// admin HTTP listener, with the same helpers.
+mod floods;
+mod http;

@@ -24,9 +24,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The `pooler` binary cargo built with the tests, or `POOLER_BINARY` (a release build,
+/// to measure with the same tests).
+pub fn program() -> std::ffi::OsString {
+    std::env::var_os("POOLER_BINARY").unwrap_or_else(|| env!("CARGO_BIN_EXE_pooler").into())
+}
+
 impl Binary {
-    /// Starts the binary with the default configuration but for its addresses, the
-    /// test's database, and `extra` TOML lines; returns once `/readyz` says 200.
+    /// Starts the binary ([`program`]) with the default configuration but for its
+    /// addresses, the test's database, and `extra` TOML lines; returns once `/readyz`
+    /// says 200.
     pub async fn start(e: &Env, extra: &str, args: &[&str]) -> Binary {
         let (port, admin_port) = (free_port(), free_port());
         let dir = std::env::temp_dir().join(format!(
@@ -47,7 +54,7 @@ impl Binary {
             ),
         )
         .unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pooler"))
+        let child = tokio::process::Command::new(program())
             .arg("--config")
             .arg(&config)
             .args(args)

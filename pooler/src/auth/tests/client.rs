@@ -93,7 +93,13 @@ fn client_checks_the_server_signature() {
     );
     assert!(client.server_final(b"v=").is_err());
     assert!(client.server_final(b"x=1").is_err());
+    assert!(!client.verified(), "no failed check verifies the server");
     client.server_final(&server_final).unwrap();
+    assert!(client.verified());
+    assert_eq!(
+        client.server_final(&server_final),
+        Err(ScramError::State("server_final called twice"))
+    );
 }
 
 #[test]
