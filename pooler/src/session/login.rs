@@ -222,6 +222,7 @@ pub async fn login(
         pin: None,
         pending: Default::default(),
         customs: Default::default(),
+        listening: None,
         buf,
     })
 }

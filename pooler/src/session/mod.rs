@@ -4,6 +4,7 @@
 mod checkout;
 mod client;
 mod cursor;
+mod listen;
 mod login;
 pub mod park;
 pub mod prepared;

@@ -8,7 +8,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio_postgres::SimpleQueryMessage;
 
-use crate::common::{ADMIN_PASSWORD, ADMIN_USER, Env, env, message, sqlstate, with_admin};
+use crate::common::{
+    ADMIN_PASSWORD, ADMIN_USER, Env, env, eventually, message, sqlstate, with_admin,
+};
 
 /// The rows of a console command, each as column → text.
 async fn rows(console: &tokio_postgres::Client, sql: &str) -> Vec<HashMap<String, String>> {
@@ -55,16 +57,6 @@ async fn http(e: &Env, method: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
-}
-
-async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..250 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[tokio::test]
@@ -280,7 +272,7 @@ async fn pause_holds_new_transactions_until_resume() {
         let rows = later.simple_query("SELECT 42").await;
         (later, rows)
     });
-    until("the paused client to be counted as waiting", async || {
+    eventually("the paused client to be counted as waiting", async || {
         pool_row(&console, &app.role)
             .await
             .is_some_and(|r| r["cl_waiting"] == "1")
@@ -318,11 +310,11 @@ async fn kill_disconnects_a_roles_clients_and_closes_its_servers() {
         .simple_query(&format!("KILL {}", app.role))
         .await
         .unwrap();
-    until("the killed client to be disconnected", async || {
+    eventually("the killed client to be disconnected", async || {
         victim.is_closed()
     })
     .await;
-    until("the role's servers to close", async || {
+    eventually("the role's servers to close", async || {
         e.backends(&app.role).await == 0
     })
     .await;
@@ -372,7 +364,7 @@ async fn reload_lowers_a_pool_size_live_and_keeps_the_old_config_when_invalid() 
     let console = e.console().await;
     console.simple_query("RELOAD").await.unwrap();
     assert_eq!(e.pooler.shared.config().default_pool_size, 1);
-    until("the surplus servers to close", async || {
+    eventually("the surplus servers to close", async || {
         e.backends(&app.role).await == 1
     })
     .await;

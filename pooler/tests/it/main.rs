@@ -11,6 +11,7 @@ mod common;
 mod desync;
 mod drain;
 mod flood;
+mod listen;
 mod login;
 mod metrics;
 mod parking;

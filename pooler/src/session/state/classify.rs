@@ -166,7 +166,7 @@ impl<'a> Statement<'a> {
             }
             Head::Discard => {
                 out.effect.merge(match w {
-                    Some(w) if is(w, b"ALL") => Effect::RESET_ALL,
+                    Some(w) if is(w, b"ALL") => Effect::DISCARD_ALL,
                     _ => Effect::CHECK,
                 });
                 Head::Done
@@ -200,7 +200,7 @@ impl<'a> Statement<'a> {
             b"SET" => Head::Set,
             b"RESET" => Head::Reset,
             b"LISTEN" => {
-                out.effect.merge(Effect::PIN);
+                out.effect.merge(Effect::LISTEN);
                 Head::Done
             }
             b"LOAD" => {
@@ -217,7 +217,11 @@ impl<'a> Statement<'a> {
                 Head::Done
             }
             b"DISCARD" => Head::Discard,
-            b"UNLISTEN" | b"DEALLOCATE" | b"CLOSE" | b"DROP" => {
+            b"UNLISTEN" => {
+                out.effect.merge(Effect::UNLISTEN);
+                Head::Done
+            }
+            b"DEALLOCATE" | b"CLOSE" | b"DROP" => {
                 out.effect.merge(Effect::CHECK);
                 Head::Done
             }
