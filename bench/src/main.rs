@@ -11,6 +11,7 @@
 
 mod chart;
 mod fixture;
+mod listen;
 mod load;
 mod pgbench;
 mod procfs;
@@ -59,7 +60,7 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     targets: Vec<TargetKind>,
     /// Only these scenarios by key (a, a-pgbench, a-pgbench-prepared, b, c, d, e,
-    /// e-pgbench, f, g), comma-separated.
+    /// e-pgbench, f, g, h), comma-separated.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Only rewrite the Markdown and chart from a results JSON of an earlier run (into
@@ -114,6 +115,8 @@ fn run_main(args: &Args) -> anyhow::Result<()> {
             op_timeout_secs: 5,
             idle_clients: args.idle_clients.unwrap_or(500),
             idle_max_open_secs: 30,
+            listen_apps: 20,
+            listen_per_app: 5,
         }
     } else {
         Sizes {
@@ -122,6 +125,8 @@ fn run_main(args: &Args) -> anyhow::Result<()> {
             op_timeout_secs: 10,
             idle_clients: args.idle_clients.unwrap_or(10_000),
             idle_max_open_secs: 180,
+            listen_apps: 100,
+            listen_per_app: 10,
         }
     };
     let budget = Budget {
@@ -239,9 +244,10 @@ async fn run(
     );
     let tick = || progress.tick();
     let work_dir = tempfile::tempdir()?;
+    let admin = fixture.db.admin().await;
     let mut rows = Vec::new();
     for kind in kinds {
-        let mut running: Option<(Target, Budget)> = None;
+        let mut running: Option<(Target, (Budget, bool))> = None;
         let mut start_failed: Option<String> = None;
         for s in &scenarios {
             if let Some(why) = &start_failed {
@@ -249,15 +255,16 @@ async fn run(
                 progress.inc(1);
                 continue;
             }
-            // A scenario with a budget of its own (the hot app's pool) gets a process
-            // started with it, also under --one-process.
-            let wanted = s.budget(&budget);
+            // A scenario with a budget of its own (the hot app's pool, LISTEN's budget)
+            // or PgBouncer's session mode (LISTEN) gets a process started with it, also
+            // under --one-process.
+            let wanted = (s.budget(&budget), s.pgbouncer_session_mode());
             if let Some((t, _)) = running.take_if(|(_, b)| *b != wanted) {
                 t.stop().await;
             }
             if running.is_none() {
                 progress.set_message(format!("starting {}", kind.label()));
-                match start_healthy(kind, &fixture, &wanted, &bins).await {
+                match start_healthy(kind, &fixture, &wanted.0, &bins, wanted.1).await {
                     Ok(t) => running = Some((t, wanted)),
                     Err(e) => {
                         eprintln!("bench: {}: {e:#}", kind.label());
@@ -279,6 +286,7 @@ async fn run(
             };
             progress.set_message(format!("{}: ({}) {}", kind.label(), s.key, s.title));
             let cx = scenarios::Context {
+                admin: &admin,
                 fixture: &fixture,
                 target,
                 probe: &probe,
@@ -317,13 +325,15 @@ async fn run(
 }
 
 /// Starts a target and proves it serves one point select.
+/// `session`: PgBouncer in session mode.
 async fn start_healthy(
     kind: TargetKind,
     fixture: &Fixture,
     budget: &Budget,
     bins: &Binaries,
+    session: bool,
 ) -> anyhow::Result<Target> {
-    let target = Target::start(kind, fixture, budget, bins).await?;
+    let target = Target::start(kind, fixture, budget, bins, session).await?;
     let app = fixture.apps.first().context("no apps")?;
     let check = || async {
         let limit = Duration::from_secs(10);

@@ -254,8 +254,8 @@ fn goals_table(out: &mut String, rows: &[Row]) {
 fn results_table(out: &mut String, scenarios: &[Scenario], rows: &[Row]) {
     out.push_str(
         "| scenario | target | tps | p50 ms | p99 ms | p99.9 ms | errors | role tps min / mean | Jain \
-         | server logins | target CPU s / 1k tx | Postgres CPU s / 1k tx | target RSS MiB |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | server logins | servers held (h) | target CPU s / 1k tx | Postgres CPU s / 1k tx | target RSS MiB |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for s in scenarios {
         for r in rows.iter().filter(|r| r.scenario == s.key) {
@@ -271,7 +271,7 @@ fn results_table(out: &mut String, scenarios: &[Scenario], rows: &[Row]) {
             };
             let _ = writeln!(
                 out,
-                "| ({}) | {target} | {} | {p50} | {} | {} | {} | {roles} | {} | {} | {} | {} | {} |",
+                "| ({}) | {target} | {} | {p50} | {} | {} | {} | {roles} | {} | {} | {} | {} | {} | {} |",
                 s.key,
                 num(r.tps, 0),
                 num(r.p99_ms, 2),
@@ -279,6 +279,10 @@ fn results_table(out: &mut String, scenarios: &[Scenario], rows: &[Row]) {
                 r.errors,
                 num(r.jain, 3),
                 r.server_logins,
+                match (r.servers_max, r.listening_servers_max) {
+                    (Some(all), Some(listening)) => format!("{all} ({listening} listening)"),
+                    _ => "–".into(),
+                },
                 num(r.target_cpu_s_per_1k, 3),
                 num(r.postgres_cpu_s_per_1k, 3),
                 num(r.target_rss_kib.map(|k| k as f64 / 1024.0), 1),
@@ -444,6 +448,17 @@ pub fn markdown(meta: &Meta, scenarios: &[Scenario], rows: &[Row], chart: Option
            it passes or fails by timing: a Bind on a server where nobody prepared yet fails \
            (`does not exist`, and pgbench aborts that client); a Parse on a server that has one \
            logs `already exists` and goes on.\n\
+         - (h) LISTEN: each app's notifier sends `pg_notify` with its send time every 100 ms; \
+           every listening client records when each arrives. Both poolers get {listen_budget} \
+           server connections for it (the pooler may use half for listener servers, one per app \
+           with listeners); PgBouncer runs in session mode, the only mode where LISTEN works \
+           there, so each listening client needs a server of its own. `tps` counts deliveries, \
+           the latency is NOTIFY to client, and “servers held” is the most server connections \
+           the apps had at once (`pg_stat_activity`, every 200 ms), with how many of them \
+           listened (a session-mode server whose last statement was LISTEN, or the pooler's \
+           listener servers, named `dataplane-pooler LISTEN`); the rest are the pools' \
+           servers, idle ones included. Every app uses the same channel name, so a client that \
+           hears another app's notifications (no isolation) is counted apart.\n\
          - The load generator, the target and Postgres share the same {nproc} CPUs; compare rows \
            of one run, not across machines.\n",
         nproc = meta.nproc,
@@ -462,6 +477,7 @@ pub fn markdown(meta: &Meta, scenarios: &[Scenario], rows: &[Row], chart: Option
         duration = s.duration_secs,
         timeout = s.op_timeout_secs,
         nofile = meta.nofile,
+        listen_budget = crate::scenarios::LISTEN_BUDGET,
         process = if meta.fresh_process_per_scenario {
             "Each scenario runs against a freshly started pooler or PgBouncer."
         } else {

@@ -1,5 +1,5 @@
-//! The scenarios of issue 6, (a) to (g) plus pgbench, and how one run of a scenario
-//! against one target becomes a [`Row`] of numbers.
+//! The scenarios of issue 6, (a) to (g) plus pgbench, issue 13's (h) (LISTEN), and how
+//! one run of a scenario against one target becomes a [`Row`] of numbers.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,6 +9,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::fixture::Fixture;
+use crate::listen::{self, ListenOutcome, ListenPlan};
 use crate::load::{self, Group, Outcome, Plan, Workload};
 use crate::pgbench::{self, PgbenchRun};
 use crate::procfs::{Probe, Snapshot};
@@ -35,6 +36,11 @@ pub enum Shape {
         clients: usize,
     },
     Pgbench(PgbenchShape),
+    /// `per_app` listening clients and one notifier for each of `apps` apps (listen.rs).
+    Listen {
+        apps: usize,
+        per_app: usize,
+    },
 }
 
 /// A pgbench run: the same C client for every target, so differences are the target's.
@@ -69,10 +75,23 @@ impl Scenario {
                 server_connections: base.server_connections.max(*servers),
                 ..*base
             },
+            Shape::Listen { .. } => Budget {
+                server_connections: LISTEN_BUDGET,
+                ..*base
+            },
             _ => *base,
         }
     }
+
+    /// LISTEN works through PgBouncer in session mode only.
+    pub fn pgbouncer_session_mode(&self) -> bool {
+        matches!(self.shape, Shape::Listen { .. })
+    }
 }
+
+/// The budget of (h): a listener server for each of its apps and their notifiers'
+/// transactions. PgBouncer gets the same; it needs a server per listening client.
+pub const LISTEN_BUDGET: usize = 200;
 
 #[derive(Debug, Clone)]
 pub struct Scenario {
@@ -89,6 +108,19 @@ pub struct Sizes {
     pub op_timeout_secs: u64,
     pub idle_clients: usize,
     pub idle_max_open_secs: u64,
+    /// (h): apps, and listening clients per app.
+    #[serde(default = "default_listen_apps")]
+    pub listen_apps: usize,
+    #[serde(default = "default_listen_per_app")]
+    pub listen_per_app: usize,
+}
+
+fn default_listen_apps() -> usize {
+    100
+}
+
+fn default_listen_per_app() -> usize {
+    10
 }
 
 fn group(apps: std::ops::Range<usize>, clients: usize) -> Group {
@@ -189,6 +221,19 @@ pub fn all(sizes: &Sizes) -> Vec<Scenario> {
                 clients: sizes.idle_clients,
             },
         },
+        Scenario {
+            key: "h",
+            title: format!(
+                "LISTEN: {} listening clients over {} apps, a notifier per app (10/s), \
+                 budget {LISTEN_BUDGET}; latency is NOTIFY to client",
+                sizes.listen_apps * sizes.listen_per_app,
+                sizes.listen_apps
+            ),
+            shape: Shape::Listen {
+                apps: sizes.listen_apps,
+                per_app: sizes.listen_per_app,
+            },
+        },
     ]
 }
 
@@ -240,6 +285,15 @@ pub struct Row {
     /// (g) only.
     pub idle_opened: Option<usize>,
     pub idle_bytes_per_client: Option<f64>,
+    /// (h): the most server connections the apps held at once in the window, and of
+    /// them the most that were listening.
+    #[serde(default)]
+    pub servers_max: Option<u64>,
+    #[serde(default)]
+    pub listening_servers_max: Option<u64>,
+    /// (h): notifications a client got from another app's sessions.
+    #[serde(default)]
+    pub foreign_notifications: Option<u64>,
     pub note: Option<String>,
     /// How long the whole run of this scenario took, logins and draining included.
     pub run_secs: f64,
@@ -336,8 +390,47 @@ fn closed_row(mut row: Row, outcome: Outcome, fairness: Option<Fairness>, probe:
     row
 }
 
+/// (h): deliveries per second as tps, their latency, the servers the apps held.
+fn listen_row(mut row: Row, o: ListenOutcome, probe: &Probe) -> Row {
+    let secs = o
+        .after
+        .at
+        .duration_since(o.before.at)
+        .as_secs_f64()
+        .max(1e-9);
+    let h = &o.latency_us;
+    if !h.is_empty() {
+        row.mean_ms = Some(h.mean() / 1000.0);
+        row.p50_ms = Some(ms(h.value_at_quantile(0.5)));
+        row.p99_ms = Some(ms(h.value_at_quantile(0.99)));
+        row.p999_ms = Some(ms(h.value_at_quantile(0.999)));
+    }
+    row.transactions = o.delivered;
+    row.tps = Some(o.delivered as f64 / secs);
+    row.servers_max = o.servers_max;
+    row.listening_servers_max = o.listening_servers_max;
+    row.foreign_notifications = Some(o.foreign);
+    let shown = |v: Option<u64>| v.map_or("–".into(), |n| n.to_string());
+    row.note = Some(format!(
+        "{} of {} clients listening; {} of {} notifications owed in the window delivered; \
+         {} deliveries of other apps' notifications; at most {} server connections for the \
+         apps, {} of them listening; tps counts deliveries",
+        o.listening,
+        o.listeners,
+        o.delivered,
+        o.owed,
+        o.foreign,
+        shown(o.servers_max),
+        shown(o.listening_servers_max),
+    ));
+    common(&mut row, probe, &o.before, &o.after);
+    (row.errors, row.error_kinds) = top_errors(o.errors);
+    row
+}
+
 /// What a scenario run needs besides the scenario.
 pub struct Context<'a> {
+    pub admin: &'a tokio_postgres::Client,
     pub fixture: &'a Fixture,
     pub target: &'a Target,
     pub probe: &'a Probe,
@@ -416,6 +509,26 @@ async fn run_shape(scenario: &Scenario, cx: &Context<'_>) -> anyhow::Result<Row>
             row.target_rss_kib = outcome.rss_after_kib;
             (row.errors, row.error_kinds) = top_errors(outcome.errors);
             Ok(row)
+        }
+        Shape::Listen { apps, per_app } => {
+            if cx.target.kind == TargetKind::Direct {
+                return Ok(Row {
+                    note: Some(format!(
+                        "not run: {} backends, one per client, past the cluster's max_connections",
+                        apps * (per_app + 1)
+                    )),
+                    ..row
+                });
+            }
+            let plan = ListenPlan {
+                apps: *apps,
+                per_app: *per_app,
+                warmup: Duration::from_secs_f64(cx.sizes.warmup_secs),
+                duration: Duration::from_secs_f64(cx.sizes.duration_secs),
+                op_timeout,
+            };
+            let o = listen::run(&plan, &configs, cx.admin, cx.probe, cx.tick).await?;
+            Ok(listen_row(row, o, cx.probe))
         }
         Shape::Pgbench(shape) => {
             let app = match shape.hot {

@@ -73,11 +73,13 @@ pub struct Target {
 }
 
 impl Target {
+    /// `session`: PgBouncer in session mode (for LISTEN), else transaction mode.
     pub async fn start(
         kind: TargetKind,
         fixture: &Fixture,
         budget: &Budget,
         bins: &Binaries,
+        session: bool,
     ) -> anyhow::Result<Target> {
         match kind {
             TargetKind::Direct => Ok(Target {
@@ -90,7 +92,7 @@ impl Target {
             }),
             TargetKind::Pooler => start_pooler(fixture, budget, &bins.pooler).await,
             TargetKind::Pgbouncer => match &bins.pgbouncer {
-                Some(bin) => start_pgbouncer(fixture, budget, bin).await,
+                Some(bin) => start_pgbouncer(fixture, budget, bin, session).await,
                 None => bail!("pgbouncer is not installed (bench/setup installs it)"),
             },
         }
@@ -175,6 +177,7 @@ async fn start_pooler(fixture: &Fixture, budget: &Budget, bin: &Path) -> anyhow:
          max_server_connections = {budget_conns}\n\
          default_pool_size = {pool}\n\
          query_wait_timeout_ms = {wait}\n\
+         max_listener_servers = {listeners}\n\
          [upstream]\n\
          host = \"{host}\"\nport = {pg_port}\ndbname = \"{db}\"\nauth_user = \"dp_pooler\"\n\
          [client_tls]\nmode = \"disable\"\n",
@@ -182,6 +185,8 @@ async fn start_pooler(fixture: &Fixture, budget: &Budget, bin: &Path) -> anyhow:
         budget_conns = budget.server_connections,
         pool = budget.pool_size,
         wait = budget.query_wait_timeout_secs * 1000,
+        // Half the budget for LISTEN servers: (h) has one per app.
+        listeners = (budget.server_connections / 2).max(1),
         host = cluster.host(),
         pg_port = cluster.port(),
         db = fixture.db.db,
@@ -234,7 +239,12 @@ where
     Ok(target)
 }
 
-async fn start_pgbouncer(fixture: &Fixture, budget: &Budget, bin: &Path) -> anyhow::Result<Target> {
+async fn start_pgbouncer(
+    fixture: &Fixture,
+    budget: &Budget,
+    bin: &Path,
+    session: bool,
+) -> anyhow::Result<Target> {
     let as_postgres = rustix::process::geteuid().is_root();
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
@@ -257,7 +267,7 @@ async fn start_pgbouncer(fixture: &Fixture, budget: &Budget, bin: &Path) -> anyh
          auth_file = {userlist}\n\
          auth_user = dp_pooler\n\
          auth_query = SELECT role_name, scram_verifier FROM dataplane_auth.lookup($1)\n\
-         pool_mode = transaction\n\
+         pool_mode = {mode}\n\
          max_client_conn = {max_client}\n\
          default_pool_size = {pool}\n\
          max_db_connections = {budget_conns}\n\
@@ -270,6 +280,7 @@ async fn start_pgbouncer(fixture: &Fixture, budget: &Budget, bin: &Path) -> anyh
         pool = budget.pool_size,
         budget_conns = budget.server_connections,
         wait = budget.query_wait_timeout_secs,
+        mode = if session { "session" } else { "transaction" },
     );
     let path = dir.path().join("pgbouncer.ini");
     fs::write(&path, ini)?;

@@ -49,7 +49,7 @@ fn quick_run_completes_and_writes_numbers() {
         serde_json::from_str(&std::fs::read_to_string(out.path().join("quick.json")).unwrap())
             .unwrap();
     let rows = json["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 3 * 10, "a row per target and scenario");
+    assert_eq!(rows.len(), 3 * 11, "a row per target and scenario");
     let mut targets = vec!["pooler", "direct"];
     if pgbouncer_installed() {
         targets.push("pgbouncer");
@@ -95,6 +95,18 @@ fn quick_run_completes_and_writes_numbers() {
     assert!(
         idle["idle_opened"].as_u64().is_some_and(|n| n > 0),
         "{idle}"
+    );
+
+    // (h): notifications arrive through the pooler, a latency is measured, the servers
+    // held are counted, and no app hears another's.
+    let listen = row(rows, "pooler", "h");
+    assert!(listen["tps"].as_f64().is_some_and(|t| t > 0.0), "{listen}");
+    assert!(listen["p99_ms"].as_f64().is_some(), "{listen}");
+    assert!(listen["servers_max"].as_u64().is_some(), "{listen}");
+    assert_eq!(
+        listen["foreign_notifications"].as_u64(),
+        Some(0),
+        "{listen}"
     );
 
     let md = std::fs::read_to_string(out.path().join("quick.md")).unwrap();

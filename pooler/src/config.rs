@@ -191,10 +191,25 @@ pub struct Config {
     /// Default 10 s.
     pub tcp_keepalive_interval_ms: u64,
     /// Clients of one role that may be pinned to a server at once by session state
-    /// (LISTEN, temp tables, advisory locks, SQL PREPARE, SET ROLE, untracked SET).
+    /// (temp tables, advisory locks, SQL PREPARE, SET ROLE, untracked SET; LISTEN does
+    /// not pin, see `max_listener_servers`).
     /// Unset: half the role's pool size, at least 1. Past it the client gets an error
     /// that points to session mode.
     pub max_pinned_per_role: Option<usize>,
+    /// LISTEN in transaction mode: each app role with listening clients gets one
+    /// listener server (outside its pool_size, inside `max_server_connections`) that
+    /// listens on the union of their channels. At most this many such servers exist at
+    /// once; a client whose LISTEN would need one more gets 53400 and is disconnected.
+    /// Unset: a quarter of `max_server_connections`, at least 1.
+    pub max_listener_servers: Option<usize>,
+    /// Channels one client may LISTEN on at once in transaction mode; a transaction
+    /// that leaves it with more ends the session with 53400. Default 100.
+    pub max_client_listen_channels: usize,
+    /// Notifications waiting for one client (a busy or slow one) at most, in bytes
+    /// (with 64 bytes per notification for the bookkeeping); a client past it is not
+    /// reading and is disconnected with 53400. At least 16384 (one notification of
+    /// Postgres' 8000-byte maximum always fits). Default 1048576.
+    pub max_client_notification_bytes: usize,
     /// Per-role series on `/metrics` (clients, servers, transactions by role). Off by
     /// default: thousands of apps would make thousands of series. Default false.
     pub metrics_per_role: bool,
@@ -342,6 +357,9 @@ impl Default for Config {
             tcp_keepalive_idle_ms: 60_000,
             tcp_keepalive_interval_ms: 10_000,
             max_pinned_per_role: None,
+            max_listener_servers: None,
+            max_client_listen_channels: 100,
+            max_client_notification_bytes: 1 << 20,
             log_level: "info".into(),
             worker_threads: 0,
             metrics_per_role: false,
@@ -398,6 +416,10 @@ impl Default for ServerTls {
 /// The smallest `max_message_bytes`: every short message of the protocol
 /// (`PQ_SMALL_MESSAGE_LIMIT`, libpq's 30000 for backend short messages) must fit.
 pub const MIN_MESSAGE_BYTES: usize = 32 * 1024;
+
+/// The smallest `max_client_notification_bytes`: a NotificationResponse with
+/// Postgres' largest payload (8000 bytes) and channel, plus its bookkeeping, fits.
+pub const MIN_NOTIFICATION_BYTES: usize = 16 * 1024;
 
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
@@ -468,6 +490,17 @@ impl Config {
         }
         if self.tcp_keepalive_idle_ms > 0 && self.tcp_keepalive_interval_ms == 0 {
             return bad("tcp_keepalive_interval_ms must be greater than 0".into());
+        }
+        if self.max_listener_servers == Some(0) || self.max_client_listen_channels == 0 {
+            return bad(
+                "max_listener_servers and max_client_listen_channels must be at least 1".into(),
+            );
+        }
+        if self.max_client_notification_bytes < MIN_NOTIFICATION_BYTES {
+            return bad(format!(
+                "max_client_notification_bytes must be at least {MIN_NOTIFICATION_BYTES}, so that one \
+                 notification of the largest size fits"
+            ));
         }
         for (name, v) in [
             (
@@ -552,6 +585,12 @@ impl Config {
             return bad(format!("log_level {:?}: {e}", self.log_level));
         }
         self.admin.validate()
+    }
+
+    /// How many roles may have a listener server at once.
+    pub fn max_listener_servers(&self) -> usize {
+        self.max_listener_servers
+            .unwrap_or((self.max_server_connections / 4).max(1))
     }
 
     /// What this replica registers as its address for forwarded cancels: the
@@ -718,6 +757,23 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+        for c in [
+            Config {
+                max_listener_servers: Some(0),
+                ..Config::default()
+            },
+            Config {
+                max_client_listen_channels: 0,
+                ..Config::default()
+            },
+            Config {
+                max_client_notification_bytes: 1000,
+                ..Config::default()
+            },
+        ] {
+            assert!(c.validate().is_err());
+        }
+        assert_eq!(Config::default().max_listener_servers(), 10);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //!   login throttling;
 //! - [`backend`]: server connections: log in *as the app's role* with its ClientKey
 //!   (SCRAM pass-through), what a server reports and what is prepared on it;
+//! - [`notify`]: LISTEN in transaction mode: one listener server per role with
+//!   listening clients, their inboxes, and the sender check that keeps apps apart;
 //! - [`replicas`]: several pooler replicas acting as one through a registry in
 //!   Postgres: this replica's share of the cluster's budget, cancel forwarding;
 //! - [`shared`]: what every client task shares: per-role state, cancel keys, the
@@ -45,6 +47,7 @@ pub mod metrics;
 pub mod net;
 pub mod auth;
 pub mod backend;
+pub mod notify;
 pub mod replicas;
 pub mod shared;
 pub mod limits;

@@ -162,6 +162,15 @@ pub struct Metrics {
     pub checkout_timeouts: IntCounter,
     errors: IntCounterVec,
     limits: Vec<IntCounter>,
+    /// Notifications queued for clients by their role's listener (one per client).
+    pub notifications_delivered: IntCounter,
+    /// Notifications dropped because a session of another role (or of none the pooler
+    /// could find) sent them.
+    pub notifications_dropped: IntCounter,
+    /// Clients disconnected because they did not read their notifications.
+    pub notification_overflows: IntCounter,
+    /// Listener servers lost (and logged in again while clients listen).
+    pub listener_losses: IntCounter,
 }
 
 fn name(short: &str) -> String {
@@ -255,6 +264,24 @@ impl Metrics {
             .iter()
             .map(|l| limits_vec.with_label_values(&[l.label()]))
             .collect();
+        let notifications = IntCounterVec::new(
+            Opts::new(
+                name("notifications_total"),
+                "LISTEN notifications: delivered (queued for a client, one per client), or \
+                 dropped (sent by a session of another role).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(notifications.clone()))?;
+        let notification_overflows = counter(
+            "notification_overflows_total",
+            "Clients disconnected because they did not read their notifications \
+             (max_client_notification_bytes).",
+        )?;
+        let listener_losses = counter(
+            "listener_losses_total",
+            "Listener servers lost; each was logged in again while its clients listened.",
+        )?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -277,6 +304,10 @@ impl Metrics {
             checkout_timeouts,
             errors,
             limits,
+            notifications_delivered: notifications.with_label_values(&["delivered"]),
+            notifications_dropped: notifications.with_label_values(&["dropped"]),
+            notification_overflows,
+            listener_losses,
             registry,
         })
     }
@@ -389,7 +420,7 @@ impl Metrics {
         for state in ["active", "waiting", "idle"] {
             add(&clients, Some(state), "", 0);
         }
-        for state in ["active", "idle", "connecting"] {
+        for state in ["active", "idle", "connecting", "listener"] {
             add(&servers, Some(state), "", 0);
         }
         if !self.per_role {
@@ -400,6 +431,7 @@ impl Metrics {
             add(&servers, Some("active"), &p.role, i64::from(p.active));
             add(&servers, Some("idle"), &p.role, i64::from(p.idle));
             add(&servers, Some("connecting"), &p.role, i64::from(p.opening));
+            add(&servers, Some("listener"), &p.role, i64::from(p.listener));
             add(&clients, Some("active"), &p.role, i64::from(p.active));
             add(&clients, Some("waiting"), &p.role, i64::from(p.waiting));
             if let Some(r) = by_name.get(&*p.role) {

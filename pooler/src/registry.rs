@@ -84,6 +84,12 @@ impl<T> Registry<T> {
         self.len() == 0
     }
 
+    /// The first answer `f` gives for an entry, looked for under the lock without
+    /// copying the map (for small registries, such as the servers').
+    pub fn find_map<R>(&self, f: impl FnMut(&T) -> Option<R>) -> Option<R> {
+        self.lock().values().map(|e| &**e).find_map(f)
+    }
+
     /// Calls `f` on every entry, under the map's lock: for a periodic look at all
     /// clients without copying them out. `f` must be quick and must not register.
     pub fn for_each(&self, mut f: impl FnMut(&T)) {
@@ -310,6 +316,18 @@ pub struct ServerInfo {
     pub local: Option<SocketAddr>,
     /// TLS version and cipher, empty for plaintext.
     pub tls: String,
+    /// Held by its role's LISTEN multiplexer rather than by the role's clients.
+    pub listener: std::sync::atomic::AtomicBool,
+}
+
+impl ServerInfo {
+    pub fn mark_listener(&self) {
+        self.listener.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_listener(&self) -> bool {
+        self.listener.load(Ordering::Relaxed)
+    }
 }
 
 /// Ids of server connections, for `SHOW SERVERS` and the `link` columns.

@@ -22,6 +22,8 @@ use crate::limits::{OpenFilesError, pool_config};
 use crate::metrics::Metrics;
 use crate::net::park::Lot;
 use crate::net::{self, Tracker, tls};
+use crate::notify::Hub;
+use crate::notify::senders::{PgStatActivity, Senders};
 use crate::pool::Pools;
 use crate::replicas::Replicas;
 use crate::session;
@@ -101,7 +103,7 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         config.auth_pool_size,
     );
     let roles = Arc::new(Roles::default());
-    let servers = Arc::default();
+    let servers: Arc<crate::registry::Registry<crate::registry::ServerInfo>> = Arc::default();
     let metrics = Arc::new(Metrics::new(
         config.metrics_per_role,
         config.metrics_max_roles,
@@ -165,16 +167,24 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         mock_secret,
         client_tls: ArcSwapOption::from_pointee(client_tls),
         clients: roles.clients.clone(),
-        servers,
+        servers: servers.clone(),
         pause: Default::default(),
         shutdown: shutdown_rx.clone(),
         shutdown_requested: watch::Sender::new(false),
         hooks,
         reloading: Default::default(),
         closing: closing_rx,
-        metrics,
+        metrics: metrics.clone(),
         tasks: Tracker::default(),
         lot: Lot::start(),
+        notify: Hub::new(
+            pools.clone(),
+            Arc::new(Senders::new(
+                servers.clone(),
+                Arc::new(PgStatActivity(cache.clone())),
+            )),
+            metrics.clone(),
+        ),
     });
 
     // A notification naming a role with clients here matters even when its cache entry

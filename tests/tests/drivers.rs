@@ -12,6 +12,10 @@
 //! `.ci/install-deps` puts them (`target/driver-env/`, PgJDBC from Debian); when one is
 //! missing the test fails and says to run it.
 //!
+//! The LISTEN scenarios (`*_listen`): each driver's own way of listening, through the
+//! transaction port, with 50 listening clients of one app while others run transactions
+//! and a second app listens on the same channel names (see the scripts' headers).
+//!
 //! `DP_DRIVERS_DIRECT=1` points the scripts at Postgres instead of the pooler, to tell a
 //! script's bug from the pooler's.
 
@@ -73,6 +77,42 @@ async fn node_postgres_named_queries() {
     let cmd = node("named_queries.js");
     Matrix::start().await.run(cmd).await;
 }
+
+// LISTEN through the transaction port (tests/drivers/*/listen scripts): 50 listening
+// clients of one app beside clients running transactions, and a second app on the same
+// channel names. Each notification arrives exactly once, in order per sender, only at
+// its own app's listeners; the app has at most pool_size + 1 servers all along.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_listen() {
+    let cmd = node("listen.js");
+    Matrix::start().await.run_listen(cmd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_listen() {
+    let cmd = python("psycopg_listen.py", &[]);
+    Matrix::start().await.run_listen(cmd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_listen() {
+    let cmd = python("asyncpg_listen.py", &[]);
+    Matrix::start().await.run_listen(cmd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_listen() {
+    let jar = installed(PathBuf::from(JDBC_JAR));
+    let mut cmd = Command::new("java");
+    cmd.arg("-cp")
+        .arg(jar)
+        .arg(drivers_dir().join("java/PgJdbcListen.java"));
+    Matrix::start().await.run_listen(cmd).await;
+}
+
+/// Listening clients of the first app in the LISTEN scenarios.
+const LISTENERS: u32 = 50;
 
 /// Two apps with `pool_size = 2` behind their own pooler, each with the scripts' tables.
 struct Matrix {
@@ -170,6 +210,58 @@ impl Matrix {
                 app.role
             );
         }
+    }
+}
+
+impl Matrix {
+    /// Runs a LISTEN scenario script, watching the first app's server count all along:
+    /// its pool and one listener server, never more.
+    async fn run_listen(&self, mut cmd: Command) {
+        let (host, port) = self.endpoint();
+        cmd.env("DP_HOST", host)
+            .env("DP_PORT", port.to_string())
+            .env("DP_DBNAME", &self.fixture.db)
+            .env("DP_LISTENERS", LISTENERS.to_string())
+            .env("DP_ISOLATED", if Self::direct() { "0" } else { "1" });
+        for (i, app) in self.apps.iter().enumerate() {
+            let n = i + 1;
+            cmd.env(format!("DP_APP{n}_USER"), &app.role)
+                .env(format!("DP_APP{n}_PASSWORD"), &app.password);
+        }
+        let role = self.apps[0].role.clone();
+        let admin = self.fixture.admin().await;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let watcher = tokio::spawn(async move {
+            let mut most = 0i64;
+            loop {
+                let n: i64 = admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                        &[&role],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                most = most.max(n);
+                tokio::select! {
+                    _ = stopped.changed() => return most,
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        });
+        let (stdout, stderr) = run_script(cmd).await;
+        println!("{}", stdout.trim_end());
+        if !stderr.is_empty() {
+            println!("--- stderr\n{}", stderr.trim_end());
+        }
+        stop.send(true).unwrap();
+        let most = watcher.await.unwrap();
+        println!("{}: at most {most} server connections", self.apps[0].role);
+        assert!(
+            Self::direct() || most <= i64::from(POOL_SIZE) + 1,
+            "{} had {most} server connections at once; pool_size {POOL_SIZE} and one listener",
+            self.apps[0].role
+        );
     }
 }
 

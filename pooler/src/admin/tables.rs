@@ -152,9 +152,10 @@ pub fn pools(shared: &Shared) -> Table {
         .collect();
     for name in names {
         let (active, waiting, maxwait) = clients.get(name).copied().unwrap_or_default();
+        // A role's listener server (LISTEN in transaction mode) is always in use.
         let (sv_active, sv_idle, sv_login) = servers
             .get(name)
-            .map(|r| (r.active, r.idle, r.opening))
+            .map(|r| (r.active + r.listener, r.idle, r.opening))
             .unwrap_or_default();
         if active + waiting + u64::from(sv_active + sv_idle + sv_login) == 0 {
             continue;
@@ -276,7 +277,11 @@ pub fn servers(shared: &Shared) -> Table {
             text(&*s.role),
             text(&config.upstream.dbname),
             text("none"),
-            text(if client.is_some() { "active" } else { "idle" }),
+            text(if client.is_some() || s.is_listener() {
+                "active"
+            } else {
+                "idle"
+            }),
             text(&config.upstream.host),
             int(config.upstream.port),
             local_addr,
@@ -290,12 +295,15 @@ pub fn servers(shared: &Shared) -> Table {
             link_cell(client.map_or(0, |c| c.id)),
             int(s.remote_pid),
             text(&s.tls),
-            text(
+            text(if s.is_listener() {
+                // No client is linked: it listens for all of the role's.
+                "(LISTEN for the role's clients)".to_owned()
+            } else {
                 client
                     .and_then(|c| c.ident())
                     .map(|i| i.application_name.clone())
-                    .unwrap_or_default(),
-            ),
+                    .unwrap_or_default()
+            }),
             int(s.id),
         ]);
     }

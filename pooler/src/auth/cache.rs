@@ -158,6 +158,10 @@ pub struct VerifierCache {
     limits: CacheLimits,
     state: Mutex<State>,
     conns: Vec<tokio::sync::Mutex<Option<tokio_postgres::Client>>>,
+    /// The connection that tells notifications' senders apart ([`Self::backend_roles`]):
+    /// its own, opened on first use, so those queries never take a lookup connection
+    /// the gate has promised to a login, nor wait behind a login storm.
+    senders: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
     gate: gate::Gate,
     next: AtomicUsize,
     changes: broadcast::Sender<Change>,
@@ -169,6 +173,9 @@ pub struct VerifierCache {
 
 const LOOKUP_SQL: &str = "SELECT role_name, scram_verifier, generation, pool_size, pool_mode, max_client_conn, status \
                           FROM dataplane_auth.lookup($1)";
+
+const BACKEND_ROLES_SQL: &str = "SELECT pid, usename::text FROM pg_catalog.pg_stat_activity \
+                                 WHERE pid = ANY($1) AND usename IS NOT NULL";
 
 /// What a lookup would say of a name that cannot be a role.
 fn unknown(role: &str) -> RoleAuth {
@@ -228,6 +235,7 @@ impl VerifierCache {
             conns: (0..connections)
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
+            senders: tokio::sync::Mutex::new(None),
             gate: gate::Gate::new(connections, limits.queue),
             next: AtomicUsize::new(0),
             changes,
@@ -422,7 +430,39 @@ impl VerifierCache {
             Some(c) => c,
             None => self.conns[start % n].lock().await,
         };
-        // One retry on a fresh connection: the cached one may have died since.
+        match self
+            .query(&mut conn, LOOKUP_SQL, &[&role])
+            .await?
+            .as_slice()
+        {
+            [row] => Ok(Arc::new(parse_row(role, row))),
+            rows => Err(LookupError::Unavailable(format!(
+                "the lookup returned {} rows instead of one",
+                rows.len()
+            ))),
+        }
+    }
+
+    /// The roles of the sessions among `pids` (`pg_stat_activity` shows every session's
+    /// user to every role): for telling which app sent a notification. One query at a
+    /// time, on a connection of its own.
+    pub async fn backend_roles(&self, pids: &[i32]) -> Result<Vec<(i32, String)>, LookupError> {
+        let mut conn = self.senders.lock().await;
+        let rows = self.query(&mut conn, BACKEND_ROLES_SQL, &[&pids]).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
+            .collect())
+    }
+
+    /// One statement on an auth connection held by the caller, with one retry on a
+    /// fresh connection: the cached one may have died since.
+    async fn query(
+        &self,
+        conn: &mut Option<tokio_postgres::Client>,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, LookupError> {
         for attempt in 0..2 {
             if conn.as_ref().is_none_or(|c| c.is_closed()) {
                 *conn = Some(self.connect().await?);
@@ -430,15 +470,15 @@ impl VerifierCache {
             let Some(client) = conn.as_ref() else {
                 continue;
             };
-            match client.query_one(LOOKUP_SQL, &[&role]).await {
-                Ok(row) => return Ok(Arc::new(parse_row(role, &row))),
+            match client.query(sql, params).await {
+                Ok(rows) => return Ok(rows),
                 Err(e) if attempt == 0 && (e.is_closed() || e.code().is_none()) => {
                     *conn = None;
                 }
                 Err(e) => return Err(LookupError::Unavailable(e.to_string())),
             }
         }
-        Err(LookupError::Unavailable("lookup connection lost".into()))
+        Err(LookupError::Unavailable("auth connection lost".into()))
     }
 
     async fn connect(&self) -> Result<tokio_postgres::Client, LookupError> {

@@ -80,9 +80,14 @@ struct Shared<S: Send + 'static> {
 
 struct State<S: Send + 'static> {
     sched: Scheduler<S, Tx<S>>,
+    /// Each role's transaction pool.
     by_name: HashMap<Arc<str>, RoleId>,
-    /// RoleId index → name, for logins and stats.
-    names: Vec<Arc<str>>,
+    /// Each role's listener "pool": one server at most, its own scheduler role so the
+    /// budget counts it and fairness treats it like any role's server, apart from the
+    /// role's pool_size.
+    listeners: HashMap<Arc<str>, RoleId>,
+    /// RoleId index → the role it logs in as, and which of its pools it is.
+    names: Vec<(Arc<str>, Purpose)>,
     config: PoolConfig,
     /// An emptied action list kept for the next release: most releases hand the
     /// server to a waiter, and a fresh list would be an allocation per transaction.
@@ -92,18 +97,30 @@ struct State<S: Send + 'static> {
     share: Option<u32>,
 }
 
+/// Which of a role's pools a scheduler role is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Transactions,
+    Listener,
+}
+
 impl<S: Send + 'static> State<S> {
     /// Interns the role and applies limits that changed since its last checkout (a
     /// credentials row reloaded with a new pool_size).
     fn role(
         &mut self,
         role: &str,
+        purpose: Purpose,
         limits: RoleLimits,
         now: Instant,
         out: &mut Actions<S>,
     ) -> RoleId {
         let config = RoleConfig::from(limits);
-        if let Some(&r) = self.by_name.get(role) {
+        let map = match purpose {
+            Purpose::Transactions => &mut self.by_name,
+            Purpose::Listener => &mut self.listeners,
+        };
+        if let Some(&r) = map.get(role) {
             if self.sched.role_config(r) != Some(config) {
                 // Cannot fail: `r` came from this scheduler.
                 let _ = self.sched.set_role_config(r, config, now, out);
@@ -112,8 +129,8 @@ impl<S: Send + 'static> State<S> {
         }
         let name: Arc<str> = Arc::from(role);
         let r = self.sched.add_role(config);
-        self.by_name.insert(Arc::clone(&name), r);
-        self.names.push(name);
+        map.insert(Arc::clone(&name), r);
+        self.names.push((name, purpose));
         r
     }
 
@@ -133,7 +150,7 @@ impl<S: Send + 'static> State<S> {
     fn name(&self, r: RoleId) -> Arc<str> {
         self.names
             .get(r.index())
-            .cloned()
+            .map(|(name, _)| name.clone())
             .unwrap_or_else(|| Arc::from(""))
     }
 }
@@ -153,6 +170,7 @@ impl<S: Send + 'static> Pools<S> {
             state: Mutex::new(State {
                 sched,
                 by_name: HashMap::new(),
+                listeners: HashMap::new(),
                 names: Vec::new(),
                 config,
                 spare: Vec::new(),
@@ -190,12 +208,42 @@ impl<S: Send + 'static> Pools<S> {
         limits: RoleLimits,
         wait_timeout: Duration,
     ) -> Result<Checkout<S>, PoolError> {
+        self.checkout_for(role, Purpose::Transactions, limits, wait_timeout)
+            .await
+    }
+
+    /// The server a role's LISTEN multiplexer holds for as long as the role has
+    /// listening clients: logged in as `role`, counted in the budget like any server
+    /// (an idle server of another role may be closed for it), outside the role's
+    /// pool_size, one at a time. It is never released: discard it when done.
+    ///
+    /// Cancel-safe, as [`Pools::checkout`].
+    pub async fn checkout_listener(
+        &self,
+        role: &str,
+        wait_timeout: Duration,
+    ) -> Result<Checkout<S>, PoolError> {
+        let limits = RoleLimits {
+            pool_size: 1,
+            weight: 1,
+        };
+        self.checkout_for(role, Purpose::Listener, limits, wait_timeout)
+            .await
+    }
+
+    async fn checkout_for(
+        &self,
+        role: &str,
+        purpose: Purpose,
+        limits: RoleLimits,
+        wait_timeout: Duration,
+    ) -> Result<Checkout<S>, PoolError> {
         let started = tokio::time::Instant::now();
         let now = started.into_std();
         let mut out = Vec::new();
         let (r, enqueued) = {
             let mut st = self.lock();
-            let r = st.role(role, limits, now, &mut out);
+            let r = st.role(role, purpose, limits, now, &mut out);
             if let Some((server, conn, idle_for)) = st.sched.take_idle(r, now) {
                 drop(st);
                 self.run(out);
@@ -249,7 +297,8 @@ impl<S: Send + 'static> Pools<S> {
         let mut out = Vec::new();
         {
             let mut st = self.lock();
-            if let Some(&r) = st.by_name.get(role) {
+            let ids = [st.by_name.get(role), st.listeners.get(role)];
+            for r in ids.into_iter().flatten().copied().collect::<Vec<_>>() {
                 st.sched.close_role(r, now(), &mut out);
             }
         }
@@ -334,10 +383,17 @@ impl<S: Send + 'static> Pools<S> {
 
     pub fn stats(&self) -> PoolStats {
         let st = self.lock();
+        let listener = |name: &Arc<str>| {
+            st.listeners
+                .get(name)
+                .and_then(|r| st.sched.role_stats(*r))
+                .map_or(0, |s| s.active + s.idle + s.opening)
+        };
         let roles = st
             .names
             .iter()
-            .filter_map(|name| {
+            .filter(|(_, purpose)| *purpose == Purpose::Transactions)
+            .filter_map(|(name, _)| {
                 let r = st.by_name.get(name)?;
                 let s = st.sched.role_stats(*r)?;
                 Some(RolePoolStats {
@@ -347,8 +403,20 @@ impl<S: Send + 'static> Pools<S> {
                     opening: s.opening,
                     waiting: s.waiting,
                     pool_size: s.pool_size,
+                    listener: listener(name),
                 })
             })
+            .chain(
+                // A role whose only server is its listener's still has a row.
+                st.listeners
+                    .iter()
+                    .filter(|(name, _)| !st.by_name.contains_key(*name))
+                    .map(|(name, _)| RolePoolStats {
+                        role: Arc::clone(name),
+                        listener: listener(name),
+                        ..RolePoolStats::default()
+                    }),
+            )
             .collect();
         PoolStats {
             roles,

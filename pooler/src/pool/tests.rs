@@ -451,6 +451,46 @@ async fn hot_path_cost() {
     println!("hot path: checkout idle + release = {per:?} per pair (1,000 roles known)");
 }
 
+#[tokio::test]
+async fn a_listener_server_is_outside_the_pool_size_but_inside_the_budget() {
+    let (p, fake) = pools(3);
+    let one = RoleLimits {
+        pool_size: 1,
+        weight: 1,
+    };
+    let tx = p.checkout("app_a", one, WAIT).await.unwrap();
+    let listener = p.checkout_listener("app_a", WAIT).await.unwrap();
+    assert_eq!(&*listener.role, "app_a", "logged in as the role itself");
+    let s = p.stats();
+    let a = s.role("app_a").unwrap();
+    assert_eq!((a.active, a.listener, s.servers_in_use), (1, 1, 2));
+    // The budget has one slot left; a second listener of the role waits for the first.
+    assert!(
+        p.checkout_listener("app_a", Duration::from_millis(50))
+            .await
+            .is_err()
+    );
+    let other = p.checkout("app_b", LIMITS, WAIT).await.unwrap();
+    assert_eq!(p.stats().servers_in_use, 3);
+    // Full: the listener of another role waits for a slot like any checkout.
+    assert!(
+        p.checkout_listener("app_b", Duration::from_millis(50))
+            .await
+            .is_err()
+    );
+    other.discard();
+    let b_listener = p.checkout_listener("app_b", WAIT).await.unwrap();
+    // A role whose only server is its listener still shows.
+    tx.release();
+    listener.discard();
+    let s = p.stats();
+    assert_eq!(s.role("app_a").unwrap().listener, 0);
+    assert_eq!(s.role("app_b").unwrap().listener, 1);
+    b_listener.discard();
+    assert_eq!(p.stats().role("app_b").unwrap().listener, 0);
+    assert!(fake.connects() >= 4);
+}
+
 /// A server whose backend takes its time to exit after it is closed.
 struct Lingering {
     fake: Arc<Fake>,

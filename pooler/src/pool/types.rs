@@ -185,7 +185,7 @@ impl From<RoleLimits> for RoleConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RolePoolStats {
     pub role: Arc<str>,
     /// Checked out by clients.
@@ -196,6 +196,9 @@ pub struct RolePoolStats {
     /// Clients queued for a server.
     pub waiting: u32,
     pub pool_size: u32,
+    /// The role's LISTEN server (open or opening: 0 or 1), outside its pool_size and
+    /// counted in none of the above.
+    pub listener: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

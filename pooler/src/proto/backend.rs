@@ -244,6 +244,27 @@ pub fn negotiate_protocol_version(
     )
 }
 
+/// NotificationResponse: the sending backend's process id, the channel, the payload.
+/// The pooler forwards the ones it receives whole; this writer is for tests and for
+/// re-encoding one whose bytes it no longer holds.
+pub fn notification_response(
+    buf: &mut BytesMut,
+    pid: i32,
+    channel: &[u8],
+    payload: &[u8],
+) -> Result<(), EncodeError> {
+    wire::write_message(
+        buf,
+        Some(tag::NOTIFICATION_RESPONSE),
+        "NotificationResponse",
+        |buf| {
+            buf.put_i32(pid);
+            wire::put_cstr(buf, channel, "channel name")?;
+            wire::put_cstr(buf, payload, "notification payload")
+        },
+    )
+}
+
 /// ParseComplete.
 pub fn parse_complete(buf: &mut BytesMut) {
     wire::write_fixed(buf, tag::PARSE_COMPLETE, &[]);
@@ -443,6 +464,30 @@ pub fn parse_command_complete(body: &[u8]) -> Result<&str, ParseError> {
     let tag = r.str()?;
     r.end()?;
     Ok(tag)
+}
+
+/// A NotificationResponse: who sent it (the backend's process id, which the pooler maps
+/// to a role before any client sees it), on which channel, with what payload. Channel
+/// and payload are in the receiving session's client_encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Notification<'a> {
+    pub pid: i32,
+    pub channel: &'a [u8],
+    pub payload: &'a [u8],
+}
+
+/// Parses a NotificationResponse body: Int32 process id, two Strings.
+pub fn parse_notification_response(body: &[u8]) -> Result<Notification<'_>, ParseError> {
+    let mut r = Reader::new(body, "NotificationResponse");
+    let pid = r.i32()?;
+    let channel = r.cstr()?;
+    let payload = r.cstr()?;
+    r.end()?;
+    Ok(Notification {
+        pid,
+        channel,
+        payload,
+    })
 }
 
 /// Parses a NegotiateProtocolVersion body: the newest minor version the server supports

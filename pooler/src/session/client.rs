@@ -10,6 +10,7 @@ use crate::auth::cache::{PoolMode, RoleAuth};
 use crate::backend::params::ClientParams;
 use crate::frontdoor::{SessionError, fatal};
 use crate::net::stream::Stream;
+use crate::notify::Subscription;
 use crate::proto::SqlState;
 use crate::shared::{CancelHandle, ClientSlot, PinSlot, RoleShared};
 
@@ -34,8 +35,20 @@ pub struct Session {
     pub pending: Effect,
     /// Custom parameters the client may have set, for the state check.
     pub customs: Customs,
+    /// Its channels on its role's listener, and its inbox (transaction mode); boxed,
+    /// so a client that never listens carries one pointer.
+    pub listening: Option<Box<Subscription>>,
     /// Client bytes read past the login messages.
     pub buf: BytesMut,
+}
+
+impl Session {
+    /// Notifications (or an overflow to report) wait in the client's inbox.
+    pub fn notified(&self) -> bool {
+        self.listening
+            .as_deref()
+            .is_some_and(|sub| sub.inbox().is_ready())
+    }
 }
 
 /// What an idle client keeps for the start of its next request: the big buffers are

@@ -266,6 +266,7 @@ pub async fn login(
         pin: None,
         pending: Default::default(),
         customs: Default::default(),
+        listening: None,
         buf,
     })
 }

@@ -5,6 +5,7 @@ mod checkout;
 mod client;
 mod cursor;
 mod hold;
+mod listen;
 mod login;
 pub mod park;
 pub mod prepared;

@@ -67,12 +67,12 @@ pub(super) fn park(
     shared.lot.park(Box::new(parked));
 }
 
-/// The hook for output queued for an idle client (LISTEN's notifications, issue 13):
-/// true when the client has something to be sent. Whoever queues it must make it
-/// visible here first, then ring `client.signal()`; the resumed relay sends it from
-/// its idle wait. Nothing is queued for idle clients yet.
-fn has_output(_session: &Session, _client: &ClientInfo) -> bool {
-    false
+/// The hook for output queued for an idle client: LISTEN's notifications (or an
+/// overflow to report), which the role's listener task makes visible in the client's
+/// inbox before it rings `client.signal()`; the resumed relay sends them from its idle
+/// wait (listen.rs).
+fn has_output(session: &Session, _client: &ClientInfo) -> bool {
+    session.notified()
 }
 
 impl Parked for ParkedClient {

@@ -6,7 +6,7 @@
 //! has been written to the client.
 
 use std::ops::ControlFlow;
-
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -16,6 +16,7 @@ use super::checkout::{checkout, give_back, pool_size};
 use super::client::{IDLE_CHUNK, Session, server_lost};
 use super::cursor::{Cursor, CursorError, Event, Need};
 use super::hold::Hold;
+use super::listen;
 use super::prepared::{PreparedLimits, Rest, Rewriter, StreamedText};
 use super::routines::REFRESH as ROUTINES_REFRESH;
 use super::signals::{Signals, Stop, Woke, wait_idle};
@@ -23,7 +24,7 @@ use super::stall::{Wait, Watch};
 use super::state::{Effect, Windows};
 use super::tracker::MAX_PENDING;
 use super::upkeep::{after_reset, settle, sync_params};
-use super::wire::{Relayed, ServerScan, server_gone, write_or_read, write_skipping};
+use super::wire::{ClientSide, Gone, Relayed, ServerScan, from_server, server_gone, write_or_read};
 use crate::auth::cache::PoolMode;
 use crate::backend::ServerConn;
 use crate::frontdoor::{SessionError, fatal};
@@ -31,7 +32,7 @@ use crate::metrics::Limit;
 use crate::proto::SqlState;
 use crate::proto::frame::Side;
 use crate::registry::{ClientInfo, Registered};
-use crate::shared::{Pause, Shared};
+use crate::shared::Shared;
 
 /// A linked stretch's read buffers; grow only while a message we must see whole is
 /// larger.
@@ -71,19 +72,36 @@ pub(super) async fn run(
         closing: shared.closing.clone(),
     };
     loop {
-        // Idle: no server. Wait for a whole message header from the client.
+        // Between transactions: what waits in the inbox goes out now, also to a client
+        // whose next request is already here (one that always sends its next request
+        // at once would otherwise never get any).
+        if s.notified() {
+            listen::deliver(&mut s, shared, &signals, &client).await?;
+        }
+        // Idle: no server. Wait for a whole message header from the client, and give
+        // it its notifications as they come.
         while s.buf.len() < 5 {
-            if park_now && s.buf.is_empty() {
+            if park_now && s.buf.is_empty() && !s.notified() {
                 return Ok(Some((s, client)));
             }
             client.idle_in_task(shared.lot.epoch());
-            match wait_idle(&mut s.stream, &mut s.buf, &signals, &client).await {
+            let inbox = s.listening.as_deref().map(|sub| sub.inbox().clone());
+            let woke = wait_idle(
+                &mut s.stream,
+                &mut s.buf,
+                &signals,
+                &client,
+                inbox.as_deref(),
+            )
+            .await;
+            match woke {
                 Woke::Read(n) => {
                     if n? == 0 {
                         return Ok(None);
                     }
                 }
                 Woke::Park => park_now = true,
+                Woke::Deliver => listen::deliver(&mut s, shared, &signals, &client).await?,
                 Woke::Stop(Stop::Revoked) => return revoked_error(&mut s).await,
                 Woke::Stop(Stop::Draining | Stop::Closing) => {
                     return fatal(
@@ -100,7 +118,7 @@ pub(super) async fn run(
         }
         // Not boxed (an allocation per transaction): the task of a client that is
         // idle for long ends when it parks, so its size costs only busy clients.
-        if transaction(&mut s, shared, &client, &signals)
+        if transaction(&mut s, shared, &client.entry, &signals)
             .await?
             .is_break()
         {
@@ -116,7 +134,7 @@ pub(super) async fn run(
 async fn transaction(
     s: &mut Session,
     shared: &Shared,
-    client: &ClientInfo,
+    client: &Arc<ClientInfo>,
     signals: &Signals,
 ) -> Result<ControlFlow<()>, SessionError> {
     client.waiting();
@@ -148,7 +166,6 @@ async fn transaction(
             },
             stall: config.client_stall_timeout(),
             idle_transaction: config.idle_transaction_timeout(),
-            pause: &shared.pause,
             routines_due: s.role.routines_due(linked, ROUTINES_REFRESH),
         }
     };
@@ -165,9 +182,12 @@ async fn transaction(
                 &mut server,
                 &mut sbuf,
                 &mut scan,
-                client,
-                signals,
-                &limits,
+                Around {
+                    shared,
+                    client,
+                    signals,
+                    limits: &limits,
+                },
             )
             .await;
             return_buffer(s, &mut server, small);
@@ -219,20 +239,29 @@ async fn transaction(
             return Err(e);
         }
     }
+    // With the server given back: the listener's word on the client's new channels,
+    // then the ReadyForQuery that ends its transaction.
+    listen::finish(s, shared, scan.ack.take(), scan.held_ready).await?;
     Ok(ControlFlow::Continue(()))
+}
+
+/// What a linked stretch works with besides the session and its server.
+struct Around<'a> {
+    shared: &'a Shared,
+    client: &'a Arc<ClientInfo>,
+    signals: &'a Signals,
+    limits: &'a Limits,
 }
 
 /// A linked stretch's bounds, read from the configuration once per stretch, and what
 /// else it may have to look at.
-struct Limits<'a> {
+struct Limits {
     max_pinned: usize,
     prepared: PreparedLimits,
     /// `client_stall_timeout`.
     stall: Duration,
     /// `idle_transaction_timeout`, when on.
     idle_transaction: Option<Duration>,
-    /// The pause a client that keeps its server looks at (hold.rs).
-    pause: &'a Pause,
     /// The app's functions are due for a look (routines.rs).
     routines_due: bool,
 }
@@ -270,12 +299,17 @@ fn return_buffer(s: &mut Session, server: &mut ServerConn, mut small: BytesMut) 
 
 /// Notes what the client's last messages may have done to its session; pins it to
 /// its server (within the role's bound) when they may have made state that cannot
-/// follow it. Runs before those messages are forwarded, so a refused pin leaves
-/// nothing behind.
+/// follow it, and gives the server the client's channels before an UNLISTEN. Runs
+/// before those messages are forwarded, so a refused pin leaves nothing behind.
+/// `quiet`: the server's transaction status, if none of the client's requests is in
+/// flight.
 async fn take_effect(
     s: &mut Session,
     effect: Effect,
     max_pinned: usize,
+    server: &mut ServerConn,
+    sbuf: &mut BytesMut,
+    quiet: Option<u8>,
 ) -> Result<(), SessionError> {
     if effect.pin && s.pin.is_none() {
         match s.role.try_pin(max_pinned) {
@@ -283,9 +317,9 @@ async fn take_effect(
             None => {
                 let message = format!(
                     "too many clients of role \"{}\" hold session state (max_pinned_per_role = {max_pinned}); \
-                     LISTEN, temporary tables, session advisory locks, SQL PREPARE, SET ROLE and \
-                     SET of untracked parameters need session mode: connect to the session port \
-                     or set the app's pool_mode to session",
+                     temporary tables, session advisory locks, SQL PREPARE, SET ROLE and SET of \
+                     untracked parameters need session mode: connect to the session port or set \
+                     the app's pool_mode to session",
                     s.role.name
                 );
                 return fatal(
@@ -296,6 +330,13 @@ async fn take_effect(
                 .await;
             }
         }
+    }
+    if effect.unlisten {
+        // The prime talks to the server through its own buffer, empty while quiet.
+        std::mem::swap(&mut server.buf, sbuf);
+        let primed = listen::prime(s, server, quiet).await;
+        std::mem::swap(&mut server.buf, sbuf);
+        primed?;
     }
     s.pending.merge(Effect {
         pin: false,
@@ -315,15 +356,19 @@ async fn link(
     server: &mut ServerConn,
     sbuf: &mut BytesMut,
     scan: &mut ServerScan,
-    client: &ClientInfo,
-    signals: &Signals,
-    limits: &Limits<'_>,
+    around: Around<'_>,
 ) -> Result<Linked, SessionError> {
+    let Around {
+        shared,
+        client,
+        signals,
+        limits,
+    } = around;
     let max_pinned = limits.max_pinned;
     let max_prepared = limits.prepared;
     // After the pooler's own SETs: a cancel now reaches the client's query only.
     s.cancel.slot.link(server.key);
-    let mut hold = Hold::new(limits.pause, client.id, s.role.name.clone());
+    let mut hold = Hold::new(&shared.pause, client.id, s.role.name.clone());
     let mut look_at_routines = limits.routines_due;
     let mut client_cursor = Cursor::default();
     // What becomes of the rest of a client message streamed past its head, and the
@@ -349,8 +394,21 @@ async fn link(
             Some(Stop::Revoked) => return revoked_error(s).await,
             _ => {}
         }
+        // A pinned client between its transactions gets its notifications before its
+        // next request goes on, even one already here.
+        let between = scan.tracker.idle()
+            && client_cursor.at_boundary()
+            && scan.cursor.at_boundary()
+            && sbuf.is_empty();
+        if between && s.notified() {
+            listen::deliver(s, shared, signals, client).await?;
+        }
         if !s.buf.is_empty() {
             hold.acted();
+            // Before this batch: the server's status, if nothing of the client's is in
+            // flight (a prime may then go first).
+            let quiet = (!scan.tracker.in_flight() && sbuf.is_empty() && scan.cursor.at_boundary())
+                .then(|| scan.tracker.status());
             let mut too_many = false;
             let mut malformed = false;
             // Named statements are renamed and prepared where needed (prepared.rs):
@@ -462,7 +520,7 @@ async fn link(
             // In either mode: a library loaded is there until the connection closes.
             server.loaded |= effect.discard;
             if !effect.is_none() && !session_mode {
-                take_effect(s, effect, max_pinned).await?;
+                take_effect(s, effect, max_pinned, server, sbuf, quiet).await?;
             }
             // Session mode keeps no books of its own server's state but one: a reset
             // must bring back the client's startup values.
@@ -505,22 +563,22 @@ async fn link(
                         if let Some(why) = server_gone(r) {
                             return server_lost(s, scan.tracker.in_flight(), why).await;
                         }
-                        let to_client =
-                            match scan.server(sbuf, server, &mut s.params, &mut s.statements) {
-                                Ok(k) => k,
-                                Err(e) => return server_lost(s, scan.tracker.in_flight(), e).await,
-                            };
-                        write_skipping(
-                            &mut s.stream,
-                            &sbuf[..to_client],
-                            &scan.edits,
-                            limits.stall,
-                        )
-                        .await
-                        .map_err(|e| not_reading(scan, limits, e))?;
-                        scan.bytes_out += to_client as u64;
-                        sbuf.advance(to_client);
-                        watch.progress += 1;
+                        // Borrowed field by field: `outgoing` may be `s.buf`.
+                        let c = ClientSide {
+                            stream: &mut s.stream,
+                            params: &mut s.params,
+                            statements: &mut s.statements,
+                            role: &s.role.name,
+                            mine: s.listening.as_deref().map(|sub| sub.channels()),
+                            hold_ready: false,
+                        };
+                        match from_server(c, server, sbuf, scan, shared, limits.stall).await {
+                            Ok(wrote) => watch.progress += wrote,
+                            Err(Gone::Server(e)) => {
+                                return server_lost(s, scan.tracker.in_flight(), e).await;
+                            }
+                            Err(Gone::Client(e)) => return Err(not_reading(scan, limits, e)),
+                        }
                     }
                 }
             }
@@ -544,15 +602,32 @@ async fn link(
             if !s.pending.is_none() || look_at_routines || routine_kinds != 0 {
                 // settle talks to the server through its own buffer: lend it back.
                 std::mem::swap(&mut server.buf, sbuf);
-                let settled = settle(s, server, max_pinned, look_at_routines, routine_kinds).await;
+                let listened = if s.pending.listen {
+                    listen::settle(s, server, shared, client).await
+                } else {
+                    Ok(None)
+                };
+                let settled = match listened {
+                    Ok(ack) => {
+                        scan.ack = ack;
+                        settle(s, server, max_pinned, look_at_routines, routine_kinds).await
+                    }
+                    Err(e) => Err(e),
+                };
                 std::mem::swap(&mut server.buf, sbuf);
                 (look_at_routines, ran) = (false, false);
+                // Given back (or closed) first, the transaction's end follows (finish).
                 if !settled? {
                     return Ok(Linked::Unknown);
                 }
             }
             if s.pin.is_none() {
                 return Ok(Linked::Done);
+            }
+            if scan.ack.is_some() || scan.held_ready {
+                // A pinned client keeps its server anyway.
+                let held = std::mem::take(&mut scan.held_ready);
+                listen::finish(s, shared, scan.ack.take(), held).await?;
             }
         }
         if idle && session_mode && s.pending.reset_all {
@@ -585,6 +660,12 @@ async fn link(
         if sbuf.capacity() - sbuf.len() < 1024 {
             sbuf.reserve(READ_CHUNK);
         }
+        // Notifications go out only between transactions, never inside a reply.
+        let inbox = s
+            .listening
+            .as_deref()
+            .filter(|_| idle)
+            .map(|sub| sub.inbox().clone());
         tokio::select! {
             // Fixed order, no random start: the I/O first (the loop's top looks at
             // the signals whatever the I/O does).
@@ -593,17 +674,14 @@ async fn link(
                 if let Some(why) = server_gone(n) {
                     return server_lost(s, scan.tracker.in_flight(), why).await;
                 }
-                let to_client = match scan.server(sbuf, server, &mut s.params, &mut s.statements) {
-                    Ok(k) => k,
-                    Err(e) => return server_lost(s, scan.tracker.in_flight(), e).await,
-                };
-                if to_client > 0 {
-                    write_skipping(&mut s.stream, &sbuf[..to_client], &scan.edits, limits.stall)
-                        .await
-                        .map_err(|e| not_reading(scan, limits, e))?;
-                    scan.bytes_out += to_client as u64;
-                    sbuf.advance(to_client);
-                    watch.progress += 1;
+                let hold_ready = s.pending.listen && s.buf.is_empty();
+                let relayed =
+                    from_server(ClientSide::of(s, hold_ready), server, sbuf, scan, shared, limits.stall)
+                        .await;
+                match relayed {
+                    Ok(wrote) => watch.progress += wrote,
+                    Err(Gone::Server(e)) => return server_lost(s, scan.tracker.in_flight(), e).await,
+                    Err(Gone::Client(e)) => return Err(not_reading(scan, limits, e)),
                 }
             }
             n = s.stream.read_buf(&mut s.buf) => {
@@ -614,6 +692,10 @@ async fn link(
             }
             wait = watch.expired() => return stalled(s, scan, limits, wait).await,
             () = hold.wait(holds, client) => {}
+            // A pinned client between its transactions: notifications go out now.
+            () = listen::ready(client, inbox.as_deref()) => {
+                listen::deliver(s, shared, signals, client).await?;
+            }
             stop = signals.wait(client, draining) => match stop {
                 Stop::Closing => return closing_error(s, scan.tracker.in_flight()).await,
                 Stop::Revoked => return revoked_error(s).await,
@@ -627,7 +709,7 @@ async fn link(
 /// A write to the client failed; one that timed out is a client that stopped
 /// reading: its server is closed (the caller discards it), and nothing can be told to
 /// a client that reads nothing.
-fn not_reading(scan: &mut ServerScan, limits: &Limits<'_>, e: std::io::Error) -> SessionError {
+fn not_reading(scan: &mut ServerScan, limits: &Limits, e: std::io::Error) -> SessionError {
     if e.kind() != std::io::ErrorKind::TimedOut {
         return e.into();
     }
@@ -647,7 +729,7 @@ fn not_reading(scan: &mut ServerScan, limits: &Limits<'_>, e: std::io::Error) ->
 async fn stalled<T>(
     s: &mut Session,
     scan: &mut ServerScan,
-    limits: &Limits<'_>,
+    limits: &Limits,
     wait: Wait,
 ) -> Result<T, SessionError> {
     let (limit, code, message) = match wait {

@@ -1,5 +1,6 @@
 //! The signals a client listens to (revocation, drain, the end of the grace
-//! period), and an idle client's wait for its next request or one of them.
+//! period), and an idle client's wait for its next request, one of them, or
+//! notifications waiting in its inbox.
 
 use std::task::Poll;
 
@@ -7,6 +8,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 
 use super::client::IDLE_CHUNK;
+use crate::notify::Inbox;
 use crate::registry::ClientInfo;
 
 /// The signals a client listens to. Read by version (an atomic load) while the
@@ -86,15 +88,24 @@ pub(super) enum Woke {
     Stop(Stop),
     /// The parking sweep found it idle for a whole period: park it (park.rs).
     Park,
+    /// Notifications wait in its inbox (or it overflowed): deliver them (listen.rs).
+    Deliver,
 }
 
 impl Signals {
-    /// An idle client's signals: a stop, or a request to park.
-    fn idle<'a>(&'a self, client: &'a ClientInfo) -> impl std::future::Future<Output = Woke> + 'a {
+    /// An idle client's signals: a stop, notifications to deliver, or a request to
+    /// park. The listener task rings the same waker when it fills an empty inbox.
+    fn idle<'a>(
+        &'a self,
+        client: &'a ClientInfo,
+        inbox: Option<&'a Inbox>,
+    ) -> impl std::future::Future<Output = Woke> + 'a {
         std::future::poll_fn(move |cx| {
             client.signal().register(cx.waker());
             if let Some(stop) = self.fired(false) {
                 Poll::Ready(Woke::Stop(stop))
+            } else if inbox.is_some_and(Inbox::is_ready) {
+                Poll::Ready(Woke::Deliver)
             } else if client.take_park_request() {
                 Poll::Ready(Woke::Park)
             } else {
@@ -115,6 +126,7 @@ pub(super) async fn wait_idle(
     buf: &mut BytesMut,
     signals: &Signals,
     client: &ClientInfo,
+    inbox: Option<&Inbox>,
 ) -> Woke {
     if buf.is_empty() && buf.capacity() > IDLE_CHUNK * 4 {
         *buf = BytesMut::new();
@@ -124,7 +136,7 @@ pub(super) async fn wait_idle(
         return tokio::select! {
             biased;
             n = stream.read_buf(buf) => Woke::Read(n),
-            woke = signals.idle(client) => woke,
+            woke = signals.idle(client, inbox) => woke,
         };
     };
     loop {
@@ -135,7 +147,7 @@ pub(super) async fn wait_idle(
                     return Woke::Read(Err(e));
                 }
             }
-            woke = signals.idle(client) => return woke,
+            woke = signals.idle(client, inbox) => return woke,
         }
         buf.reserve(IDLE_CHUNK);
         // Once: a spurious readiness leaves our waker registered, and the loop waits.

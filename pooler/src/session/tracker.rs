@@ -130,6 +130,11 @@ impl Tracker {
             && self.pending.iter().all(|&t| t == COPY_END)
     }
 
+    /// The last ReadyForQuery status: `I`, `T` or `E`.
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
     /// The server waits for the client's COPY data (a COPY FROM STDIN it has not
     /// ended yet).
     pub fn copying_in(&self) -> bool {

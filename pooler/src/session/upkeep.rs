@@ -70,7 +70,10 @@ async fn bounded(server: &mut ServerConn, sql: &str) -> Result<Option<Row>, std:
     Ok(bounded_rows(server, sql).await?.into_iter().next())
 }
 
-async fn bounded_rows(server: &mut ServerConn, sql: &str) -> Result<Vec<Row>, std::io::Error> {
+pub(super) async fn bounded_rows(
+    server: &mut ServerConn,
+    sql: &str,
+) -> Result<Vec<Row>, std::io::Error> {
     tokio::time::timeout(SERVER_ROUND_TRIP, simple(server, sql))
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
@@ -142,22 +145,7 @@ pub(super) async fn sync_params(
         return server_lost(s, false, e.to_string()).await;
     }
     loop {
-        let msg = match Message::parse(&mut server.buf) {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                match server.stream.read_buf(&mut server.buf).await {
-                    Ok(0) => {
-                        return server_lost(s, false, "the server closed the connection".into())
-                            .await;
-                    }
-                    Ok(_) => {}
-                    Err(e) => return server_lost(s, false, e.to_string()).await,
-                }
-                continue;
-            }
-            Err(e) => return server_lost(s, false, e.to_string()).await,
-        };
-        match msg {
+        match next_message(s, server).await? {
             Message::ParameterStatus(body) => {
                 if let (Ok(n), Ok(v)) = (body.name(), body.value()) {
                     server.state.record(n, v);
@@ -180,6 +168,27 @@ pub(super) async fn sync_params(
     }
     server.state.synced(&s.params);
     Ok(())
+}
+
+/// The next whole message of a server the pooler talks to on the client's behalf,
+/// with nothing of the client's unanswered: a lost server ends the session.
+pub(super) async fn next_message(
+    s: &mut Session,
+    server: &mut ServerConn,
+) -> Result<Message, SessionError> {
+    loop {
+        match Message::parse(&mut server.buf) {
+            Ok(Some(m)) => return Ok(m),
+            Ok(None) => match server.stream.read_buf(&mut server.buf).await {
+                Ok(0) => {
+                    return server_lost(s, false, "the server closed the connection".into()).await;
+                }
+                Ok(_) => {}
+                Err(e) => return server_lost(s, false, e.to_string()).await,
+            },
+            Err(e) => return server_lost(s, false, e.to_string()).await,
+        }
+    }
 }
 
 /// After a stretch in which the client may have changed its session (state.rs):

@@ -12,6 +12,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWrite;
 
 use super::cursor::{Cursor, Event, Need};
+use super::listen::{Filter, Verdict};
 use super::prepared::{Action, Refusal, Replies, renamed_error};
 use super::stall::write_all_within;
 use super::tracker::Tracker;
@@ -39,6 +40,21 @@ pub(super) struct ServerScan {
     pub(super) refused: [u64; Refusal::KINDS],
     /// The bound that ended the stretch, if one did.
     pub(super) cut_off: Option<Limit>,
+    /// The last ReadyForQuery was dropped: the client gets it once its new channels
+    /// are on the listener (listen.rs).
+    pub(super) held_ready: bool,
+    /// The walk stopped before a notification whose sender must be looked up first.
+    pub(super) unresolved: Option<i32>,
+    /// The listener's word the client waits for before its held ReadyForQuery.
+    pub(super) ack: Option<crate::notify::Ack>,
+}
+
+/// What the walk needs to know about notifications.
+pub(super) struct Notes<'a> {
+    pub(super) filter: Filter<'a>,
+    /// The client's transaction may have changed its channels and nothing of its is
+    /// unsent: hold back a ReadyForQuery that ends the stretch.
+    pub(super) hold_ready: bool,
 }
 
 impl ServerScan {
@@ -68,13 +84,15 @@ impl ServerScan {
 
     /// Walks the server's bytes: ReadyForQuery and copy starts feed the tracker,
     /// ParameterStatus updates both sides' parameters, replies to what the pooler
-    /// added are dropped. Returns how many bytes may go to the client now.
+    /// added are dropped, and so are notifications the client must not see. Returns how
+    /// many bytes may go to the client now.
     pub(super) fn server(
         &mut self,
         sbuf: &[u8],
         server: &mut ServerConn,
         params: &mut crate::backend::params::ClientParams,
         statements: &mut super::prepared::ClientStatements,
+        notes: &Notes<'_>,
     ) -> Result<usize, String> {
         let ServerScan {
             cursor,
@@ -84,6 +102,8 @@ impl ServerScan {
             queries,
             transactions,
             max_message,
+            held_ready,
+            unresolved,
             ..
         } = self;
         edits.clear();
@@ -93,7 +113,7 @@ impl ServerScan {
                 Side::Backend,
                 *max_message,
                 |tag| match tag {
-                    b'Z' | b'S' | b'1' | b'3' | b'C' => Need::Whole,
+                    b'Z' | b'S' | b'1' | b'3' | b'C' | b'A' => Need::Whole,
                     // An ErrorResponse can be as long as the client makes it (RAISE
                     // with a long message): its head has the fields the pooler reads.
                     b'E' => Need::Head,
@@ -110,6 +130,18 @@ impl ServerScan {
                                 params.record(name, value);
                             }
                         }
+                        b'A' => match notes.filter.verdict(body) {
+                            Verdict::Pass => {}
+                            Verdict::Drop => edits.push(Edit {
+                                at,
+                                len: 5 + len,
+                                with: None,
+                            }),
+                            Verdict::Resolve(pid) => {
+                                *unresolved = Some(pid);
+                                return ControlFlow::Break(());
+                            }
+                        },
                         _ => {
                             if tag == b'Z' {
                                 *queries += 1;
@@ -125,6 +157,19 @@ impl ServerScan {
                             if tag == b'E' {
                                 // Queries the server skipped after an extended error.
                                 tracker.skipped(replies.take_skipped());
+                            }
+                            if tag == b'Z'
+                                && notes.hold_ready
+                                && matches!(action, Action::Pass)
+                                && tracker.idle()
+                            {
+                                *held_ready = true;
+                                edits.push(Edit {
+                                    at,
+                                    len,
+                                    with: None,
+                                });
+                                return ControlFlow::Continue(());
                             }
                             match action {
                                 Action::Pass => {}
@@ -227,4 +272,77 @@ fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
     let name = std::str::from_utf8(parts.next()?).ok()?;
     let value = std::str::from_utf8(parts.next()?).ok()?;
     Some((name, value))
+}
+
+/// The parts of a session the server's bytes go to, borrowed apart from its read
+/// buffer (which may hold what is being forwarded meanwhile).
+pub(super) struct ClientSide<'a> {
+    pub(super) stream: &'a mut crate::net::stream::Stream,
+    pub(super) params: &'a mut crate::backend::params::ClientParams,
+    pub(super) statements: &'a mut super::prepared::ClientStatements,
+    pub(super) role: &'a str,
+    pub(super) mine: Option<&'a std::collections::BTreeSet<crate::notify::channels::Channel>>,
+    /// A ReadyForQuery ending the stretch is held back (listen.rs).
+    pub(super) hold_ready: bool,
+}
+
+impl<'a> ClientSide<'a> {
+    pub(super) fn of(s: &'a mut super::Session, hold_ready: bool) -> Self {
+        ClientSide {
+            stream: &mut s.stream,
+            params: &mut s.params,
+            statements: &mut s.statements,
+            role: &s.role.name,
+            mine: s.listening.as_deref().map(|sub| sub.channels()),
+            hold_ready,
+        }
+    }
+}
+
+/// Why relaying the server's bytes stopped.
+pub(super) enum Gone {
+    /// The server broke the protocol.
+    Server(String),
+    /// Writing to the client failed (or timed out: `stall`).
+    Client(std::io::Error),
+}
+
+/// Walks what the server sent and writes to the client what it may see, looking up
+/// the senders of notifications as needed (each lookup is bounded); what is left in
+/// `sbuf` is an incomplete message. Returns how many writes went out.
+pub(super) async fn from_server(
+    c: ClientSide<'_>,
+    server: &mut ServerConn,
+    sbuf: &mut BytesMut,
+    scan: &mut ServerScan,
+    shared: &Shared,
+    stall: Duration,
+) -> Result<u64, Gone> {
+    let mut wrote = 0;
+    loop {
+        let notes = Notes {
+            filter: Filter {
+                role: c.role,
+                senders: shared.notify.senders(),
+                mine: c.mine,
+                dropped: &shared.metrics.notifications_dropped,
+            },
+            hold_ready: c.hold_ready,
+        };
+        let to_client = scan
+            .server(sbuf, server, c.params, c.statements, &notes)
+            .map_err(Gone::Server)?;
+        if to_client > 0 {
+            write_skipping(c.stream, &sbuf[..to_client], &scan.edits, stall)
+                .await
+                .map_err(Gone::Client)?;
+            scan.bytes_out += to_client as u64;
+            bytes::Buf::advance(sbuf, to_client);
+            wrote += 1;
+        }
+        match scan.unresolved.take() {
+            Some(pid) => shared.notify.senders().resolve(&[pid]).await,
+            None => return Ok(wrote),
+        }
+    }
 }

@@ -94,6 +94,7 @@ impl Connector<Box<ServerConn>> for PassThrough {
                         remote_pid: server.key.pid,
                         local: server.stream.local_addr(),
                         tls: server.stream.tls_description(),
+                        listener: Default::default(),
                     };
                     // The pool bounds servers itself; the registry only lists them.
                     server.registered = servers.register(id, info, usize::MAX);

@@ -52,6 +52,8 @@ pub struct Shared {
     /// The shutdown's grace period is over: close every client.
     pub closing: watch::Receiver<bool>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// LISTEN in transaction mode: each role's listener, and who sent a notification.
+    pub notify: crate::notify::Hub,
     /// Set by the console's `SHUTDOWN`; the binary then drains as on SIGTERM.
     pub shutdown_requested: watch::Sender<bool>,
     pub hooks: Hooks,

@@ -9,7 +9,7 @@ use tokio::process::Command;
 use tokio_postgres::SimpleQueryMessage;
 
 use crate::common::{
-    ADMIN_PASSWORD, ADMIN_USER, Env, env, message, one_value, sqlstate, with_admin,
+    ADMIN_PASSWORD, ADMIN_USER, Env, env, eventually, message, sqlstate, value, with_admin,
 };
 
 /// The rows of a console command, each as column → text.
@@ -57,16 +57,6 @@ async fn http(e: &Env, method: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
-}
-
-async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..250 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[tokio::test]
@@ -282,7 +272,7 @@ async fn pause_holds_new_transactions_until_resume() {
         let rows = later.simple_query("SELECT 42").await;
         (later, rows)
     });
-    until("the paused client to be counted as waiting", async || {
+    eventually("the paused client to be counted as waiting", async || {
         pool_row(&console, &app.role)
             .await
             .is_some_and(|r| r["cl_waiting"] == "1")
@@ -329,7 +319,7 @@ async fn pause_takes_servers_from_idle_clients_that_keep_them() {
         .batch_execute("SET TimeZone = 'Asia/Tokyo'; SET statement_timeout = '7s'")
         .await
         .unwrap();
-    let pid = one_value(&in_session, "SELECT pg_backend_pid()").await;
+    let pid = value(&in_session, "SELECT pg_backend_pid()").await;
 
     // Only an idle session-mode client: PAUSE completes.
     let pause = format!("PAUSE {}", app.role);
@@ -339,22 +329,23 @@ async fn pause_takes_servers_from_idle_clients_that_keep_them() {
         .await
         .unwrap();
     assert_ne!(
-        one_value(&in_session, "SELECT pg_backend_pid()").await,
+        value(&in_session, "SELECT pg_backend_pid()").await,
         pid,
         "a new server after the pause"
     );
-    assert_eq!(one_value(&in_session, "SHOW TimeZone").await, "Asia/Tokyo");
-    assert_eq!(one_value(&in_session, "SHOW statement_timeout").await, "7s");
+    assert_eq!(value(&in_session, "SHOW TimeZone").await, "Asia/Tokyo");
+    assert_eq!(value(&in_session, "SHOW statement_timeout").await, "7s");
 
-    // A pinned client listening on a channel cannot move, nor can a session-mode
-    // client holding a session advisory lock: PAUSE names both, and what each holds.
-    let listener = e.connect(&app).await;
-    listener.batch_execute("LISTEN somewhere").await.unwrap();
-    let locker = e.connect_on(&app, session_port).await;
-    locker
-        .batch_execute("SELECT pg_advisory_lock(42)")
+    // A client pinned by an SQL prepared statement cannot move, nor can a session-mode
+    // client listening on a channel (in session mode LISTEN stays on its server): PAUSE
+    // names both, and what each holds.
+    let pinned = e.connect(&app).await;
+    pinned
+        .batch_execute("PREPARE mine AS SELECT 1")
         .await
         .unwrap();
+    let listener = e.connect_on(&app, session_port).await;
+    listener.batch_execute("LISTEN somewhere").await.unwrap();
     in_session.simple_query("SELECT 1").await.unwrap();
     let err = console.simple_query(&pause).await.unwrap_err();
     assert_eq!(sqlstate(&err), "55000");
@@ -364,22 +355,19 @@ async fn pause_takes_servers_from_idle_clients_that_keep_them() {
         text.contains(&format!("of role \"{}\"", app.role)),
         "{text}"
     );
+    assert!(text.contains("SQL prepared statements: 1"), "{text}");
     assert!(text.contains("LISTEN channels: 1"), "{text}");
-    assert!(text.contains("session advisory locks: 1"), "{text}");
     // Once they let go of what they hold, their servers go back.
+    pinned.batch_execute("DEALLOCATE mine").await.unwrap();
     listener.batch_execute("UNLISTEN *").await.unwrap();
-    locker
-        .batch_execute("SELECT pg_advisory_unlock(42)")
-        .await
-        .unwrap();
     console.simple_query(&pause).await.unwrap();
     console
         .simple_query(&format!("RESUME {}", app.role))
         .await
         .unwrap();
+    pinned.simple_query("SELECT 1").await.unwrap();
     listener.simple_query("SELECT 1").await.unwrap();
-    locker.simple_query("SELECT 1").await.unwrap();
-    assert_eq!(one_value(&in_session, "SHOW TimeZone").await, "Asia/Tokyo");
+    assert_eq!(value(&in_session, "SHOW TimeZone").await, "Asia/Tokyo");
 }
 
 #[tokio::test]
@@ -396,11 +384,11 @@ async fn kill_disconnects_a_roles_clients_and_closes_its_servers() {
         .simple_query(&format!("KILL {}", app.role))
         .await
         .unwrap();
-    until("the killed client to be disconnected", async || {
+    eventually("the killed client to be disconnected", async || {
         victim.is_closed()
     })
     .await;
-    until("the role's servers to close", async || {
+    eventually("the role's servers to close", async || {
         e.backends(&app.role).await == 0
     })
     .await;
@@ -450,7 +438,7 @@ async fn reload_lowers_a_pool_size_live_and_keeps_the_old_config_when_invalid() 
     let console = e.console().await;
     console.simple_query("RELOAD").await.unwrap();
     assert_eq!(e.pooler.shared.config().default_pool_size, 1);
-    until("the surplus servers to close", async || {
+    eventually("the surplus servers to close", async || {
         e.backends(&app.role).await == 1
     })
     .await;

@@ -179,20 +179,6 @@ impl Env {
     }
 }
 
-/// The first column of the first row a simple query returns.
-pub async fn one_value(client: &tokio_postgres::Client, sql: &str) -> String {
-    client
-        .simple_query(sql)
-        .await
-        .unwrap()
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .unwrap()
-}
-
 /// A loopback port free a moment ago, for a pooler process of the test's own.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -212,4 +198,30 @@ pub fn message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
         .map(|d| d.message().to_owned())
         .unwrap_or_else(|| e.to_string())
+}
+
+/// The first column of the first row a simple query returns.
+pub async fn value(client: &tokio_postgres::Client, sql: &str) -> String {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap()
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap()
+}
+
+/// Waits for the pooler's books to settle (a client's task may still be finishing a
+/// step after the client got its answer). A hang guard of 30 s, never a measure.
+pub async fn eventually(what: &str, mut ok: impl AsyncFnMut() -> bool) {
+    for _ in 0..1500 {
+        if ok().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("never: {what}");
 }

@@ -3,7 +3,7 @@
 //! keeps it (pinned to its server), and no other client of the app ever sees it, through
 //! both ports.
 
-use crate::common::{App, Env, env, one_value};
+use crate::common::{App, Env, env, value};
 
 /// What another client could inherit from a server, in one row: channels, temporary
 /// relations, advisory locks, and the custom setting the functions below make.
@@ -56,12 +56,12 @@ async fn what_a_function_leaves_stays_with_its_client() {
             ("SELECT f_config()", "0|0|0|mine"),
         ] {
             let maker = e.connect_on(&app, port).await;
-            let pid = one_value(&maker, "SELECT pg_backend_pid()").await;
+            let pid = value(&maker, "SELECT pg_backend_pid()").await;
             maker.batch_execute(call).await.unwrap();
             // Its maker keeps it, on its server, transaction after transaction.
             for _ in 0..3 {
-                assert_eq!(one_value(&maker, LOOK).await, left, "port {port}: {call}");
-                assert_eq!(one_value(&maker, "SELECT pg_backend_pid()").await, pid);
+                assert_eq!(value(&maker, LOOK).await, left, "port {port}: {call}");
+                assert_eq!(value(&maker, "SELECT pg_backend_pid()").await, pid);
             }
             if port == e.pooler.addr.port() {
                 assert_eq!(role.pinned(), 1, "{call} pins its client");
@@ -71,19 +71,19 @@ async fn what_a_function_leaves_stays_with_its_client() {
             let next = e.connect_on(&app, port).await;
             let mut same = false;
             for _ in 0..100 {
-                if one_value(&next, "SELECT pg_backend_pid()").await == pid {
+                if value(&next, "SELECT pg_backend_pid()").await == pid {
                     same = true;
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             assert!(same, "port {port}: the server was reused");
-            assert_eq!(one_value(&next, LOOK).await, CLEAN, "port {port}: {call}");
+            assert_eq!(value(&next, LOOK).await, CLEAN, "port {port}: {call}");
         }
         // A function that leaves nothing pins nothing.
         let plain = e.connect_on(&app, port).await;
-        assert_eq!(one_value(&plain, "SELECT f_plain(41)").await, "42");
-        assert_eq!(one_value(&plain, LOOK).await, CLEAN);
+        assert_eq!(value(&plain, "SELECT f_plain(41)").await, "42");
+        assert_eq!(value(&plain, LOOK).await, CLEAN);
         if port == e.pooler.addr.port() {
             assert_eq!(role.pinned(), 0);
         }
@@ -103,7 +103,7 @@ async fn only_apps_whose_functions_may_leave_state_pay_for_the_look() {
         )
         .await
         .unwrap();
-    assert_eq!(one_value(&client, "SELECT add_one(1)").await, "2");
+    assert_eq!(value(&client, "SELECT add_one(1)").await, "2");
     let role = e.pooler.shared.roles.get(&app.role).unwrap();
     assert!(!role.routines_risky(), "plain functions leave nothing");
     client
@@ -113,7 +113,7 @@ async fn only_apps_whose_functions_may_leave_state_pay_for_the_look() {
         )
         .await
         .unwrap();
-    assert_eq!(one_value(&client, "SELECT 1").await, "1");
+    assert_eq!(value(&client, "SELECT 1").await, "1");
     assert!(
         role.routines_risky(),
         "a function that sets a parameter for the session"
@@ -122,6 +122,6 @@ async fn only_apps_whose_functions_may_leave_state_pay_for_the_look() {
         .batch_execute("DROP FUNCTION remember(text)")
         .await
         .unwrap();
-    assert_eq!(one_value(&client, "SELECT 1").await, "1");
+    assert_eq!(value(&client, "SELECT 1").await, "1");
     assert!(!role.routines_risky(), "looked at again after the DROP");
 }

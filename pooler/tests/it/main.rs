@@ -12,6 +12,7 @@ mod desync;
 mod drain;
 mod flood;
 mod functions;
+mod listen;
 mod login;
 mod metrics;
 mod names;

@@ -2,7 +2,7 @@
 //! (`dp_…`) in `DEALLOCATE`/`EXECUTE`/`PREPARE`, and `DEALLOCATE` in a failed
 //! transaction. Each through the transaction port and the session port.
 
-use crate::common::{App, Env, env, message, one_value, sqlstate};
+use crate::common::{App, Env, env, message, sqlstate, value};
 
 /// The name tokio-postgres gave a statement on the wire (it shows it only in `Debug`).
 fn statement_name(statement: &tokio_postgres::Statement) -> String {
@@ -32,13 +32,13 @@ async fn a_server_that_ran_load_is_never_reused() {
     let (e, app, ports) = both_ports(|_| {}).await;
     for port in ports {
         let first = e.connect_on(&app, port).await;
-        let pid = one_value(&first, "SELECT pg_backend_pid()").await;
+        let pid = value(&first, "SELECT pg_backend_pid()").await;
         // Apps may load only from $libdir/plugins: refused here, which the pooler
         // cannot tell from a library half-loaded, so it treats both alike.
         let _ = first.batch_execute("LOAD 'auto_explain'").await;
         for _ in 0..3 {
             assert_eq!(
-                one_value(&first, "SELECT pg_backend_pid()").await,
+                value(&first, "SELECT pg_backend_pid()").await,
                 pid,
                 "port {port}: the client keeps its server"
             );
@@ -46,7 +46,7 @@ async fn a_server_that_ran_load_is_never_reused() {
         drop(first);
         let next = e.connect_on(&app, port).await;
         for _ in 0..5 {
-            let now = one_value(&next, "SELECT pg_backend_pid()").await;
+            let now = value(&next, "SELECT pg_backend_pid()").await;
             assert_ne!(now, pid, "port {port}: the loaded server was reused");
         }
         // Closed, not parked: its backend goes away (the close is asynchronous).
@@ -84,7 +84,7 @@ async fn the_poolers_statement_names_are_out_of_sqls_reach() {
         let theirs = b.prepare("SELECT 41 + 1").await.unwrap();
         assert_eq!(a.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 42);
         // The server `a` runs on holds the pooler's name for it.
-        let global = one_value(
+        let global = value(
             &a,
             "SELECT name FROM pg_prepared_statements WHERE NOT from_sql \
              AND statement = 'SELECT 41 + 1'",
@@ -121,7 +121,7 @@ async fn the_poolers_statement_names_are_out_of_sqls_reach() {
         a.batch_execute(&format!("PREPARE {global} AS SELECT 7"))
             .await
             .unwrap();
-        assert_eq!(one_value(&a, &format!("EXECUTE {global}")).await, "7");
+        assert_eq!(value(&a, &format!("EXECUTE {global}")).await, "7");
         a.batch_execute(&format!("DEALLOCATE {global}"))
             .await
             .unwrap();
@@ -133,7 +133,7 @@ async fn the_poolers_statement_names_are_out_of_sqls_reach() {
             42
         );
         assert_eq!(
-            one_value(
+            value(
                 &a,
                 "SELECT count(*) FROM pg_prepared_statements WHERE statement = 'SELECT 41 + 1'"
             )
@@ -194,12 +194,12 @@ async fn a_streamed_text_naming_the_poolers_statement_costs_its_server_only() {
         b.query_one(&theirs, &[]).await.unwrap().get::<_, i32>(0),
         42
     );
-    let global = one_value(
+    let global = value(
         &a,
         "SELECT name FROM pg_prepared_statements WHERE statement = 'SELECT 41 + 1'",
     )
     .await;
-    let pid = one_value(&a, "SELECT pg_backend_pid()").await;
+    let pid = value(&a, "SELECT pg_backend_pid()").await;
     let long = format!(
         "DEALLOCATE {global}; SELECT 1 /* {} */",
         "x".repeat(64 * 1024)
@@ -210,7 +210,7 @@ async fn a_streamed_text_naming_the_poolers_statement_costs_its_server_only() {
         b.query_one(&theirs, &[]).await.unwrap().get::<_, i32>(0),
         42
     );
-    assert_ne!(one_value(&b, "SELECT pg_backend_pid()").await, pid);
+    assert_ne!(value(&b, "SELECT pg_backend_pid()").await, pid);
 }
 
 /// What a client reads of one message: its tag and body, an error's or notice's body

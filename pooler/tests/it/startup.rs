@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::AsyncMessage;
 
-use crate::common::{App, Env, env, message, one_value, sqlstate};
+use crate::common::{App, Env, env, message, sqlstate, value};
 
 /// An error's or notice's fields a client reads (file, line and routine aside).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,20 +275,20 @@ async fn startup_settings_follow_the_client_from_server_to_server() {
                 .await
                 .unwrap_err();
             assert_eq!(sqlstate(&err), "25006", "port {port}: {}", message(&err));
-            assert_eq!(one_value(&reader, "SHOW statement_timeout").await, "4321ms");
-            assert_eq!(one_value(&reader, "SHOW work_mem").await, "5MB");
+            assert_eq!(value(&reader, "SHOW statement_timeout").await, "4321ms");
+            assert_eq!(value(&reader, "SHOW work_mem").await, "5MB");
             assert_eq!(
-                one_value(&reader, "SELECT current_setting('app.tenant')").await,
+                value(&reader, "SELECT current_setting('app.tenant')").await,
                 "t 7"
             );
             plain
                 .batch_execute("INSERT INTO t VALUES (2)")
                 .await
                 .unwrap();
-            assert_ne!(one_value(&plain, "SHOW statement_timeout").await, "4321ms");
-            assert_ne!(one_value(&plain, "SHOW work_mem").await, "5MB");
+            assert_ne!(value(&plain, "SHOW statement_timeout").await, "4321ms");
+            assert_ne!(value(&plain, "SHOW work_mem").await, "5MB");
             assert_eq!(
-                one_value(
+                value(
                     &plain,
                     "SELECT coalesce(current_setting('app.tenant', true), '')"
                 )
@@ -301,9 +301,9 @@ async fn startup_settings_follow_the_client_from_server_to_server() {
         // The client changes a setting it started with: the new value follows it, and
         // it is not pinned for it (RESET takes it back to its startup value).
         reader.batch_execute("SET work_mem = '6MB'").await.unwrap();
-        assert_eq!(one_value(&reader, "SHOW work_mem").await, "6MB");
+        assert_eq!(value(&reader, "SHOW work_mem").await, "6MB");
         reader.batch_execute("RESET work_mem").await.unwrap();
-        assert_eq!(one_value(&reader, "SHOW work_mem").await, "5MB");
+        assert_eq!(value(&reader, "SHOW work_mem").await, "5MB");
         if port == e.pooler.addr.port() {
             assert_eq!(
                 e.pooler.shared.roles.get(&app.role).unwrap().pinned(),
@@ -382,7 +382,7 @@ async fn a_long_application_name_is_truncated_with_postgres_notice() {
                     }
                 }
             });
-            let name = one_value(&client, "SHOW application_name").await;
+            let name = value(&client, "SHOW application_name").await;
             assert_eq!(name, long[..63], "port {port}");
             let notice = notices.try_recv().expect("a notice at login");
             assert_eq!(notice.code().code(), "42622");

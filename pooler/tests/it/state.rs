@@ -1,6 +1,7 @@
 //! Session state in transaction mode: what follows a client (tracked parameters),
-//! what pins it to its server (LISTEN, temp tables, advisory locks, untracked SET),
-//! and that none of it ever reaches another client.
+//! what pins it to its server (temp tables, advisory locks, untracked SET; a LISTEN
+//! follows it through its role's listener, listen.rs), and that none of it ever reaches
+//! another client.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,7 +11,7 @@ use tokio_postgres::{AsyncMessage, Notification};
 
 use provisioner::ddl::PROVISION_LOCK;
 
-use crate::common::{App, Env, env, message, one_value as value, sqlstate};
+use crate::common::{App, Env, env, message, sqlstate, value};
 
 /// A client whose notifications arrive on a channel.
 async fn listening_client(
@@ -108,7 +109,8 @@ async fn state_never_leaks_and_its_maker_keeps_it() {
     assert_eq!(value(&x, "SHOW TimeZone").await, "Asia/Tokyo");
     assert_eq!(value(&x, "SHOW search_path").await, "public");
 
-    // State that cannot follow X pins it to the (only) server.
+    // State that cannot follow X pins it to the (only) server; its LISTEN goes to the
+    // role's listener, not to that server.
     x.batch_execute(
         "LISTEN x_channel; CREATE TEMP TABLE x_temp (a int); SELECT pg_advisory_lock(4242); \
          SET work_mem = '77kB'",
@@ -162,10 +164,9 @@ async fn state_never_leaks_and_its_maker_keeps_it() {
         .unwrap()
         .get(0);
     assert_eq!(held, 1);
-    admin
-        .batch_execute("NOTIFY x_channel, 'hello'")
-        .await
-        .unwrap();
+    // Only the app's own sessions reach it (the superuser's NOTIFY would not): X's own,
+    // delivered while X keeps its pinned server between transactions.
+    x.batch_execute("NOTIFY x_channel, 'hello'").await.unwrap();
     let note = tokio::time::timeout(Duration::from_secs(30), notes.recv())
         .await
         .expect("X's LISTEN followed it")
@@ -207,15 +208,17 @@ async fn pins_are_bounded_per_role_and_released_when_the_state_is_gone() {
     let e = env(|c| c.max_pinned_per_role = Some(1)).await;
     let app = e.app_with_pool(2).await;
     let a = e.connect(&app).await;
-    a.batch_execute("LISTEN a_channel").await.unwrap();
+    a.batch_execute("SELECT pg_advisory_lock(1)").await.unwrap();
     let role = e.pooler.shared.roles.get(&app.role).unwrap();
     pinned_becomes(&role, 1).await;
     let b = e.connect(&app).await;
-    let err = b.batch_execute("LISTEN b_channel").await.unwrap_err();
+    let err = b.batch_execute("SET work_mem = '2MB'").await.unwrap_err();
     assert_eq!(sqlstate(&err), "53400");
     assert!(message(&err).contains("session mode"), "{}", message(&err));
     // A's state is gone: its pin goes back, and another client may pin.
-    a.batch_execute("UNLISTEN *").await.unwrap();
+    a.batch_execute("SELECT pg_advisory_unlock(1)")
+        .await
+        .unwrap();
     pinned_becomes(&role, 0).await;
     let c = e.connect(&app).await;
     c.batch_execute("SELECT pg_advisory_lock(7)").await.unwrap();
@@ -318,7 +321,7 @@ async fn state_that_did_not_stick_does_not_keep_a_pin() {
     }
     // The slot is free for a client with real state.
     let b = e.connect(&app).await;
-    b.batch_execute("LISTEN b_channel").await.unwrap();
+    b.batch_execute("SET work_mem = '3MB'").await.unwrap();
     pinned_becomes(&role, 1).await;
     assert_eq!(value(&a, "SELECT 1").await, "1");
 }
@@ -377,7 +380,7 @@ async fn what_may_leave_no_state_needs_no_pin_slot() {
     let a = e.connect(&app).await;
     // Known to the pooler once a client logged in.
     let role = e.pooler.shared.roles.get(&app.role).unwrap();
-    a.batch_execute("LISTEN a_channel").await.unwrap();
+    a.batch_execute("SET work_mem = '5MB'").await.unwrap();
     pinned_becomes(&role, 1).await;
     // The role's only pin slot is A's; B's statements leave nothing behind.
     let b = e.connect(&app).await;

@@ -334,3 +334,36 @@ fn a_server_error_is_resent_as_fatal_with_its_other_fields() {
     assert!(backend::error_as_fatal(&mut b, b"SERROR").is_err());
     assert_eq!(&b[..], b"kept");
 }
+
+#[test]
+fn notification_responses_round_trip_and_reject_malformed_bodies() {
+    let mut b = BytesMut::new();
+    backend::notification_response(&mut b, 4242, b"orders", "neu: é".as_bytes()).unwrap();
+    let pg::Message::NotificationResponse(body) = parse_pg(&b) else {
+        panic!()
+    };
+    assert_eq!(
+        (
+            body.process_id(),
+            body.channel().unwrap(),
+            body.message().unwrap()
+        ),
+        (4242, "orders", "neu: é")
+    );
+    let (tag, raw) = split_one(&b, Side::Backend);
+    assert_eq!(tag, b'A');
+    let n = backend::parse_notification_response(&raw).unwrap();
+    assert_eq!(
+        (n.pid, n.channel, n.payload),
+        (4242, &b"orders"[..], "neu: é".as_bytes())
+    );
+    assert!(backend::parse_notification_response(b"\0\0\0\x01c\0").is_err());
+    assert!(backend::parse_notification_response(b"\0\0\0\x01c\0p\0x").is_err());
+    assert!(backend::parse_notification_response(b"\0\0\0").is_err());
+    assert_eq!(
+        backend::notification_response(&mut BytesMut::new(), 1, b"a\0b", b""),
+        Err(EncodeError::InteriorNul {
+            what: "channel name"
+        })
+    );
+}

@@ -167,7 +167,7 @@ impl<'a> Statement<'a> {
             }
             Head::Discard => {
                 out.effect.merge(match w {
-                    Some(w) if is(w, b"ALL") => Effect::RESET_ALL,
+                    Some(w) if is(w, b"ALL") => Effect::DISCARD_ALL,
                     _ => Effect::CHECK,
                 });
                 Head::Done
@@ -214,7 +214,7 @@ impl<'a> Statement<'a> {
                 Head::Done
             }
             b"LISTEN" => {
-                out.effect.merge(Effect::PIN);
+                out.effect.merge(Effect::LISTEN);
                 Head::Done
             }
             b"LOAD" => {
@@ -231,7 +231,11 @@ impl<'a> Statement<'a> {
                 Head::Done
             }
             b"DISCARD" => Head::Discard,
-            b"UNLISTEN" | b"DEALLOCATE" | b"CLOSE" => {
+            b"UNLISTEN" => {
+                out.effect.merge(Effect::UNLISTEN);
+                Head::Done
+            }
+            b"DEALLOCATE" | b"CLOSE" => {
                 out.effect.merge(Effect::CHECK);
                 Head::Done
             }

@@ -4,7 +4,7 @@
 //! advisory-lock and `set_config` calls anywhere in it.
 //!
 //! The look only has to be safe, not exact. A statement that creates state that cannot
-//! follow the client to another server (an untracked `SET`, `LISTEN`, a temp table, SQL
+//! follow the client to another server (an untracked `SET`, a temp table, SQL
 //! `PREPARE`, `SET ROLE`, a holdable cursor) **pins** the client to its server before it
 //! is forwarded, and asks for a check: the statement may fail or be rolled back. A
 //! statement that only may create such state (an advisory lock function, a session-level
@@ -13,6 +13,11 @@
 //! pooler asks Postgres whether anything is left ([`state_left_sql`]), and only a clean
 //! answer unpins. So a false "may create" costs a round trip (and a pin until it), and a
 //! false "may remove" costs one round trip; neither leaks.
+//!
+//! `LISTEN`, `UNLISTEN` and `DISCARD ALL` do not pin: they mark the transaction as one
+//! that may change the client's channels, which move to its role's listener server once
+//! the transaction is over (notify/). A `LISTEN` the pooler cannot see (in a `DO` body)
+//! leaves a channel the check finds, and pins as before.
 
 mod calls;
 mod classify;
@@ -67,6 +72,12 @@ pub struct Effect {
     /// Created, changed or dropped a function or procedure: what the app's functions
     /// may leave on a session is looked at again (session/routines.rs).
     pub routines: bool,
+    /// `LISTEN`, `UNLISTEN`, `DISCARD ALL`: the client's channels may change; once the
+    /// transaction is over they move from its server to the role's listener.
+    pub listen: bool,
+    /// `UNLISTEN`, `DISCARD ALL`: channels the client had may go, so its server must
+    /// hold them first for Postgres to say what is left.
+    pub unlisten: bool,
 }
 
 impl Effect {
@@ -78,6 +89,8 @@ impl Effect {
         self.reset_all |= other.reset_all;
         self.discard |= other.discard;
         self.routines |= other.routines;
+        self.listen |= other.listen;
+        self.unlisten |= other.unlisten;
     }
 
     pub fn is_none(&self) -> bool {
@@ -107,12 +120,33 @@ impl Effect {
         probe: true,
         ..Effect::NONE
     };
-    /// `RESET ALL`, `DISCARD ALL`: parameters may be back to the login's, and pinning
-    /// state may be gone.
+    /// `RESET ALL`: parameters may be back to the login's, and pinning state may be
+    /// gone.
     const RESET_ALL: Effect = Effect {
         check: true,
         read_back: true,
         reset_all: true,
+        ..Effect::NONE
+    };
+    /// `DISCARD ALL`: as `RESET ALL`, and an `UNLISTEN *`.
+    const DISCARD_ALL: Effect = Effect {
+        check: true,
+        read_back: true,
+        reset_all: true,
+        listen: true,
+        unlisten: true,
+        ..Effect::NONE
+    };
+    /// `LISTEN`: a channel more once the transaction commits.
+    const LISTEN: Effect = Effect {
+        listen: true,
+        ..Effect::NONE
+    };
+    /// `UNLISTEN`: channels fewer once it commits; a pinned client's state may be gone.
+    const UNLISTEN: Effect = Effect {
+        check: true,
+        listen: true,
+        unlisten: true,
         ..Effect::NONE
     };
     /// Code the pooler cannot see into (`DO`, `CALL`, a FunctionCall): anything a
@@ -136,6 +170,8 @@ impl Effect {
         reset_all: false,
         discard: false,
         routines: false,
+        listen: false,
+        unlisten: false,
     };
 }
 

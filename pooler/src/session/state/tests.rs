@@ -9,11 +9,15 @@ fn pins(sql: &str) -> bool {
     classify(sql.as_bytes()).pin
 }
 
+/// Pins, or (a `LISTEN`) moves the client's channels: either way the statement was seen.
+fn seen(sql: &str) -> bool {
+    let e = classify(sql.as_bytes());
+    e.pin || e.listen
+}
+
 #[test]
 fn state_that_cannot_follow_a_client_pins() {
     for sql in [
-        "LISTEN x",
-        "  listen \"Chan\"",
         "SET work_mem = '64MB'",
         "set session work_mem to 1",
         "SET ROLE other",
@@ -143,6 +147,27 @@ fn unreported_tracked_parameters_are_read_back() {
 }
 
 #[test]
+fn listen_and_unlisten_do_not_pin_but_move_channels() {
+    for sql in ["LISTEN x", "  listen \"Chan\"", "SELECT 1; LISTEN y"] {
+        let e = classify(sql.as_bytes());
+        assert!(e.listen && !e.unlisten && !e.pin && !e.check, "{sql}");
+    }
+    for sql in ["UNLISTEN *", "unlisten x", "DISCARD ALL"] {
+        let e = classify(sql.as_bytes());
+        assert!(e.listen && e.unlisten && !e.pin, "{sql}");
+    }
+    for sql in [
+        "SELECT 'LISTEN x'",
+        "NOTIFY x",
+        "SELECT pg_notify('x', 'y')",
+        "DISCARD TEMP",
+        "RESET ALL",
+    ] {
+        assert!(!classify(sql.as_bytes()).listen, "{sql}");
+    }
+}
+
+#[test]
 fn statements_that_may_remove_state_ask_for_a_check() {
     for sql in [
         "UNLISTEN *",
@@ -181,7 +206,7 @@ fn quotes_comments_and_dollar_quotes_hide_nothing_and_invent_nothing() {
         "SELECT * INTO TEMPORARY TABLE t FROM x",
         "SELECT * INTO pg_temp.t FROM x",
     ] {
-        assert!(pins(sql), "{sql}");
+        assert!(seen(sql), "{sql}");
     }
 }
 
@@ -324,6 +349,8 @@ fn adversarial_input_is_classified_on_the_safe_side() {
     let e = super::classify(&text, &mut customs);
     assert!(e.probe && e.read_back && customs.unknown, "{e:?}");
     let text = repeat("SELECT '\\' ", "/* ", "; LISTEN x", 1 << 20);
+    assert!(classify(&text).listen);
+    let text = repeat("SELECT '\\' ", "/* ", "; SET ROLE x", 1 << 20);
     assert!(classify(&text).pin);
 }
 
@@ -333,10 +360,10 @@ fn a_fragment_is_read_without_trusting_its_quotes() {
     // exact reader, and hide what follows.
     let mut customs = Customs::default();
     let e = super::classify_fragment(
-        b"abc'; LISTEN x; SELECT set_config('app.f', 'v', false",
+        b"abc'; LISTEN x; SET ROLE r; SELECT set_config('app.f', 'v', false",
         &mut customs,
     );
-    assert!(e.pin && e.probe, "{e:?}");
+    assert!(e.listen && e.pin && e.probe, "{e:?}");
     assert_eq!(customs.names, ["app.f"]);
     // Cut from inside a DO body: its SETs are noted.
     let mut customs = Customs::default();
