@@ -48,6 +48,14 @@ pub async fn start_pooler(config: Config) -> Running {
 /// [`start_pooler`], with what reloads need.
 pub async fn start_pooler_with(config: Config, hooks: pooler::Hooks) -> Running {
     let (tx, rx) = tokio::sync::oneshot::channel();
+    // The pooler serves until the runtime that started it (the test's) is gone: a task
+    // there holds `stop`, and its drop ends the pooler's thread, so a test binary's
+    // poolers do not pile up their connections in the shared Postgres.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _stop = stop;
+        std::future::pending::<()>().await;
+    });
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -59,8 +67,7 @@ pub async fn start_pooler_with(config: Config, hooks: pooler::Hooks) -> Running 
                 .await
                 .expect("the pooler starts");
             let _ = tx.send(running);
-            // Serve until the test process ends.
-            std::future::pending::<()>().await;
+            let _ = stopped.await;
         });
     });
     let running = rx.await.expect("the pooler's thread hands it over");
