@@ -40,11 +40,7 @@ pub fn pooler_config(fixture: &MigratedDb) -> Config {
 
 /// Starts the pooler on a runtime of its own, as in production: the test's clients
 /// (SCRAM logins cost CPU) then cannot starve it, and it cannot starve them. Returns
-/// once its LISTEN connection is up: before that, a revocation could be missed. It
-/// serves until the returned [`Running`] is dropped (or shut down), then leaves the
-/// replica registry and its runtime ends, closing its connections: a test binary
-/// starts a pooler per test against one Postgres, and poolers kept to the end of the
-/// process held enough connections between them to reach its `max_connections`.
+/// once its LISTEN connection is up: before that, a revocation could be missed.
 pub async fn start_pooler(config: Config) -> Running {
     start_pooler_with(config, pooler::Hooks::default()).await
 }
@@ -52,6 +48,14 @@ pub async fn start_pooler(config: Config) -> Running {
 /// [`start_pooler`], with what reloads need.
 pub async fn start_pooler_with(config: Config, hooks: pooler::Hooks) -> Running {
     let (tx, rx) = tokio::sync::oneshot::channel();
+    // The pooler serves until the runtime that started it (the test's) is gone: a task
+    // there holds `stop`, and its drop ends the pooler's thread, so a test binary's
+    // poolers do not pile up their connections in the shared Postgres.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _stop = stop;
+        std::future::pending::<()>().await;
+    });
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -62,16 +66,9 @@ pub async fn start_pooler_with(config: Config, hooks: pooler::Hooks) -> Running 
             let running = pooler::start_with(config, hooks)
                 .await
                 .expect("the pooler starts");
-            let shared = running.shared.clone();
-            // Closed when the `Running` (which holds the switch) is dropped.
-            let mut switch = shared.shutdown.clone();
             let _ = tx.send(running);
-            while switch.changed().await.is_ok() {}
-            // As at the end of a drain: its servers closed, its row gone, so the
-            // poolers of later tests get its share at once.
-            shared.replicas.leave(&shared.pools, &shared.cache).await;
+            let _ = stopped.await;
         });
-        // The runtime drops here: every task ends, every socket closes.
     });
     let running = rx.await.expect("the pooler's thread hands it over");
     wait_ready(&running).await;

@@ -68,9 +68,11 @@ impl<S: Send + 'static> Checkout<S> {
     }
 
     /// Closes the server (broken, dirty, or state that cannot be reset) and frees its
-    /// slot for whoever waits. Same as dropping the checkout; explicit for readers.
+    /// slot for whoever waits. Unlike dropping the checkout, the connection is ended
+    /// with Terminate and its slot is taken again only once Postgres has let go of it.
     pub fn discard(self) {
-        drop(self);
+        let (server, conn, pools) = self.disarm();
+        pools.discard_conn(server, conn);
     }
 
     /// Takes the connection back without telling the scheduler anything: for the pool's

@@ -76,6 +76,9 @@ struct Shared<S: Send + 'static> {
     /// Servers closed by the scheduler whose backends have yet to exit (each bounded by
     /// the connector's close deadline).
     closing: AtomicU32,
+    /// Rung when one of them has gone: a login waiting for its slot to be free in
+    /// Postgres too may start.
+    closed: tokio::sync::Notify,
 }
 
 struct State<S: Send + 'static> {
@@ -178,6 +181,7 @@ impl<S: Send + 'static> Pools<S> {
             }),
             connector,
             closing: AtomicU32::new(0),
+            closed: tokio::sync::Notify::new(),
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
@@ -338,17 +342,16 @@ impl<S: Send + 'static> Pools<S> {
     /// which the replica must go on reporting as held until they are gone.
     pub fn set_share(&self, share: u32) -> u32 {
         let mut out = Vec::new();
-        let servers = {
+        {
             let mut st = self.lock();
             st.share = Some(share);
             let sched = st.scheduler_config();
             st.sched.set_config(sched, now(), &mut out);
-            st.sched.total_servers()
-        };
-        // Closing happens here, outside the lock; the count above already left the
-        // closed ones out.
+        }
+        // Closing happens here, outside the lock; the closed servers count until
+        // their backends have gone.
         self.run(out);
-        servers
+        self.servers()
     }
 
     /// Servers open, logging in, or closed but not yet gone from Postgres, all roles:
@@ -462,6 +465,13 @@ impl<S: Send + 'static> Pools<S> {
         }
     }
 
+    /// A checked-out server that must not be reused: counted as closing first, so the
+    /// slot the scheduler frees is logged into only after its backend has gone.
+    pub(crate) fn discard_conn(&self, server: ServerId, conn: S) {
+        self.close(conn);
+        self.discard_server(server);
+    }
+
     pub(crate) fn discard_server(&self, server: ServerId) {
         let mut out = Vec::new();
         let res = self.lock().sched.discard(server, now(), &mut out);
@@ -532,7 +542,32 @@ impl<S: Send + 'static> Pools<S> {
         tokio::spawn(async move {
             gone.await;
             pools.shared.closing.fetch_sub(1, Ordering::AcqRel);
+            pools.shared.closed.notify_waiters();
         });
+    }
+
+    /// Waits until the servers this pool has open, logging in and still closing fit
+    /// its budget: a slot the scheduler freed by closing a server (a switch between
+    /// roles, a shrinking share) is free in Postgres only once that backend has exited,
+    /// and a login started before then would have Postgres count both. Bounded by the
+    /// connector's close deadline; the login's own timeout covers the wait.
+    async fn slot_gone_in_postgres(&self) {
+        loop {
+            let closed = self.shared.closed.notified();
+            let mut closed = std::pin::pin!(closed);
+            closed.as_mut().enable();
+            let over = {
+                let st = self.lock();
+                let held = st.sched.total_servers();
+                let closing = self.shared.closing.load(Ordering::Acquire);
+                closing > 0
+                    && held.saturating_add(closing) > st.sched.config().max_server_connections
+            };
+            if !over {
+                return;
+            }
+            closed.await;
+        }
     }
 
     fn open(&self, server: ServerId, role: RoleId) {
@@ -540,9 +575,12 @@ impl<S: Send + 'static> Pools<S> {
             let st = self.lock();
             (st.name(role), st.config.connect_timeout)
         };
-        let login = self.shared.connector.connect(&name);
         let pools = self.clone();
         tokio::spawn(async move {
+            let login = async {
+                pools.slot_gone_in_postgres().await;
+                pools.shared.connector.connect(&name).await
+            };
             let result = match tokio::time::timeout(timeout, login).await {
                 Ok(result) => result,
                 Err(_) => Err(ConnectError::timeout(timeout)),

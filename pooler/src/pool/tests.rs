@@ -540,3 +540,38 @@ async fn a_closed_server_is_held_until_its_backend_has_gone() {
     sleep(Duration::from_millis(20)).await;
     assert_eq!((fake.closed(), p.servers()), (2, 0));
 }
+
+#[tokio::test]
+async fn a_slot_that_changes_role_logs_in_only_once_the_old_backend_has_gone() {
+    let fake = Arc::new(Fake::default());
+    let exited = Arc::new(tokio::sync::Semaphore::new(0));
+    let connector = Lingering {
+        fake: Arc::clone(&fake),
+        exited: Arc::clone(&exited),
+    };
+    let config = PoolConfig {
+        max_server_connections: 1,
+        min_idle_before_evict: Duration::ZERO,
+        ..PoolConfig::default()
+    };
+    let p = Pools::new(config, Arc::new(connector));
+    p.checkout("app_a", LIMITS, WAIT).await.unwrap().release();
+    // app_b takes app_a's idle slot: the scheduler closes app_a's server at once, but
+    // Postgres still counts its backend, so app_b's login waits for it to exit.
+    let b = {
+        let p = p.clone();
+        tokio::spawn(async move { p.checkout("app_b", LIMITS, WAIT).await })
+    };
+    sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        (fake.connects(), p.servers()),
+        (1, 2),
+        "app_b's login started early"
+    );
+    exited.add_permits(1);
+    let b = b.await.unwrap().unwrap();
+    assert_eq!(
+        (b.role.as_str(), fake.connects(), p.servers()),
+        ("app_b", 2, 1)
+    );
+}
