@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proto::SqlState;
-use crate::shared::{Paused, Shared};
+use crate::shared::{Held, Paused, Shared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -18,10 +18,16 @@ pub enum ControlError {
     )]
     PausedGlobally(String),
     #[error(
-        "paused, but {active} server connection(s) are still in a transaction after {waited:?} \
-         (admin.pause_timeout_ms); new transactions stay held until RESUME"
+        "paused, but {active} server connection(s) are still in use after {waited:?} \
+         (admin.pause_timeout_ms){}; new transactions stay held until RESUME",
+        held_report(*.active, .held)
     )]
-    StillActive { active: u32, waited: Duration },
+    StillActive {
+        active: u32,
+        waited: Duration,
+        /// The idle clients that keep their servers for session state, by client id.
+        held: Vec<(u64, Held)>,
+    },
 }
 
 impl ControlError {
@@ -31,6 +37,25 @@ impl ControlError {
             _ => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
         }
     }
+}
+
+/// What `PAUSE` waits for, beyond transactions in flight: each idle client keeping its
+/// server for session state that cannot move, by its `SHOW CLIENTS` id.
+fn held_report(active: u32, held: &[(u64, Held)]) -> String {
+    if held.is_empty() {
+        return ": in a transaction".to_owned();
+    }
+    let clients = held
+        .iter()
+        .map(|(id, h)| format!("client {id} of role \"{}\" ({})", h.role, h.what))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let in_transaction = (active as usize).saturating_sub(held.len());
+    format!(
+        ": {in_transaction} in a transaction, and {} held by idle clients whose session \
+         state cannot move to another server until they release it or leave: {clients}",
+        held.len()
+    )
 }
 
 fn known(shared: &Shared, role: &str) -> Result<(), ControlError> {
@@ -53,9 +78,12 @@ fn active_servers(shared: &Shared, role: Option<&str>) -> u32 {
 
 /// `PAUSE [role]`, as PgBouncer's: new checkouts of the role (or of all roles) wait for
 /// `RESUME`, running transactions finish, and servers are closed as they come back (a
-/// pause is how a database restart or failover is ridden out). Returns once no server
-/// of the paused roles is in a transaction, or with [`ControlError::StillActive`] after
-/// `admin.pause_timeout_ms`; the pause stays in force either way.
+/// pause is how a database restart or failover is ridden out). Session-mode and pinned
+/// clients let their servers go at their next idle point when their session can move
+/// to another server after the pause. Returns once no server of the paused roles is in
+/// use, or with [`ControlError::StillActive`] after `admin.pause_timeout_ms`, naming
+/// each idle client that keeps its server for session state and what that state is;
+/// the pause stays in force either way.
 pub async fn pause(shared: &Shared, role: Option<&str>) -> Result<(), ControlError> {
     if let Some(r) = role {
         known(shared, r)?;
@@ -82,6 +110,9 @@ pub async fn pause(shared: &Shared, role: Option<&str>) -> Result<(), ControlErr
     for name in &names {
         shared.pools.close_role(name);
     }
+    // Clients that keep a server between transactions (session mode, pinned) let it go
+    // at their next idle point if their session can move (session/relay.rs).
+    shared.clients.wake_all();
     tracing::info!(role = role.unwrap_or("*"), "paused");
     let timeout = shared.config().admin.pause_timeout();
     let started = tokio::time::Instant::now();
@@ -94,6 +125,7 @@ pub async fn pause(shared: &Shared, role: Option<&str>) -> Result<(), ControlErr
             return Err(ControlError::StillActive {
                 active,
                 waited: started.elapsed(),
+                held: shared.pause.holders(role),
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -12,7 +12,7 @@ use crate::backend::statements::ServerStatements;
 use crate::proto::frame::{self, Side};
 use crate::proto::{frontend, startup};
 use crate::session::Need;
-use crate::session::prepared::{ClientStatements, Replies, Rewriter};
+use crate::session::prepared::{ClientStatements, Replies, Rewriter, StreamedText};
 use crate::session::state;
 use crate::verifier::ScramSecret;
 
@@ -104,6 +104,7 @@ pub fn prepared_rewriter(data: &[u8]) {
     let mut server = ServerStatements::default();
     let mut replies = Replies::default();
     let mut customs = state::Customs::default();
+    let mut streamed = StreamedText::default();
     let mut rewriter = Rewriter {
         client: &mut client,
         server: &mut server,
@@ -115,6 +116,7 @@ pub fn prepared_rewriter(data: &[u8]) {
         refused: Default::default(),
         effect: state::Effect::default(),
         customs: &mut customs,
+        streamed: &mut streamed,
     };
     let mut buf = BytesMut::from(data);
     let mut out = BytesMut::new();

@@ -124,6 +124,9 @@ pub struct ServerConn {
     pub client_buf: BytesMut,
     /// Its entry in `SHOW SERVERS` while it lives (set by the pool's connector).
     pub registered: Option<crate::registry::Registered<crate::registry::ServerInfo>>,
+    /// A client ran `LOAD` on it: a library may be loaded, which only closing the
+    /// connection undoes (`DISCARD ALL` does not), so it is never handed on.
+    pub loaded: bool,
 }
 
 impl ServerConn {
@@ -293,6 +296,7 @@ impl Target {
             buf,
             client_buf: BytesMut::new(),
             registered: None,
+            loaded: false,
         })
     }
 

@@ -28,12 +28,21 @@ pub struct ClientParams {
 }
 
 impl ClientParams {
+    /// The startup packet's parameters, as they are (the `options` parameter aside).
     pub fn from_startup(params: &[(String, String)]) -> Self {
-        let wants: ParamMap = Arc::new(
+        Self::from_settings(
             params
                 .iter()
                 .filter(|(k, _)| !NOT_PARAMS.contains(&k.as_str()) && !k.starts_with("_pq_."))
-                .map(|(k, v)| (canonical(k), v.clone()))
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+    }
+
+    /// Settings in the order Postgres applies them: a later one of the same name wins.
+    pub fn from_settings<'a>(settings: impl Iterator<Item = (&'a str, &'a str)>) -> Self {
+        let wants: ParamMap = Arc::new(
+            settings
+                .map(|(k, v)| (canonical(k), v.to_owned()))
                 .collect(),
         );
         ClientParams {
@@ -42,13 +51,13 @@ impl ClientParams {
         }
     }
 
-    /// As `from_startup`, sharing the map with the role's previous client when it
+    /// As `from_settings`, sharing the map with the role's previous client when it
     /// asked for the same values (`last` remembers that map).
-    pub fn from_startup_shared(
-        params: &[(String, String)],
+    pub fn shared_from_settings<'a>(
+        settings: impl Iterator<Item = (&'a str, &'a str)>,
         last: &Mutex<Option<ParamMap>>,
     ) -> Self {
-        let mut made = Self::from_startup(params);
+        let mut made = Self::from_settings(settings);
         if let Ok(mut last) = last.lock() {
             match last.as_ref() {
                 Some(known) if **known == *made.startup => {
@@ -141,6 +150,15 @@ impl ServerParams {
         self.synced_to = Some(client.wants.clone());
     }
 
+    /// The value of `name` now, if Postgres reports it (ParameterStatus): as it spells it.
+    pub fn reported(&self, name: &str) -> Option<&str> {
+        let name = canonical(name);
+        if !self.defaults.contains_key(&name) {
+            return None;
+        }
+        self.current.get(&name).map(String::as_str)
+    }
+
     /// The parameters this server's books hold a value for.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.current.keys().map(String::as_str)
@@ -208,6 +226,13 @@ impl ServerParams {
         for (name, value) in client.wants.iter() {
             self.current.insert(name.clone(), value.clone());
         }
+    }
+
+    /// The reported parameters (ParameterStatus) and their values now.
+    pub fn reported_values(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.defaults
+            .keys()
+            .filter_map(|k| self.current.get(k).map(|v| (k.as_str(), v.as_str())))
     }
 
     /// The values a newly logged-in client should be told (ParameterStatus), with the

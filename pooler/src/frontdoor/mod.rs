@@ -79,6 +79,7 @@ fn startup_param<'a>(startup: &'a [(String, String)], key: &str) -> Option<&'a s
 /// user name, as in the app path).
 fn is_console(startup: &[(String, String)]) -> bool {
     startup_param(startup, "database")
+        .filter(|db| !db.is_empty())
         .or_else(|| startup_param(startup, "user"))
         .is_some_and(|db| CONSOLE_DATABASES.contains(&db))
 }
@@ -186,7 +187,7 @@ async fn negotiate(
                 Ok(Some(p)) => break p,
                 Ok(None) => read_within(&mut stream, &mut buf, deadline).await?,
                 Err(e) => {
-                    return fatal(&mut stream, e.sqlstate(), e.to_string()).await;
+                    return fatal_hinted(&mut stream, e.sqlstate(), e.to_string(), e.hint()).await;
                 }
             }
         };
@@ -349,8 +350,24 @@ pub async fn fatal<T>(
     code: SqlState,
     message: String,
 ) -> Result<T, SessionError> {
+    fatal_hinted(stream, code, message, None).await
+}
+
+/// [`fatal`], with the hint Postgres gives for the same fault.
+pub async fn fatal_hinted<T>(
+    stream: &mut Stream,
+    code: SqlState,
+    message: String,
+    hint: Option<&str>,
+) -> Result<T, SessionError> {
     let mut out = BytesMut::new();
-    msg::write_fatal(&mut out, code, &message);
+    msg::error_response(
+        &mut out,
+        &msg::Diagnostic {
+            hint,
+            ..msg::Diagnostic::new(msg::Severity::Fatal, code, &message)
+        },
+    );
     // The client may already be gone; the error is still the session's outcome.
     // Boxed: the timer would otherwise make every future that can end in a FATAL
     // (the relay's, once per transaction) bigger, and its allocation slower.

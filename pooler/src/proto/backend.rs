@@ -513,6 +513,38 @@ pub fn parse_negotiate_protocol_version(body: &[u8]) -> Result<(u32, Vec<&str>),
     Ok((version & 0xffff, names))
 }
 
+/// Appends a server's ErrorResponse (its `body`) as a FATAL one, every other field as
+/// the server wrote it. A startup setting Postgres refuses ends the connection with
+/// FATAL; the pooler learns of the refusal by trying the setting on a server, where it
+/// is an ERROR. The buffer is left as it was if the body is malformed.
+pub fn error_as_fatal(buf: &mut BytesMut, body: &[u8]) -> Result<(), ParseError> {
+    const WHAT: &str = "ErrorResponse";
+    let mut fields = Vec::new();
+    let mut r = Reader::new(body, WHAT);
+    loop {
+        let kind = r.u8()?;
+        if kind == 0 {
+            break;
+        }
+        fields.push((kind, r.cstr()?));
+    }
+    r.end()?;
+    // The body came from the wire whole, so it fits a message again.
+    let _fits = wire::write_message(buf, Some(tag::ERROR_RESPONSE), WHAT, |buf| {
+        for (kind, value) in fields {
+            buf.put_u8(kind);
+            match kind {
+                b'S' | b'V' => buf.put_slice(Severity::Fatal.as_str().as_bytes()),
+                _ => buf.put_slice(value),
+            }
+            buf.put_u8(0);
+        }
+        buf.put_u8(0);
+        Ok(())
+    });
+    Ok(())
+}
+
 /// Appends an ErrorResponse with severity FATAL: what the pooler sends right before it
 /// closes a client connection (authentication failures, protocol violations, shutdown).
 ///

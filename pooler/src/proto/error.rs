@@ -49,8 +49,18 @@ impl SqlState {
     pub const SUCCESSFUL_COMPLETION: SqlState = SqlState("00000");
     /// 01000 warning: a console notice about something that did not take effect.
     pub const WARNING: SqlState = SqlState("01000");
+    /// 25P02 in_failed_sql_transaction: a statement in a transaction that already failed.
+    pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState("25P02");
+    /// 26000 invalid_sql_statement_name: a prepared statement that does not exist.
+    pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState("26000");
     /// 42601 syntax_error: an admin console command the pooler does not know.
     pub const SYNTAX_ERROR: SqlState = SqlState("42601");
+    /// 22023 invalid_parameter_value: e.g. a startup setting's value.
+    pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
+    /// 42501 insufficient_privilege: e.g. a startup setting the role may not make.
+    pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");
+    /// 55P02 cant_change_runtime_param: a startup setting of a parameter fixed at start.
+    pub const CANT_CHANGE_RUNTIME_PARAM: SqlState = SqlState("55P02");
     /// 42704 undefined_object: e.g. `KILL` of a role the pooler has never seen.
     pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");
     /// 55000 object_not_in_prerequisite_state: e.g. `RESUME` of what is not paused.
@@ -61,6 +71,22 @@ impl SqlState {
     /// The five-character code.
     pub const fn code(self) -> &'static str {
         self.0
+    }
+
+    /// The constant for a code a server sent, if the pooler has one.
+    pub fn known(code: &str) -> Option<SqlState> {
+        [
+            SqlState::SYNTAX_ERROR,
+            SqlState::UNDEFINED_OBJECT,
+            SqlState::INVALID_PARAMETER_VALUE,
+            SqlState::INSUFFICIENT_PRIVILEGE,
+            SqlState::CANT_CHANGE_RUNTIME_PARAM,
+            SqlState::FEATURE_NOT_SUPPORTED,
+            SqlState::IN_FAILED_SQL_TRANSACTION,
+            SqlState::INVALID_SQL_STATEMENT_NAME,
+        ]
+        .into_iter()
+        .find(|s| s.0 == code)
     }
 }
 

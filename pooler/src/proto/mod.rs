@@ -10,6 +10,7 @@
 //! - [`backend`]: messages the pooler writes to clients, and the few server messages it
 //!   must read;
 //! - [`frontend`]: client messages the pooler acts on (SASL, password, Query);
+//! - [`options`]: the `options` startup parameter, read as the server reads it;
 //! - [`error`]: SQLSTATE codes and the ErrorResponse helper.
 //!
 //! Frontend messages the pooler sends to servers are written with
@@ -21,6 +22,7 @@ pub mod backend;
 pub mod error;
 pub mod frame;
 pub mod frontend;
+pub mod options;
 pub mod startup;
 
 mod wire;

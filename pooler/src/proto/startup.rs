@@ -87,6 +87,8 @@ pub enum StartupError {
     Malformed(#[from] ParseError),
     #[error("no PostgreSQL user name specified in startup packet")]
     MissingUser,
+    #[error("invalid value for parameter \"replication\": \"{value}\"")]
+    InvalidReplication { value: String },
     #[error("invalid startup parameter name")]
     EmptyParameterName,
     #[error("startup packet is longer than {MAX_STARTUP_LEN} bytes")]
@@ -101,9 +103,79 @@ impl StartupError {
         match self {
             StartupError::UnsupportedProtocol { .. } => SqlState::FEATURE_NOT_SUPPORTED,
             StartupError::MissingUser => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            StartupError::InvalidReplication { .. } => SqlState::INVALID_PARAMETER_VALUE,
             StartupError::Encode(_) => SqlState::INTERNAL_ERROR,
             _ => SqlState::PROTOCOL_VIOLATION,
         }
+    }
+
+    /// The hint PostgreSQL adds to the same fault.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            StartupError::InvalidReplication { .. } => {
+                Some("Valid values are: \"false\", 0, \"true\", 1, \"database\".")
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What the `replication` startup key asks for, read as the server reads it
+/// (backend_startup.c, ProcessStartupPacket): exactly `database`, or a boolean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replication {
+    /// A plain session.
+    Off,
+    /// A physical walsender (`true`, `on`, `1`, …).
+    Physical,
+    /// A logical walsender, connected to the database (`database`).
+    Logical,
+}
+
+impl Replication {
+    pub fn parse(value: &str) -> Option<Replication> {
+        if value == "database" {
+            return Some(Replication::Logical);
+        }
+        parse_bool(value).map(|on| {
+            if on {
+                Replication::Physical
+            } else {
+                Replication::Off
+            }
+        })
+    }
+
+    /// What a packet's parameters ask for: each `replication` key overrides the one
+    /// before, as the server reads them in order.
+    pub fn of(params: &[(String, String)]) -> Replication {
+        params
+            .iter()
+            .filter(|(k, _)| k == "replication")
+            .filter_map(|(_, v)| Replication::parse(v))
+            .next_back()
+            .unwrap_or(Replication::Off)
+    }
+}
+
+/// PostgreSQL's `parse_bool` (bool.c): a non-empty prefix of `true`, `false`, `yes` or
+/// `no`, or of `on`/`off` with at least two letters, any case; or exactly `1` or `0`.
+fn parse_bool(value: &str) -> Option<bool> {
+    let prefix_of = |word: &str, at_least: usize| {
+        value.len() >= at_least
+            && value.len() <= word.len()
+            && word.as_bytes()[..value.len()].eq_ignore_ascii_case(value.as_bytes())
+    };
+    match value.as_bytes().first()?.to_ascii_lowercase() {
+        b't' if prefix_of("true", 1) => Some(true),
+        b'f' if prefix_of("false", 1) => Some(false),
+        b'y' if prefix_of("yes", 1) => Some(true),
+        b'n' if prefix_of("no", 1) => Some(false),
+        b'o' if prefix_of("on", 2) => Some(true),
+        b'o' if prefix_of("off", 2) => Some(false),
+        b'1' if value.len() == 1 => Some(true),
+        b'0' if value.len() == 1 => Some(false),
+        _ => None,
     }
 }
 
@@ -179,6 +251,12 @@ fn decode_params(mut r: Reader<'_>) -> Result<Params, StartupError> {
             break;
         }
         let value = r.str()?;
+        // Refused where the server refuses it, before anything after it is read.
+        if key == "replication" && Replication::parse(value).is_none() {
+            return Err(StartupError::InvalidReplication {
+                value: value.to_owned(),
+            });
+        }
         if key.starts_with(PROTOCOL_OPTION_PREFIX) {
             options.push(key.to_owned());
         } else {

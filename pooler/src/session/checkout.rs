@@ -10,8 +10,14 @@ use crate::shared::{RoleShared, Shared};
 
 /// Returns an idle server its client is done with. A whole session's state (SET,
 /// LISTEN, prepared statements, advisory locks) goes with its client: a session-mode
-/// or pinned client's server is reset first.
+/// or pinned client's server is reset first, and one that ran `LOAD` is closed.
 pub(super) async fn give_back(s: &mut Session, mut server: Checkout<Box<ServerConn>>) {
+    if server.loaded {
+        // No reset unloads a library.
+        s.pin = None;
+        server.discard();
+        return;
+    }
     if s.mode == PoolMode::Session || s.pin.is_some() {
         match reset(&mut server).await {
             Ok(()) => server.release(),

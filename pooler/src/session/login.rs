@@ -11,6 +11,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 
 use super::client::Session;
+use super::settings::{self, Outcome, Requested};
 use crate::auth::cache::{LookupError, PoolMode, RoleAuth, Status};
 use crate::backend::LoginKeys;
 use crate::backend::params::{ClientParams, ServerParams};
@@ -22,6 +23,7 @@ use crate::metrics::AuthResult;
 use crate::net::stream::Stream;
 use crate::proto::SqlState;
 use crate::proto::backend::{self as msg, TransactionStatus};
+use crate::proto::startup::Replication;
 use crate::shared::{RoleShared, Shared};
 use crate::verifier;
 
@@ -48,15 +50,11 @@ pub async fn login(
         )
         .await;
     };
-    let database = get("database").unwrap_or(&user).to_owned();
-    if database != shared.config().upstream.dbname {
-        return fatal(
-            &mut stream,
-            SqlState::INVALID_CATALOG_NAME,
-            format!("database \"{database}\" does not exist"),
-        )
-        .await;
-    }
+    // No database, or an empty one, is the user's name (backend_startup.c).
+    let database = get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_owned();
     // Recorded before the lookup and the exchange, so guesses sent in parallel count
     // (limiter.rs); settled below, and a client that leaves mid-exchange counts.
     let attempt = match shared.limiter.admit(&user, peer.ip(), deadline).await {
@@ -172,17 +170,63 @@ pub async fn login(
     encoded(msg::authentication_sasl_final(&mut out, &server_final))?;
     msg::authentication_ok(&mut out);
 
-    let params = ClientParams::from_startup_shared(&startup, &role.startup_params);
-    let server_params = match role.params() {
-        Some(p) => p,
-        None => match warm_up(shared, &role, &auth).await {
-            Ok(p) => p,
+    // What the client asked for at startup, checked as Postgres would check it (on a
+    // server only when some of it has not passed before).
+    let requested = settings::requested(&startup);
+    let (server_params, outcome) = match (role.params(), requested.known(&role)) {
+        (Some(p), Some(outcome)) => (p, outcome),
+        _ => match prepare(shared, &role, &auth, &requested).await {
+            Ok(both) => both,
             Err((code, message)) => {
                 write_within(&mut stream, &out, deadline).await?;
                 return fatal(&mut stream, code, message).await;
             }
         },
     };
+    // Refused after authentication and before any setting, as Postgres refuses them
+    // (postinit.c, InitPostgres), so a client cannot tell the pooler from the server.
+    if let Some(refusal) = refused_after_login(
+        &startup,
+        &database,
+        &shared.config().upstream.dbname,
+        &server_params,
+    ) {
+        refusal.write(&mut out);
+        // The client may already be gone; the refusal is still the outcome.
+        let _ = write_within(&mut stream, &out, deadline).await;
+        return Err(SessionError::Reported {
+            code: refusal.code,
+            message: refusal.message,
+        });
+    }
+    let reported = match outcome {
+        Outcome::Accepted { reported, notices } => {
+            for notice in notices {
+                out.extend_from_slice(&notice);
+            }
+            reported
+        }
+        Outcome::Refused {
+            notices,
+            error,
+            code,
+            message,
+        } => {
+            for notice in notices {
+                out.extend_from_slice(&notice);
+            }
+            out.extend_from_slice(&error);
+            // The client may already be gone; the refusal is still the outcome.
+            let _ = write_within(&mut stream, &out, deadline).await;
+            return Err(SessionError::Reported { code, message });
+        }
+    };
+    // Reported parameters as Postgres spells them (`utf8` is `UTF8`).
+    let settings = requested.settings.iter().map(|(name, value)| {
+        let value = reported.get(&name.to_ascii_lowercase()).unwrap_or(value);
+        (name.as_str(), value.as_str())
+    });
+    let params = ClientParams::shared_from_settings(settings, &role.startup_params);
     for (name, value) in server_params.announce(&params) {
         // A value the protocol cannot carry (a NUL) is not announced.
         let _ = msg::parameter_status(&mut out, name, value.as_bytes());
@@ -227,19 +271,144 @@ pub async fn login(
     })
 }
 
-/// The first client of a role since start-up: open (and return) a server to learn the
-/// parameters Postgres reports for the role. Later clients log in without Postgres.
-async fn warm_up(
+/// A server of the role, for what a login needs from one: the parameters Postgres
+/// reports for the role and what its functions may leave (the first client since
+/// start-up learns them), and the check of settings that have not passed before.
+/// Later clients log in without Postgres.
+async fn prepare(
     shared: &Shared,
     role: &RoleShared,
     auth: &RoleAuth,
-) -> Result<Arc<ServerParams>, (SqlState, String)> {
-    let server = super::checkout::checkout(shared, role, auth).await?;
-    let params = ServerParams::from_login(&server.params);
-    role.set_params(params);
+    requested: &Requested,
+) -> Result<(Arc<ServerParams>, Outcome), (SqlState, String)> {
+    let mut server = super::checkout::checkout(shared, role, auth).await?;
+    role.set_params(ServerParams::from_login(&server.params));
+    // The role's first client: what its functions may leave (routines.rs). A failure
+    // leaves the role risky, and the look is tried again after a transaction.
+    if role.routines_due(Instant::now(), super::routines::REFRESH) {
+        if let Err(e) = super::upkeep::look_at_routines(role, &mut server).await {
+            tracing::debug!(role = %role.name, error = %e, "looking at the app's functions failed");
+        }
+    }
+    let outcome = match requested.known(role) {
+        Some(outcome) => outcome,
+        None => match requested.check(&mut server, role).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::warn!(role = %role.name, error = %e, "checking startup settings failed");
+                server.discard();
+                return Err((
+                    SqlState::CONNECTION_FAILURE,
+                    format!("the pooler could not check the startup settings: {e}"),
+                ));
+            }
+        },
+    };
     server.release();
-    role.params().ok_or((
+    let params = role.params().ok_or((
         SqlState::CONNECTION_FAILURE,
         "server parameters unavailable".into(),
-    ))
+    ))?;
+    Ok((params, outcome))
+}
+
+/// A login Postgres would refuse once the client has authenticated.
+#[derive(Debug, PartialEq, Eq)]
+struct Refusal {
+    code: SqlState,
+    message: String,
+    detail: Option<&'static str>,
+}
+
+impl Refusal {
+    fn write(&self, out: &mut BytesMut) {
+        msg::error_response(
+            out,
+            &msg::Diagnostic {
+                detail: self.detail,
+                ..msg::Diagnostic::new(msg::Severity::Fatal, self.code, &self.message)
+            },
+        );
+    }
+}
+
+/// What Postgres refuses after authentication, in its order: a walsender (the
+/// `replication` key) for a role without REPLICATION, which no app role has (the
+/// provisioner creates them NOREPLICATION), in the wording of the server's version;
+/// then a database other than the apps' (the pooler serves that one only).
+fn refused_after_login(
+    startup: &[(String, String)],
+    database: &str,
+    served: &str,
+    server: &ServerParams,
+) -> Option<Refusal> {
+    if Replication::of(startup) != Replication::Off {
+        let major = server
+            .reported("server_version")
+            .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|m| m.parse::<u32>().ok());
+        // PostgreSQL 16 reworded it (and added a detail).
+        let (message, detail) = match major {
+            Some(m) if m < 16 => (
+                "must be superuser or replication role to start walsender",
+                None,
+            ),
+            _ => (
+                "permission denied to start WAL sender",
+                Some("Only roles with the REPLICATION attribute may start a WAL sender process."),
+            ),
+        };
+        return Some(Refusal {
+            code: SqlState::INSUFFICIENT_PRIVILEGE,
+            message: message.to_owned(),
+            detail,
+        });
+    }
+    (database != served).then(|| Refusal {
+        code: SqlState::INVALID_CATALOG_NAME,
+        message: format!("database \"{database}\" does not exist"),
+        detail: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn server(version: &str) -> ServerParams {
+        ServerParams::from_login(&packet(&[("server_version", version)]))
+    }
+
+    #[test]
+    fn a_walsender_is_refused_in_the_servers_words_before_the_database() {
+        let walsender = packet(&[("replication", "database")]);
+        let pg15 = refused_after_login(&walsender, "other", "apps", &server("15.18 (Debian)"));
+        assert_eq!(
+            pg15,
+            Some(Refusal {
+                code: SqlState::INSUFFICIENT_PRIVILEGE,
+                message: "must be superuser or replication role to start walsender".into(),
+                detail: None,
+            })
+        );
+        let pg17 = refused_after_login(&walsender, "apps", "apps", &server("17.2")).unwrap();
+        assert_eq!(pg17.message, "permission denied to start WAL sender");
+        assert!(pg17.detail.is_some());
+        let off = packet(&[("replication", "database"), ("replication", "off")]);
+        assert_eq!(
+            refused_after_login(&off, "other", "apps", &server("15.1")).map(|r| r.code),
+            Some(SqlState::INVALID_CATALOG_NAME)
+        );
+        assert_eq!(
+            refused_after_login(&off, "apps", "apps", &server("15.1")),
+            None
+        );
+    }
 }

@@ -4,11 +4,14 @@
 mod checkout;
 mod client;
 mod cursor;
+mod hold;
 mod listen;
 mod login;
 pub mod park;
 pub mod prepared;
 mod relay;
+mod routines;
+mod settings;
 mod signals;
 mod stall;
 pub(crate) mod state;

@@ -15,13 +15,15 @@ use tokio::io::AsyncReadExt;
 use super::checkout::{checkout, give_back, pool_size};
 use super::client::{IDLE_CHUNK, Session, server_lost};
 use super::cursor::{Cursor, CursorError, Event, Need};
+use super::hold::Hold;
 use super::listen;
-use super::prepared::{PreparedLimits, Rest, Rewriter};
+use super::prepared::{PreparedLimits, Rest, Rewriter, StreamedText};
+use super::routines::REFRESH as ROUTINES_REFRESH;
 use super::signals::{Signals, Stop, Woke, wait_idle};
 use super::stall::{Wait, Watch};
 use super::state::{Effect, Windows};
 use super::tracker::MAX_PENDING;
-use super::upkeep::{settle, sync_params};
+use super::upkeep::{after_reset, settle, sync_params};
 use super::wire::{ClientSide, Gone, Relayed, ServerScan, from_server, server_gone, write_or_read};
 use crate::auth::cache::PoolMode;
 use crate::backend::ServerConn;
@@ -47,6 +49,10 @@ enum Linked {
     /// Idle, and the pooler is shutting down: the server goes back (reset if the
     /// client had session state), the client is told to leave.
     Drained,
+    /// Idle, its role paused, and nothing on the server that cannot move: a client
+    /// that keeps its server between transactions (session mode, pinned) lets it go
+    /// (reset), and gets another after RESUME (hold.rs).
+    Paused,
 }
 
 /// An idle client with nothing buffered, for its caller to park (park.rs).
@@ -160,6 +166,7 @@ async fn transaction(
             },
             stall: config.client_stall_timeout(),
             idle_transaction: config.idle_transaction_timeout(),
+            routines_due: s.role.routines_due(linked, ROUTINES_REFRESH),
         }
     };
     let mut scan = ServerScan {
@@ -205,8 +212,10 @@ async fn transaction(
     s.cancel.slot.unlink();
     client.idle();
     match outcome {
+        Ok(Linked::Done) if server.loaded => server.discard(),
         Ok(Linked::Done) => server.release(),
         Ok(Linked::Unknown) => server.discard(),
+        Ok(Linked::Paused) => give_back(s, server).await,
         Ok(Linked::Drained) => {
             give_back(s, server).await;
             return fatal(
@@ -244,7 +253,8 @@ struct Around<'a> {
     limits: &'a Limits,
 }
 
-/// A linked stretch's bounds, read from the configuration once per stretch.
+/// A linked stretch's bounds, read from the configuration once per stretch, and what
+/// else it may have to look at.
 struct Limits {
     max_pinned: usize,
     prepared: PreparedLimits,
@@ -252,6 +262,8 @@ struct Limits {
     stall: Duration,
     /// `idle_transaction_timeout`, when on.
     idle_transaction: Option<Duration>,
+    /// The app's functions are due for a look (routines.rs).
+    routines_due: bool,
 }
 
 /// A read buffer grown past this for a large message is not kept once the stretch
@@ -356,17 +368,24 @@ async fn link(
     let max_prepared = limits.prepared;
     // After the pooler's own SETs: a cancel now reaches the client's query only.
     s.cancel.slot.link(server.key);
+    let mut hold = Hold::new(&shared.pause, client.id, s.role.name.clone());
+    let mut look_at_routines = limits.routines_due;
     let mut client_cursor = Cursor::default();
     // What becomes of the rest of a client message streamed past its head, and the
     // classification of its text (prepared.rs, state/window.rs).
     let mut rest = Rest::Pass;
     let mut windows = Windows::default();
+    let mut streamed = StreamedText::default();
     let mut watch = Watch::default();
     // Reused across batches: no allocation per relayed message once warm.
     let mut edits: Vec<(usize, usize, usize, usize)> = Vec::new();
     let mut scratch = BytesMut::new();
     let mut rewritten = BytesMut::new();
     let session_mode = s.mode == PoolMode::Session;
+    // An app whose functions may leave session state behind a plain call has every
+    // transaction looked at once idle (routines.rs); session mode resets instead.
+    let risky = !session_mode && s.role.routines_risky();
+    let mut ran = false;
     let mut draining = *signals.shutdown.borrow();
     loop {
         // Atomic loads: a stream that keeps the reads below ready must not hide these.
@@ -385,6 +404,7 @@ async fn link(
             listen::deliver(s, shared, signals, client).await?;
         }
         if !s.buf.is_empty() {
+            hold.acted();
             // Before this batch: the server's status, if nothing of the client's is in
             // flight (a prime may then go first).
             let quiet = (!scan.tracker.in_flight() && sbuf.is_empty() && scan.cursor.at_boundary())
@@ -405,6 +425,7 @@ async fn link(
                 refused: Default::default(),
                 effect: Effect::default(),
                 customs: &mut s.customs,
+                streamed: &mut streamed,
             };
             let walked = client_cursor.advance(
                 &s.buf,
@@ -449,6 +470,7 @@ async fn link(
                             Rest::Classify => {
                                 let effect = windows.feed(bytes, last, rewriter.customs);
                                 rewriter.effect.merge(effect);
+                                rewriter.effect.discard |= rewriter.streamed.feed(bytes);
                             }
                             // The rest of a refused message goes nowhere.
                             Rest::Drop => edits.push((at, bytes.len(), 0, 0)),
@@ -494,9 +516,15 @@ async fn link(
                 return fatal(&mut s.stream, SqlState::PROTOCOL_VIOLATION, message).await;
             }
             let effect = rewriter.effect;
+            ran |= risky;
+            // In either mode: a library loaded is there until the connection closes.
+            server.loaded |= effect.discard;
             if !effect.is_none() && !session_mode {
                 take_effect(s, effect, max_pinned, server, sbuf, quiet).await?;
             }
+            // Session mode keeps no books of its own server's state but one: a reset
+            // must bring back the client's startup values.
+            s.pending.reset_all |= session_mode && effect.reset_all;
             // What goes to the server: the client's bytes, or with edits applied.
             let outgoing: &[u8] = if edits.is_empty() {
                 &s.buf[..n]
@@ -570,7 +598,8 @@ async fn link(
             && scan.cursor.at_boundary()
             && sbuf.is_empty();
         if idle && !session_mode {
-            if !s.pending.is_none() {
+            let routine_kinds = if ran { s.role.routine_kinds() } else { 0 };
+            if !s.pending.is_none() || look_at_routines || routine_kinds != 0 {
                 // settle talks to the server through its own buffer: lend it back.
                 std::mem::swap(&mut server.buf, sbuf);
                 let listened = if s.pending.listen {
@@ -581,11 +610,12 @@ async fn link(
                 let settled = match listened {
                     Ok(ack) => {
                         scan.ack = ack;
-                        settle(s, server, max_pinned).await
+                        settle(s, server, max_pinned, look_at_routines, routine_kinds).await
                     }
                     Err(e) => Err(e),
                 };
                 std::mem::swap(&mut server.buf, sbuf);
+                (look_at_routines, ran) = (false, false);
                 // Given back (or closed) first, the transaction's end follows (finish).
                 if !settled? {
                     return Ok(Linked::Unknown);
@@ -600,8 +630,18 @@ async fn link(
                 listen::finish(s, shared, scan.ack.take(), held).await?;
             }
         }
+        if idle && session_mode && s.pending.reset_all {
+            std::mem::swap(&mut server.buf, sbuf);
+            let done = after_reset(s, server).await;
+            std::mem::swap(&mut server.buf, sbuf);
+            done?;
+        }
         if idle && draining {
             return Ok(Linked::Drained);
+        }
+        let holds = idle && (session_mode || s.pin.is_some());
+        if hold.due(holds) && hold.look(s, server, sbuf).await {
+            return Ok(Linked::Paused);
         }
         // Waiting on the client: for the rest of a message or a COPY it started (the
         // server waits), or, in a transaction, for its next request.
@@ -651,6 +691,7 @@ async fn link(
                 watch.progress += 1;
             }
             wait = watch.expired() => return stalled(s, scan, limits, wait).await,
+            () = hold.wait(holds, client) => {}
             // A pinned client between its transactions: notifications go out now.
             () = listen::ready(client, inbox.as_deref()) => {
                 listen::deliver(s, shared, signals, client).await?;

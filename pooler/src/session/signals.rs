@@ -64,6 +64,23 @@ impl Signals {
     }
 }
 
+/// Resolves once `role` is paused: a client that keeps its server between transactions
+/// then looks whether it can let it go. `PAUSE` wakes every client after the switch.
+pub(super) fn paused<'a>(
+    pause: &'a crate::shared::Pause,
+    role: &'a str,
+    client: &'a ClientInfo,
+) -> impl std::future::Future<Output = ()> + 'a {
+    std::future::poll_fn(move |cx| {
+        client.signal().register(cx.waker());
+        if pause.is_paused(role) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+}
+
 /// What ended an idle client's wait.
 pub(super) enum Woke {
     /// A read's result (0: the client left).

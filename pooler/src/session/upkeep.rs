@@ -9,6 +9,7 @@ use postgres_protocol::message::backend::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::client::{Session, server_lost};
+use super::routines;
 use super::state::{self, READ_BACK};
 use crate::backend::ServerConn;
 use crate::frontdoor::{SessionError, fatal};
@@ -197,27 +198,77 @@ pub(super) async fn next_message(
 /// be closed rather than handed on; a pinned client keeps it and the read-back is
 /// retried. An error: the client made state it may not keep (no pin slot), and was told
 /// so; its server must be closed.
+///
+/// `routines`: the app's functions are due for a look (routines.rs), which then runs
+/// here too; so does it after the client changed one. `routine_kinds`: what the app's
+/// functions may have left in this stretch, to look for (0: nothing).
 pub(super) async fn settle(
     s: &mut Session,
     server: &mut ServerConn,
     max_pinned: usize,
+    routines: bool,
+    routine_kinds: u16,
 ) -> Result<bool, SessionError> {
     let pending = std::mem::take(&mut s.pending);
+    if routines || pending.routines {
+        if let Err(e) = look_at_routines(&s.role, server).await {
+            tracing::debug!(role = %s.role.name, error = %e, "looking at the app's functions failed");
+        }
+    }
+    let carried = carried(s);
+    // A probe may have left state (a lock, a setting) whatever the books say: look even
+    // when the client is not pinned. A check only matters to a pinned client. After an
+    // app's function may have run, look for what its functions may leave.
+    let full = pending.probe || (pending.check && s.pin.is_some());
+    let kinds = if full {
+        state::ALL_STATE
+    } else {
+        routine_kinds
+    };
+    let probe = pending.probe || routine_kinds != 0;
+    let check = (kinds != 0).then(|| {
+        let mut customs = s.customs.clone();
+        for name in s.role.routine_customs() {
+            customs.noted(&name);
+        }
+        state::state_left_sql(&escape_literal(&s.role.name), &customs, &carried, kinds)
+    });
+    // A SET of a parameter the client's startup settings carry pins and asks for a
+    // check: read it back too, so its new value is what follows the client; so are
+    // the tracked ones after a function that may set parameters.
+    let read_back_too = pending.read_back
+        || routine_kinds & state::kind::SETTINGS != 0
+        || (!carried.is_empty() && (pending.check || probe));
+    let mut checked = None;
     let read = if pending.reset_all {
         read_after_reset(s, server).await
-    } else if pending.read_back {
-        read_back(s, server).await
+    } else if read_back_too {
+        // With the check in the same round trip, when both are due.
+        let sql = match &check {
+            Some(check) => format!("{}; {check}", state::read_back_sql(&carried)),
+            None => state::read_back_sql(&carried),
+        };
+        match bounded_rows(server, &sql).await {
+            Ok(rows) => {
+                let mut rows = rows.into_iter();
+                let read = apply_read_back(s, server, &carried, rows.next());
+                checked = check.is_some().then(|| rows.next());
+                read
+            }
+            Err(e) => Err(e),
+        }
     } else {
         Ok(())
     };
     if let Err(e) = &read {
         tracing::debug!(role = %s.role.name, error = %e, "reading parameters back failed");
     }
-    // A probe may have left state (a lock, a setting) whatever the books say: look even
-    // when the client is not pinned. A check only matters to a pinned client.
-    if pending.probe || (pending.check && s.pin.is_some()) {
-        let sql = state::state_left_sql(&escape_literal(&s.role.name), &s.customs);
-        let left = match bounded(server, &sql).await {
+    if let Some(sql) = &check {
+        let row = match checked {
+            Some(row) => Ok(row),
+            None => bounded(server, sql).await,
+        };
+        let left = match row {
             Ok(Some(row)) => row.first().cloned().flatten().map(|n| n != "0"),
             Ok(None) => None,
             Err(e) => {
@@ -226,6 +277,8 @@ pub(super) async fn settle(
             }
         };
         match left {
+            // A loaded library is state no check sees: the client stays pinned.
+            Some(false) if server.loaded => {}
             Some(false) => {
                 if s.pin.take().is_some() {
                     tracing::debug!(role = %s.role.name, "session state gone: client unpinned");
@@ -240,12 +293,15 @@ pub(super) async fn settle(
             // state left (the client must not lose a lock it may hold).
             None => {
                 s.pending.check |= pending.check;
-                s.pending.probe |= pending.probe;
-                if pending.probe && s.pin.is_none() {
+                s.pending.probe |= probe;
+                if probe && s.pin.is_none() {
                     pin_or_refuse(s, max_pinned).await?;
                 }
             }
         }
+    }
+    if pending.reset_all && read.is_ok() {
+        resync(s, server).await?;
     }
     if read.is_err() {
         if s.pin.is_some() {
@@ -264,17 +320,104 @@ pub(super) async fn settle(
     Ok(true)
 }
 
-/// Reads back the tracked parameters Postgres does not report.
+/// After a reset the server's parameters are at its login values, where a direct
+/// client's are back at its startup values: set those again at once, and tell the
+/// client of each reported one that changed (ParameterStatus), as Postgres tells a
+/// client of every change it makes.
+async fn resync(s: &mut Session, server: &mut ServerConn) -> Result<(), SessionError> {
+    let before: Vec<(String, String)> = server
+        .state
+        .reported_values()
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        .collect();
+    sync_params(s, server).await?;
+    let mut out = BytesMut::new();
+    for (name, value) in server.state.reported_values() {
+        if !before.iter().any(|(n, v)| n == name && v == value) {
+            // A value the protocol cannot carry (a NUL) is not announced.
+            let _ = crate::proto::backend::parameter_status(&mut out, name, value.as_bytes());
+        }
+    }
+    if !out.is_empty() {
+        s.stream.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// Session mode, after the client's `RESET` or `DISCARD ALL`: what `settle` does in
+/// transaction mode for resets (its server is its own, nothing else is looked at).
+pub(super) async fn after_reset(
+    s: &mut Session,
+    server: &mut ServerConn,
+) -> Result<(), SessionError> {
+    s.pending.reset_all = false;
+    match read_after_reset(s, server).await {
+        Ok(()) => resync(s, server).await,
+        Err(e) => {
+            tracing::debug!(role = %s.role.name, error = %e, "reading parameters back failed");
+            Ok(())
+        }
+    }
+}
+
+/// The parameters the pooler sets for this client on every server besides the
+/// tracked ones: its startup settings (`-c work_mem=…`, `app.tenant=…`), lower case.
+fn carried(s: &Session) -> Vec<String> {
+    s.params
+        .iter()
+        .map(|(name, _)| name.to_ascii_lowercase())
+        .filter(|name| !state::TRACKED.contains(&name.as_str()))
+        .collect()
+}
+
+/// Reads back the tracked parameters Postgres does not report, and the client's
+/// carried ones.
 async fn read_back(s: &mut Session, server: &mut ServerConn) -> Result<(), std::io::Error> {
-    let row = bounded(server, &state::read_back_sql())
-        .await?
-        .ok_or_else(|| std::io::Error::other("no row from the read-back"))?;
-    for (name, value) in READ_BACK.iter().zip(row) {
+    let carried = carried(s);
+    let row = bounded(server, &state::read_back_sql(&carried)).await?;
+    apply_read_back(s, server, &carried, row)
+}
+
+/// The row of `read_back_sql` into both sides' books.
+fn apply_read_back(
+    s: &mut Session,
+    server: &mut ServerConn,
+    carried: &[String],
+    row: Option<Row>,
+) -> Result<(), std::io::Error> {
+    let row = row.ok_or_else(|| std::io::Error::other("no row from the read-back"))?;
+    let names = READ_BACK
+        .iter()
+        .copied()
+        .chain(carried.iter().map(String::as_str));
+    for (name, value) in names.zip(row) {
         if let Some(value) = value {
             server.state.record(name, &value);
             s.params.record(name, &value);
         }
     }
+    Ok(())
+}
+
+/// Looks at what the app's functions may leave on a session (routines.rs).
+pub(super) async fn look_at_routines(
+    role: &crate::shared::RoleShared,
+    server: &mut ServerConn,
+) -> Result<(), std::io::Error> {
+    let rows = bounded_rows(server, &routines::routines_sql()).await?;
+    let rows: Vec<(String, Option<String>)> = rows
+        .into_iter()
+        .map(|mut r| {
+            let body = r.get_mut(1).and_then(Option::take);
+            let language = r.into_iter().next().flatten().unwrap_or_default();
+            (language, body)
+        })
+        .collect();
+    let (kinds, customs) = routines::judge(rows.iter().map(|(l, b)| (l.as_str(), b.as_deref())));
+    if (kinds != 0) != role.routines_risky() {
+        tracing::info!(role = %role.name, risky = kinds != 0, "looked at the app's functions: every transaction is checked when they may leave session state");
+    }
+    role.set_routines(kinds, customs.to_names());
     Ok(())
 }
 
@@ -315,6 +458,35 @@ async fn read_after_reset(s: &mut Session, server: &mut ServerConn) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Under a pause: whether an idle client that keeps its server (session mode, pinned)
+/// could move to another one. `None`: nothing is left that cannot follow it (its
+/// unreported parameters are read back first, so they do); otherwise what is left,
+/// for `PAUSE` to report.
+pub(super) async fn what_holds(s: &mut Session, server: &mut ServerConn) -> Option<String> {
+    if server.loaded {
+        return Some("a library loaded with LOAD".into());
+    }
+    if let Err(e) = read_back(s, server).await {
+        return Some(format!("its parameters could not be read: {e}"));
+    }
+    let carried = carried(s);
+    let (sql, labels) = state::state_parts_sql(&escape_literal(&s.role.name), &s.customs, &carried);
+    let row = match bounded(server, &sql).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return Some("its session state could not be read".into()),
+        Err(e) => return Some(format!("its session state could not be read: {e}")),
+    };
+    let left: Vec<String> = labels
+        .iter()
+        .zip(row)
+        .filter_map(|(label, n)| {
+            let n = n?;
+            (n != "0").then(|| format!("{label}: {n}"))
+        })
+        .collect();
+    (!left.is_empty()).then(|| left.join(", "))
 }
 
 /// Pins a client whose state turned out to be left on its server, or tells it it may

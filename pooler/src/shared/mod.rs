@@ -8,8 +8,11 @@ mod roles;
 
 pub use cancel::{CancelHandle, CancelMap};
 pub use connector::{Backoff, PassThrough};
-pub use pause::{Pause, Paused};
-pub use roles::{ClientSlot, MISMATCH_BACKOFF, PinSlot, RoleShared, Roles};
+pub use pause::{Held, Pause, Paused};
+pub use roles::{
+    CheckedSetting, ClientSlot, MAX_CHECKED_SETTING_BYTES, MAX_CHECKED_SETTINGS, MISMATCH_BACKOFF,
+    PinSlot, RoleShared, Roles,
+};
 
 use std::sync::Arc;
 

@@ -1,8 +1,8 @@
 //! The pause switch that `PAUSE`/`RESUME` turn and every checkout reads.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
@@ -28,6 +28,20 @@ impl Paused {
 pub struct Pause {
     any: AtomicBool,
     state: watch::Sender<Paused>,
+    /// Bumped by every change, so a client holding a server looks again at a new pause.
+    version: AtomicU64,
+    /// Clients that hold a server through a pause because their session has state that
+    /// cannot move to another server, by client id: what `PAUSE` reports it waits for.
+    /// At most one entry per client, removed when it lets go or leaves.
+    held: Mutex<BTreeMap<u64, Held>>,
+}
+
+/// A client that keeps its server through a pause, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub role: Arc<str>,
+    /// What is left on its server, e.g. "LISTEN channels: 1, temporary relations: 2".
+    pub what: String,
 }
 
 impl Default for Pause {
@@ -35,6 +49,8 @@ impl Default for Pause {
         Pause {
             any: AtomicBool::new(false),
             state: watch::Sender::new(Paused::default()),
+            version: AtomicU64::new(0),
+            held: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -42,6 +58,34 @@ impl Default for Pause {
 impl Pause {
     pub fn is_paused(&self, role: &str) -> bool {
         self.any.load(Ordering::Acquire) && self.state.borrow().covers(role)
+    }
+
+    /// Changes with every pause and resume.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    fn held_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Client `id` keeps its server through the pause, for `held.what`.
+    pub fn hold(&self, id: u64, held: Held) {
+        self.held_map().insert(id, held);
+    }
+
+    /// Client `id` no longer holds a server for the pause (it let go, acted, or left).
+    pub fn let_go(&self, id: u64) {
+        self.held_map().remove(&id);
+    }
+
+    /// The clients holding servers of `role` (or of any role) through the pause.
+    pub fn holders(&self, role: Option<&str>) -> Vec<(u64, Held)> {
+        self.held_map()
+            .iter()
+            .filter(|(_, h)| role.is_none_or(|r| *h.role == *r))
+            .map(|(id, h)| (*id, h.clone()))
+            .collect()
     }
 
     pub fn snapshot(&self) -> Paused {
@@ -75,6 +119,10 @@ impl Pause {
             self.any.store(!p.is_empty(), Ordering::Release);
             *p != before
         });
+        self.version.fetch_add(1, Ordering::AcqRel);
+        if !self.any.load(Ordering::Acquire) {
+            self.held_map().clear();
+        }
         result
     }
 }

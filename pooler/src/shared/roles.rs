@@ -16,6 +16,18 @@ use crate::registry::{ClientInfo, Registry};
 /// before the pooler tries to log in as it again.
 pub const MISMATCH_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Startup settings remembered per role as accepted; past this the memory starts over.
+pub const MAX_CHECKED_SETTINGS: usize = 256;
+/// A setting longer than this (name and value) is checked every time, not remembered.
+pub const MAX_CHECKED_SETTING_BYTES: usize = 512;
+
+/// A startup setting a server of the role accepted without a notice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckedSetting {
+    /// The value as Postgres reports it (ParameterStatus), for a reported parameter.
+    pub reported: Option<String>,
+}
+
 /// Per-role state that outlives any one client.
 pub struct RoleShared {
     pub name: Arc<str>,
@@ -36,6 +48,18 @@ pub struct RoleShared {
     killed: std::sync::atomic::AtomicBool,
     /// Transactions and requests relayed, for per-role metrics.
     pub counts: RoleCounts,
+    /// Startup settings its servers accepted, by `name\0value`: a client asking for
+    /// only these logs in without a check on a server.
+    checked: Mutex<HashMap<String, Arc<CheckedSetting>>>,
+    /// The kinds of session state the app's functions may leave (a mask of
+    /// session/state's kinds; session/routines.rs): every transaction of its clients
+    /// is looked at for them. All kinds until first looked at.
+    routine_kinds: std::sync::atomic::AtomicU16,
+    /// When they were last looked at, in ms since `born` (0: never).
+    routines_seen_ms: std::sync::atomic::AtomicU64,
+    born: Instant,
+    /// Custom parameters the app's functions may set, for the state check.
+    routine_customs: Mutex<Vec<String>>,
 }
 
 /// A pinned client's place under `max_pinned_per_role`; given back on drop.
@@ -65,7 +89,86 @@ impl RoleShared {
             pinned: Arc::default(),
             killed: Default::default(),
             counts: Default::default(),
+            checked: Mutex::new(HashMap::new()),
+            routine_kinds: std::sync::atomic::AtomicU16::new(u16::MAX),
+            routines_seen_ms: std::sync::atomic::AtomicU64::new(0),
+            born: Instant::now(),
+            routine_customs: Mutex::new(Vec::new()),
         }
+    }
+
+    /// What the app's functions may leave behind a plain `SELECT f()` (all, if never
+    /// looked at): every transaction of its clients is looked at for it. 0: nothing.
+    pub fn routine_kinds(&self) -> u16 {
+        self.routine_kinds
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the app's functions may leave session state at all.
+    pub fn routines_risky(&self) -> bool {
+        self.routine_kinds() != 0
+    }
+
+    /// The app's functions have not been looked at within `every` of `now` (an
+    /// instant the caller has anyway: no clock read here).
+    pub fn routines_due(&self, now: Instant, every: Duration) -> bool {
+        let seen = self
+            .routines_seen_ms
+            .load(std::sync::atomic::Ordering::Acquire);
+        let now =
+            u64::try_from(now.saturating_duration_since(self.born).as_millis()).unwrap_or(u64::MAX);
+        seen == 0 || now.saturating_sub(seen) >= u64::try_from(every.as_millis()).unwrap_or(0)
+    }
+
+    /// What a look at the app's functions found: the kinds of state they may leave,
+    /// and the custom parameters they may set.
+    pub fn set_routines(&self, kinds: u16, customs: Vec<String>) {
+        use std::sync::atomic::Ordering;
+        *self
+            .routine_customs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = customs;
+        self.routine_kinds.store(kinds, Ordering::Release);
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.routines_seen_ms.store(now.max(1), Ordering::Release);
+    }
+
+    /// Custom parameters the app's functions may set.
+    pub fn routine_customs(&self) -> Vec<String> {
+        self.routine_customs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// What a server of the role said about startup setting `name = value`, if it
+    /// accepted it before.
+    pub fn checked_setting(&self, name: &str, value: &str) -> Option<Arc<CheckedSetting>> {
+        let map = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if map.is_empty() {
+            return None;
+        }
+        map.get(&format!("{name}\0{value}")).cloned()
+    }
+
+    /// Remembers that a server of the role accepted `name = value`.
+    pub fn remember_setting(&self, name: &str, value: &str, checked: CheckedSetting) {
+        if name.len() + value.len() > MAX_CHECKED_SETTING_BYTES {
+            return;
+        }
+        let mut map = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_CHECKED_SETTINGS {
+            map.clear();
+        }
+        map.insert(format!("{name}\0{value}"), Arc::new(checked));
+    }
+
+    /// The role changed (revoked, rotated): what its servers accepted may change too.
+    fn forget_settings(&self) {
+        self.checked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// The console's KILL: every client of the role is told to leave (57P01), as on a
@@ -147,6 +250,8 @@ impl RoleShared {
         if slot.as_ref().is_some_and(|k| k.generation < generation) {
             *slot = None;
         }
+        drop(slot);
+        self.forget_settings();
         *self
             .mismatch_until
             .lock()
@@ -188,6 +293,7 @@ impl RoleShared {
         self.killed
             .store(false, std::sync::atomic::Ordering::Release);
         *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.forget_settings();
         self.revoked.send_modify(|n| *n += 1);
     }
 

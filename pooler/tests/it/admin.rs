@@ -9,7 +9,7 @@ use tokio::process::Command;
 use tokio_postgres::SimpleQueryMessage;
 
 use crate::common::{
-    ADMIN_PASSWORD, ADMIN_USER, Env, env, eventually, message, sqlstate, with_admin,
+    ADMIN_PASSWORD, ADMIN_USER, Env, env, eventually, message, sqlstate, value, with_admin,
 };
 
 /// The rows of a console command, each as column → text.
@@ -294,6 +294,80 @@ async fn pause_holds_new_transactions_until_resume() {
     assert!(e.pooler.shared.pause.is_paused(&app.role));
     console.simple_query("RESUME").await.unwrap();
     busy.simple_query("SELECT 1").await.unwrap();
+}
+
+/// PAUSE while clients sit idle on servers they keep between transactions: a session-
+/// mode client lets its server go at its idle point and gets another (with its
+/// parameters) after RESUME, so PAUSE completes; a pinned client whose state cannot
+/// move keeps its server, and PAUSE says which client and what it holds.
+#[tokio::test]
+async fn pause_takes_servers_from_idle_clients_that_keep_them() {
+    let e = env(|c| {
+        with_admin(c);
+        c.session_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin.pause_timeout_ms = 1_500;
+    })
+    .await;
+    let app = e.app_with_pool(3).await;
+    let session_port = e.pooler.session_addr.unwrap().port();
+    let console = e.console().await;
+    let in_session =
+        dataplane_tests::connect(&e.config_on_port(&app.role, &app.password, session_port))
+            .await
+            .unwrap();
+    in_session
+        .batch_execute("SET TimeZone = 'Asia/Tokyo'; SET statement_timeout = '7s'")
+        .await
+        .unwrap();
+    let pid = value(&in_session, "SELECT pg_backend_pid()").await;
+
+    // Only an idle session-mode client: PAUSE completes.
+    let pause = format!("PAUSE {}", app.role);
+    console.simple_query(&pause).await.unwrap();
+    console
+        .simple_query(&format!("RESUME {}", app.role))
+        .await
+        .unwrap();
+    assert_ne!(
+        value(&in_session, "SELECT pg_backend_pid()").await,
+        pid,
+        "a new server after the pause"
+    );
+    assert_eq!(value(&in_session, "SHOW TimeZone").await, "Asia/Tokyo");
+    assert_eq!(value(&in_session, "SHOW statement_timeout").await, "7s");
+
+    // A client pinned by an SQL prepared statement cannot move, nor can a session-mode
+    // client listening on a channel (in session mode LISTEN stays on its server): PAUSE
+    // names both, and what each holds.
+    let pinned = e.connect(&app).await;
+    pinned
+        .batch_execute("PREPARE mine AS SELECT 1")
+        .await
+        .unwrap();
+    let listener = e.connect_on(&app, session_port).await;
+    listener.batch_execute("LISTEN somewhere").await.unwrap();
+    in_session.simple_query("SELECT 1").await.unwrap();
+    let err = console.simple_query(&pause).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "55000");
+    let text = message(&err);
+    assert!(text.contains("2 held by idle clients"), "{text}");
+    assert!(
+        text.contains(&format!("of role \"{}\"", app.role)),
+        "{text}"
+    );
+    assert!(text.contains("SQL prepared statements: 1"), "{text}");
+    assert!(text.contains("LISTEN channels: 1"), "{text}");
+    // Once they let go of what they hold, their servers go back.
+    pinned.batch_execute("DEALLOCATE mine").await.unwrap();
+    listener.batch_execute("UNLISTEN *").await.unwrap();
+    console.simple_query(&pause).await.unwrap();
+    console
+        .simple_query(&format!("RESUME {}", app.role))
+        .await
+        .unwrap();
+    pinned.simple_query("SELECT 1").await.unwrap();
+    listener.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(value(&in_session, "SHOW TimeZone").await, "Asia/Tokyo");
 }
 
 #[tokio::test]

@@ -152,6 +152,13 @@ impl Env {
             .unwrap()
     }
 
+    /// A client of `app` through one of the pooler's ports.
+    pub async fn connect_on(&self, app: &App, port: u16) -> tokio_postgres::Client {
+        dataplane_tests::connect(&self.config_on_port(&app.role, &app.password, port))
+            .await
+            .unwrap()
+    }
+
     pub async fn connect(&self, app: &App) -> tokio_postgres::Client {
         dataplane_tests::connect(&self.config(&app.role, &app.password))
             .await

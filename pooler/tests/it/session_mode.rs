@@ -3,17 +3,7 @@
 
 use provisioner::ddl::{LimitsPatch, PoolMode};
 
-use crate::common::{App, Env, env};
-
-async fn one_value(client: &tokio_postgres::Client, sql: &str) -> String {
-    let rows = client.simple_query(sql).await.unwrap();
-    rows.iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .unwrap()
-}
+use crate::common::{App, Env, env, value};
 
 async fn keeps_its_server_and_leaves_nothing(e: &Env, app: &App, port: u16) {
     let connect = || {
@@ -21,7 +11,7 @@ async fn keeps_its_server_and_leaves_nothing(e: &Env, app: &App, port: u16) {
         async move { dataplane_tests::connect(&config).await.unwrap() }
     };
     let first = connect().await;
-    let pid = one_value(&first, "SELECT pg_backend_pid()").await;
+    let pid = value(&first, "SELECT pg_backend_pid()").await;
     first
         .batch_execute(
             "SET statement_timeout = 1234; LISTEN somewhere; SELECT pg_advisory_lock(42)",
@@ -30,30 +20,30 @@ async fn keeps_its_server_and_leaves_nothing(e: &Env, app: &App, port: u16) {
         .unwrap();
     for _ in 0..5 {
         assert_eq!(
-            one_value(&first, "SELECT pg_backend_pid()").await,
+            value(&first, "SELECT pg_backend_pid()").await,
             pid,
             "the session moved"
         );
     }
-    assert_eq!(one_value(&first, "SHOW statement_timeout").await, "1234ms");
+    assert_eq!(value(&first, "SHOW statement_timeout").await, "1234ms");
     drop(first);
 
     // pool_size 1: the next client gets the same server, reset.
     let next = connect().await;
     let mut same_server = false;
     for _ in 0..50 {
-        if one_value(&next, "SELECT pg_backend_pid()").await == pid {
+        if value(&next, "SELECT pg_backend_pid()").await == pid {
             same_server = true;
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(same_server, "pool_size 1 should reuse the server");
-    assert_ne!(one_value(&next, "SHOW statement_timeout").await, "1234ms");
-    let channels = one_value(&next, "SELECT count(*)::text || ' ' || coalesce(string_agg(c, ','), '') FROM pg_listening_channels() c").await;
+    assert_ne!(value(&next, "SHOW statement_timeout").await, "1234ms");
+    let channels = value(&next, "SELECT count(*)::text || ' ' || coalesce(string_agg(c, ','), '') FROM pg_listening_channels() c").await;
     assert_eq!(channels.trim(), "0", "listening on {channels} in pid {pid}");
     assert_eq!(
-        one_value(
+        value(
             &next,
             // This server's locks only: the other session-mode test runs beside this
             // one and takes the same lock.

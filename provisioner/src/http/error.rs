@@ -103,6 +103,36 @@ pub fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
     response
 }
 
+/// Every `code` a response can carry: the API's own, then those of [`as_problem`].
+/// The OpenAPI document's `Problem.code` enum must list exactly these (a test checks).
+pub const CODES: &[&str] = &[
+    "unauthorized",
+    "invalid_name",
+    "invalid_body",
+    "invalid_limits",
+    "not_found",
+    "conflict",
+    "database_unavailable",
+    "internal",
+    "bad_request",
+    "method_not_allowed",
+    "payload_too_large",
+];
+
+/// The code of an error the HTTP layer made before a handler ran. The statuses it can
+/// make here: 400 (an undecodable path segment or query string), 405 (a method the path
+/// lacks), 413 (a body past `DefaultBodyLimit`'s 2 MiB); handlers read bodies as bytes,
+/// so no content type is ever refused. Anything else maps to the nearest code.
+fn framework_code(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::NOT_FOUND => "not_found",
+        _ if status.is_server_error() => "internal",
+        _ => "bad_request",
+    }
+}
+
 /// Errors axum produces before a handler runs (an undecodable path, a bad query
 /// string, a wrong method) arrive as plain text; clients get problem+json for every
 /// failure, so those are rewritten here with a code derived from the status.
@@ -115,15 +145,7 @@ pub async fn as_problem(response: Response) -> Response {
     if !(status.is_client_error() || status.is_server_error()) || is_problem {
         return response;
     }
-    let code = match status {
-        StatusCode::BAD_REQUEST => "bad_request",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        StatusCode::NOT_FOUND => "not_found",
-        _ if status.is_server_error() => "internal",
-        _ => "bad_request",
-    };
+    let code = framework_code(status);
     let allow = response.headers().get(header::ALLOW).cloned();
     let body = axum::body::to_bytes(response.into_body(), 4096)
         .await
@@ -138,4 +160,31 @@ pub async fn as_problem(response: Response) -> Response {
         out.headers_mut().insert(header::ALLOW, allow);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_made_is_listed() {
+        let errors = [
+            ApiError::Unauthorized,
+            ApiError::InvalidName(crate::names::NameError::Env(String::new())),
+            ApiError::InvalidBody(String::new()),
+            ApiError::InvalidLimits(String::new()),
+            ApiError::NotFound(String::new()),
+            ApiError::Conflict(String::new()),
+            ApiError::Unavailable,
+            ApiError::Internal,
+        ];
+        for e in &errors {
+            assert!(CODES.contains(&e.code()), "{}", e.code());
+        }
+        for status in 400..600u16 {
+            let status = StatusCode::from_u16(status).unwrap();
+            let code = framework_code(status);
+            assert!(CODES.contains(&code), "{status}: {code}");
+        }
+    }
 }

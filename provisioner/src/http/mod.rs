@@ -17,7 +17,7 @@ use axum::response::Response;
 use axum::routing::{get, post, put};
 use tracing::Instrument;
 
-pub use error::ApiError;
+pub use error::{ApiError, CODES as PROBLEM_CODES};
 
 use crate::config::{ApiToken, PublicEndpoint};
 use crate::ddl::Provisioner;

@@ -145,6 +145,73 @@ mod tests {
         }
     }
 
+    /// The statuses the HTTP layer gives before a handler runs are documented where
+    /// they can happen: 400 on every operation whose path or query is decoded, 413 on
+    /// every one that reads a body.
+    #[test]
+    fn statuses_the_http_layer_makes_are_documented() {
+        let doc = spec();
+        for (path, method, op) in operations(&doc) {
+            let responses = &op["responses"];
+            let decodes = path.contains('{') || path == "/v1/apps";
+            assert_eq!(
+                responses["400"].is_object(),
+                decodes,
+                "{method} {path}: 400 documented iff the request line is decoded"
+            );
+            let reads_body = method == "put" || method == "patch";
+            assert_eq!(
+                responses["413"].is_object(),
+                reads_body,
+                "{method} {path}: 413 documented iff a body is read"
+            );
+        }
+    }
+
+    #[test]
+    fn problem_codes_are_exactly_the_codes_made() {
+        let doc = spec();
+        let listed: BTreeSet<String> =
+            doc["components"]["schemas"]["Problem"]["properties"]["code"]["enum"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect();
+        let made: BTreeSet<String> = super::super::error::CODES
+            .iter()
+            .map(|c| (*c).to_owned())
+            .collect();
+        assert_eq!(listed, made);
+    }
+
+    /// Path parameters state the bounds `names.rs` enforces, so a generated client
+    /// refuses what the server would.
+    #[test]
+    fn path_parameters_have_patterns_and_bounds() {
+        let doc = spec();
+        let params = &doc["components"]["parameters"];
+        let tenant = &params["TenantId"]["schema"];
+        assert_eq!(tenant["pattern"], "^[1-9][0-9]{0,11}$");
+        assert_eq!(tenant["maxLength"], 12);
+        let schemas = &doc["components"]["schemas"];
+        let slug = &schemas["Slug"];
+        // The shortest role around a slug: tk_t1_p<slug>_a.
+        let room = crate::names::MAX_IDENTIFIER_BYTES - "tk_t1_p_a".len();
+        assert_eq!(slug["maxLength"], room);
+        assert!(crate::names::Slug::parse(&"a".repeat(room)).is_ok());
+        let name = crate::names::AppName::parse("1", &"a".repeat(room), "a");
+        assert!(name.is_ok());
+        let over = crate::names::AppName::parse("1", &"a".repeat(room + 1), "a");
+        assert!(over.is_err());
+        assert_eq!(schemas["Env"]["maxLength"], 16);
+        assert!(schemas["Env"]["pattern"].is_string());
+        for p in ["TenantId", "Slug", "Env"] {
+            assert_eq!(params[p]["in"], "path");
+            assert_eq!(params[p]["required"], true);
+        }
+    }
+
     #[test]
     fn schemas_match_the_serialized_types() {
         let doc = spec();

@@ -283,3 +283,109 @@ async fn metrics_count_requests_and_operations() {
     assert_eq!(spec.status, 200);
     assert!(spec.json()["openapi"].as_str().unwrap().starts_with("3."));
 }
+
+/// The operation of `openapi.json` a request reaches: its path template and method.
+fn operation_of(doc: &serde_json::Value, method: &str, uri: &str) -> serde_json::Value {
+    let path = uri.split('?').next().unwrap();
+    let segments: Vec<&str> = path.split('/').collect();
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        let parts: Vec<&str> = template.split('/').collect();
+        let fits = parts.len() == segments.len()
+            && parts
+                .iter()
+                .zip(&segments)
+                .all(|(t, s)| t.starts_with('{') || t == s);
+        if fits {
+            return item[method.to_lowercase()].clone();
+        }
+    }
+    panic!("{method} {uri} matches no path of openapi.json");
+}
+
+/// Every status the API answers, for each kind of failure a client can cause, is one
+/// the served OpenAPI document lists under that operation, with a problem code from
+/// its `Problem.code` enum: generated clients and validators agree with the server.
+#[tokio::test]
+async fn every_status_answered_is_documented() {
+    let t = setup().await;
+    let doc = call(&t.router, "GET", "/openapi.json", None, None)
+        .await
+        .json();
+    let codes = doc["components"]["schemas"]["Problem"]["properties"]["code"]["enum"].clone();
+    let tenant = unique_tenant_id();
+    let app = format!("/v1/apps/{tenant}/documented/dev");
+    let big = format!("{{\"pool_size\": 1, \"x\": \"{}\"}}", "a".repeat(3 << 20));
+    let too_long_slug = format!("/v1/apps/{tenant}/{}/dev", "a".repeat(60));
+    let ensure_first = t.call("PUT", &app, None).await;
+    assert_eq!(ensure_first.status, 201, "{}", ensure_first.text);
+    let cases: Vec<(&str, String, Option<&str>, bool, u16)> = vec![
+        ("PUT", app.clone(), None, true, 200),
+        ("GET", app.clone(), None, true, 200),
+        ("GET", app.clone(), None, false, 401),
+        ("GET", "/v1/apps/7/%FF/dev".into(), None, true, 400),
+        ("GET", "/v1/apps/07/shop/dev".into(), None, true, 422),
+        ("GET", too_long_slug, None, true, 422),
+        (
+            "GET",
+            format!("/v1/apps/{tenant}/ghost/dev"),
+            None,
+            true,
+            404,
+        ),
+        (
+            "GET",
+            "/v1/apps?tenant_id=1&tenant_id=2".into(),
+            None,
+            true,
+            400,
+        ),
+        ("GET", "/v1/apps?tenant_id=".into(), None, true, 422),
+        ("GET", "/v1/apps?tenant_id=x".into(), None, true, 422),
+        (
+            "GET",
+            format!("/v1/apps?tenant_id={tenant}"),
+            None,
+            true,
+            200,
+        ),
+        ("PUT", "/v1/apps/7/%FF/dev".into(), None, true, 400),
+        ("PUT", app.clone(), Some(big.as_str()), true, 413),
+        ("PATCH", app.clone(), Some(big.as_str()), true, 413),
+        ("PATCH", app.clone(), Some("{\"pool_size\": 0}"), true, 422),
+        ("PATCH", app.clone(), Some("not json"), true, 422),
+        ("PATCH", app.clone(), None, true, 422),
+        ("PATCH", app.clone(), Some("{\"pool_size\": 2}"), true, 200),
+        ("POST", format!("{app}/suspend"), None, true, 200),
+        ("POST", format!("{app}/resume"), None, true, 200),
+        ("POST", format!("{app}/rotate-password"), None, true, 200),
+        ("POST", "/v1/apps/7/%FF/dev/suspend".into(), None, true, 400),
+        ("DELETE", "/v1/apps/7/%FF/dev".into(), None, true, 400),
+        ("DELETE", app.clone(), None, true, 204),
+        ("GET", "/healthz".into(), None, false, 200),
+        ("GET", "/readyz".into(), None, false, 200),
+        ("GET", "/metrics".into(), None, false, 200),
+    ];
+    for (method, uri, body, authorized, status) in cases {
+        let token = authorized.then_some(TOKEN);
+        let r = call(&t.router, method, &uri, token, body).await;
+        let short: String = uri.chars().take(60).collect();
+        assert_eq!(r.status.as_u16(), status, "{method} {short}: {}", r.text);
+        let op = operation_of(&doc, method, &uri);
+        assert!(
+            op["responses"][status.to_string()].is_object(),
+            "{method} {short} answers {status}, which openapi.json does not list"
+        );
+        if status >= 400 {
+            let code = r.json()["code"].clone();
+            assert!(
+                codes.as_array().unwrap().contains(&code),
+                "{code} is not in Problem.code"
+            );
+        }
+    }
+    // A method a path lacks: 405 with Allow, a code the document lists.
+    let r = call(&t.router, "POST", &app, Some(TOKEN), None).await;
+    assert_eq!(r.status, 405);
+    assert!(r.headers.contains_key("allow"));
+    assert!(codes.as_array().unwrap().contains(&r.json()["code"]));
+}

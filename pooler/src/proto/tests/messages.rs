@@ -316,6 +316,26 @@ fn extended_protocol_heads_and_row_messages_round_trip() {
 }
 
 #[test]
+fn a_server_error_is_resent_as_fatal_with_its_other_fields() {
+    let body = b"SERROR\0VERROR\0C42704\0Munrecognized configuration parameter \"x\"\0\
+                 Dsome detail\0Fguc.c\0L42\0\0";
+    let mut b = BytesMut::new();
+    backend::error_as_fatal(&mut b, body).unwrap();
+    let (tag, raw) = split_one(&b, Side::Backend);
+    assert_eq!(tag, b'E');
+    let parsed = backend::parse_error_response(&raw).unwrap();
+    assert_eq!(parsed.severity, "FATAL");
+    assert_eq!(parsed.code, "42704");
+    assert_eq!(parsed.message, "unrecognized configuration parameter \"x\"");
+    assert_eq!(parsed.detail.as_deref(), Some("some detail"));
+    assert!(raw.windows(7).any(|w| w == b"Fguc.c\0"));
+    // A malformed body leaves the buffer as it was.
+    let mut b = BytesMut::from(&b"kept"[..]);
+    assert!(backend::error_as_fatal(&mut b, b"SERROR").is_err());
+    assert_eq!(&b[..], b"kept");
+}
+
+#[test]
 fn notification_responses_round_trip_and_reject_malformed_bodies() {
     let mut b = BytesMut::new();
     backend::notification_response(&mut b, 4242, b"orders", "neu: é".as_bytes()).unwrap();

@@ -164,6 +164,77 @@ fn startup_rejects_what_postgres_rejects() {
     );
 }
 
+/// `replication`, as the server reads it: `database` or a boolean in `parse_bool`'s
+/// spellings, the last one deciding; anything else refused where it stands, before the
+/// user name is looked for, with the server's code and hint.
+#[test]
+fn the_replication_key_is_read_as_postgres_reads_it() {
+    use startup::Replication::{self, Logical, Off, Physical};
+    for (value, want) in [
+        ("database", Some(Logical)),
+        ("Database", None),
+        ("true", Some(Physical)),
+        ("T", Some(Physical)),
+        ("tru", Some(Physical)),
+        ("yes", Some(Physical)),
+        ("on", Some(Physical)),
+        ("ON", Some(Physical)),
+        ("1", Some(Physical)),
+        ("false", Some(Off)),
+        ("f", Some(Off)),
+        ("NO", Some(Off)),
+        ("of", Some(Off)),
+        ("off", Some(Off)),
+        ("0", Some(Off)),
+        ("o", None),
+        ("offf", None),
+        ("truex", None),
+        ("10", None),
+        ("", None),
+        (" on", None),
+    ] {
+        assert_eq!(Replication::parse(value), want, "{value:?}");
+    }
+    let params = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    assert_eq!(Replication::of(&params(&[("user", "bob")])), Off);
+    assert_eq!(
+        Replication::of(&params(&[
+            ("replication", "database"),
+            ("replication", "off")
+        ])),
+        Off
+    );
+    assert_eq!(
+        Replication::of(&params(&[("replication", "0"), ("replication", "on")])),
+        Physical
+    );
+
+    let mut b = raw_startup(startup::PROTOCOL_3_0, b"replication\0maybe\0\0");
+    let err = startup::read(&mut b).unwrap_err();
+    assert_eq!(
+        err,
+        StartupError::InvalidReplication {
+            value: "maybe".into()
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "invalid value for parameter \"replication\": \"maybe\""
+    );
+    assert_eq!(err.sqlstate(), SqlState::INVALID_PARAMETER_VALUE);
+    assert_eq!(
+        err.hint(),
+        Some("Valid values are: \"false\", 0, \"true\", 1, \"database\".")
+    );
+    let mut b = raw_startup(startup::PROTOCOL_3_0, b"user\0bob\0replication\0off\0\0");
+    assert!(startup::read(&mut b).unwrap().is_some());
+}
+
 #[test]
 fn newer_minor_versions_and_protocol_options_are_reported() {
     let mut b = raw_startup((3 << 16) | 2, b"user\0bob\0_pq_.foo\0on\0\0");

@@ -66,6 +66,7 @@ impl Rewriter<'_> {
                 // seen whole).
                 self.effect.merge(state::classify(text, self.customs));
                 self.effect.merge(state::Effect::OPAQUE);
+                self.watch_streamed(text);
                 self.replies.push(Reply::Parse {
                     drop: false,
                     global: Bytes::new(),
@@ -98,6 +99,7 @@ impl Rewriter<'_> {
             b'Q' => {
                 self.query(body, out);
                 self.effect.merge(state::Effect::OPAQUE);
+                self.watch_streamed(body);
                 // Never a lone DEALLOCATE: that is short.
                 self.replies.push(Reply::End { sync: false });
                 out.extend_from_slice(raw);
@@ -105,6 +107,16 @@ impl Rewriter<'_> {
             }
             // FunctionCall: its arguments are not looked at.
             _ => self.head(tag, raw, 0, out),
+        }
+    }
+
+    /// A text too long to hold whole cannot have the pooler's statement names moved out
+    /// of it (reserved.rs): its head, fed here, and its tail, fed by the relay, are
+    /// watched for them, and a server that got one is closed once its client is done.
+    fn watch_streamed(&mut self, head: &[u8]) {
+        *self.streamed = super::StreamedText::default();
+        if self.streamed.feed(head) {
+            self.effect.discard = true;
         }
     }
 

@@ -12,6 +12,8 @@
 mod books;
 mod limits;
 mod replies;
+mod reserved;
+pub use reserved::Streamed as StreamedText;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
@@ -97,6 +99,8 @@ pub struct Rewriter<'a> {
     pub effect: Effect,
     /// Custom parameters the client's statements may set (state.rs).
     pub customs: &'a mut state::Customs,
+    /// The text streaming past its head, watched for the pooler's names (reserved.rs).
+    pub streamed: &'a mut StreamedText,
 }
 
 impl Rewriter<'_> {
@@ -133,11 +137,14 @@ impl Rewriter<'_> {
             return self.streamed(tag, raw, tail, out);
         }
         let body = raw.get(5..).ok_or(Malformed)?;
+        // Read before this message counts as sent: nothing outstanding means the last
+        // ReadyForQuery's status is the server's now.
+        let failed = self.replies.failed_now();
         if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C') {
             self.replies.unsynced = true;
         }
         match tag {
-            b'P' => self.parse(raw, body, out)?,
+            b'P' => self.parse(raw, body, failed, out)?,
             b'B' => {
                 let (portal, rest) = cstr(body).ok_or(Malformed)?;
                 let (name, rest) = cstr(rest).ok_or(Malformed)?;
@@ -221,9 +228,16 @@ impl Rewriter<'_> {
                             undo: Some(undo),
                             emptied,
                             query: true,
+                            answered: false,
                         });
                     }
-                    None => out.extend_from_slice(raw),
+                    None => match reserved::rewrite(text) {
+                        Some(moved) => {
+                            self.replies.reserved = true;
+                            message(out, b'Q', &[&moved, b"\0"]);
+                        }
+                        None => out.extend_from_slice(raw),
+                    },
                 }
                 self.replies.push(Reply::End { sync: false });
             }
@@ -249,9 +263,28 @@ impl Rewriter<'_> {
         }
     }
 
-    fn parse(&mut self, raw: &[u8], body: &[u8], out: &mut BytesMut) -> Result<(), Malformed> {
+    /// `failed`: the server is known to be in a transaction that has failed.
+    fn parse(
+        &mut self,
+        raw: &[u8],
+        body: &[u8],
+        failed: bool,
+        out: &mut BytesMut,
+    ) -> Result<(), Malformed> {
         let (name, rest) = cstr(body).ok_or(Malformed)?;
         let (query, types) = cstr(rest).ok_or(Malformed)?;
+        let own_deallocate = name.is_empty()
+            && deallocated_name(query).is_some_and(|n| self.client.by_name.contains_key(&n[..]));
+        if !own_deallocate {
+            if let Some(moved) = reserved::rewrite(query) {
+                // The text that reaches the server names no statement of the pooler's
+                // (the moved text has no reserved name left: this recurses once).
+                self.replies.reserved = true;
+                let mut fixed = BytesMut::new();
+                message(&mut fixed, b'P', &[name, b"\0", &moved, b"\0", types]);
+                return self.parse(&fixed, &fixed[5..], failed, out);
+            }
+        }
         let effect = state::classify(query, self.customs);
         self.effect.merge(effect);
         if name.is_empty() {
@@ -268,6 +301,14 @@ impl Rewriter<'_> {
                 deallocated_name(query).and_then(|n| self.client.get_key_value(n.as_slice()))
             {
                 let emptied = !self.server.has(&stmt.global);
+                if emptied && failed {
+                    // Postgres refuses this Parse itself (25P02, whatever it names;
+                    // postgres.c, exec_parse_message) and skips the rest up to Sync,
+                    // where an empty one would parse and only its Bind fail: the
+                    // client's own text gets the very refusal, and the books stay.
+                    out.extend_from_slice(raw);
+                    return Ok(());
+                }
                 if emptied {
                     message(out, b'P', &[b"\0\0", types]);
                 } else {
@@ -412,6 +453,7 @@ impl Rewriter<'_> {
             undo,
             emptied,
             query: false,
+            answered: false,
         });
     }
 

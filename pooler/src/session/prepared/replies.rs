@@ -89,6 +89,10 @@ pub(super) enum Reply {
         undo: Option<Undo>,
         emptied: bool,
         query: bool,
+        /// An emptied simple Query's EmptyQueryResponse came (and was dropped): its
+        /// ReadyForQuery says whether the client gets a CommandComplete or, in a
+        /// transaction that had already failed, 25P02.
+        answered: bool,
     },
     /// Answered by ReadyForQuery: a Sync (`sync`), or a Query or FunctionCall.
     End { sync: bool },
@@ -129,6 +133,11 @@ pub struct Replies {
     /// The server is in COPY FROM STDIN and the client's CopyDone or CopyFail has not
     /// been seen: its Syncs until then get no reply (and no entry).
     pub(super) ignoring_syncs: bool,
+    /// A statement name of the pooler's was moved to the client's space in this
+    /// stretch (reserved.rs): errors may name it with its suffix.
+    pub(super) reserved: bool,
+    /// The last ReadyForQuery said the transaction has failed (a stretch starts idle).
+    failed: bool,
 }
 
 /// What an unnamed statement's `DEALLOCATE` removes when it runs.
@@ -142,6 +151,12 @@ impl Replies {
     /// No reply is due.
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    /// The server is in a failed transaction now: its last ReadyForQuery said so and
+    /// nothing was sent since (a message not yet answered could end the transaction).
+    pub(super) fn failed_now(&self) -> bool {
+        self.failed && !self.unsynced && self.queue.is_empty()
     }
 
     pub(super) fn push(&mut self, reply: Reply) {
@@ -194,7 +209,21 @@ impl Replies {
                 }
                 _ => Action::Pass,
             },
-            b'E' => self.error(client, server),
+            b'E' => {
+                let action = self.error(client, server);
+                let suffix = super::reserved::CLIENT_SUFFIX;
+                if self.reserved
+                    && action == Action::Pass
+                    && body.windows(suffix.len()).any(|w| w == suffix)
+                {
+                    // The client named it without the suffix (reserved.rs).
+                    return Action::Rename {
+                        from: Bytes::from_static(suffix),
+                        to: Bytes::new(),
+                    };
+                }
+                action
+            }
             b'C' => {
                 if body.starts_with(b"DEALLOCATE\0") {
                     if let Some(Reply::Deallocate { emptied: false, .. }) = self.queue.front() {
@@ -208,7 +237,20 @@ impl Replies {
                 Action::Pass
             }
             // EmptyQueryResponse: the client asked for a DEALLOCATE.
-            b'I' => match self.queue.front() {
+            b'I' => match self.queue.front_mut() {
+                // An empty query runs even in a failed transaction, where Postgres
+                // would refuse the DEALLOCATE: the ReadyForQuery after it decides.
+                Some(Reply::Deallocate {
+                    emptied: true,
+                    query: true,
+                    answered,
+                    ..
+                }) => {
+                    *answered = true;
+                    Action::Drop
+                }
+                // Extended: in a failed transaction the Bind of the empty statement
+                // fails (25P02) before any EmptyQueryResponse.
                 Some(Reply::Deallocate { emptied: true, .. }) => {
                     self.queue.pop_front();
                     Action::Replace(Bytes::from_static(DEALLOCATE_COMPLETE))
@@ -216,15 +258,22 @@ impl Replies {
                 _ => Action::Pass,
             },
             b'Z' => {
+                self.failed = body.first() == Some(&b'E');
+                let mut instead = None;
                 while let Some(r) = self.queue.pop_front() {
                     match r {
                         Reply::End { .. } => break,
+                        Reply::Deallocate {
+                            undo,
+                            answered: true,
+                            ..
+                        } => instead = Some(emptied_outcome(undo, body, client, server)),
                         // Never executed (bound, not run, before the Sync).
                         Reply::Deallocate { undo, .. } => restore(undo, client, server),
                         _ => {}
                     }
                 }
-                Action::Pass
+                instead.map_or(Action::Pass, Action::Replace)
             }
             // CopyInResponse, CopyBothResponse.
             b'G' | b'W' => {
@@ -404,6 +453,32 @@ impl Replies {
         self.unnamed = None;
         self.portal = None;
     }
+}
+
+/// What the client gets, in place of the ReadyForQuery `ready` (its body), for a
+/// `DEALLOCATE` the pooler sent as an empty query: Postgres' CommandComplete, or, when
+/// the transaction had already failed, the 25P02 Postgres answers every statement
+/// there with, the statement left as it was.
+fn emptied_outcome(
+    undo: Option<Undo>,
+    ready: &[u8],
+    client: &mut ClientStatements,
+    server: &mut ServerStatements,
+) -> Bytes {
+    let mut out = bytes::BytesMut::with_capacity(160);
+    if ready.first() == Some(&b'E') {
+        restore(undo, client, server);
+        crate::proto::backend::write_error(
+            &mut out,
+            crate::proto::SqlState::IN_FAILED_SQL_TRANSACTION,
+            "current transaction is aborted, commands ignored until end of transaction block",
+        );
+    } else {
+        out.extend_from_slice(DEALLOCATE_COMPLETE);
+    }
+    out.extend_from_slice(b"Z\0\0\0\x05");
+    out.extend_from_slice(ready.get(..1).unwrap_or(b"I"));
+    out.freeze()
 }
 
 fn restore(undo: Option<Undo>, client: &mut ClientStatements, server: &mut ServerStatements) {

@@ -19,6 +19,7 @@ pub(super) fn rewriter<'a>(
         effect: Effect::default(),
         // Leaked: a test's few bytes, for a 'a borrow without another parameter.
         customs: Box::leak(Box::default()),
+        streamed: Box::leak(Box::default()),
     }
 }
 
@@ -300,8 +301,9 @@ fn a_query_outside_a_batch_gets_no_marker_and_its_own_error() {
     );
 }
 
-#[test]
-fn deallocate_of_a_statement_the_server_lacks_is_an_empty_query() {
+/// A client's `DEALLOCATE s1` sent while linked to a server that lacks `s1`: the
+/// client's books, that server's, and the replies due.
+fn deallocate_where_the_server_lacks_it() -> (ClientStatements, ServerStatements, Replies) {
     let mut client = ClientStatements::default();
     let (mut first, mut second) = (ServerStatements::default(), ServerStatements::default());
     let mut replies = Replies::default();
@@ -316,14 +318,116 @@ fn deallocate_of_a_statement_the_server_lacks_is_an_empty_query() {
     rw.message(b'Q', &msg(b'Q', &[b"DEALLOCATE s1\0"]), &mut out)
         .unwrap();
     assert_eq!(&out[..], &msg(b'Q', &[b"\0"])[..]);
-    assert!(client.by_name.is_empty());
     assert_eq!(
         replies.server(b'I', b"", &mut client, &mut second),
-        Action::Replace(Bytes::from_static(b"C\0\0\0\x0fDEALLOCATE\0"))
+        Action::Drop
     );
-    replies.server(b'Z', b"I", &mut client, &mut second);
+    (client, second, replies)
+}
+
+#[test]
+fn deallocate_of_a_statement_the_server_lacks_is_an_empty_query() {
+    let (mut client, mut second, mut replies) = deallocate_where_the_server_lacks_it();
+    assert!(client.by_name.is_empty());
+    assert_eq!(
+        replies.server(b'Z', b"I", &mut client, &mut second),
+        Action::Replace(Bytes::from_static(b"C\0\0\0\x0fDEALLOCATE\0Z\0\0\0\x05I"))
+    );
     assert!(replies.is_empty());
     assert!(client.by_name.is_empty());
+}
+
+#[test]
+fn deallocate_in_a_failed_transaction_is_25p02_and_keeps_the_statement() {
+    let (mut client, mut second, mut replies) = deallocate_where_the_server_lacks_it();
+    let Action::Replace(instead) = replies.server(b'Z', b"E", &mut client, &mut second) else {
+        panic!("the ReadyForQuery is replaced");
+    };
+    assert_eq!(tags(&instead), b"EZ");
+    assert!(instead.windows(5).any(|w| w == b"25P02"), "{instead:?}");
+    assert!(instead.ends_with(b"Z\0\0\0\x05E"));
+    assert!(replies.is_empty());
+    // Postgres refused it: the client still has its statement.
+    assert!(client.by_name.contains_key(&b"s1"[..]));
+}
+
+/// `DEALLOCATE s1` by Parse/Bind/Execute on a server that lacks `s1`, once the
+/// server said its transaction failed: the client's own Parse goes, for Postgres to
+/// refuse it as it would (25P02 at Parse, the rest skipped), and the books keep `s1`.
+/// With a reply still due (a ROLLBACK, say) the status may be stale: the empty Parse,
+/// as outside a failed transaction.
+#[test]
+fn extended_deallocate_in_a_known_failed_transaction_goes_as_sent() {
+    let mut client = ClientStatements::default();
+    let (mut first, mut second) = (ServerStatements::default(), ServerStatements::default());
+    let mut replies = Replies::default();
+    let mut rw = rewriter(&mut client, &mut first, &mut replies, 200);
+    let parse = msg(b'P', &[b"s1\0", b"SELECT 1\0", &0u16.to_be_bytes()]);
+    rw.message(b'P', &parse, &mut BytesMut::new()).unwrap();
+    let mut replies = Replies::default();
+    let deallocate = msg(b'P', &[b"\0", b"DEALLOCATE s1\0", &0u16.to_be_bytes()]);
+    let rest = [
+        msg(b'B', &[b"\0\0", &[0, 0, 0, 0, 0, 0]]),
+        msg(b'E', &[b"\0", &0i32.to_be_bytes()]),
+        msg(b'S', &[]),
+    ];
+    let error = |code, text| {
+        let mut e = BytesMut::new();
+        crate::proto::backend::write_error(&mut e, code, text);
+        e.split_off(5)
+    };
+    let failed = error(crate::proto::SqlState::INTERNAL_ERROR, "division by zero");
+    let aborted = error(
+        crate::proto::SqlState::IN_FAILED_SQL_TRANSACTION,
+        "current transaction is aborted, commands ignored until end of transaction block",
+    );
+    let mut rw = rewriter(&mut client, &mut second, &mut replies, 200);
+    rw.message(b'Q', &msg(b'Q', &[b"SELECT 1/0\0"]), &mut BytesMut::new())
+        .unwrap();
+    for (tag, body) in [(b'E', &failed[..]), (b'Z', b"E")] {
+        rw.replies.server(tag, body, rw.client, rw.server);
+    }
+    // Nothing is due and the last ReadyForQuery said failed: as sent.
+    let mut out = BytesMut::new();
+    rw.message(b'P', &deallocate, &mut out).unwrap();
+    assert_eq!(&out[..], &deallocate[..]);
+    for m in &rest {
+        rw.message(m[0], m, &mut BytesMut::new()).unwrap();
+    }
+    for (tag, body) in [(b'E', &aborted[..]), (b'Z', b"E")] {
+        assert_eq!(
+            rw.replies.server(tag, body, rw.client, rw.server),
+            Action::Pass
+        );
+    }
+    assert!(rw.replies.is_empty());
+    assert!(rw.client.by_name.contains_key(&b"s1"[..]));
+
+    // A ROLLBACK not answered yet ends the failed transaction first: the empty Parse,
+    // and the DEALLOCATE is done.
+    rw.message(b'Q', &msg(b'Q', &[b"ROLLBACK\0"]), &mut BytesMut::new())
+        .unwrap();
+    let mut out = BytesMut::new();
+    rw.message(b'P', &deallocate, &mut out).unwrap();
+    assert_eq!(&out[..], &msg(b'P', &[b"\0\0", &0u16.to_be_bytes()])[..]);
+    for m in &rest {
+        rw.message(m[0], m, &mut BytesMut::new()).unwrap();
+    }
+    for (tag, body) in [
+        (b'C', &b"ROLLBACK\0"[..]),
+        (b'Z', b"I"),
+        (b'1', b""),
+        (b'2', b""),
+    ] {
+        rw.replies.server(tag, body, rw.client, rw.server);
+    }
+    assert_eq!(
+        rw.replies.server(b'I', b"", rw.client, rw.server),
+        Action::Replace(Bytes::from_static(b"C\0\0\0\x0fDEALLOCATE\0"))
+    );
+    rw.replies.server(b'Z', b"I", rw.client, rw.server);
+    assert!(rw.replies.is_empty());
+    assert!(rw.client.by_name.is_empty());
 }
 
 #[test]
@@ -567,4 +671,58 @@ fn a_client_past_its_statement_limit_gets_an_error_for_its_batch() {
     reply(b'Z', b"I");
     assert!(replies.is_empty());
     assert_eq!(client.by_name.len(), 1);
+}
+
+#[test]
+fn the_poolers_names_are_out_of_sqls_reach() {
+    let mut client = ClientStatements::default();
+    let mut server = ServerStatements::default();
+    let mut replies = Replies::default();
+    let mut out = BytesMut::new();
+    let mut rw = rewriter(&mut client, &mut server, &mut replies, 200);
+    // The pooler holds this statement on the server for the app's clients.
+    let parse = msg(b'P', &[b"s1\0", b"SELECT 1\0", &0u16.to_be_bytes()]);
+    rw.message(b'P', &parse, &mut out).unwrap();
+    let global = rw.client.by_name[&b"s1"[..]].global.clone();
+    let name = String::from_utf8(global.to_vec()).unwrap();
+    for (tag, text) in [
+        (b'Q', format!("DEALLOCATE {name}")),
+        (b'Q', format!("EXECUTE {name}")),
+        (b'P', format!("DEALLOCATE PREPARE {name}")),
+    ] {
+        let mut out = BytesMut::new();
+        let raw = if tag == b'Q' {
+            msg(b'Q', &[text.as_bytes(), b"\0"])
+        } else {
+            msg(b'P', &[b"\0", text.as_bytes(), b"\0", &0u16.to_be_bytes()])
+        };
+        rw.message(tag, &raw, &mut out).unwrap();
+        let sent = String::from_utf8_lossy(&out).into_owned();
+        assert!(sent.contains(&format!("{name}$client")), "{sent}");
+    }
+    // The server's error (to the first Query) names the moved name; the client reads
+    // its own.
+    assert_eq!(
+        replies.server(b'1', b"", &mut client, &mut server),
+        Action::Pass
+    );
+    let mut error = BytesMut::new();
+    crate::proto::backend::write_error(
+        &mut error,
+        crate::proto::SqlState::INVALID_SQL_STATEMENT_NAME,
+        &format!("prepared statement \"{name}$client\" does not exist"),
+    );
+    let action = replies.server(b'E', &error[5..], &mut client, &mut server);
+    let Action::Rename { from, to } = action else {
+        panic!("{action:?}");
+    };
+    let renamed = renamed_error(&error, &from, &to);
+    let text = String::from_utf8_lossy(&renamed).into_owned();
+    assert!(
+        text.contains(&format!("prepared statement \"{name}\" does not exist")),
+        "{text}"
+    );
+    // The pooler's statement is still in the books.
+    assert!(server.has(&global));
+    assert!(client.by_name.contains_key(&b"s1"[..]));
 }

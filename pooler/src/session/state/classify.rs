@@ -78,11 +78,13 @@ enum Head<'a> {
     Set,
     SetSession,
     SetName(Name<'a>),
-    Reset,
     Prepare,
     Discard,
     /// `CREATE` and this many words after it (a `TEMP` among the first three pins).
     Create(u8),
+    /// `ALTER` or `DROP`: a `FUNCTION`, `PROCEDURE` or `ROUTINE` next changes the app's
+    /// functions.
+    Routine,
     Done,
 }
 
@@ -149,12 +151,11 @@ impl<'a> Statement<'a> {
                     Head::Done
                 }
             }
-            Head::Reset => {
-                out.effect.merge(match (t, w) {
-                    (_, Some(w)) if is(w, b"ALL") => Effect::RESET_ALL,
-                    (Token::Word(n) | Token::Quoted(n), _) if is_tracked(n) => read_back(n),
-                    _ => Effect::CHECK,
-                });
+            Head::Routine => {
+                if w.is_some_and(|w| is(w, b"FUNCTION") || is(w, b"PROCEDURE") || is(w, b"ROUTINE"))
+                {
+                    out.effect.merge(Effect::ROUTINES);
+                }
                 Head::Done
             }
             Head::Prepare => {
@@ -174,6 +175,13 @@ impl<'a> Statement<'a> {
             Head::Create(n) => match w {
                 Some(w) if is(w, b"TEMP") || is(w, b"TEMPORARY") => {
                     out.effect.merge(Effect::PIN);
+                    Head::Done
+                }
+                // `CREATE [OR REPLACE] FUNCTION|PROCEDURE`: the app's functions change,
+                // and the new one may run in the same text: probe, and look again.
+                Some(w) if is(w, b"FUNCTION") || is(w, b"PROCEDURE") => {
+                    out.effect.merge(Effect::OPAQUE);
+                    out.effect.merge(Effect::ROUTINES);
                     Head::Done
                 }
                 Some(_) if n < 2 => Head::Create(n + 1),
@@ -198,7 +206,13 @@ impl<'a> Statement<'a> {
         k.make_ascii_uppercase();
         match &*k {
             b"SET" => Head::Set,
-            b"RESET" => Head::Reset,
+            // `RESET name` returns a parameter to the value the session started with,
+            // which for a client of the pooler is its startup setting, not the
+            // server's: read like a `RESET ALL`, which finds what went back.
+            b"RESET" => {
+                out.effect.merge(Effect::RESET_ALL);
+                Head::Done
+            }
             b"LISTEN" => {
                 out.effect.merge(Effect::LISTEN);
                 Head::Done
@@ -221,10 +235,15 @@ impl<'a> Statement<'a> {
                 out.effect.merge(Effect::UNLISTEN);
                 Head::Done
             }
-            b"DEALLOCATE" | b"CLOSE" | b"DROP" => {
+            b"DEALLOCATE" | b"CLOSE" => {
                 out.effect.merge(Effect::CHECK);
                 Head::Done
             }
+            b"DROP" => {
+                out.effect.merge(Effect::CHECK);
+                Head::Routine
+            }
+            b"ALTER" => Head::Routine,
             b"DO" | b"CALL" => {
                 self.kind = Kind::Opaque;
                 out.effect.merge(Effect::OPAQUE);
@@ -279,7 +298,7 @@ impl<'a> Statement<'a> {
     fn end(&mut self, out: &mut Out<'_>) {
         match std::mem::replace(&mut self.head, Head::Done) {
             Head::SetName(name) => set_name(name, out),
-            Head::Reset | Head::Discard => out.effect.merge(Effect::CHECK),
+            Head::Discard => out.effect.merge(Effect::CHECK),
             Head::Prepare => out.effect.merge(Effect::PIN),
             _ => {}
         }

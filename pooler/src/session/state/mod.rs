@@ -24,7 +24,7 @@ mod classify;
 pub(crate) mod lex;
 mod sql;
 mod window;
-pub use sql::{read_back_sql, reset_read_sql, state_left_sql};
+pub use sql::{ALL_STATE, kind, read_back_sql, reset_read_sql, state_left_sql, state_parts_sql};
 pub use window::Windows;
 
 /// Parameters that follow a client from server to server (set on checkout when the
@@ -66,6 +66,12 @@ pub struct Effect {
     pub read_back: bool,
     /// `RESET ALL` or `DISCARD ALL`: parameters are back to the login's.
     pub reset_all: bool,
+    /// `LOAD`: the server can never be made clean again; close it once its client is
+    /// done with it.
+    pub discard: bool,
+    /// Created, changed or dropped a function or procedure: what the app's functions
+    /// may leave on a session is looked at again (session/routines.rs).
+    pub routines: bool,
     /// `LISTEN`, `UNLISTEN`, `DISCARD ALL`: the client's channels may change; once the
     /// transaction is over they move from its server to the role's listener.
     pub listen: bool,
@@ -81,6 +87,8 @@ impl Effect {
         self.check |= other.check;
         self.read_back |= other.read_back;
         self.reset_all |= other.reset_all;
+        self.discard |= other.discard;
+        self.routines |= other.routines;
         self.listen |= other.listen;
         self.unlisten |= other.unlisten;
     }
@@ -96,10 +104,11 @@ impl Effect {
         check: true,
         ..Effect::NONE
     };
-    /// A library load: the check cannot see it, so pin and do not look (a later check
-    /// may still unpin; DISCARD ALL does not unload a library either).
+    /// A library load: the check cannot see it and DISCARD ALL does not undo it, so
+    /// pin for good, and close the server when its client is done with it.
     const LOAD: Effect = Effect {
         pin: true,
+        discard: true,
         ..Effect::NONE
     };
     const CHECK: Effect = Effect {
@@ -148,12 +157,19 @@ impl Effect {
         read_back: true,
         ..Effect::NONE
     };
+    /// Made, changed or dropped a function: look at the app's functions again.
+    const ROUTINES: Effect = Effect {
+        routines: true,
+        ..Effect::NONE
+    };
     const NONE: Effect = Effect {
         pin: false,
         probe: false,
         check: false,
         read_back: false,
         reset_all: false,
+        discard: false,
+        routines: false,
         listen: false,
         unlisten: false,
     };
@@ -184,6 +200,22 @@ const MAX_CUSTOMS: usize = 32;
 const MAX_CUSTOM_NAME: usize = 160;
 
 impl Customs {
+    /// Notes a custom parameter something other than the client's statements may set
+    /// (the app's functions: session/routines.rs); an empty name is one it cannot read.
+    pub fn noted(&mut self, name: &str) {
+        self.note(name.as_bytes());
+    }
+
+    /// The names noted, and an empty one if a name could not be read: what
+    /// [`Customs::noted`] takes back.
+    pub fn to_names(&self) -> Vec<String> {
+        let mut names = self.names.clone();
+        if self.unknown {
+            names.push(String::new());
+        }
+        names
+    }
+
     fn note(&mut self, name: &[u8]) {
         let valid = !name.is_empty()
             && name.len() <= MAX_CUSTOM_NAME
