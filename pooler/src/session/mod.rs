@@ -9,6 +9,7 @@ mod listen;
 mod login;
 pub mod park;
 pub mod prepared;
+mod link;
 mod relay;
 mod routines;
 mod settings;
