@@ -545,6 +545,4 @@ fn deallocated_name(text: &[u8]) -> Option<Vec<u8>> {
 }
 
 #[cfg(test)]
-mod limits_tests;
-#[cfg(test)]
 mod tests;

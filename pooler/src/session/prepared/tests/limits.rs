@@ -1,6 +1,5 @@
 //! What one client may make the pooler hold: texts shared by their names, the byte
 //! bound, and messages too long to hold whole.
-use super::tests::{msg, rewriter, tags};
 use super::*;
 
 fn parse(name: &[u8], text: &[u8]) -> BytesMut {
