@@ -20,7 +20,7 @@ use tracing_subscriber::util::SubscriberInitExt;
     about = "PostgreSQL pooler: SCRAM pass-through, per-role transaction pools under one budget"
 )]
 struct Cli {
-    /// TOML configuration file; every key is optional (see pooler/src/config.rs for
+    /// TOML configuration file; every key is optional (see pooler/src/config/mod.rs for
     /// each key's meaning and default). Flags below override it.
     #[arg(long, env = "POOLER_CONFIG")]
     config: Option<PathBuf>,
