@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dataplane_tests::fixtures::POOLER_PASSWORD;
 
-use crate::common::Env;
+use crate::common::{Env, free_port};
 use crate::metrics::http_get;
 
 pub struct Binary {
@@ -14,14 +14,6 @@ pub struct Binary {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     dir: std::path::PathBuf,
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The `pooler` binary cargo built with the tests, or `POOLER_BINARY` (a release build,

@@ -27,7 +27,7 @@ pub async fn connect_from(
     Ok(client)
 }
 
-async fn disconnected_within(client: &tokio_postgres::Client, guard: Duration) -> bool {
+pub(crate) async fn disconnected_within(client: &tokio_postgres::Client, guard: Duration) -> bool {
     let until = Instant::now() + guard;
     while Instant::now() < until {
         if client.is_closed() {
