@@ -335,8 +335,9 @@ impl Getopt {
             return Step::End;
         };
         let after = at + c.len_utf8();
-        let rest = text[after..].to_owned();
-        if rest.is_empty() {
+        // Copied only where it is the argument: a word of n switches is read in O(n).
+        let rest_empty = after == text.len();
+        if rest_empty {
             self.group = None;
             self.since_last = Some(word);
         } else {
@@ -351,8 +352,8 @@ impl Getopt {
         // Takes an argument: the rest of the word, or the next word.
         self.group = None;
         self.since_last = Some(word);
-        if !rest.is_empty() {
-            return Step::Switch(c, Some(rest));
+        if !rest_empty {
+            return Step::Switch(c, Some(self.words[word][after..].to_owned()));
         }
         if self.next == self.words.len() {
             return Step::Fault;

@@ -155,6 +155,16 @@ impl Requested {
             .await
             .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))?;
         let mut notices = Vec::new();
+        // Whether each setting is the last of its name, in one pass from the end (a
+        // rescan per setting would be quadratic in what the client sent).
+        let mut seen = std::collections::HashSet::new();
+        let mut last: Vec<bool> = self
+            .settings
+            .iter()
+            .rev()
+            .map(|(n, _)| seen.insert(n.to_ascii_lowercase()))
+            .collect();
+        last.reverse();
         for (i, (name, value)) in self.settings.iter().enumerate() {
             let theirs = tried.notices.get(i).cloned().unwrap_or_default();
             if tried.refused.as_ref().is_some_and(|(at, _)| *at == i) {
@@ -162,9 +172,7 @@ impl Requested {
                 break;
             }
             let lower = name.to_ascii_lowercase();
-            let last_of_its_name = !self.settings[i + 1..]
-                .iter()
-                .any(|(n, _)| n.eq_ignore_ascii_case(name));
+            let last_of_its_name = last.get(i).copied().unwrap_or(true);
             // One that gave a notice is checked every time: what a notice says, and
             // whether it is sent, depends on the settings before it (client_encoding,
             // lc_messages, client_min_messages).
@@ -177,7 +185,13 @@ impl Requested {
         match tried.refused {
             None => Ok(self.finish(tried.reported, notices)),
             Some((at, body)) => {
-                let (name, _) = &self.settings[at];
+                // `at` counts the server's replies: one that sent more than asked is
+                // broken, not a reason to panic.
+                let Some((name, _)) = self.settings.get(at) else {
+                    return Err(std::io::Error::other(
+                        "the server answered more settings than were sent",
+                    ));
+                };
                 let (error, code, message) = refusal(server, name, &body).await?;
                 Ok(Outcome::Refused {
                     notices,
