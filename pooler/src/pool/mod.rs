@@ -445,9 +445,15 @@ impl<S: Send + 'static> Pools<S> {
         let res = {
             let mut st = self.lock();
             let mut out = std::mem::take(&mut st.spare);
-            st.sched
-                .release(server, conn, now(), &mut out)
-                .map(|()| out)
+            match st.sched.release(server, conn, now(), &mut out) {
+                // Parked idle, nothing to do: the list goes straight back, under the
+                // same lock (the common release when nobody waits).
+                Ok(()) if out.is_empty() => {
+                    st.spare = out;
+                    return;
+                }
+                res => res.map(|()| out),
+            }
         };
         match res {
             Ok(out) => {
