@@ -273,8 +273,15 @@ impl Rewriter<'_> {
     ) -> Result<(), Malformed> {
         let (name, rest) = cstr(body).ok_or(Malformed)?;
         let (query, types) = cstr(rest).ok_or(Malformed)?;
-        let own_deallocate = name.is_empty()
-            && deallocated_name(query).is_some_and(|n| self.client.by_name.contains_key(&n[..]));
+        // Lexed once: the reserved-name check and the books below both need it.
+        let dealloc = if name.is_empty() {
+            deallocated_name(query)
+        } else {
+            None
+        };
+        let own_deallocate = dealloc
+            .as_ref()
+            .is_some_and(|n| self.client.by_name.contains_key(&n[..]));
         if !own_deallocate {
             if let Some(moved) = reserved::rewrite(query) {
                 // The text that reaches the server names no statement of the pooler's
@@ -297,8 +304,9 @@ impl Rewriter<'_> {
             // libpq before 17): the server's name, or an empty query when the server
             // does not hold it. The books change when it is executed.
             self.replies.unnamed = None;
-            if let Some((name, stmt)) =
-                deallocated_name(query).and_then(|n| self.client.get_key_value(n.as_slice()))
+            if let Some((name, stmt)) = dealloc
+                .as_deref()
+                .and_then(|n| self.client.get_key_value(n))
             {
                 let emptied = !self.server.has(&stmt.global);
                 if emptied && failed {
