@@ -300,3 +300,43 @@ async fn a_server_terminated_while_idle_is_replaced_not_handed_out() {
         matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("2"))
     );
 }
+
+/// An app's client vanishes in the middle of a long query, on the only server of a
+/// budget of 1. The pooler ends that server with Terminate and counts its slot until
+/// Postgres lets go, but a backend busy in `pg_sleep` reads nothing and exits only
+/// when it next talks to its socket: the wait for it is bounded (2 s), so another
+/// app's query is served long before the sleep would end.
+#[tokio::test]
+async fn a_server_whose_backend_will_not_exit_holds_its_slot_for_a_bounded_time() {
+    let e = env(|c| c.max_server_connections = 1).await;
+    let (hog, victim) = (e.app_with_pool(1).await, e.app_with_pool(1).await);
+    let (client, connection) = e
+        .config(&hog.role, &hog.password)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let sleeping = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
+    crate::common::eventually("the hog's query runs", async || {
+        e.backends(&hog.role).await == 1
+    })
+    .await;
+    // The client's socket goes away with its query unanswered.
+    connection.abort();
+    let _ = sleeping.await;
+
+    let start = Instant::now();
+    let victim_client = e.connect(&victim).await;
+    let got = tokio::time::timeout(
+        Duration::from_secs(30),
+        victim_client.query_one("SELECT current_user::text", &[]),
+    )
+    .await
+    .expect("the other app waited for the sleeping backend")
+    .unwrap();
+    assert_eq!(got.get::<_, String>(0), victim.role);
+    println!(
+        "the other app was served {} ms after the hog's client vanished",
+        start.elapsed().as_millis()
+    );
+}
