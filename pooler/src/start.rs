@@ -45,6 +45,8 @@ pub enum StartError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
     OpenFiles(#[from] OpenFilesError),
+    #[error("creating the parking lot's epoll: {0}")]
+    Park(#[source] std::io::Error),
     #[error("the operating system's random source failed: {0}")]
     Random(getrandom::Error),
 }
@@ -176,7 +178,7 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         closing: closing_rx,
         metrics: metrics.clone(),
         tasks: Tracker::default(),
-        lot: Lot::start(),
+        lot: Lot::start().map_err(StartError::Park)?,
         notify: Hub::new(
             pools.clone(),
             Arc::new(Senders::new(

@@ -17,6 +17,7 @@
 //! Resumed, it gets a task again (the session's [`Resume`], which runs the relay
 //! from its idle wait: the wait sees at once what woke it).
 
+use std::os::fd::RawFd;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -56,6 +57,10 @@ pub(super) fn park(
     resume: Resume,
 ) {
     session.buf = BytesMut::new();
+    if let Err(e) = session.stream.detach() {
+        // Closed: the lot resumes it at once, and its task sees the socket gone.
+        tracing::debug!(client = client.id, error = %e, "detaching a parked socket");
+    }
     client.set_parking(Parking::Parked);
     let parked = ParkedClient {
         session,
@@ -89,14 +94,24 @@ impl Parked for ParkedClient {
         self.session.stream.poll_idle_ready(cx)
     }
 
+    fn socket(&self) -> Option<RawFd> {
+        self.session.stream.detached_fd()
+    }
+
     fn resume(self: Box<Self>) {
         let ParkedClient {
-            session,
+            mut session,
             client,
             shared,
             hold,
             resume,
         } = *self;
+        if let Err(e) = session.stream.attach() {
+            // Out of memory or file table in the kernel: the client is closed (its
+            // socket already is) and its entry goes with it.
+            tracing::warn!(client = client.id, error = %e, "a parked client could not resume");
+            return;
+        }
         client.set_parking(Parking::InTask);
         resume(session, client, shared, hold);
     }
