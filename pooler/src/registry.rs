@@ -107,6 +107,37 @@ impl<T> Registry<T> {
     }
 }
 
+/// Strings that many clients name alike (the database, application names), held
+/// once for all of them: an idle client costs its pointers, not its own copies.
+/// Bounded by [`MAX_NAMES`]: when full, names no client uses any more are dropped,
+/// and a name that still does not fit is not shared (its client holds its own copy).
+#[derive(Default)]
+pub struct Names {
+    set: Mutex<std::collections::HashSet<Arc<str>>>,
+}
+
+/// Distinct names shared at most; each is at most what a startup packet may hold.
+pub const MAX_NAMES: usize = 4096;
+
+impl Names {
+    /// The shared copy of `name`.
+    pub fn get(&self, name: &str) -> Arc<str> {
+        let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = set.get(name) {
+            return shared.clone();
+        }
+        if set.len() >= MAX_NAMES {
+            // Linear in the set, only when full: at most once per login.
+            set.retain(|n| Arc::strong_count(n) > 1);
+        }
+        let shared: Arc<str> = Arc::from(name);
+        if set.len() < MAX_NAMES {
+            set.insert(shared.clone());
+        }
+        shared
+    }
+}
+
 /// Microseconds since the Unix epoch: what `request_time` and wait times are kept in.
 pub fn unix_micros(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -151,10 +182,11 @@ impl ClientState {
 #[derive(Debug, Clone)]
 pub struct ClientIdent {
     pub user: Arc<str>,
-    pub database: String,
-    pub application_name: String,
+    /// Shared by every client that names the same ([`Names`]).
+    pub database: Arc<str>,
+    pub application_name: Arc<str>,
     /// TLS version and cipher, empty for plaintext.
-    pub tls: String,
+    pub tls: Box<str>,
     /// A session of the admin console rather than of an app.
     pub admin: bool,
 }
@@ -163,7 +195,8 @@ pub struct ClientInfo {
     pub id: u64,
     pub addr: SocketAddr,
     pub local: Option<SocketAddr>,
-    pub connected_at: SystemTime,
+    /// When it connected (Unix µs).
+    pub connected_us: u64,
     ident: OnceLock<ClientIdent>,
     state: AtomicU8,
     /// When the current request started (Unix µs): its wait, then its transaction.
@@ -196,7 +229,7 @@ impl ClientInfo {
             id,
             addr,
             local,
-            connected_at: SystemTime::now(),
+            connected_us: unix_micros(SystemTime::now()),
             ident: OnceLock::new(),
             state: AtomicU8::new(ClientState::Login as u8),
             request_us: AtomicU64::new(0),
@@ -339,6 +372,26 @@ pub fn next_server_id() -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn names_are_shared_and_bounded_and_unused_ones_make_room() {
+        let names = Names::default();
+        let a = names.get("app");
+        let b = names.get("app");
+        assert!(Arc::ptr_eq(&a, &b));
+        let held: Vec<Arc<str>> = (0..MAX_NAMES - 1)
+            .map(|i| names.get(&i.to_string()))
+            .collect();
+        // Full: a new name is not shared, but works.
+        let x = names.get("extra");
+        assert!(!Arc::ptr_eq(&x, &names.get("extra")));
+        // Names nobody holds make room again.
+        drop(held);
+        let y = names.get("extra");
+        assert!(Arc::ptr_eq(&y, &names.get("extra")));
+        assert!(Arc::ptr_eq(&a, &names.get("app")), "held names stay");
+    }
+
     use super::*;
 
     #[test]

@@ -179,6 +179,7 @@ pub async fn start_with(config: Config, hooks: Hooks) -> Result<Running, StartEr
         metrics: metrics.clone(),
         tasks: Tracker::default(),
         lot: Lot::start().map_err(StartError::Park)?,
+        names: Default::default(),
         notify: Hub::new(
             pools.clone(),
             Arc::new(Senders::new(

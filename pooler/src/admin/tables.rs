@@ -227,13 +227,13 @@ pub fn clients(shared: &Shared) -> Table {
     for c in shared.clients.snapshot() {
         let Some(ident) = c.ident() else { continue };
         let wait = waited_us(&c, now_us);
-        let connected = unix_micros(c.connected_at);
+        let connected = c.connected_us;
         let [addr, port] = addr_cells(Some(c.addr));
         let [local_addr, local_port] = addr_cells(c.local);
         t.rows.push(vec![
             text("C"),
             text(&*ident.user),
-            text(&ident.database),
+            text(&*ident.database),
             text("none"),
             text(c.state().as_str()),
             addr,
@@ -248,8 +248,8 @@ pub fn clients(shared: &Shared) -> Table {
             text(format!("{:x}", c.id)),
             link_cell(c.link()),
             int(0),
-            text(&ident.tls),
-            text(&ident.application_name),
+            text(&*ident.tls),
+            text(&*ident.application_name),
             int(c.id),
         ]);
     }
@@ -301,7 +301,7 @@ pub fn servers(shared: &Shared) -> Table {
             } else {
                 client
                     .and_then(|c| c.ident())
-                    .map(|i| i.application_name.clone())
+                    .map(|i| i.application_name.to_string())
                     .unwrap_or_default()
             }),
             int(s.id),

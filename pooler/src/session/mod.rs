@@ -55,13 +55,11 @@ pub async fn serve(arrival: Arrival, shared: &Arc<Shared>) -> Result<(), Session
     );
     client.logged_in(ClientIdent {
         user: session.role.name.clone(),
-        database: shared.config().upstream.dbname.clone(),
-        application_name: session
-            .params
-            .get("application_name")
-            .unwrap_or_default()
-            .to_owned(),
-        tls: session.stream.tls_description(),
+        database: shared.names.get(&shared.config().upstream.dbname),
+        application_name: shared
+            .names
+            .get(session.params.get("application_name").unwrap_or_default()),
+        tls: session.stream.tls_description().into_boxed_str(),
         admin: false,
     });
     // Just logged in: it parks until it sends something.

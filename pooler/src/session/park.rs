@@ -131,3 +131,23 @@ pub async fn sweep(shared: Weak<Shared>) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// What an idle client costs is mostly these (README, "What a parked idle client
+    /// costs"): a field added to one of them moves it to the next allocation size
+    /// class for every idle client. Grow one only knowing that; box what is cold.
+    #[test]
+    fn a_parked_clients_parts_stay_within_their_size_classes() {
+        use std::mem::size_of;
+        assert!(
+            size_of::<super::Session>() <= 224,
+            "{}",
+            size_of::<super::Session>()
+        );
+        // Within an `Arc` (two counters): 224 in all.
+        let info = size_of::<crate::registry::ClientInfo>();
+        assert!(info <= 208, "{info}");
+        assert!(size_of::<super::ParkedClient>() <= 64);
+    }
+}

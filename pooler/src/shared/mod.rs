@@ -63,6 +63,8 @@ pub struct Shared {
     pub tasks: crate::net::Tracker,
     /// Idle app clients parked without a task (session/park.rs).
     pub lot: crate::net::park::Lot,
+    /// Database and application names, shared by the clients that give the same.
+    pub names: crate::registry::Names,
 }
 
 impl Shared {

@@ -117,12 +117,11 @@ pub async fn serve(arrival: Arrival, shared: &Shared) -> Result<(), SessionError
     out.clear();
     client.logged_in(ClientIdent {
         user: Arc::from(user),
-        database,
-        application_name: params
-            .get("application_name")
-            .unwrap_or_default()
-            .to_owned(),
-        tls: stream.tls_description(),
+        database: shared.names.get(&database),
+        application_name: shared
+            .names
+            .get(params.get("application_name").unwrap_or_default()),
+        tls: stream.tls_description().into_boxed_str(),
         admin: true,
     });
     shared.metrics.auth(AuthResult::Ok);

@@ -2,6 +2,7 @@
 //! they use.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use bytes::Bytes;
 
@@ -29,8 +30,61 @@ const TEXT_OVERHEAD: usize = 64;
 /// many names use it (a driver that prepares one query under a new name per
 /// connection checkout, or a client that tries to fill the pooler's memory with
 /// copies), and every byte held is counted for `max_client_prepared_bytes`.
+///
+/// A client with none (most idle clients, every simple-protocol one) carries one
+/// pointer: the two maps (96 bytes) are boxed when it prepares its first statement
+/// and dropped with its last. It reads as [`Books`].
 #[derive(Debug, Default)]
 pub struct ClientStatements {
+    books: Option<Box<Books>>,
+}
+
+/// What a client that has no statements reads.
+static EMPTY: LazyLock<Books> = LazyLock::new(Books::default);
+
+impl std::ops::Deref for ClientStatements {
+    type Target = Books;
+
+    fn deref(&self) -> &Books {
+        self.books.as_deref().unwrap_or(&EMPTY)
+    }
+}
+
+impl ClientStatements {
+    /// Books `name` as `stmt`, sharing its text with any other name that has it;
+    /// returns what the name stood for before.
+    pub(super) fn insert(&mut self, name: Bytes, stmt: Statement) -> Option<Statement> {
+        self.books
+            .get_or_insert_with(Default::default)
+            .insert(name, stmt)
+    }
+
+    /// Takes `name` out of the books.
+    pub(super) fn remove(&mut self, name: &[u8]) -> Option<(Bytes, Statement)> {
+        let books = self.books.as_mut()?;
+        let removed = books.remove(name);
+        self.drop_if_empty();
+        removed
+    }
+
+    /// Keeps only the names `keep` says to.
+    pub(super) fn retain(&mut self, keep: impl FnMut(&Bytes) -> bool) {
+        if let Some(books) = self.books.as_mut() {
+            books.retain(keep);
+        }
+        self.drop_if_empty();
+    }
+
+    fn drop_if_empty(&mut self) {
+        if self.books.as_ref().is_some_and(|b| b.by_name.is_empty()) {
+            self.books = None;
+        }
+    }
+}
+
+/// The books themselves.
+#[derive(Debug, Default)]
+pub struct Books {
     pub(super) by_name: HashMap<Bytes, Statement>,
     /// Each text once, by its global name: the shared Parse and how many names use it.
     texts: HashMap<Bytes, (Bytes, usize)>,
@@ -38,7 +92,7 @@ pub struct ClientStatements {
     bytes: usize,
 }
 
-impl ClientStatements {
+impl Books {
     pub fn len(&self) -> usize {
         self.by_name.len()
     }
@@ -75,9 +129,7 @@ impl ClientStatements {
         self.by_name.get_key_value(name)
     }
 
-    /// Books `name` as `stmt`, sharing its text with any other name that has it;
-    /// returns what the name stood for before.
-    pub(super) fn insert(&mut self, name: Bytes, mut stmt: Statement) -> Option<Statement> {
+    fn insert(&mut self, name: Bytes, mut stmt: Statement) -> Option<Statement> {
         match self.texts.get_mut(&stmt.global) {
             Some((parse, users)) => {
                 *users += 1;
@@ -98,16 +150,14 @@ impl ClientStatements {
         previous
     }
 
-    /// Takes `name` out of the books.
-    pub(super) fn remove(&mut self, name: &[u8]) -> Option<(Bytes, Statement)> {
+    fn remove(&mut self, name: &[u8]) -> Option<(Bytes, Statement)> {
         let (name, stmt) = self.by_name.remove_entry(name)?;
         self.bytes -= name.len() + NAME_OVERHEAD;
         self.release(&stmt.global);
         Some((name, stmt))
     }
 
-    /// Keeps only the names `keep` says to.
-    pub(super) fn retain(&mut self, mut keep: impl FnMut(&Bytes) -> bool) {
+    fn retain(&mut self, mut keep: impl FnMut(&Bytes) -> bool) {
         let gone: Vec<Bytes> = self
             .by_name
             .keys()
