@@ -14,6 +14,14 @@ use pooler::config::{Config, ConfigError, Secret, TlsMode};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+/// jemalloc rather than glibc's malloc: no header per allocation and exact size
+/// classes for the small structs an idle client is made of, and freed login memory
+/// goes back to the system instead of staying in per-thread arenas. Measured in bench
+/// (g) at 10,000 idle clients: 906 B of RSS per client against 959 B with glibc, and
+/// 2% fewer instructions per transaction in (a-pgbench) (README, issue 16).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     version,
