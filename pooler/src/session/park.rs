@@ -57,6 +57,7 @@ pub(super) fn park(
     resume: Resume,
 ) {
     session.buf = BytesMut::new();
+    session.statements.shed();
     if let Err(e) = session.stream.detach() {
         // Closed: the lot resumes it at once, and its task sees the socket gone.
         tracing::debug!(client = client.id, error = %e, "detaching a parked socket");

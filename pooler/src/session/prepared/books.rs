@@ -32,8 +32,10 @@ const TEXT_OVERHEAD: usize = 64;
 /// copies), and every byte held is counted for `max_client_prepared_bytes`.
 ///
 /// A client with none (most idle clients, every simple-protocol one) carries one
-/// pointer: the two maps (96 bytes) are boxed when it prepares its first statement
-/// and dropped with its last. It reads as [`Books`].
+/// pointer: the two maps (96 bytes) are boxed when it prepares its first statement,
+/// and dropped when it parks with none left ([`ClientStatements::shed`]), not with
+/// its last: a driver that prepares and closes a statement per query keeps its maps
+/// (and their capacity) while it is busy. It reads as [`Books`].
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     books: Option<Box<Books>>,
@@ -61,10 +63,7 @@ impl ClientStatements {
 
     /// Takes `name` out of the books.
     pub(super) fn remove(&mut self, name: &[u8]) -> Option<(Bytes, Statement)> {
-        let books = self.books.as_mut()?;
-        let removed = books.remove(name);
-        self.drop_if_empty();
-        removed
+        self.books.as_mut()?.remove(name)
     }
 
     /// Keeps only the names `keep` says to.
@@ -72,10 +71,10 @@ impl ClientStatements {
         if let Some(books) = self.books.as_mut() {
             books.retain(keep);
         }
-        self.drop_if_empty();
     }
 
-    fn drop_if_empty(&mut self) {
+    /// For a client about to park: drops the maps if no statement is left in them.
+    pub fn shed(&mut self) {
         if self.books.as_ref().is_some_and(|b| b.by_name.is_empty()) {
             self.books = None;
         }
@@ -178,5 +177,34 @@ impl Books {
                 self.texts.remove(global);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stmt(global: &'static [u8]) -> Statement {
+        Statement {
+            global: Bytes::from_static(global),
+            parse: Bytes::from_static(b"P...."),
+            effect: Effect::default(),
+        }
+    }
+
+    #[test]
+    fn the_maps_stay_while_busy_and_go_when_a_client_with_none_parks() {
+        let mut books = ClientStatements::default();
+        assert!(books.books.is_none() && books.is_empty());
+        books.insert(Bytes::from_static(b"s1"), stmt(b"g1"));
+        books.remove(b"s1");
+        // Prepare-and-close per query: the maps are kept for the next one.
+        assert!(books.books.is_some() && books.is_empty() && books.bytes() == 0);
+        books.insert(Bytes::from_static(b"s2"), stmt(b"g2"));
+        books.shed();
+        assert!(books.books.is_some(), "a statement left: kept");
+        books.retain(|_| false);
+        books.shed();
+        assert!(books.books.is_none());
     }
 }
