@@ -33,7 +33,10 @@ async fn rows(console: &tokio_postgres::Client, sql: &str) -> Vec<HashMap<String
 }
 
 /// The SHOW POOLS row of `role`, if it has one.
-async fn pool_row(console: &tokio_postgres::Client, role: &str) -> Option<HashMap<String, String>> {
+pub(crate) async fn pool_row(
+    console: &tokio_postgres::Client,
+    role: &str,
+) -> Option<HashMap<String, String>> {
     rows(console, "SHOW POOLS")
         .await
         .into_iter()

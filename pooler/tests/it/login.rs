@@ -117,7 +117,7 @@ async fn a_hundred_wrong_attempts_from_one_address_are_throttled() {
 
 #[tokio::test]
 async fn a_warm_pool_logs_clients_in_without_a_new_server() {
-    let e = env(|_| {}).await;
+    let e = env(crate::common::with_admin).await;
     let app = e.app(Default::default()).await;
     let first = e.connect(&app).await;
     first.simple_query("SELECT 1").await.unwrap();
@@ -132,9 +132,18 @@ async fn a_warm_pool_logs_clients_in_without_a_new_server() {
         before,
         "logins alone opened servers"
     );
-    // And they all work, on that one server, one transaction at a time.
+    // And they all work, on that one server, one transaction at a time. The server goes
+    // back to the pool once the reply has been flushed to the client (design.md), so
+    // another client's request sent the moment a reply arrives can find it still
+    // linked and have a second one opened: each waits until the server is back.
+    let console = e.console().await;
     for c in &clients {
         c.simple_query("SELECT 1").await.unwrap();
+        crate::common::eventually("the server back in the pool", async || {
+            let pool = crate::admin::pool_row(&console, &app.role).await.unwrap();
+            pool["sv_active"] == "0"
+        })
+        .await;
     }
     assert_eq!(e.backends(&app.role).await, 1);
 }
