@@ -448,8 +448,8 @@ mod tests {
         let lot = Lot::start().expect("lot");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        let mut peers = Vec::new();
-        for id in 0..3 {
+        // Parks the accepted end of a new connection as item `id`; returns the peer.
+        let park = |id| {
             let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             let (tcp, _) = listener.accept().unwrap();
             tcp.set_nonblocking(true).unwrap();
@@ -458,8 +458,9 @@ mod tests {
                 resumed: tx.clone(),
                 id,
             }));
-            peers.push(Some(peer));
-        }
+            peer
+        };
+        let mut peers: Vec<_> = (0..3).map(|id| Some(park(id))).collect();
         // Sent before the lot registered it: epoll reports it all the same.
         peers[2].as_mut().unwrap().write_all(b"Q").unwrap();
         assert_eq!(rx.recv().await, Some(2));
@@ -472,14 +473,7 @@ mod tests {
         assert_eq!(rx.recv().await, Some(1));
         assert!(lot.is_empty());
         // A slot reused by the next item: the old registration's events are not its.
-        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (tcp, _) = listener.accept().unwrap();
-        tcp.set_nonblocking(true).unwrap();
-        lot.park(Box::new(Socket {
-            tcp,
-            resumed: tx.clone(),
-            id: 3,
-        }));
+        let peer = park(3);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(rx.try_recv().is_err());
         drop(peer);

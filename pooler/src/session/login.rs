@@ -374,13 +374,7 @@ fn refused_after_login(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn packet(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use crate::session::settings::tests::packet;
 
     fn server(version: &str) -> ServerParams {
         ServerParams::from_login(&packet(&[("server_version", version)]))

@@ -425,10 +425,11 @@ fn data_row_text(body: &[u8]) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn packet(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    /// A startup packet's parameters (login.rs's tests use it too).
+    pub(in crate::session) fn packet(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

@@ -1,3 +1,4 @@
+// Test-only: declared under #[cfg(test)] in scheduler.rs (through sim.rs).
 //! Several replicas, one budget: each replica runs its own [`Scheduler`] with
 //! closed-loop clients; a registry model (the grant rule of sql/0002, through
 //! [`share::grant`]) answers heartbeats after a network delay; each replica follows
