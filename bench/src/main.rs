@@ -2,7 +2,8 @@
 //! throwaway cluster, multi-tenant scenarios first (issue 6).
 //!
 //! `main` (flags, order of work) → [`fixture`] (the harness's Postgres, R apps from
-//! the provisioner library, a table each) → for each target in turn, [`targets`]
+//! the provisioner library, a table each) → the CPU scenarios in [`rounds`]
+//! interleaved across the targets, then for each target in turn the rest, [`targets`]
 //! (start the `pooler` binary, PgBouncer, or nothing for direct) → [`scenarios`] (what
 //! each run is and the [`scenarios::Row`] it yields) → [`load`] (our clients) or
 //! [`pgbench`], with [`procfs`] (CPU, RSS, server logins) and [`syscalls`] (the
@@ -16,6 +17,7 @@ mod load;
 mod pgbench;
 mod procfs;
 mod report;
+mod rounds;
 mod scenarios;
 mod syscalls;
 mod targets;
@@ -69,9 +71,16 @@ struct Args {
     #[arg(long, value_name = "JSON")]
     render: Option<PathBuf>,
     /// Keep one process per target across its scenarios (default: a fresh one for each
-    /// scenario), to see how what one workload leaves behind affects the next.
+    /// scenario), to see how what one workload leaves behind affects the next. Not for
+    /// the rounds of --rounds: each of those starts a fresh process.
     #[arg(long)]
     one_process: bool,
+    /// Rounds of the CPU scenarios (a-pgbench, a-pgbench-prepared), each running every
+    /// target once, interleaved, a fresh process each time; a target's row is its round
+    /// with the median CPU per transaction (of an even number, the lower middle one).
+    /// Default 3 (--quick: 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -237,7 +246,12 @@ async fn run(
         fresh_process_per_scenario: !args.one_process,
     };
 
-    let total = kinds.len() * scenarios.len();
+    let rounds = args
+        .rounds
+        .map_or(if args.quick { 1 } else { 3 }, |r| r as usize);
+    let (interleaved, per_target): (Vec<&Scenario>, Vec<&Scenario>) =
+        scenarios.iter().partition(|s| s.interleaved);
+    let total = kinds.len() * (interleaved.len() * rounds + per_target.len());
     let progress = ProgressBar::new(total as u64);
     progress.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?
@@ -258,9 +272,35 @@ async fn run(
         start_failed: BTreeMap::new(),
     };
     let mut rows = Vec::new();
+    for s in interleaved {
+        let mut by_kind: BTreeMap<TargetKind, Vec<Row>> = BTreeMap::new();
+        for (round, kind) in rounds::order(&kinds, rounds) {
+            let row = match runner.start(kind, s).await {
+                Ok(target) => {
+                    let row = runner.measure(s, &target, Some((round, rounds))).await;
+                    target.stop().await;
+                    runner.settle().await;
+                    row
+                }
+                Err(row) => row,
+            };
+            by_kind.entry(kind).or_default().push(row);
+        }
+        for row in by_kind.into_values().filter_map(rounds::median) {
+            if let Some(r) = row.rounds.as_ref().filter(|r| r.each.len() > 1) {
+                runner.say(format!(
+                    "{}  median of {} rounds: round {}",
+                    summary_line(&row),
+                    r.each.len(),
+                    r.chosen + 1
+                ));
+            }
+            rows.push(row);
+        }
+    }
     for kind in kinds {
         let mut running: Option<(Target, (Budget, bool))> = None;
-        for s in &scenarios {
+        for s in &per_target {
             let wanted = (s.budget(&budget), s.pgbouncer_session_mode());
             if let Some((t, _)) = running.take_if(|(_, b)| *b != wanted) {
                 t.stop().await;
@@ -277,7 +317,7 @@ async fn run(
             let Some((target, _)) = running.as_ref() else {
                 continue;
             };
-            rows.push(runner.measure(s, target).await);
+            rows.push(runner.measure(s, target, None).await);
             // Each scenario gets a fresh process unless asked otherwise: what one
             // scenario left behind (idle servers, a scheduler's memory of who was
             // served) must not decide the next one's numbers.
@@ -296,7 +336,8 @@ async fn run(
     write_results(args, &Report { meta, rows }, &scenarios)
 }
 
-/// What running a scenario against a target takes.
+/// What running a scenario against a target takes, for the interleaved rounds and
+/// the per-target scenarios alike.
 struct Runner<'a> {
     cluster: &'static PgCluster,
     fixture: &'a Fixture,
@@ -339,16 +380,17 @@ impl Runner<'_> {
         result
     }
 
-    /// Runs `s` against `target` and counts it done.
-    async fn measure(&self, s: &Scenario, target: &Target) -> Row {
+    /// Runs `s` against `target` (`round`: which of how many) and counts it done.
+    async fn measure(&self, s: &Scenario, target: &Target, round: Option<(usize, usize)>) -> Row {
         let kind = target.kind;
         let probe = Probe {
             target_pid: target.pid,
             postmaster_pid: self.cluster.postmaster_pid(),
             log: self.cluster.dir().join("postgres.log"),
         };
+        let of = round.map_or(String::new(), |(r, n)| format!(", round {}/{n}", r + 1));
         self.progress
-            .set_message(format!("{}: ({}) {}", kind.label(), s.key, s.title));
+            .set_message(format!("{}: ({}) {}{of}", kind.label(), s.key, s.title));
         let tick = || self.progress.tick();
         let cx = scenarios::Context {
             admin: self.admin,
@@ -362,7 +404,7 @@ impl Runner<'_> {
         let row = scenarios::run(s, &cx)
             .await
             .unwrap_or_else(|e| failed_row(kind, s, &format!("{e:#}")));
-        self.say(summary_line(&row));
+        self.say(format!("{}{of}", summary_line(&row)));
         self.progress.inc(1);
         row
     }
