@@ -2,7 +2,8 @@
 //! throwaway cluster, multi-tenant scenarios first (issue 6).
 //!
 //! `main` (flags, order of work) → [`fixture`] (the harness's Postgres, R apps from
-//! the provisioner library, a table each) → for each target in turn, [`targets`]
+//! the provisioner library, a table each) → the CPU scenarios in [`rounds`]
+//! interleaved across the targets, then for each target in turn the rest, [`targets`]
 //! (start the `pooler` binary, PgBouncer, or nothing for direct) → [`scenarios`] (what
 //! each run is and the [`scenarios::Row`] it yields) → [`load`] (our clients) or
 //! [`pgbench`], with [`procfs`] (CPU, RSS, server logins) and [`syscalls`] (the
@@ -16,11 +17,13 @@ mod load;
 mod pgbench;
 mod procfs;
 mod report;
+mod rounds;
 mod scenarios;
 mod syscalls;
 mod targets;
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -68,9 +71,16 @@ struct Args {
     #[arg(long, value_name = "JSON")]
     render: Option<PathBuf>,
     /// Keep one process per target across its scenarios (default: a fresh one for each
-    /// scenario), to see how what one workload leaves behind affects the next.
+    /// scenario), to see how what one workload leaves behind affects the next. Not for
+    /// the rounds of --rounds: each of those starts a fresh process.
     #[arg(long)]
     one_process: bool,
+    /// Rounds of the CPU scenarios (a-pgbench, a-pgbench-prepared), each running every
+    /// target once, interleaved, a fresh process each time; a target's row is its round
+    /// with the median CPU per transaction (of an even number, the lower middle one).
+    /// Default 3 (--quick: 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -236,42 +246,70 @@ async fn run(
         fresh_process_per_scenario: !args.one_process,
     };
 
-    let total = kinds.len() * scenarios.len();
+    let rounds = args
+        .rounds
+        .map_or(if args.quick { 1 } else { 3 }, |r| r as usize);
+    let (interleaved, per_target): (Vec<&Scenario>, Vec<&Scenario>) =
+        scenarios.iter().partition(|s| s.interleaved);
+    let total = kinds.len() * (interleaved.len() * rounds + per_target.len());
     let progress = ProgressBar::new(total as u64);
     progress.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?
             .progress_chars("=> "),
     );
-    let tick = || progress.tick();
     let work_dir = tempfile::tempdir()?;
     let admin = fixture.db.admin().await;
+    let mut runner = Runner {
+        cluster,
+        fixture: &fixture,
+        admin: &admin,
+        sizes: &sizes,
+        budget,
+        bins: &bins,
+        work_dir: work_dir.path(),
+        progress: &progress,
+        quick: args.quick,
+        start_failed: BTreeMap::new(),
+    };
     let mut rows = Vec::new();
+    for s in interleaved {
+        let mut by_kind: BTreeMap<TargetKind, Vec<Row>> = BTreeMap::new();
+        for (round, kind) in rounds::order(&kinds, rounds) {
+            let row = match runner.start(kind, s).await {
+                Ok(target) => {
+                    let row = runner.measure(s, &target, Some((round, rounds))).await;
+                    target.stop().await;
+                    runner.settle().await;
+                    row
+                }
+                Err(row) => row,
+            };
+            by_kind.entry(kind).or_default().push(row);
+        }
+        for row in by_kind.into_values().filter_map(rounds::median) {
+            if let Some(r) = row.rounds.as_ref().filter(|r| r.each.len() > 1) {
+                runner.say(format!(
+                    "{}  median of {} rounds: round {}",
+                    summary_line(&row),
+                    r.each.len(),
+                    r.chosen + 1
+                ));
+            }
+            rows.push(row);
+        }
+    }
     for kind in kinds {
         let mut running: Option<(Target, (Budget, bool))> = None;
-        let mut start_failed: Option<String> = None;
-        for s in &scenarios {
-            if let Some(why) = &start_failed {
-                rows.push(failed_row(kind, s, why));
-                progress.inc(1);
-                continue;
-            }
-            // A scenario with a budget of its own (the hot app's pool, LISTEN's budget)
-            // or PgBouncer's session mode (LISTEN) gets a process started with it, also
-            // under --one-process.
+        for s in &per_target {
             let wanted = (s.budget(&budget), s.pgbouncer_session_mode());
             if let Some((t, _)) = running.take_if(|(_, b)| *b != wanted) {
                 t.stop().await;
             }
             if running.is_none() {
-                progress.set_message(format!("starting {}", kind.label()));
-                match start_healthy(kind, &fixture, &wanted.0, &bins, wanted.1).await {
+                match runner.start(kind, s).await {
                     Ok(t) => running = Some((t, wanted)),
-                    Err(e) => {
-                        eprintln!("bench: {}: {e:#}", kind.label());
-                        let why = format!("target did not start: {e:#}");
-                        rows.push(failed_row(kind, s, &why));
-                        start_failed = Some(why);
-                        progress.inc(1);
+                    Err(row) => {
+                        rows.push(row);
                         continue;
                     }
                 }
@@ -279,32 +317,7 @@ async fn run(
             let Some((target, _)) = running.as_ref() else {
                 continue;
             };
-            let probe = Probe {
-                target_pid: target.pid,
-                postmaster_pid: cluster.postmaster_pid(),
-                log: cluster.dir().join("postgres.log"),
-            };
-            progress.set_message(format!("{}: ({}) {}", kind.label(), s.key, s.title));
-            let cx = scenarios::Context {
-                admin: &admin,
-                fixture: &fixture,
-                target,
-                probe: &probe,
-                sizes: &sizes,
-                work_dir: work_dir.path(),
-                tick: &tick,
-            };
-            let row = scenarios::run(s, &cx)
-                .await
-                .unwrap_or_else(|e| failed_row(kind, s, &format!("{e:#}")));
-            // indicatif draws nothing without a terminal; the lines still belong in a log.
-            if progress.is_hidden() {
-                eprintln!("{}", summary_line(&row));
-            } else {
-                progress.println(summary_line(&row));
-            }
-            rows.push(row);
-            progress.inc(1);
+            rows.push(runner.measure(s, target, None).await);
             // Each scenario gets a fresh process unless asked otherwise: what one
             // scenario left behind (idle servers, a scheduler's memory of who was
             // served) must not decide the next one's numbers.
@@ -313,8 +326,7 @@ async fn run(
             {
                 t.stop().await;
             }
-            // Clients of the last scenario are logging out; let Postgres settle.
-            tokio::time::sleep(Duration::from_millis(if args.quick { 200 } else { 1000 })).await;
+            runner.settle().await;
         }
         if let Some((t, _)) = running.take() {
             t.stop().await;
@@ -322,6 +334,94 @@ async fn run(
     }
     progress.finish_and_clear();
     write_results(args, &Report { meta, rows }, &scenarios)
+}
+
+/// What running a scenario against a target takes, for the interleaved rounds and
+/// the per-target scenarios alike.
+struct Runner<'a> {
+    cluster: &'static PgCluster,
+    fixture: &'a Fixture,
+    admin: &'a tokio_postgres::Client,
+    sizes: &'a Sizes,
+    budget: Budget,
+    bins: &'a Binaries,
+    work_dir: &'a Path,
+    progress: &'a ProgressBar,
+    quick: bool,
+    /// Why a target did not start: it is not tried again, and its later rows say why.
+    start_failed: BTreeMap<TargetKind, String>,
+}
+
+impl Runner<'_> {
+    /// A process of `kind` as `s` wants it (a scenario with a budget of its own, the
+    /// hot app's pool or LISTEN's, or PgBouncer's session mode for LISTEN, gets one
+    /// started with it), or the failed row, counted, saying why not.
+    async fn start(&mut self, kind: TargetKind, s: &Scenario) -> Result<Target, Row> {
+        let result = match self.start_failed.get(&kind) {
+            Some(why) => Err(failed_row(kind, s, why)),
+            None => {
+                self.progress
+                    .set_message(format!("starting {}", kind.label()));
+                let (budget, session) = (s.budget(&self.budget), s.pgbouncer_session_mode());
+                start_healthy(kind, self.fixture, &budget, self.bins, session)
+                    .await
+                    .map_err(|e| {
+                        eprintln!("bench: {}: {e:#}", kind.label());
+                        let why = format!("target did not start: {e:#}");
+                        let row = failed_row(kind, s, &why);
+                        self.start_failed.insert(kind, why);
+                        row
+                    })
+            }
+        };
+        if result.is_err() {
+            self.progress.inc(1);
+        }
+        result
+    }
+
+    /// Runs `s` against `target` (`round`: which of how many) and counts it done.
+    async fn measure(&self, s: &Scenario, target: &Target, round: Option<(usize, usize)>) -> Row {
+        let kind = target.kind;
+        let probe = Probe {
+            target_pid: target.pid,
+            postmaster_pid: self.cluster.postmaster_pid(),
+            log: self.cluster.dir().join("postgres.log"),
+        };
+        let of = round.map_or(String::new(), |(r, n)| format!(", round {}/{n}", r + 1));
+        self.progress
+            .set_message(format!("{}: ({}) {}{of}", kind.label(), s.key, s.title));
+        let tick = || self.progress.tick();
+        let cx = scenarios::Context {
+            admin: self.admin,
+            fixture: self.fixture,
+            target,
+            probe: &probe,
+            sizes: self.sizes,
+            work_dir: self.work_dir,
+            tick: &tick,
+        };
+        let row = scenarios::run(s, &cx)
+            .await
+            .unwrap_or_else(|e| failed_row(kind, s, &format!("{e:#}")));
+        self.say(format!("{}{of}", summary_line(&row)));
+        self.progress.inc(1);
+        row
+    }
+
+    fn say(&self, line: String) {
+        // indicatif draws nothing without a terminal; the lines still belong in a log.
+        if self.progress.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.progress.println(line);
+        }
+    }
+
+    /// Clients of the last run are logging out; lets Postgres settle.
+    async fn settle(&self) {
+        tokio::time::sleep(Duration::from_millis(if self.quick { 200 } else { 1000 })).await;
+    }
 }
 
 /// Starts a target and proves it serves one point select.
@@ -378,10 +478,11 @@ fn summary_line(r: &Row) -> String {
     let label = r.target.map(TargetKind::label).unwrap_or_default();
     let f = |v: Option<f64>, d: usize| v.map_or("–".into(), |v| format!("{v:.d$}"));
     format!(
-        "({}) {label:<16} tps {:>8}  p99 {:>8} ms  errors {:>5}  logins {:>6}  jain {}  ({:.1} s)",
+        "({}) {label:<16} tps {:>8}  p99 {:>8} ms  CPU {:>6} µs/tx  errors {:>5}  logins {:>6}  jain {}  ({:.1} s)",
         r.scenario,
         f(r.tps, 0),
         f(r.p99_ms, 2),
+        f(r.target_cpu_s_per_1k.map(|v| v * 1000.0), 1),
         r.errors,
         r.server_logins,
         f(r.jain, 3),

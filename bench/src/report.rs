@@ -39,7 +39,7 @@ fn find<'a>(rows: &'a [Row], scenario: &str, target: TargetKind) -> Option<&'a R
         .find(|r| r.scenario == scenario && r.target == Some(target))
 }
 
-fn num(v: Option<f64>, decimals: usize) -> String {
+pub fn num(v: Option<f64>, decimals: usize) -> String {
     match v {
         Some(v) if v.is_finite() => format!("{v:.decimals$}"),
         _ => "–".into(),
@@ -405,6 +405,7 @@ pub fn markdown(meta: &Meta, scenarios: &[Scenario], rows: &[Row], chart: Option
         "\n## CPU and system calls per transaction (pgbench: the same C client for every target)\n\n",
     );
     per_transaction_table(&mut out, scenarios, rows);
+    crate::rounds::ranges(&mut out, scenarios, rows);
     out.push_str("\nPer row: errors, notes, the noisy role (d), memory per idle client (g).\n\n");
     details(&mut out, rows);
     let b = &meta.budget;
@@ -436,6 +437,7 @@ pub fn markdown(meta: &Meta, scenarios: &[Scenario], rows: &[Row], chart: Option
            (every thread) for the whole pgbench run, the kernel's tracepoint counters (strace \
            would slow the target several times over and change its batching), over pgbench's \
            count of transactions.\n\
+         {rounds}\
          - {process}\n\
          - Other work on the machine: each row's window is checked against `/proc/stat`; where \
            over 5% of the CPU time is not accounted to the bench, the target or Postgres \
@@ -478,6 +480,9 @@ pub fn markdown(meta: &Meta, scenarios: &[Scenario], rows: &[Row], chart: Option
         timeout = s.op_timeout_secs,
         nofile = meta.nofile,
         listen_budget = crate::scenarios::LISTEN_BUDGET,
+        rounds = crate::rounds::how(rows)
+            .map(|how| format!("- {how}\n"))
+            .unwrap_or_default(),
         process = if meta.fresh_process_per_scenario {
             "Each scenario runs against a freshly started pooler or PgBouncer."
         } else {

@@ -98,6 +98,9 @@ pub struct Scenario {
     pub key: &'static str,
     pub title: String,
     pub shape: Shape,
+    /// Run in rounds interleaved across the targets, a row being the median round
+    /// (rounds.rs): its CPU per transaction is held against PgBouncer's, on a noisy machine.
+    pub interleaved: bool,
 }
 
 /// How long and how big a run is.
@@ -137,6 +140,7 @@ pub fn all(sizes: &Sizes) -> Vec<Scenario> {
             workload,
             fairness,
         },
+        interleaved: false,
     };
     let hot = |key, title: &str, prepared| Scenario {
         key,
@@ -147,6 +151,7 @@ pub fn all(sizes: &Sizes) -> Vec<Scenario> {
             prepared,
             hot: Some(HotPool { servers: 20 }),
         }),
+        interleaved: true,
     };
     vec![
         closed(
@@ -203,6 +208,7 @@ pub fn all(sizes: &Sizes) -> Vec<Scenario> {
                 prepared: true,
                 hot: None,
             }),
+            interleaved: false,
         },
         closed(
             "f",
@@ -220,6 +226,7 @@ pub fn all(sizes: &Sizes) -> Vec<Scenario> {
             shape: Shape::Idle {
                 clients: sizes.idle_clients,
             },
+            interleaved: false,
         },
         Scenario {
             key: "h",
@@ -233,6 +240,7 @@ pub fn all(sizes: &Sizes) -> Vec<Scenario> {
                 apps: sizes.listen_apps,
                 per_app: sizes.listen_per_app,
             },
+            interleaved: false,
         },
     ]
 }
@@ -295,6 +303,9 @@ pub struct Row {
     #[serde(default)]
     pub foreign_notifications: Option<u64>,
     pub note: Option<String>,
+    /// An interleaved scenario's rounds, of which this row is the median one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<crate::rounds::Rounds>,
     /// How long the whole run of this scenario took, logins and draining included.
     pub run_secs: f64,
 }
