@@ -403,6 +403,10 @@ impl Rewriter<'_> {
     /// (psycopg evicts its statements so): takes it out of the books. Returns what a
     /// failure must restore; `None` when the text is not that and passes as is.
     fn deallocate(&mut self, text: &[u8]) -> Option<Undo> {
+        // Every simple Query asks; most clients have no statement to deallocate.
+        if self.client.is_empty() {
+            return None;
+        }
         let name = deallocated_name(text)?;
         let (name, stmt) = self.client.remove(name.as_slice())?;
         let on_server = self.server.has(&stmt.global);

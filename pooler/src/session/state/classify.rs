@@ -30,6 +30,14 @@ pub(super) fn classify_counted(sql: &[u8], text: Text, customs: &mut Customs) ->
         steps: 0,
     };
     let fragment = text == Text::Fragment;
+    let mut looked = 0;
+    if !fragment {
+        let (plain, steps) = super::plain::plain(sql);
+        if plain {
+            return (Effect::default(), steps);
+        }
+        looked = steps;
+    }
     let mut lexer = if fragment {
         Lexer::raw(sql)
     } else {
@@ -59,7 +67,7 @@ pub(super) fn classify_counted(sql: &[u8], text: Text, customs: &mut Customs) ->
     stmt.end(&mut out);
     calls.end_statement(&mut out);
     sets.end(&mut out);
-    (out.effect, lexer.steps() + out.steps)
+    (out.effect, looked + lexer.steps() + out.steps)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -58,16 +58,16 @@ pub(crate) struct Lexer<'a> {
     steps: u64,
 }
 
-fn ident_start(b: u8) -> bool {
+pub(super) fn ident_start(b: u8) -> bool {
     b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
 }
 
-fn ident_cont(b: u8) -> bool {
+pub(super) fn ident_cont(b: u8) -> bool {
     ident_start(b) || b.is_ascii_digit() || b == b'$'
 }
 
 /// PostgreSQL's whitespace (scan.l `space`).
-fn blank(b: u8) -> bool {
+pub(super) fn blank(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c')
 }
 

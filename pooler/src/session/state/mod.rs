@@ -22,6 +22,7 @@
 mod calls;
 mod classify;
 pub(crate) mod lex;
+mod plain;
 mod sql;
 mod window;
 pub use sql::{ALL_STATE, kind, read_back_sql, reset_read_sql, state_left_sql, state_parts_sql};
