@@ -161,8 +161,14 @@ fn main() -> ExitCode {
         LogFormat::Text => registry.with(fmt).init(),
         LogFormat::Json => registry.with(fmt.json()).init(),
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if config.worker_threads > 0 {
+    // One worker: tokio's current-thread scheduler, which runs the same tasks without
+    // the work-stealing queues' atomics and the wake-ups between workers.
+    let mut builder = if config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if config.worker_threads > 1 {
         builder.worker_threads(config.worker_threads);
     }
     let runtime = match builder.enable_all().build() {

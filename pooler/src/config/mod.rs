@@ -244,10 +244,12 @@ pub struct Config {
     /// What is logged: `tracing` filter directives such as `info` or
     /// `pooler=debug,info`. `RUST_LOG`, when set, takes its place. Default `info`.
     pub log_level: String,
-    /// Threads that run client sessions (tokio's worker threads); 0: one per CPU.
-    /// Fewer threads cost less CPU per transaction (less cross-thread waking and
-    /// stealing: on 2 vCPUs one worker used about 10% less), more reach more
-    /// throughput when the pooler has cores to itself. Takes a restart. Default 0.
+    /// Threads that run client sessions (tokio's worker threads); 0: one per CPU; 1:
+    /// tokio's current-thread scheduler, on the main thread. Fewer threads cost less
+    /// CPU per transaction (no waking and stealing between workers: on 2 vCPUs shared
+    /// with Postgres and the load generator one worker used about 10% less), more
+    /// reach more throughput when the pooler has cores to itself. Takes a restart.
+    /// Default 0.
     pub worker_threads: usize,
     pub upstream: Upstream,
     pub client_tls: ClientTls,

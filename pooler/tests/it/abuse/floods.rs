@@ -15,10 +15,12 @@ use crate::flood::connect_from;
 use crate::raw::startup;
 
 /// Item 3: a megabyte of `set_config(` (the text that took 35 s and held every other
-/// app up for 30) is answered, while the victim keeps logging in and querying.
+/// app up for 30) is answered, while the victim keeps logging in and querying. On one
+/// worker thread (tokio's current-thread scheduler), where nothing else could take
+/// over while the attacker's text is read.
 #[tokio::test]
 async fn a_megabyte_of_set_config_is_answered_and_the_victim_is_served_meanwhile() {
-    let (e, mut bin, attacker, victim) = setup("").await;
+    let (e, mut bin, attacker, victim) = setup("worker_threads = 1").await;
     let client = dataplane_tests::connect(&bin.config(&e, &attacker.role, &attacker.password))
         .await
         .unwrap();
