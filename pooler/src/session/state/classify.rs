@@ -200,7 +200,8 @@ impl<'a> Statement<'a> {
         self.head = next;
     }
 
-    /// The statement's first token.
+    /// The statement's first token. A keyword added here goes into plain.rs's list,
+    /// and into its test's pieces.
     fn first(&mut self, t: Token<'a>, out: &mut Out<'_>) -> Head<'a> {
         let Some(w) = word(t) else {
             return Head::Done;

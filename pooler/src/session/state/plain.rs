@@ -18,26 +18,6 @@
 
 use super::lex::{blank, ident_cont, ident_start};
 
-/// Keywords that make the first word of a statement matter (classify.rs `first`),
-/// other than `SELECT` and `WITH`, which matter only with `INTO` or `pg_temp`.
-const FIRST: &[&[u8]] = &[
-    b"SET",
-    b"RESET",
-    b"LISTEN",
-    b"LOAD",
-    b"PREPARE",
-    b"CREATE",
-    b"DECLARE",
-    b"DISCARD",
-    b"UNLISTEN",
-    b"DEALLOCATE",
-    b"CLOSE",
-    b"DROP",
-    b"ALTER",
-    b"DO",
-    b"CALL",
-];
-
 /// The bytes the scan stops at: always `\\`, `;` and `_`; `i` after `SELECT`/`WITH`.
 /// A table, since the loop runs over every byte of nearly every query.
 const STOP: [u8; 256] = {
@@ -66,16 +46,31 @@ pub(super) fn plain(sql: &[u8]) -> (bool, u64) {
         .iter()
         .position(|&b| !ident_cont(b))
         .map_or(sql.len(), |n| start + n);
-    let word = &sql[start..end];
-    if FIRST.iter().any(|k| word.eq_ignore_ascii_case(k)) {
-        return (false, end as u64);
-    }
-    let select = word.eq_ignore_ascii_case(b"SELECT") || word.eq_ignore_ascii_case(b"WITH");
+    // The first word upper-cased, if it is short enough to be a keyword.
+    let mut key = [0u8; 10];
+    let word = match key.get_mut(..end - start) {
+        Some(k) => {
+            k.copy_from_slice(&sql[start..end]);
+            k.make_ascii_uppercase();
+            &*k
+        }
+        None => &[],
+    };
+    let select = match word {
+        // The keywords classify.rs's `first` acts on, but SELECT and WITH, which
+        // matter only with `INTO` or `pg_temp`.
+        b"SET" | b"RESET" | b"LISTEN" | b"LOAD" | b"PREPARE" | b"CREATE" | b"DECLARE"
+        | b"DISCARD" | b"UNLISTEN" | b"DEALLOCATE" | b"CLOSE" | b"DROP" | b"ALTER" | b"DO"
+        | b"CALL" => return (false, end as u64),
+        b"SELECT" | b"WITH" => true,
+        _ => false,
+    };
     let mask = ALWAYS | if select { SELECT } else { 0 };
-    for (i, &b) in sql.iter().enumerate().skip(end) {
+    for (n, &b) in sql[end..].iter().enumerate() {
         if STOP[usize::from(b)] & mask == 0 {
             continue;
         }
+        let i = end + n;
         let seen = i as u64 + 1;
         match b {
             b';' => {
@@ -133,6 +128,10 @@ mod tests {
         "DISCARD ",
         "DEALLOCATE ",
         "PREPARE ",
+        "LOAD ",
+        "UNLISTEN ",
+        "CLOSE ",
+        "ALTER ",
         "INTO ",
         "into",
         "In",
