@@ -112,15 +112,8 @@ impl Streamed {
 
 /// Whether `dp_` (any case) occurs in `text`.
 fn has_prefix(text: &[u8]) -> bool {
-    let mut from = 0;
-    while let Some(at) = text[from..].iter().position(|b| *b == b'_') {
-        let at = from + at;
-        if at >= 2 && text[at - 2..at].eq_ignore_ascii_case(&PREFIX[..2]) {
-            return true;
-        }
-        from = at + 1;
-    }
-    false
+    memchr::memchr_iter(b'_', text)
+        .any(|at| at >= 2 && text[at - 2..at].eq_ignore_ascii_case(&PREFIX[..2]))
 }
 
 enum Token<'a> {

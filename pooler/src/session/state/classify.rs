@@ -79,6 +79,57 @@ enum Kind {
     Opaque,
 }
 
+/// The first words of a statement that the classifier acts on: the one list of them,
+/// which the quick look (plain.rs) asks too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum First {
+    Set,
+    Reset,
+    Listen,
+    Load,
+    Prepare,
+    Create,
+    Declare,
+    Discard,
+    Unlisten,
+    /// `DEALLOCATE`, `CLOSE`: may remove state.
+    Check,
+    Drop,
+    Alter,
+    /// `DO`, `CALL`: code the pooler cannot see into.
+    Opaque,
+    /// `SELECT`, `WITH`: only `INTO TEMP` or `pg_temp` in them matters.
+    Select,
+}
+
+impl First {
+    /// The keyword `word` is, in any case, if the classifier acts on it.
+    pub(super) fn of(word: &[u8]) -> Option<First> {
+        let mut key = [0u8; 10];
+        // Longer than any keyword below.
+        let k = key.get_mut(..word.len())?;
+        k.copy_from_slice(word);
+        k.make_ascii_uppercase();
+        Some(match &*k {
+            b"SET" => First::Set,
+            b"RESET" => First::Reset,
+            b"LISTEN" => First::Listen,
+            b"LOAD" => First::Load,
+            b"PREPARE" => First::Prepare,
+            b"CREATE" => First::Create,
+            b"DECLARE" => First::Declare,
+            b"DISCARD" => First::Discard,
+            b"UNLISTEN" => First::Unlisten,
+            b"DEALLOCATE" | b"CLOSE" => First::Check,
+            b"DROP" => First::Drop,
+            b"ALTER" => First::Alter,
+            b"DO" | b"CALL" => First::Opaque,
+            b"SELECT" | b"WITH" => First::Select,
+            _ => return None,
+        })
+    }
+}
+
 /// What the first words of a statement have said so far.
 #[derive(Debug)]
 enum Head<'a> {
@@ -200,70 +251,64 @@ impl<'a> Statement<'a> {
         self.head = next;
     }
 
-    /// The statement's first token. A keyword added here goes into plain.rs's list,
-    /// and into its test's pieces.
+    /// The statement's first token.
     fn first(&mut self, t: Token<'a>, out: &mut Out<'_>) -> Head<'a> {
         let Some(w) = word(t) else {
             return Head::Done;
         };
-        let mut key = [0u8; 12];
-        let Some(k) = key.get_mut(..w.len()) else {
-            // Longer than any keyword below.
+        let Some(keyword) = First::of(w) else {
             return Head::Done;
         };
-        k.copy_from_slice(w);
-        k.make_ascii_uppercase();
-        match &*k {
-            b"SET" => Head::Set,
+        match keyword {
+            First::Set => Head::Set,
             // `RESET name` returns a parameter to the value the session started with,
             // which for a client of the pooler is its startup setting, not the
             // server's: read like a `RESET ALL`, which finds what went back.
-            b"RESET" => {
+            First::Reset => {
                 out.effect.merge(Effect::RESET_ALL);
                 Head::Done
             }
-            b"LISTEN" => {
+            First::Listen => {
                 out.effect.merge(Effect::LISTEN);
                 Head::Done
             }
-            b"LOAD" => {
+            First::Load => {
                 out.effect.merge(Effect::LOAD);
                 Head::Done
             }
-            b"PREPARE" => Head::Prepare,
-            b"CREATE" => {
+            First::Prepare => Head::Prepare,
+            First::Create => {
                 self.kind = Kind::Create;
                 Head::Create(0)
             }
-            b"DECLARE" => {
+            First::Declare => {
                 self.kind = Kind::Declare;
                 Head::Done
             }
-            b"DISCARD" => Head::Discard,
-            b"UNLISTEN" => {
+            First::Discard => Head::Discard,
+            First::Unlisten => {
                 out.effect.merge(Effect::UNLISTEN);
                 Head::Done
             }
-            b"DEALLOCATE" | b"CLOSE" => {
+            First::Check => {
                 out.effect.merge(Effect::CHECK);
                 Head::Done
             }
-            b"DROP" => {
+            First::Drop => {
                 out.effect.merge(Effect::CHECK);
                 Head::Routine
             }
-            b"ALTER" => Head::Routine,
-            b"DO" | b"CALL" => {
+            First::Alter => Head::Routine,
+            First::Opaque => {
                 self.kind = Kind::Opaque;
                 out.effect.merge(Effect::OPAQUE);
                 Head::Done
             }
             // `SELECT … INTO TEMP t` creates a temp table.
-            b"SELECT" | b"WITH" => {
+            First::Select => {
                 self.kind = Kind::Select;
                 Head::Done
             }
-            _ => Head::Done,
         }
     }
 
