@@ -77,7 +77,15 @@ struct Inner {
     watcher: AtomicWaker,
     epoch: AtomicU32,
     parked: AtomicUsize,
+    /// Sockets the epoll refused since the last warning, and when that was: a client
+    /// refused is resumed and asked to park again at the next sweep, so while the
+    /// kernel's limit lasts (`max_user_watches`) every idle client would log once a
+    /// second.
+    unwatched: Mutex<(u64, Option<std::time::Instant>)>,
 }
+
+/// At most one warning about sockets the lot's epoll refused in this long.
+const UNWATCHED_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Plain vectors pushed to and swapped out: nothing to leave half-done.
@@ -99,6 +107,7 @@ impl Lot {
             watcher: AtomicWaker::new(),
             epoch: AtomicU32::new(0),
             parked: AtomicUsize::new(0),
+            unwatched: Mutex::new((0, None)),
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -208,7 +217,21 @@ impl Slots {
         };
         let token = token(slot, generation);
         if let Err(e) = epoll.register(&mut SourceFd(&fd), token, Interest::READABLE) {
-            tracing::warn!(error = %e, "a parked socket could not be watched; resuming it");
+            let mut unwatched = lock(&inner.unwatched);
+            unwatched.0 += 1;
+            let now = std::time::Instant::now();
+            if unwatched
+                .1
+                .is_none_or(|at| now.duration_since(at) >= UNWATCHED_WARNING_EVERY)
+            {
+                tracing::warn!(
+                    error = %e,
+                    sockets = unwatched.0,
+                    "parked sockets could not be watched (the kernel's epoll limit?); they stay in their tasks"
+                );
+                *unwatched = (0, Some(now));
+            }
+            drop(unwatched);
             self.leave(inner, epoll, slot);
         }
     }
@@ -440,6 +463,70 @@ mod tests {
             use std::os::fd::AsRawFd;
             Some(self.tcp.as_raw_fd())
         }
+    }
+
+    /// An item whose "socket" epoll refuses (a regular file: EPERM), as it refuses
+    /// sockets past the kernel's `max_user_watches`.
+    struct Unwatchable {
+        file: std::fs::File,
+        resumed: tokio::sync::mpsc::Sender<u32>,
+        id: u32,
+    }
+
+    impl Parked for Unwatchable {
+        fn poll_wake(&mut self, _: &mut Context<'_>) -> Poll<()> {
+            Poll::Pending
+        }
+
+        fn resume(self: Box<Self>) {
+            let _ = self.resumed.try_send(self.id);
+        }
+
+        fn socket(&self) -> Option<RawFd> {
+            use std::os::fd::AsRawFd;
+            Some(self.file.as_raw_fd())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_socket_the_epoll_refuses_resumes_at_once_and_others_stay_parked() {
+        let lot = Lot::start().expect("lot");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        lot.park(Box::new(Socket {
+            tcp,
+            resumed: tx.clone(),
+            id: 0,
+        }));
+        for id in 1..4 {
+            let path =
+                std::env::temp_dir().join(format!("pooler-park-{}-{id}", std::process::id()));
+            let file = std::fs::File::create(&path).unwrap();
+            // Open files outlive their name.
+            std::fs::remove_file(&path).unwrap();
+            lot.park(Box::new(Unwatchable {
+                file,
+                resumed: tx.clone(),
+                id,
+            }));
+        }
+        // Each refused one goes back to its task, not left unwatched in the lot.
+        let mut resumed: Vec<_> = Vec::new();
+        for _ in 1..4 {
+            resumed.push(rx.recv().await.unwrap());
+        }
+        resumed.sort();
+        assert_eq!(resumed, [1, 2, 3]);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "the watched socket stays parked");
+        assert_eq!(lot.len(), 1);
+        // Warned at the first; the next two wait for the next warning.
+        assert_eq!(lock(&lot.inner.unwatched).0, 2);
+        drop(peer);
+        assert_eq!(rx.recv().await, Some(0));
     }
 
     #[tokio::test]
