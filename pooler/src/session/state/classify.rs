@@ -7,6 +7,7 @@
 //! quotes, a megabyte of `set_config(`.
 
 use super::calls::Calls;
+use super::first::First;
 use super::lex::{Lexer, Token, contains_ci, undouble};
 use super::{Customs, Effect, MAX_CUSTOM_NAME, Out, is, is_tracked, read_back};
 
@@ -77,57 +78,6 @@ enum Kind {
     Declare,
     Select,
     Opaque,
-}
-
-/// The first words of a statement that the classifier acts on: the one list of them,
-/// which the quick look (plain.rs) asks too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum First {
-    Set,
-    Reset,
-    Listen,
-    Load,
-    Prepare,
-    Create,
-    Declare,
-    Discard,
-    Unlisten,
-    /// `DEALLOCATE`, `CLOSE`: may remove state.
-    Check,
-    Drop,
-    Alter,
-    /// `DO`, `CALL`: code the pooler cannot see into.
-    Opaque,
-    /// `SELECT`, `WITH`: only `INTO TEMP` or `pg_temp` in them matters.
-    Select,
-}
-
-impl First {
-    /// The keyword `word` is, in any case, if the classifier acts on it.
-    pub(super) fn of(word: &[u8]) -> Option<First> {
-        let mut key = [0u8; 10];
-        // Longer than any keyword below.
-        let k = key.get_mut(..word.len())?;
-        k.copy_from_slice(word);
-        k.make_ascii_uppercase();
-        Some(match &*k {
-            b"SET" => First::Set,
-            b"RESET" => First::Reset,
-            b"LISTEN" => First::Listen,
-            b"LOAD" => First::Load,
-            b"PREPARE" => First::Prepare,
-            b"CREATE" => First::Create,
-            b"DECLARE" => First::Declare,
-            b"DISCARD" => First::Discard,
-            b"UNLISTEN" => First::Unlisten,
-            b"DEALLOCATE" | b"CLOSE" => First::Check,
-            b"DROP" => First::Drop,
-            b"ALTER" => First::Alter,
-            b"DO" | b"CALL" => First::Opaque,
-            b"SELECT" | b"WITH" => First::Select,
-            _ => return None,
-        })
-    }
 }
 
 /// What the first words of a statement have said so far.

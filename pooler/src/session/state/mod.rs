@@ -21,6 +21,7 @@
 
 mod calls;
 mod classify;
+mod first;
 pub(crate) mod lex;
 mod plain;
 mod sql;

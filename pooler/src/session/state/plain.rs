@@ -8,7 +8,7 @@
 //! It only ever answers "plain" when the full pass would find nothing; anything it
 //! cannot rule out goes to the full pass. What the full pass can find, and why this
 //! rules it out:
-//! - something from a statement's first word (classify.rs `First`, the one list of
+//! - something from a statement's first word (first.rs `First`, the one list of
 //!   those words): the text must be one statement (no `;` but at most a last one, and
 //!   no comment before the first word), and that word none of them but `SELECT` and
 //!   `WITH`;
@@ -17,7 +17,7 @@
 //! - a call (calls.rs): every name it looks for has `advisory_` or `set_`;
 //! - raw mode (lex.rs): it needs a backslash.
 
-use super::classify::First;
+use super::first::First;
 use super::lex::{blank, ident_cont, ident_start};
 
 /// Whether `sql`, a whole statement text, surely has no effect; and the bytes looked
