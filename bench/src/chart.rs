@@ -3,7 +3,8 @@
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::scenarios::{Row, Scenario};
+use crate::row::Row;
+use crate::scenarios::Scenario;
 use crate::targets::TargetKind;
 
 const COLORS: [RGBColor; 3] = [

@@ -5,7 +5,7 @@
 //! the provisioner library, a table each) → the CPU scenarios in [`rounds`]
 //! interleaved across the targets, then for each target in turn the rest, [`targets`]
 //! (start the `pooler` binary, PgBouncer, or nothing for direct) → [`scenarios`] (what
-//! each run is and the [`scenarios::Row`] it yields) → [`load`] (our clients) or
+//! each run is and the [`row::Row`] it yields) → [`load`] (our clients) or
 //! [`pgbench`], with [`procfs`] (CPU, RSS, server logins) and [`syscalls`] (the
 //! target's system calls, by `perf stat`) → [`report`] and [`chart`]
 //! (Markdown, JSON, SVG under `bench/results/`).
@@ -18,6 +18,7 @@ mod pgbench;
 mod procfs;
 mod report;
 mod rounds;
+mod row;
 mod scenarios;
 mod syscalls;
 mod targets;
@@ -35,7 +36,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::fixture::Fixture;
 use crate::procfs::Probe;
 use crate::report::{Meta, Report};
-use crate::scenarios::{Row, Scenario, Sizes};
+use crate::row::Row;
+use crate::scenarios::{Scenario, Sizes};
 use crate::targets::{Binaries, Budget, Target, TargetKind};
 
 #[derive(Parser)]

@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::scenarios::{Row, Scenario, Sizes};
+use crate::row::Row;
+use crate::scenarios::{Scenario, Sizes};
 use crate::targets::{Budget, TargetKind};
 
 /// Where and how the numbers were taken.

@@ -13,7 +13,8 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::report::num;
-use crate::scenarios::{Row, Scenario};
+use crate::row::Row;
+use crate::scenarios::Scenario;
 use crate::targets::TargetKind;
 
 /// A target's rounds of one scenario; the row they belong to is round `chosen`'s.
