@@ -6,6 +6,14 @@
 use super::lex::{Lexed, Token, contains_ci, undouble};
 use super::{Effect, Out, is, is_tracked, read_back};
 
+/// Built-in functions that run a query given as text.
+const DYNAMIC: [&[u8]; 4] = [
+    b"query_to_xml",
+    b"query_to_xmlschema",
+    b"query_to_xml_and_xmlschema",
+    b"ts_stat",
+];
+
 /// `set_config(` calls open inside one another that are read argument by argument;
 /// a deeper one counts as unreadable (the safe side: a check, and its name unknown).
 const MAX_NESTED_CALLS: usize = 16;
@@ -120,8 +128,24 @@ impl<'a> Calls<'a> {
         } else if !t.comment {
             self.exact_token(t.token, opens, out);
         }
+        if let Token::Quoted(_) = t.token {
+            // `U&"pg!005fadvisory!005flock" UESCAPE '!'`: a name spelled with escapes
+            // that no check here reads. It may be any function, with any argument.
+            if self
+                .text
+                .get(t.start)
+                .is_some_and(|b| b.eq_ignore_ascii_case(&b'u'))
+            {
+                finish(&NameArg::Other, false, out);
+            }
+        }
         if let Token::Word(n) | Token::Quoted(n) = t.token {
-            // Every name looked for has at least ten bytes.
+            // Functions that run SQL given as text, which no look here reads (it may
+            // set anything): `query_to_xml('select set_config(…)', …)`, `ts_stat(…)`.
+            if DYNAMIC.iter().any(|f| is(n, f)) {
+                finish(&NameArg::Other, false, out);
+            }
+            // Every name looked for below has at least ten bytes.
             if n.len() >= 10 {
                 if contains_ci(n, b"advisory_lock", &mut out.steps) {
                     // pg_advisory_lock, pg_try_advisory_lock (and _shared) hold past

@@ -25,20 +25,26 @@ pub(super) enum Text {
 /// The effect of a statement text, and the bytes examined to learn it (a measure of
 /// the work done, for the linearity tests).
 pub(super) fn classify_counted(sql: &[u8], text: Text, customs: &mut Customs) -> (Effect, u64) {
+    if text == Text::Whole {
+        let (plain, looked) = super::plain::plain(sql);
+        if plain {
+            return (Effect::default(), looked);
+        }
+        let (effect, steps) = full_pass(sql, text, customs);
+        return (effect, looked + steps);
+    }
+    full_pass(sql, text, customs)
+}
+
+/// The classifier proper, without the quick look (plain.rs), which its tests hold
+/// against it.
+pub(super) fn full_pass(sql: &[u8], text: Text, customs: &mut Customs) -> (Effect, u64) {
     let mut out = Out {
         effect: Effect::default(),
         customs,
         steps: 0,
     };
     let fragment = text == Text::Fragment;
-    let mut looked = 0;
-    if !fragment {
-        let (plain, steps) = super::plain::plain(sql);
-        if plain {
-            return (Effect::default(), steps);
-        }
-        looked = steps;
-    }
     let mut lexer = if fragment {
         Lexer::raw(sql)
     } else {
@@ -68,7 +74,7 @@ pub(super) fn classify_counted(sql: &[u8], text: Text, customs: &mut Customs) ->
     stmt.end(&mut out);
     calls.end_statement(&mut out);
     sets.end(&mut out);
-    (out.effect, looked + lexer.steps() + out.steps)
+    (out.effect, lexer.steps() + out.steps)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +257,11 @@ impl<'a> Statement<'a> {
             First::Alter => Head::Routine,
             First::Opaque => {
                 self.kind = Kind::Opaque;
+                out.effect.merge(Effect::OPAQUE);
+                Head::Done
+            }
+            // Whatever the statement it runs leaves is looked for once idle.
+            First::Explain => {
                 out.effect.merge(Effect::OPAQUE);
                 Head::Done
             }

@@ -21,6 +21,9 @@ pub(super) enum First {
     Opaque,
     /// `SELECT`, `WITH`: only `INTO TEMP` or `pg_temp` in them matters.
     Select,
+    /// `EXPLAIN`: with `ANALYZE` it runs the statement after it (a `CREATE TEMP TABLE
+    /// … AS`, say), whose first word is not the text's.
+    Explain,
 }
 
 impl First {
@@ -46,6 +49,7 @@ impl First {
             b"ALTER" => First::Alter,
             b"DO" | b"CALL" => First::Opaque,
             b"SELECT" | b"WITH" => First::Select,
+            b"EXPLAIN" => First::Explain,
             _ => return None,
         })
     }

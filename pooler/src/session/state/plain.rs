@@ -14,7 +14,9 @@
 //!   `WITH`;
 //! - a temp table from `SELECT`/`WITH`: `INTO TEMP …` needs `into`, `pg_temp.t` needs
 //!   `pg_`;
-//! - a call (calls.rs): every name it looks for has `advisory_` or `set_`;
+//! - a call (calls.rs): every name it looks for has a `_` after one of
+//!   [`UNDERSCORED`], in any word, the first one too;
+//! - an identifier spelled with Unicode escapes (`U&"…"`): it needs a `&`;
 //! - raw mode (lex.rs): it needs a backslash.
 
 use super::first::First;
@@ -39,11 +41,12 @@ pub(super) fn plain(sql: &[u8]) -> (bool, u64) {
         Some(First::Select) => true,
         Some(_) => return (false, end as u64),
     };
-    let rest = &sql[end..];
+    // From the first word on: calls.rs looks at every word, the first one too.
+    let rest = &sql[start..];
     // memchr: a few instructions per 16 or 32 bytes, where a loop over the bytes
     // takes several per byte; every transaction's text goes through here.
     for n in memchr::memchr3_iter(b'\\', b';', b'_', rest) {
-        let i = end + n;
+        let i = start + n;
         match sql[i] {
             b';' => {
                 if sql[i + 1..].iter().all(|&b| blank(b)) {
@@ -54,7 +57,10 @@ pub(super) fn plain(sql: &[u8]) -> (bool, u64) {
             }
             b'_' => {
                 let before = &sql[..i];
-                if ends_ci(before, b"advisory") || ends_ci(before, b"set") || ends_ci(before, b"pg")
+                let after = &sql[i + 1..];
+                if UNDERSCORED
+                    .iter()
+                    .any(|(b, a)| ends_ci(before, b) && starts_ci(after, a))
                 {
                     return (false, i as u64 + 1);
                 }
@@ -63,16 +69,35 @@ pub(super) fn plain(sql: &[u8]) -> (bool, u64) {
             _ => return (false, i as u64 + 1),
         }
     }
+    // `U&"…"`: an identifier spelled with escapes, which no name check can read.
+    if let Some(n) = memchr::memchr(b'&', rest) {
+        return (false, (start + n) as u64 + 1);
+    }
     if select {
-        for n in memchr::memchr2_iter(b'i', b'I', rest) {
+        for n in memchr::memchr2_iter(b'i', b'I', &sql[end..]) {
             let i = end + n;
             if sql[i..].len() >= 4 && sql[i..i + 4].eq_ignore_ascii_case(b"into") {
                 return (false, i as u64 + 1);
             }
         }
     }
-    // Each byte looked at by at most two scans.
-    (true, 2 * sql.len() as u64)
+    // Each byte looked at by at most three scans.
+    (true, 3 * sql.len() as u64)
+}
+
+/// What comes before and after the `_` of every name calls.rs looks for:
+/// `pg_advisory_lock` and the rest, `set_config`, `pg_temp`, `query_to_xml…`,
+/// `ts_stat`.
+const UNDERSCORED: [(&[u8], &[u8]); 5] = [
+    (b"advisory", b""),
+    (b"set", b"config"),
+    (b"pg", b""),
+    (b"query", b"to"),
+    (b"ts", b"stat"),
+];
+
+fn starts_ci(text: &[u8], prefix: &[u8]) -> bool {
+    text.len() >= prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
 fn ends_ci(text: &[u8], suffix: &[u8]) -> bool {
@@ -81,7 +106,8 @@ fn ends_ci(text: &[u8], suffix: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Customs, Effect, classify};
+    use super::super::classify::{Text, full_pass};
+    use super::super::{Customs, Effect};
     use super::plain;
 
     /// Pieces that a random text is made of: the classifier's keywords and near-misses,
@@ -157,6 +183,13 @@ mod tests {
         "é",
         "U&\"",
         "sé_t",
+        "U&\"pg!005ftemp\" UESCAPE '!'",
+        "UESCAPE ",
+        "query_to_xml(",
+        "ts_stat(",
+        "posts_status ",
+        "EXPLAIN ",
+        "ANALYZE ",
         ".",
     ];
 
@@ -178,12 +211,7 @@ mod tests {
                 .map(|_| PIECES[(next(&mut seed) as usize) % PIECES.len()])
                 .collect();
             let mut customs = Customs::default();
-            let full = super::super::classify::classify_counted(
-                text.as_bytes(),
-                super::super::classify::Text::Whole,
-                &mut customs,
-            )
-            .0;
+            let full = full_pass(text.as_bytes(), Text::Whole, &mut customs).0;
             if plain(text.as_bytes()).0 {
                 plains += 1;
                 assert_eq!(full, Effect::default(), "{text:?}");
@@ -212,10 +240,8 @@ mod tests {
             "with x as (select 1) select * from x",
         ] {
             assert!(plain(sql.as_bytes()).0, "{sql}");
-            assert_eq!(
-                classify(sql.as_bytes(), &mut Customs::default()),
-                Effect::default()
-            );
+            let full = full_pass(sql.as_bytes(), Text::Whole, &mut Customs::default());
+            assert_eq!(full.0, Effect::default(), "{sql}");
         }
         for sql in [
             "SET search_path = x",
@@ -227,6 +253,13 @@ mod tests {
             "SELECT E'\\'; SET ROLE r'",
             "CREATE TEMP TABLE t (a int)",
             "(SELECT 1)",
+            // calls.rs looks at the first word too.
+            "pg_advisory_lock(1)",
+            "set_config('app.x','1',false)",
+            "xadvisory_unlock",
+            "SELECT U&\"pg!005fadvisory!005flock\" UESCAPE '!'(7)",
+            "SELECT query_to_xml('select 1', true, true, '')",
+            "SELECT ts_stat('select v from t')",
             // Not sure without the full pass: a `;` in a string.
             "SELECT 'a;b'",
             "",
