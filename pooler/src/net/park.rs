@@ -87,6 +87,27 @@ struct Inner {
 /// At most one warning about sockets the lot's epoll refused in this long.
 const UNWATCHED_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
+impl Inner {
+    /// Counts a socket the epoll refused; warns with the count at most once per
+    /// [`UNWATCHED_WARNING_EVERY`].
+    fn refused(&self, e: &io::Error) {
+        let mut unwatched = lock(&self.unwatched);
+        unwatched.0 += 1;
+        let now = std::time::Instant::now();
+        if unwatched
+            .1
+            .is_none_or(|at| now.duration_since(at) >= UNWATCHED_WARNING_EVERY)
+        {
+            tracing::warn!(
+                error = %e,
+                sockets = unwatched.0,
+                "parked sockets could not be watched (the kernel's epoll limit?); they stay in their tasks"
+            );
+            *unwatched = (0, Some(now));
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Plain vectors pushed to and swapped out: nothing to leave half-done.
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -217,21 +238,7 @@ impl Slots {
         };
         let token = token(slot, generation);
         if let Err(e) = epoll.register(&mut SourceFd(&fd), token, Interest::READABLE) {
-            let mut unwatched = lock(&inner.unwatched);
-            unwatched.0 += 1;
-            let now = std::time::Instant::now();
-            if unwatched
-                .1
-                .is_none_or(|at| now.duration_since(at) >= UNWATCHED_WARNING_EVERY)
-            {
-                tracing::warn!(
-                    error = %e,
-                    sockets = unwatched.0,
-                    "parked sockets could not be watched (the kernel's epoll limit?); they stay in their tasks"
-                );
-                *unwatched = (0, Some(now));
-            }
-            drop(unwatched);
+            inner.refused(&e);
             self.leave(inner, epoll, slot);
         }
     }
@@ -443,37 +450,16 @@ mod tests {
         assert_eq!(lot.epoch(), 1);
     }
 
-    /// An item whose only source of work is its socket, watched by the lot's epoll.
-    struct Socket {
-        tcp: std::net::TcpStream,
-        resumed: tokio::sync::mpsc::Sender<u32>,
-        id: u32,
-    }
-
-    impl Parked for Socket {
-        fn poll_wake(&mut self, _: &mut Context<'_>) -> Poll<()> {
-            Poll::Pending
-        }
-
-        fn resume(self: Box<Self>) {
-            let _ = self.resumed.try_send(self.id);
-        }
-
-        fn socket(&self) -> Option<RawFd> {
-            use std::os::fd::AsRawFd;
-            Some(self.tcp.as_raw_fd())
-        }
-    }
-
-    /// An item whose "socket" epoll refuses (a regular file: EPERM), as it refuses
+    /// An item whose only source of work is its socket, watched by the lot's epoll: a
+    /// TCP stream, or a regular file, which epoll refuses (EPERM) as it refuses
     /// sockets past the kernel's `max_user_watches`.
-    struct Unwatchable {
-        file: std::fs::File,
+    struct Socket<T> {
+        io: T,
         resumed: tokio::sync::mpsc::Sender<u32>,
         id: u32,
     }
 
-    impl Parked for Unwatchable {
+    impl<T: std::os::fd::AsRawFd + Send + 'static> Parked for Socket<T> {
         fn poll_wake(&mut self, _: &mut Context<'_>) -> Poll<()> {
             Poll::Pending
         }
@@ -483,8 +469,7 @@ mod tests {
         }
 
         fn socket(&self) -> Option<RawFd> {
-            use std::os::fd::AsRawFd;
-            Some(self.file.as_raw_fd())
+            Some(self.io.as_raw_fd())
         }
     }
 
@@ -497,7 +482,7 @@ mod tests {
         let (tcp, _) = listener.accept().unwrap();
         tcp.set_nonblocking(true).unwrap();
         lot.park(Box::new(Socket {
-            tcp,
+            io: tcp,
             resumed: tx.clone(),
             id: 0,
         }));
@@ -507,8 +492,8 @@ mod tests {
             let file = std::fs::File::create(&path).unwrap();
             // Open files outlive their name.
             std::fs::remove_file(&path).unwrap();
-            lot.park(Box::new(Unwatchable {
-                file,
+            lot.park(Box::new(Socket {
+                io: file,
                 resumed: tx.clone(),
                 id,
             }));
@@ -541,7 +526,7 @@ mod tests {
             let (tcp, _) = listener.accept().unwrap();
             tcp.set_nonblocking(true).unwrap();
             lot.park(Box::new(Socket {
-                tcp,
+                io: tcp,
                 resumed: tx.clone(),
                 id,
             }));

@@ -76,7 +76,7 @@ pub(super) fn plain(sql: &[u8]) -> (bool, u64) {
     if select {
         for n in memchr::memchr2_iter(b'i', b'I', &sql[end..]) {
             let i = end + n;
-            if sql[i..].len() >= 4 && sql[i..i + 4].eq_ignore_ascii_case(b"into") {
+            if starts_ci(&sql[i..], b"into") {
                 return (false, i as u64 + 1);
             }
         }
